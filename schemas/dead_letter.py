@@ -1,0 +1,50 @@
+"""`DeadLetter`: a job that could not be scored, with the reason, as written to ``anomap:dead``."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from schemas.ids import LineId
+from schemas.job import utc_now
+
+
+class DeadReason(StrEnum):
+    """Why a job went to the dead-letter stream. Each value names one problem an operator can fix."""
+
+    INVALID_ENTRY = "invalid_entry"
+    """The stream entry lacks the ``job`` field or has fields it should not."""
+    INVALID_JSON = "invalid_json"
+    INVALID_SCHEMA = "invalid_schema"
+    MISSING_IMAGE = "missing_image"
+    """Neither inline image bytes nor an ``image_ref``."""
+    AMBIGUOUS_IMAGE = "ambiguous_image"
+    """Both inline image bytes and an ``image_ref``."""
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    EMPTY_IMAGE = "empty_image"
+    UNDECODABLE_IMAGE = "undecodable_image"
+    IMAGE_TOO_LARGE = "image_too_large"
+    """Too many pixels (decompression-bomb guard) or a dimension over the limit."""
+    IMAGE_TOO_SMALL = "image_too_small"
+    UNSUPPORTED_IMAGE_MODE = "unsupported_image_mode"
+    MISSING_OBJECT = "missing_object"
+    TOO_MANY_DELIVERIES = "too_many_deliveries"
+    SCORING_FAILED = "scoring_failed"
+
+
+class DeadLetter(BaseModel):
+    """A job that produced no result. ``entry_id`` is the original stream entry id."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = 1
+    entry_id: str = Field(max_length=64)
+    stream: str = Field(max_length=128)
+    job_id: str | None = Field(default=None, max_length=128, description="as sent, if it could be read")
+    line: LineId | None = None
+    reason: DeadReason
+    detail: str = Field(max_length=2000)
+    delivery_count: int = Field(ge=1)
+    dead_at: AwareDatetime = Field(default_factory=utc_now)

@@ -1,0 +1,79 @@
+"""`ModelCard`: the metadata that travels with every model version in the registry.
+
+Stored as ``models/<name>/<version>/card.json`` next to ``weights.safetensors``. A threshold is part
+of a model version; results report scores normalised by it (1.0 = at threshold).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from schemas.ids import ModelName, ModelVersion
+from schemas.job import utc_now
+
+
+class AbnormalPatchSource(StrEnum):
+    """Where the discriminator's abnormal ("fake") patches came from (method.md §3)."""
+
+    NONE = "none"
+    """No abnormal images: plain AnoGAN (γ = 1)."""
+    MASK = "mask"
+    """Patches overlapping a given mask or box."""
+    MINED = "mined"
+    """Top-scoring patches under a warm-up model."""
+    ALL = "all"
+    """Every patch of the abnormal images (last resort)."""
+
+
+class ScoreMode(StrEnum):
+    """How a patch's latent code is found at inference (method.md §4)."""
+
+    ENCODER = "encoder"
+    SEARCH = "search"
+
+
+class Thresholds(BaseModel):
+    """Calibrated thresholds in raw anomaly-map units."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pixel: float = Field(gt=0)
+    image: float = Field(gt=0)
+    pixel_quantile: float = Field(gt=0, lt=1)
+    image_quantile: float = Field(gt=0, le=1)
+    n_calibration_images: int = Field(ge=1)
+
+
+class ModelCard(BaseModel):
+    """Everything needed to rebuild, serve and judge one model version."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    schema_version: Literal[1] = 1
+    name: ModelName
+    version: ModelVersion
+    parent_version: ModelVersion | None = None
+    created_at: AwareDatetime = Field(default_factory=utc_now)
+    # architecture
+    patch_size: int = Field(ge=16, le=256)
+    stride: int = Field(ge=1, le=256)
+    latent_dim: int = Field(ge=2, le=1024)
+    base_channels: int = Field(ge=4, le=512)
+    channels: Literal[1] = 1
+    spectral_norm: bool = True
+    # method
+    gamma: float = Field(gt=0, le=1)
+    abnormal_patch_source: AbnormalPatchSource
+    score_mode: ScoreMode = ScoreMode.ENCODER
+    smoothing_sigma: float = Field(ge=0, le=32)
+    # data and training
+    data_digest: str = Field(max_length=128)
+    n_train_images: int = Field(ge=0)
+    n_abnormal_images: int = Field(ge=0)
+    train_config: dict[str, float | int | str | bool | None] = Field(default_factory=dict)
+    # calibration and quality
+    thresholds: Thresholds
+    metrics: dict[str, float] = Field(default_factory=dict)

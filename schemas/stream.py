@@ -1,0 +1,136 @@
+"""Stream names and the wire format of a job entry.
+
+A job entry on ``anomap:jobs[:<line>]`` has the fields::
+
+    {b"job": <InspectionJob JSON, utf-8>, b"image": <raw image file bytes>}   # inline
+    {b"job": <InspectionJob JSON with image_ref="s3://bucket/key">}          # by reference
+
+`decode_job_entry` turns such fields back into a job or raises `JobRejected` with a `DeadReason`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from schemas.dead_letter import DeadReason
+from schemas.job import InspectionJob
+
+JOB_FIELD = b"job"
+IMAGE_FIELD = b"image"
+MAX_ENVELOPE_BYTES = 16 * 1024
+MAX_INLINE_IMAGE_BYTES = 16 * 1024 * 1024
+
+
+class JobRejected(Exception):
+    """A job that cannot be scored; carries the dead-letter reason and what was wrong."""
+
+    def __init__(self, reason: DeadReason, detail: str, job_id: str | None = None) -> None:
+        super().__init__(f"{reason.value}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.job_id = job_id
+
+
+@dataclass(frozen=True)
+class StreamNames:
+    """Every stream and group name, derived from one prefix (``anomap`` by default)."""
+
+    prefix: str = "anomap"
+
+    def jobs(self, line: str | None = None) -> str:
+        """``anomap:jobs`` or ``anomap:jobs:<line>``."""
+        return f"{self.prefix}:jobs" if line in (None, "default") else f"{self.prefix}:jobs:{line}"
+
+    def results(self, line: str | None = None) -> str:
+        """``anomap:results`` or ``anomap:results:<line>``."""
+        return f"{self.prefix}:results" if line in (None, "default") else f"{self.prefix}:results:{line}"
+
+    @property
+    def dead(self) -> str:
+        """The dead-letter stream."""
+        return f"{self.prefix}:dead"
+
+    @property
+    def confirmations(self) -> str:
+        """Operators' confirmations."""
+        return f"{self.prefix}:confirmations"
+
+    @property
+    def models(self) -> str:
+        """Model promotions and rollbacks."""
+        return f"{self.prefix}:models"
+
+    @property
+    def scorer_group(self) -> str:
+        """The consumer group that scores jobs."""
+        return "scorers"
+
+
+def encode_job_entry(job: InspectionJob, image: bytes | None = None) -> dict[bytes, bytes]:
+    """Fields of a job stream entry: the JSON envelope, plus the image bytes when inline."""
+    if (image is None) == (job.image_ref is None):
+        msg = "a job carries either inline image bytes or an image_ref, exactly one of them"
+        raise ValueError(msg)
+    if image is not None and len(image) > MAX_INLINE_IMAGE_BYTES:
+        msg = f"inline image is {len(image)} bytes; at most {MAX_INLINE_IMAGE_BYTES} are allowed"
+        raise ValueError(msg)
+    fields = {JOB_FIELD: job.model_dump_json().encode()}
+    if image is not None:
+        fields[IMAGE_FIELD] = image
+    return fields
+
+
+def _peek_job_id(raw: bytes) -> str | None:
+    try:
+        value = json.loads(raw).get("job_id")
+    except (ValueError, AttributeError):
+        return None
+    return value[:128] if isinstance(value, str) else None
+
+
+def decode_job_entry(fields: Mapping[bytes, bytes]) -> tuple[InspectionJob, bytes | None]:
+    """Validate a job entry's fields; return the job and its inline image bytes (or None).
+
+    Raises `JobRejected` naming the problem: a missing or unknown field, invalid JSON, a schema
+    violation, a missing, doubled or oversized image.
+    """
+    unknown = set(fields) - {JOB_FIELD, IMAGE_FIELD}
+    if unknown:
+        names = sorted(k.decode(errors="replace")[:40] for k in unknown)
+        raise JobRejected(DeadReason.INVALID_ENTRY, f"unknown entry fields {names}; expected job, image")
+    raw = fields.get(JOB_FIELD)
+    if raw is None:
+        raise JobRejected(DeadReason.INVALID_ENTRY, "entry has no 'job' field")
+    if len(raw) > MAX_ENVELOPE_BYTES:
+        raise JobRejected(
+            DeadReason.PAYLOAD_TOO_LARGE,
+            f"job envelope is {len(raw)} bytes; at most {MAX_ENVELOPE_BYTES} are allowed",
+        )
+    job_id = _peek_job_id(raw)
+    try:
+        payload = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise JobRejected(DeadReason.INVALID_JSON, f"job field is not JSON: {exc}") from exc
+    try:
+        job = InspectionJob.model_validate(payload)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'job'}: {err['msg']}" for err in exc.errors())
+        raise JobRejected(DeadReason.INVALID_SCHEMA, problems[:1500], job_id) from exc
+    image = fields.get(IMAGE_FIELD)
+    if image is None and job.image_ref is None:
+        raise JobRejected(DeadReason.MISSING_IMAGE, "no inline image and no image_ref", job.job_id)
+    if image is not None and job.image_ref is not None:
+        raise JobRejected(DeadReason.AMBIGUOUS_IMAGE, "both inline image and image_ref given", job.job_id)
+    if image is not None and len(image) > MAX_INLINE_IMAGE_BYTES:
+        raise JobRejected(
+            DeadReason.PAYLOAD_TOO_LARGE,
+            f"inline image is {len(image)} bytes; at most {MAX_INLINE_IMAGE_BYTES} are allowed",
+            job.job_id,
+        )
+    if image is not None and len(image) == 0:
+        raise JobRejected(DeadReason.EMPTY_IMAGE, "inline image has zero bytes", job.job_id)
+    return job, image
