@@ -30,6 +30,8 @@ class DeadReason(StrEnum):
     IMAGE_TOO_SMALL = "image_too_small"
     UNSUPPORTED_IMAGE_MODE = "unsupported_image_mode"
     MISSING_OBJECT = "missing_object"
+    DUPLICATE_JOB = "duplicate_job"
+    """A different entry already produced a result under the same ``job_id``."""
     TOO_MANY_DELIVERIES = "too_many_deliveries"
     SCORING_FAILED = "scoring_failed"
 

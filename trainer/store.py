@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from minio import Minio
 from minio.error import S3Error
 
+from schemas import Settings
+
 _MISSING_CODES = {"NoSuchKey", "NoSuchObject", "NoSuchBucket", "ResourceNotFound"}
 
 
@@ -26,6 +28,20 @@ class ObjectStore:
     def __init__(self, client: Minio, bucket: str) -> None:
         self.client = client
         self.bucket = bucket
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ObjectStore:
+        """Connect to the store named by ``settings`` (endpoint and keys must be set)."""
+        if settings.s3_host is None or settings.s3_access_key is None or settings.s3_secret_key is None:
+            msg = "S3_ENDPOINT, S3_ACCESS_KEY and S3_SECRET_KEY must all be set (or start the embedded stack)"
+            raise ValueError(msg)
+        client = Minio(
+            settings.s3_host,
+            access_key=settings.s3_access_key.get_secret_value(),
+            secret_key=settings.s3_secret_key.get_secret_value(),
+            secure=settings.s3_secure,
+        )
+        return cls(client, settings.bucket)
 
     def ensure_bucket(self) -> None:
         """Create the bucket if it does not exist."""

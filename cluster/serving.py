@@ -1,0 +1,82 @@
+"""Bring the inspection service up in this process: the Serve app plus stream-consumer threads.
+
+    with InspectionServer(settings, version, consumers=2) as server:
+        ...                      # jobs on anomap:jobs[:<line>] are scored until the block ends
+    server.stats                 # outcomes per consumer
+
+Leaving the block stops the consumers after the jobs they hold (graceful drain), then deletes the
+Serve application.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from types import TracebackType
+
+from ray import serve
+
+from cluster.connections import object_store, redis_client
+from schemas import Settings, StreamNames
+from workers.consumer import ConsumerConfig, ConsumerStats, StreamConsumer
+from workers.serve_app import APP_NAME, ServeInspector, deploy
+
+
+class InspectionServer:
+    """The Serve app for one model version and ``consumers`` consumer threads on ``lines``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        version: str,
+        consumers: int = 2,
+        lines: tuple[str, ...] = ("default",),
+        scorer_replicas: int = 2,
+        max_in_flight: int = 2,
+        claim_idle_ms: int = 60_000,
+    ) -> None:
+        self.settings = settings
+        self.version = version
+        self.n_consumers = consumers
+        self.lines = lines
+        self.scorer_replicas = scorer_replicas
+        self.max_in_flight = max_in_flight
+        self.claim_idle_ms = claim_idle_ms
+        self.stop = threading.Event()
+        self.stats: list[ConsumerStats] = []
+        self._threads: list[threading.Thread] = []
+
+    def __enter__(self) -> InspectionServer:
+        handle = deploy(self.settings, self.version, scorer_replicas=self.scorer_replicas)
+        inspector = ServeInspector(handle)
+        names = StreamNames(self.settings.stream_prefix)
+        store = object_store(self.settings)
+        host = socket.gethostname()
+        for i in range(self.n_consumers):
+            config = ConsumerConfig(
+                consumer=f"{host}-{os.getpid()}-{i}",
+                lines=self.lines,
+                max_in_flight=self.max_in_flight,
+                claim_idle_ms=self.claim_idle_ms,
+            )
+            consumer = StreamConsumer(redis_client(self.settings), store, inspector, names, config)
+            consumer.ensure_groups()
+            self.stats.append(consumer.stats)
+            thread = threading.Thread(target=consumer.run, args=(self.stop,), name=config.consumer, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def wait(self) -> None:
+        """Block until `stop` is set (by a signal handler, say)."""
+        while not self.stop.wait(1.0):
+            pass
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop.set()
+        for thread in self._threads:
+            thread.join(timeout=300)
+        serve.delete(APP_NAME)

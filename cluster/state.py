@@ -1,0 +1,160 @@
+"""The embedded stack's state file, ``<state_dir>/stack.json`` (mode 600: it holds credentials).
+
+It records the endpoints the stack serves, the S3 keys generated for the embedded store, and, per
+component, whether this code started it (with its `ManagedServer`: PID, start time, log) or it was
+configured from outside.
+
+    >>> state = read_state(Path(".anomap"))          # None when no stack was brought up
+    >>> state.ray_address, state.components["redis"].origin
+    ('127.0.0.1:21877', <Origin.EMBEDDED: 'embedded'>)
+    >>> state.is_up()                                # every server it started is still running
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_serializer
+
+from cluster.processes import ManagedServer
+from cluster.redaction import redact_url
+from schemas.settings import Settings
+
+STATE_FILE = "stack.json"
+STATE_VERSION = 1
+
+
+class Component(StrEnum):
+    """The servers a stack is made of."""
+
+    REDIS = "redis"
+    S3 = "s3"
+    RAY = "ray"
+
+
+class Origin(StrEnum):
+    """Who runs a component: this code (embedded) or someone else (configured endpoint)."""
+
+    EMBEDDED = "embedded"
+    EXTERNAL = "external"
+
+
+class ComponentState(BaseModel):
+    """One component: where it is (never a secret) and, if embedded, its server process."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    origin: Origin
+    endpoint: str
+    server: ManagedServer | None = None
+
+
+class StackState(BaseModel):
+    """Everything needed to use, inspect and stop a running stack."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = STATE_VERSION
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    redis_url: SecretStr
+    s3_endpoint: str
+    s3_access_key: SecretStr
+    s3_secret_key: SecretStr
+    s3_secure: bool = False
+    bucket: str
+    ray_address: str | None = None
+    components: dict[Component, ComponentState]
+
+    @field_serializer("redis_url", "s3_access_key", "s3_secret_key", when_used="json")
+    def _reveal(self, value: SecretStr) -> str:
+        return value.get_secret_value()
+
+    def public_json(self) -> str:
+        """The state as JSON for people: the Redis URL redacted, S3 keys left out."""
+        data = self.model_dump(mode="json", exclude={"s3_access_key", "s3_secret_key"})
+        data["redis_url"] = redact_url(self.redis_url)
+        return json.dumps(data, indent=2)
+
+    def apply_to(self, settings: Settings) -> Settings:
+        """``settings`` with this stack's endpoints filled in where ``settings`` leaves them unset.
+
+        S3 endpoint and keys go together: an ``S3_ENDPOINT`` from the environment keeps its own keys.
+        """
+        update: dict[str, object] = {}
+        if settings.redis_url is None:
+            update["redis_url"] = self.redis_url
+        if settings.s3_endpoint is None:
+            update |= {
+                "s3_endpoint": self.s3_endpoint,
+                "s3_access_key": self.s3_access_key,
+                "s3_secret_key": self.s3_secret_key,
+                "s3_secure": self.s3_secure,
+            }
+        if settings.ray_address is None and self.ray_address is not None:
+            update["ray_address"] = self.ray_address
+        return settings.model_copy(update=update) if update else settings
+
+    def servers(self) -> list[ManagedServer]:
+        """The servers this stack started, in start order."""
+        return [c.server for c in self.components.values() if c.server is not None]
+
+    def is_up(self) -> bool:
+        """Whether every server this stack started is still running."""
+        return all(server.is_running() for server in self.servers())
+
+    def dead_servers(self) -> list[ManagedServer]:
+        """Servers this stack started that are no longer running."""
+        return [server for server in self.servers() if not server.is_running()]
+
+
+def state_path(state_dir: Path) -> Path:
+    """Where the state file of a stack kept in ``state_dir`` lives."""
+    return state_dir / STATE_FILE
+
+
+def read_state(state_dir: Path) -> StackState | None:
+    """The recorded stack, or None when there is no state file.
+
+    Raises ValueError naming the file when it exists but cannot be read as a stack state.
+    """
+    path = state_path(state_dir)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        return StackState.model_validate_json(text)
+    except ValidationError as exc:
+        msg = f"{path} is not a valid stack state file ({exc.error_count()} errors); remove it by hand: {exc}"
+        raise ValueError(msg) from exc
+
+
+def write_state(state_dir: Path, state: StackState) -> Path:
+    """Write the state file atomically with mode 600 (directory made 700 if it is created)."""
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = state_path(state_dir)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(json.dumps(state.model_dump(mode="json"), indent=2))
+            out.write("\n")
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def remove_state(state_dir: Path) -> bool:
+    """Delete the state file; returns whether there was one."""
+    path = state_path(state_dir)
+    existed = path.exists()
+    path.unlink(missing_ok=True)
+    return existed

@@ -1,0 +1,124 @@
+"""Training patches: random crops, the abnormal-patch bank's three sources, augmentation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from schemas import AbnormalPatchSource
+from trainer.patches import abnormal_patch_bank, augment, grid_patches, sample_patches
+
+
+def _image(seed: int, h: int = 96, w: int = 80) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(h, w), dtype=np.uint8)
+
+
+def test_sample_patches_are_unit_float_crops_of_the_images() -> None:
+    images = [_image(0), _image(1, 64, 64)]
+    patches = sample_patches(images, 10, 32, np.random.default_rng(0))
+    assert patches.shape == (10, 32, 32) and patches.dtype == np.float32
+    assert patches.min() >= 0.0 and patches.max() <= 1.0
+    first = (patches[0] * 255).round().astype(np.uint8)
+    found = any(
+        np.array_equal(img[y : y + 32, x : x + 32], first)
+        for img in images
+        for y in range(img.shape[0] - 31)
+        for x in range(img.shape[1] - 31)
+    )
+    assert found
+
+
+def test_sample_patches_is_reproducible_with_a_seed() -> None:
+    images = [_image(0)]
+    a = sample_patches(images, 5, 32, np.random.default_rng(7))
+    b = sample_patches(images, 5, 32, np.random.default_rng(7))
+    assert np.array_equal(a, b)
+
+
+def test_image_smaller_than_a_patch_is_rejected() -> None:
+    with pytest.raises(ValueError, match="smaller than one 32×32 patch"):
+        sample_patches([_image(0, 20, 80)], 1, 32, np.random.default_rng(0))
+
+
+def test_grid_patches_cover_the_image_up_to_its_edges() -> None:
+    patches, origins = grid_patches(_image(0, 96, 80), 32, 32)
+    assert patches.shape == (len(origins), 32, 32)
+    assert max(y for y, _ in origins) == 96 - 32 and max(x for _, x in origins) == 80 - 32
+
+
+def test_masked_image_contributes_only_patches_overlapping_its_mask() -> None:
+    image = _image(0, 128, 128)
+    mask = np.zeros_like(image, dtype=bool)
+    mask[10:12, 10:40] = True  # a short scratch in the top-left corner
+    bank, source = abnormal_patch_bank([image], [mask], 32, 16)
+    assert source == AbnormalPatchSource.MASK
+    all_patches, _ = grid_patches(image, 32, 16)
+    assert 0 < len(bank) < len(all_patches)
+    assert len(bank) == 3  # origins y=0, x in {0, 16, 32} touch rows 10-11, cols 10-39
+
+
+def test_unmasked_image_without_scorer_falls_back_to_all_patches() -> None:
+    image = _image(0, 64, 64)
+    bank, source = abnormal_patch_bank([image], [None], 32, 16)
+    assert source == AbnormalPatchSource.ALL
+    assert len(bank) == 9
+
+
+def test_unmasked_image_with_scorer_gives_its_top_patches() -> None:
+    image = np.full((96, 96), 100, dtype=np.uint8)
+    image[70:72, 60:90] = 255  # one bright scratch, bottom right
+
+    def brightness_score(patches: np.ndarray) -> np.ndarray:  # per-pixel "residual": distance from the surface
+        return np.abs(patches - 100 / 255)
+
+    bank, source = abnormal_patch_bank([image], [None], 32, 16, score_fn=brightness_score, top_k=2)
+    assert source == AbnormalPatchSource.MINED
+    assert len(bank) == 2
+    assert all(patch.max() == 1.0 for patch in bank)  # both contain the scratch
+
+
+def test_mixed_sources_report_the_weakest() -> None:
+    image = _image(0, 64, 64)
+    mask = np.zeros_like(image, dtype=bool)
+    mask[5, 5] = True
+    _, source = abnormal_patch_bank([image, image], [mask, None], 32, 32)
+    assert source == AbnormalPatchSource.ALL
+    _, source = abnormal_patch_bank([image, image], [mask, None], 32, 32, score_fn=lambda p: p.mean(axis=(1, 2)))
+    assert source == AbnormalPatchSource.MINED
+
+
+def test_no_abnormal_images_gives_an_empty_bank() -> None:
+    bank, source = abnormal_patch_bank([], [], 32, 16)
+    assert bank.shape == (0, 32, 32) and source == AbnormalPatchSource.NONE
+
+
+def test_bank_rejects_mismatched_masks() -> None:
+    with pytest.raises(ValueError, match="masks"):
+        abnormal_patch_bank([_image(0)], [], 32, 16)
+    with pytest.raises(ValueError, match="mask shape"):
+        abnormal_patch_bank([_image(0, 64, 64)], [np.ones((32, 32), dtype=bool)], 32, 16)
+
+
+def test_augment_keeps_shape_range_and_pixel_multiset_without_jitter() -> None:
+    batch = np.random.default_rng(0).random((16, 32, 32), dtype=np.float32)
+    out = augment(batch, np.random.default_rng(1), brightness=0.0)
+    assert out.shape == batch.shape and out.dtype == np.float32
+    for original, turned in zip(batch, out, strict=True):
+        assert np.array_equal(np.sort(original.ravel()), np.sort(turned.ravel()))
+    assert not np.array_equal(out, batch)
+
+
+def test_augment_keep_orientation_only_turns_by_180_degrees() -> None:
+    stripe = np.zeros((1, 32, 32), dtype=np.float32)
+    stripe[0, 8, :] = 1.0  # a horizontal line stays horizontal
+    batch = np.repeat(stripe, 32, axis=0)
+    out = augment(batch, np.random.default_rng(0), brightness=0.0, keep_orientation=True)
+    for patch in out:
+        assert np.array_equal(patch.sum(axis=1) > 0, np.isin(np.arange(32), [8, 23]) & (patch.sum(axis=1) > 0))
+        assert patch[:, 0].sum() == 1.0  # still one row lit
+
+
+def test_augment_brightness_stays_in_unit_range() -> None:
+    batch = np.ones((8, 32, 32), dtype=np.float32)
+    out = augment(batch, np.random.default_rng(0), brightness=0.1)
+    assert out.max() <= 1.0 and out.min() >= 0.9

@@ -1,0 +1,100 @@
+"""Scoring with a model version: patch residuals, whole-image anomaly maps, smoothing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from schemas import AbnormalPatchSource, ModelCard, ScoreMode, Thresholds
+from trainer.model_io import weights_to_bytes
+from trainer.networks import build_networks
+from trainer.scoring import PatchModel, anomaly_map, finish_map
+
+
+def _card(patch: int = 32, stride: int = 16, score_mode: ScoreMode = ScoreMode.ENCODER) -> ModelCard:
+    return ModelCard(
+        name="metal",
+        version="v-test",
+        patch_size=patch,
+        stride=stride,
+        latent_dim=8,
+        base_channels=4,
+        gamma=1.0,
+        abnormal_patch_source=AbnormalPatchSource.NONE,
+        score_mode=score_mode,
+        smoothing_sigma=1.5,
+        data_digest="test",
+        n_train_images=1,
+        n_abnormal_images=0,
+        thresholds=Thresholds(pixel=0.1, image=0.2, pixel_quantile=0.999, image_quantile=0.99, n_calibration_images=1),
+    )
+
+
+def _weights(patch: int = 32) -> bytes:
+    torch.manual_seed(0)
+    g, d, e = build_networks(patch, 8, 4)
+    state = {}
+    for prefix, net in (("generator", g), ("discriminator", d), ("encoder", e)):
+        state |= {f"{prefix}.{k}": v for k, v in net.state_dict().items()}
+    return weights_to_bytes(state)
+
+
+@pytest.fixture(scope="module")
+def model() -> PatchModel:
+    return PatchModel.from_safetensors(_card(), _weights(), device="cpu")
+
+
+def test_score_patches_gives_a_non_negative_map_per_patch(model: PatchModel) -> None:
+    patches = np.random.default_rng(0).random((5, 32, 32), dtype=np.float32)
+    maps = model.score_patches(patches)
+    assert maps.shape == (5, 32, 32) and maps.dtype == np.float32
+    assert maps.min() >= 0.0 and maps.max() <= 1.0  # residuals in [0, 1] intensity units
+
+
+def test_score_is_the_residual_against_the_reconstruction(model: PatchModel) -> None:
+    patches = np.random.default_rng(1).random((3, 32, 32), dtype=np.float32)
+    np.testing.assert_allclose(model.score_patches(patches), np.abs(patches - model.reconstruct(patches)), atol=1e-6)
+
+
+def test_scoring_is_deterministic_and_per_patch(model: PatchModel) -> None:
+    patches = np.random.default_rng(2).random((4, 32, 32), dtype=np.float32)
+    together = model.score_patches(patches)
+    alone = np.concatenate([model.score_patches(patches[i : i + 1]) for i in range(4)])
+    np.testing.assert_allclose(together, alone, atol=1e-6)  # eval mode: no batch statistics
+
+
+def test_wrong_patch_shape_is_refused(model: PatchModel) -> None:
+    with pytest.raises(ValueError, match=r"\(N, 32, 32\)"):
+        model.score_patches(np.zeros((2, 64, 64), dtype=np.float32))
+
+
+def test_anomaly_map_keeps_an_odd_image_shape(model: PatchModel) -> None:
+    image = np.random.default_rng(3).random((100, 77), dtype=np.float32)
+    amap = anomaly_map(image, model, batch_size=7)
+    assert amap.shape == (100, 77) and amap.dtype == np.float32
+    assert np.isfinite(amap).all() and amap.min() >= 0.0
+
+
+def test_anomaly_map_accepts_uint8_images(model: PatchModel) -> None:
+    image = np.random.default_rng(4).integers(0, 256, (40, 50), dtype=np.uint8)
+    np.testing.assert_allclose(anomaly_map(image, model), anomaly_map(image.astype(np.float32) / 255, model), atol=1e-6)
+
+
+def test_finish_map_smooths_without_changing_the_mean() -> None:
+    spike = np.zeros((33, 33), dtype=np.float32)
+    spike[16, 16] = 1.0
+    smooth = finish_map(spike, sigma=2.0)
+    assert smooth.shape == spike.shape and smooth.max() < 0.1
+    assert abs(smooth.sum() - 1.0) < 1e-3
+    np.testing.assert_array_equal(finish_map(spike, 0.0), spike)
+
+
+def test_search_mode_is_not_implemented_yet() -> None:
+    with pytest.raises(ValueError, match="search"):
+        PatchModel.from_safetensors(_card(score_mode=ScoreMode.SEARCH), _weights(), device="cpu")
+
+
+def test_weights_of_another_architecture_are_refused() -> None:
+    with pytest.raises(ValueError, match="do not match model card"):
+        PatchModel.from_safetensors(_card(patch=64, stride=32), _weights(patch=32), device="cpu")

@@ -1,0 +1,95 @@
+"""`Settings.from_env` and the connection helpers that read it: no servers needed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import redis
+from pydantic import SecretStr, ValidationError
+
+from cluster.connections import MissingEndpoint, minio_client, redact_url, redis_client
+from schemas.settings import Settings
+
+
+def test_empty_environment_gives_defaults_and_no_endpoints() -> None:
+    settings = Settings.from_env({})
+    assert settings.redis_url is None and settings.s3_endpoint is None and settings.ray_address is None
+    assert settings.bucket == "anomap" and settings.stream_prefix == "anomap" and settings.model_name == "metal"
+    assert settings.state_dir == Path(".anomap")
+
+
+def test_rediss_url_with_acl_user_is_kept_secret_and_gives_a_tls_client() -> None:
+    url = "rediss://inspector:hunter2@cache.example:6380/2"
+    settings = Settings.from_env({"REDIS_URL": url})
+    assert settings.redis_url is not None and settings.redis_url.get_secret_value() == url
+    assert "hunter2" not in repr(settings) and "hunter2" not in str(settings)
+
+    client = redis_client(settings)  # connects lazily: nothing is contacted here
+    pool = client.connection_pool
+    assert pool.connection_class is redis.SSLConnection
+    assert pool.connection_kwargs["username"] == "inspector"
+    assert pool.connection_kwargs["password"] == "hunter2"
+    assert pool.connection_kwargs["db"] == 2
+    assert pool.connection_kwargs["decode_responses"] is False
+    assert pool.connection_kwargs["socket_timeout"] > 0
+    client.close()
+
+
+def test_s3_endpoint_with_a_path_is_rejected_naming_the_variable() -> None:
+    with pytest.raises(ValidationError, match=r"S3_ENDPOINT must be host:port or http\(s\)://host:port"):
+        Settings.from_env({"S3_ENDPOINT": "http://minio:9000/anomap"})
+
+
+@pytest.mark.parametrize(
+    ("env", "host", "secure"),
+    [
+        ({"S3_ENDPOINT": "minio:9000"}, "minio:9000", False),
+        ({"S3_ENDPOINT": "https://s3.example:443/"}, "s3.example:443", True),
+        ({"S3_ENDPOINT": "https://s3.example:443", "S3_SECURE": "0"}, "s3.example:443", False),
+        ({"S3_ENDPOINT": "minio:9000", "S3_SECURE": "true"}, "minio:9000", True),
+    ],
+)
+def test_s3_endpoint_scheme_sets_tls_unless_s3_secure_says_otherwise(
+    env: dict[str, str], host: str, secure: bool
+) -> None:
+    settings = Settings.from_env(env)
+    assert settings.s3_host == host
+    assert settings.s3_secure is secure
+
+
+def test_s3_keys_are_secret_and_reach_the_client() -> None:
+    env = {"S3_ENDPOINT": "127.0.0.1:9", "S3_ACCESS_KEY": "AKIAEXAMPLE", "S3_SECRET_KEY": "wJalrXUtnFEMI"}
+    settings = Settings.from_env(env)
+    assert "wJalrXUtnFEMI" not in repr(settings)
+    client = minio_client(settings)
+    assert client._base_url.host == "127.0.0.1:9"  # no request is made
+
+
+def test_bad_bucket_and_state_dir_from_env() -> None:
+    with pytest.raises(ValidationError, match="bucket"):
+        Settings.from_env({"ANOMAP_BUCKET": "Not_A_Bucket"})
+    assert Settings.from_env({"ANOMAP_STATE_DIR": "/var/lib/anomap"}).state_dir == Path("/var/lib/anomap")
+
+
+def test_missing_endpoints_name_the_variable_to_set(tmp_path: Path) -> None:
+    settings = Settings(state_dir=tmp_path)
+    with pytest.raises(MissingEndpoint, match=r"REDIS_URL.*anomap stack up"):
+        redis_client(settings)
+    with pytest.raises(MissingEndpoint, match="S3_ENDPOINT"):
+        minio_client(settings)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://user:hunter2@db:6379/0", "redis://user:***@db:6379/0"),
+        ("rediss://:hunter2@db:6380", "rediss://:***@db:6380"),
+        ("redis://db:6379/0", "redis://db:6379/0"),
+        ("redis://db:6379/0?password=hunter2&ssl_cert_reqs=none", "redis://db:6379/0?password=***&ssl_cert_reqs=none"),
+        (SecretStr("redis://:hunter2@db:1"), "redis://:***@db:1"),
+        (None, "<unset>"),
+    ],
+)
+def test_redact_url_hides_passwords(url: str | SecretStr | None, shown: str) -> None:
+    assert redact_url(url) == shown

@@ -1,0 +1,230 @@
+"""`TrainConfig`: every hyper-parameter of one Noisy-AnoGAN training run, in one frozen dataclass.
+
+Example::
+
+    cfg = TrainConfig(gamma=0.9, gan_steps=4000)     # validated on construction
+    cfg.patch_size, cfg.batch_size                    # 64, 64 (global batch, split over workers)
+    card_fields = cfg.to_card_dict()                  # flat dict for ModelCard.train_config
+    TrainConfig.demo()                                # the product demo schedule (CPU, minutes)
+    TrainConfig.tiny()                                # a few steps, patch 32: tests only
+
+Batch sizes are *global*: each of ``num_workers`` Ray Train workers draws ``batch_size // num_workers``
+patches per step, so a schedule means the same thing on 1 or 8 workers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Self
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and (n & (n - 1)) == 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of the patch GAN, its encoder, the schedule and the Ray Train run."""
+
+    # architecture
+    patch_size: int = 64
+    """P: patches are P×P pixels, P a power of two in [32, 128]."""
+    stride: int = 32
+    """S: tiling stride at inference (S <= P; overlap P - S)."""
+    latent_dim: int = 64
+    base_channels: int = 32
+    """Width of the first discriminator / encoder layer; doubles per layer (capped at 8×)."""
+    spectral_norm: bool = True
+    """Spectral normalisation on every discriminator layer (the standard GAN stabiliser)."""
+    # method (method.md §2, §4)
+    gamma: float = 1.0
+    """γ in (0, 1]: weight of the generated patches among the discriminator's fakes; 1 = plain AnoGAN."""
+    kappa: float = 1.0
+    """Weight of the discriminator-feature residual in the encoder loss (f-AnoGAN izi_f)."""
+    smoothing_sigma: float = 2.0
+    """Gaussian σ (pixels) applied to the stitched residual map."""
+    # schedule
+    batch_size: int = 64
+    """Global normal-patch batch per step."""
+    abnormal_batch_size: int = 32
+    """Global abnormal-patch batch per discriminator step (γ < 1 only)."""
+    gan_steps: int = 3000
+    """Phase 1: discriminator + generator steps."""
+    encoder_steps: int = 1500
+    """Phase 2: encoder steps, generator and discriminator frozen."""
+    steps_per_epoch: int = 250
+    """Checkpoint granularity: a checkpoint is reported every this many steps (both phases)."""
+    lr_g: float = 2e-4
+    lr_d: float = 2e-4
+    lr_e: float = 5e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    augment: bool = True
+    """Abnormal patches: flips, 90° rotations, brightness jitter. Normal patches: 180° turns and jitter."""
+    brightness_jitter: float = 0.03
+    """Largest additive brightness shift in [0, 1] intensity units."""
+    seed: int = 0
+    # abnormal patch bank (method.md §3)
+    mined_patches_per_image: int = 8
+    """Source (b): top-scoring patches kept per abnormal image without a mask."""
+    mask_min_overlap: int = 1
+    """Source (a): a patch is abnormal when at least this many of its pixels are in the mask."""
+    warmup_fraction: float = 0.3
+    """Share of the schedule spent on the γ = 1 warm-up that mining (b) needs."""
+    # calibration (method.md §5)
+    pixel_quantile: float = 0.999
+    image_quantile: float = 0.99
+    # distribution
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    """Ray CPUs per worker (fractional allowed) when not on GPU."""
+    mixed_precision: bool = True
+    """bf16 autocast on CUDA (ignored on CPU)."""
+    max_failures: int = 2
+    """Worker-group restarts Ray Train allows before the run fails (resumes from the last checkpoint)."""
+
+    def __post_init__(self) -> None:
+        p = self.patch_size
+        if not (32 <= p <= 128 and _is_power_of_two(p)):
+            msg = f"patch_size must be a power of two in [32, 128], got {p}"
+            raise ValueError(msg)
+        if not 1 <= self.stride <= p:
+            msg = f"stride must be in [1, patch_size={p}], got {self.stride}"
+            raise ValueError(msg)
+        if not 0.0 < self.gamma <= 1.0:
+            msg = f"gamma must be in (0, 1], got {self.gamma}"
+            raise ValueError(msg)
+        positive_ints = {
+            "latent_dim": self.latent_dim,
+            "base_channels": self.base_channels,
+            "batch_size": self.batch_size,
+            "abnormal_batch_size": self.abnormal_batch_size,
+            "steps_per_epoch": self.steps_per_epoch,
+            "num_workers": self.num_workers,
+            "mined_patches_per_image": self.mined_patches_per_image,
+            "mask_min_overlap": self.mask_min_overlap,
+        }
+        for name, value in positive_ints.items():
+            if value < 1:
+                msg = f"{name} must be >= 1, got {value}"
+                raise ValueError(msg)
+        for name, value in {"gan_steps": self.gan_steps, "encoder_steps": self.encoder_steps}.items():
+            if value < 0:
+                msg = f"{name} must be >= 0, got {value}"
+                raise ValueError(msg)
+        if self.gan_steps + self.encoder_steps == 0:
+            msg = "gan_steps + encoder_steps must be > 0"
+            raise ValueError(msg)
+        for name, value in {"batch_size": self.batch_size, "abnormal_batch_size": self.abnormal_batch_size}.items():
+            if value % self.num_workers:
+                msg = f"{name}={value} must be divisible by num_workers={self.num_workers} (it is a global batch)"
+                raise ValueError(msg)
+        for name, value in {"lr_g": self.lr_g, "lr_d": self.lr_d, "lr_e": self.lr_e}.items():
+            if not (value > 0 and math.isfinite(value)):
+                msg = f"{name} must be a positive finite number, got {value}"
+                raise ValueError(msg)
+        for name, value in {"beta1": self.beta1, "beta2": self.beta2}.items():
+            if not 0.0 <= value < 1.0:
+                msg = f"{name} must be in [0, 1), got {value}"
+                raise ValueError(msg)
+        if self.kappa < 0 or self.smoothing_sigma < 0 or self.brightness_jitter < 0:
+            msg = (
+                f"kappa, smoothing_sigma and brightness_jitter must be >= 0, got {self.kappa}, "
+                f"{self.smoothing_sigma}, {self.brightness_jitter}"
+            )
+            raise ValueError(msg)
+        if not 0.0 < self.warmup_fraction < 1.0:
+            msg = f"warmup_fraction must be in (0, 1), got {self.warmup_fraction}"
+            raise ValueError(msg)
+        if not (0.0 < self.pixel_quantile < 1.0 and 0.0 < self.image_quantile <= 1.0):
+            msg = (
+                "need 0 < pixel_quantile < 1 and 0 < image_quantile <= 1, "
+                f"got {self.pixel_quantile}, {self.image_quantile}"
+            )
+            raise ValueError(msg)
+        if self.cpus_per_worker <= 0:
+            msg = f"cpus_per_worker must be > 0, got {self.cpus_per_worker}"
+            raise ValueError(msg)
+        if self.max_failures < 0:
+            msg = f"max_failures must be >= 0, got {self.max_failures}"
+            raise ValueError(msg)
+
+    @property
+    def per_worker_batch(self) -> int:
+        """Normal patches each worker draws per step."""
+        return self.batch_size // self.num_workers
+
+    @property
+    def per_worker_abnormal_batch(self) -> int:
+        """Abnormal patches each worker draws per discriminator step."""
+        return self.abnormal_batch_size // self.num_workers
+
+    @property
+    def total_steps(self) -> int:
+        """GAN steps plus encoder steps."""
+        return self.gan_steps + self.encoder_steps
+
+    def replace(self, **changes: Any) -> Self:
+        """A validated copy with ``changes`` applied."""
+        return dataclasses.replace(self, **changes)
+
+    def to_card_dict(self) -> dict[str, float | int | str | bool | None]:
+        """Every field as a flat dict (for ``ModelCard.train_config``)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Self:
+        """Rebuild from `to_card_dict` output; unknown keys are an error."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            msg = f"unknown TrainConfig fields {unknown}; known: {sorted(known)}"
+            raise ValueError(msg)
+        return cls(**values)
+
+    @classmethod
+    def demo(cls, **overrides: Any) -> Self:
+        """The product demo: 2 CPU workers, a couple of minutes on a 2-core machine.
+
+        P = 64 as in production, but a narrower network and a short schedule.
+        """
+        values: dict[str, Any] = {
+            "patch_size": 64,
+            "stride": 32,
+            "latent_dim": 128,
+            "base_channels": 16,
+            "batch_size": 32,
+            "abnormal_batch_size": 16,
+            "gan_steps": 1000,
+            "encoder_steps": 400,
+            "steps_per_epoch": 200,
+            "lr_e": 1e-3,
+            "num_workers": 2,
+            "cpus_per_worker": 1.0,
+        }
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def tiny(cls, **overrides: Any) -> Self:
+        """A few steps at P = 32 with a very narrow network: for tests, not for detecting anything."""
+        values: dict[str, Any] = {
+            "patch_size": 32,
+            "stride": 16,
+            "latent_dim": 8,
+            "base_channels": 4,
+            "batch_size": 8,
+            "abnormal_batch_size": 4,
+            "gan_steps": 4,
+            "encoder_steps": 2,
+            "steps_per_epoch": 3,
+            "smoothing_sigma": 1.0,
+            "num_workers": 2,
+            "cpus_per_worker": 0.5,
+            "max_failures": 0,
+        }
+        values.update(overrides)
+        return cls(**values)

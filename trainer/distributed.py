@@ -1,0 +1,174 @@
+"""Noisy-AnoGAN under Ray Train: DDP on G, D and E, checkpoints to shared storage, resume after a failure.
+
+Each worker draws its own share of every (global) batch; gradients are all-reduced per network (gloo on
+CPU, NCCL on GPU). Rank 0 reports a checkpoint every ``steps_per_epoch`` steps: one safetensors file
+with the weights and optimiser states (tensors only) and the step in its metadata. Randomness is
+re-derived from (seed, rank, epoch), so a resumed run continues exactly where the checkpoint left it.
+
+Example (a driver already connected to Ray)::
+
+    state = run_training(TrainConfig.demo(), normal_images, None, "/tmp/anomap-runs", "demo-001")
+    state["generator.project.0.weight"].shape     # flat G/D/E weights, no "module." prefixes
+
+Gotchas: a ``RunConfig(name, storage_path)`` that already holds checkpoints is *resumed*, so use a
+fresh ``run_name`` per run; every worker must call ``ray.train.report`` equally often (it is a barrier).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from safetensors.torch import load_file, save_file
+
+from trainer.config import TrainConfig
+from trainer.gan import NoisyAnoGAN, PatchSampler, run_schedule
+from trainer.model_io import NETWORK_PREFIXES, weights_from_bytes, weights_to_bytes
+
+CHECKPOINT_FILE = "state.safetensors"
+_STEP_KEY = "step"
+
+
+def save_checkpoint_dir(path: str | os.PathLike, state: dict[str, torch.Tensor], step: int) -> None:
+    """Write a checkpoint directory: ``state.safetensors`` (tensors) with ``step`` in its metadata."""
+    tensors = {key: value.detach().cpu().contiguous() for key, value in state.items()}
+    save_file(tensors, str(Path(path) / CHECKPOINT_FILE), metadata={_STEP_KEY: str(step)})
+
+
+def load_checkpoint_dir(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], int]:
+    """Read a checkpoint directory written by `save_checkpoint_dir` -> (state, step)."""
+    file = Path(path) / CHECKPOINT_FILE
+    if not file.is_file():
+        msg = f"checkpoint directory {path} has no {CHECKPOINT_FILE}"
+        raise FileNotFoundError(msg)
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as handle:
+        step = int((handle.metadata() or {}).get(_STEP_KEY, "-1"))
+    if step < 0:
+        msg = f"checkpoint {file} carries no step in its metadata"
+        raise ValueError(msg)
+    return load_file(str(file)), step
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point. ``config``: ``{"train_config": TrainConfig.to_card_dict(), "data": ObjectRef}``.
+
+    The data object is ``{"normal": list[(H, W) uint8], "abnormal": (M, P, P) float32 | None,
+    "init_weights": safetensors bytes | None}``.
+    """
+    cfg = TrainConfig.from_dict(config["train_config"])
+    data = ray.get(config["data"])
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    device = ray.train.torch.get_device()
+
+    model = NoisyAnoGAN(cfg, device)
+    start_step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:  # resuming after a failure (or a re-used run name)
+        with checkpoint.as_directory() as ckpt_dir:
+            state, start_step = load_checkpoint_dir(ckpt_dir)
+        model.load_training_state(state)
+    elif data.get("init_weights") is not None:  # fine-tuning from a previous model version
+        model.load_weights(weights_from_bytes(data["init_weights"]))
+
+    # DDP on each network; the optimisers keep pointing at the same parameter tensors
+    model.generator = ray.train.torch.prepare_model(model.generator, move_to_device=False)
+    model.discriminator = ray.train.torch.prepare_model(model.discriminator, move_to_device=False)
+    model.encoder = ray.train.torch.prepare_model(model.encoder, move_to_device=False)
+
+    sampler = PatchSampler(data["normal"], data.get("abnormal"), cfg, rank=rank, device=device)
+
+    def report(step: int, metrics: dict[str, float]) -> None:
+        phase = "gan" if step <= cfg.gan_steps else "encoder"
+        payload = {"step": step, "phase": phase, **metrics}
+        if rank != 0:
+            ray.train.report(payload)  # every worker reports: it is a barrier
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint_dir(tmp, model.training_state(), step)
+            ray.train.report(payload, checkpoint=Checkpoint.from_directory(tmp))
+
+    if start_step >= cfg.total_steps:
+        return
+    run_schedule(model, sampler, start_step, report)
+
+
+def _network_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: value for key, value in state.items() if key.split(".", 1)[0] in NETWORK_PREFIXES}
+
+
+def run_training(
+    cfg: TrainConfig,
+    normal_images: Sequence[np.ndarray],
+    abnormal_patches: np.ndarray | None,
+    storage_path: str,
+    run_name: str,
+    init_weights: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Train G, D, E with a Ray Train `TorchTrainer` and return their final weights.
+
+    Args:
+        cfg: the hyper-parameters (``num_workers``, ``use_gpu``, ``cpus_per_worker`` size the run).
+        normal_images: (H, W) uint8 training images (each at least P×P).
+        abnormal_patches: (M, P, P) float32 in [0, 1] for the discriminator (used when γ < 1), or None.
+        storage_path: shared storage for checkpoints (a local path or a URI Ray Train understands).
+        run_name: unique per run; an existing run of that name is resumed from its last checkpoint.
+        init_weights: G/D/E weights to fine-tune from (ignored when resuming from a checkpoint).
+
+    Returns:
+        ``{"generator.…": Tensor, "discriminator.…": Tensor, "encoder.…": Tensor}`` on CPU.
+    """
+    if not ray.is_initialized():
+        msg = "run_training needs a Ray connection: call ray.init(...) (or start the anomap stack) first"
+        raise RuntimeError(msg)
+    if not normal_images:
+        msg = "run_training needs at least one normal image"
+        raise ValueError(msg)
+    p = cfg.patch_size
+    for i, image in enumerate(normal_images):
+        if image.ndim != 2 or image.dtype != np.uint8 or min(image.shape) < p:
+            msg = f"normal image {i} must be (H, W) uint8 with H, W >= {p}; got {image.shape} {image.dtype}"
+            raise ValueError(msg)
+    if cfg.gamma < 1.0 and (abnormal_patches is None or len(abnormal_patches) == 0):
+        msg = f"gamma={cfg.gamma} < 1 needs abnormal patches (method.md §2); pass some or use gamma=1"
+        raise ValueError(msg)
+    data = {
+        "normal": [np.ascontiguousarray(image) for image in normal_images],
+        "abnormal": None if abnormal_patches is None else np.ascontiguousarray(abnormal_patches, dtype=np.float32),
+        "init_weights": None if init_weights is None else weights_to_bytes(_network_weights(init_weights)),
+    }
+    data_ref = ray.put(data)
+    resources = None if cfg.use_gpu else {"CPU": cfg.cpus_per_worker}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train_config": cfg.to_card_dict(), "data": data_ref},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()  # Ray Train 2 raises TrainingFailedError when the run fails for good
+    if result.checkpoint is None:
+        msg = f"training run {run_name!r} finished without a checkpoint (storage {storage_path})"
+        raise RuntimeError(msg)
+    with result.checkpoint.as_directory() as ckpt_dir:
+        state, step = load_checkpoint_dir(ckpt_dir)
+    if step != cfg.total_steps:
+        msg = f"training run {run_name!r} ended at step {step}, expected {cfg.total_steps}"
+        raise RuntimeError(msg)
+    return _network_weights(state)

@@ -1,0 +1,194 @@
+"""Bounded image decoding: file bytes in, a greyscale float array out. No I/O beyond `read_image_file`.
+
+Camera images arrive as raw PNG/JPEG/TIFF/BMP bytes, 8 or 16 bit, greyscale or colour. They are
+decoded to one (H, W) float32 array in [0, 1]; colour becomes luminance (ITU-R 601: 0.299 R +
+0.587 G + 0.114 B). Anything that cannot be scored raises `ImageRejected` with the dead-letter reason::
+
+    image = decode_image(png_bytes)            # (1024, 1024) float32 in [0, 1]
+    decode_image(b"")                          # ImageRejected: empty_image: ...
+    decode_image(bomb)                         # ImageRejected: image_too_large: ... (header only)
+
+The size limits are checked from the header, before any pixel is decompressed, so a small file
+that claims 20000×20000 pixels costs nothing. ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` must stay
+False (Pillow's default): a truncated file is then an error, not a silently grey image.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from schemas import DeadReason
+
+ACCEPTED_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")
+DEFAULT_MAX_PIXELS = 4096 * 4096
+DEFAULT_MAX_SIDE = 8192
+DEFAULT_MIN_SIDE = 8
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+_EIGHT_BIT_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX"}
+_SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+
+class ImageRejected(Exception):
+    """An image that cannot be scored; ``reason`` is the dead-letter reason, ``detail`` what was wrong."""
+
+    def __init__(self, reason: DeadReason, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def _open(data: bytes) -> Image.Image:
+    """Parse the header only (Pillow decodes pixels lazily, in ``load``)."""
+    try:
+        return Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageRejected(DeadReason.IMAGE_TOO_LARGE, f"decompression-bomb guard: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        msg = f"not a {'/'.join(ACCEPTED_FORMATS)} image ({len(data)} bytes, starts {bytes(data[:8])!r})"
+        raise ImageRejected(DeadReason.UNDECODABLE_IMAGE, msg) from exc
+    except Exception as exc:  # any parser error on hostile bytes is "undecodable", never a crash
+        raise ImageRejected(DeadReason.UNDECODABLE_IMAGE, f"cannot parse image header: {exc}") from exc
+
+
+def _check_size(image: Image.Image, max_pixels: int, max_side: int, min_side: int) -> None:
+    width, height = image.size
+    if width * height > max_pixels or max(width, height) > max_side:
+        msg = f"{width}×{height} image; at most {max_pixels} pixels and {max_side} px per side are allowed"
+        raise ImageRejected(DeadReason.IMAGE_TOO_LARGE, msg)
+    if min(width, height) < min_side:
+        msg = f"{width}×{height} image; each side must be at least {min_side} px"
+        raise ImageRejected(DeadReason.IMAGE_TOO_SMALL, msg)
+
+
+def _check_mode(image: Image.Image) -> None:
+    if getattr(image, "is_animated", False):
+        msg = f"multi-frame {image.format} image; expected a single frame"
+        raise ImageRejected(DeadReason.UNSUPPORTED_IMAGE_MODE, msg)
+    if image.mode not in _EIGHT_BIT_MODES | _SIXTEEN_BIT_MODES:
+        supported = ", ".join(sorted(_EIGHT_BIT_MODES | _SIXTEEN_BIT_MODES))
+        msg = f"{image.format} image in mode {image.mode!r}; expected one of {supported}"
+        raise ImageRejected(DeadReason.UNSUPPORTED_IMAGE_MODE, msg)
+
+
+def _to_grey(image: Image.Image) -> np.ndarray:
+    """Convert a loaded image to (H, W) float32 in [0, 1]."""
+    mode = image.mode
+    if mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(image)
+        if mode == "I" and (values.min(initial=0) < 0 or values.max(initial=0) > 65535):
+            msg = "32-bit integer image with values outside 0..65535; expected 8- or 16-bit data"
+            raise ImageRejected(DeadReason.UNSUPPORTED_IMAGE_MODE, msg)
+        return (values.astype(np.float32) / np.float32(65535.0)).astype(np.float32)
+    if mode in {"P", "PA"}:
+        image = image.convert("RGBA" if "transparency" in image.info or mode == "PA" else "RGB")
+        mode = image.mode
+    if mode == "1":
+        image = image.convert("L")
+        mode = "L"
+    values = np.asarray(image)
+    if mode in {"L", "LA"}:
+        grey = values if values.ndim == 2 else values[..., 0]
+        return grey.astype(np.float32) / np.float32(255.0)
+    grey = np.zeros(values.shape[:2], dtype=np.float32)
+    for channel, weight in enumerate(_LUMA / np.float32(255.0)):  # one channel at a time; alpha ignored
+        grey += weight * values[..., channel]
+    return np.clip(grey, 0.0, 1.0)
+
+
+def decode_image(
+    data: bytes,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_side: int = DEFAULT_MAX_SIDE,
+    min_side: int = DEFAULT_MIN_SIDE,
+) -> np.ndarray:
+    """Decode image file bytes to a greyscale (H, W) float32 array in [0, 1].
+
+    8-bit data is divided by 255, 16-bit data by 65535; RGB(A) becomes luminance (alpha ignored);
+    palette and 1-bit images are expanded first. Raises `ImageRejected` with reason
+    ``EMPTY_IMAGE`` (zero bytes), ``UNDECODABLE_IMAGE`` (not an accepted format, corrupt or truncated),
+    ``IMAGE_TOO_LARGE`` (more than ``max_pixels`` or a side over ``max_side``, read from the header
+    before decoding), ``IMAGE_TOO_SMALL`` (a side under ``min_side``) or ``UNSUPPORTED_IMAGE_MODE``
+    (float, CMYK, LAB, signed 32-bit data, multi-frame files). No other exception escapes.
+    """
+    if len(data) == 0:
+        raise ImageRejected(DeadReason.EMPTY_IMAGE, "image has zero bytes")
+    image = _open(data)
+    try:
+        _check_size(image, max_pixels, max_side, min_side)
+        try:
+            _check_mode(image)
+            image.load()
+        except ImageRejected:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageRejected(DeadReason.IMAGE_TOO_LARGE, f"decompression-bomb guard: {exc}") from exc
+        except Exception as exc:
+            msg = f"cannot decode {image.format} pixel data (corrupt or truncated): {exc}"
+            raise ImageRejected(DeadReason.UNDECODABLE_IMAGE, msg) from exc
+        try:
+            grey = _to_grey(image)
+        except ImageRejected:
+            raise
+        except Exception as exc:
+            msg = f"cannot convert {image.format} mode {image.mode!r} to greyscale: {exc}"
+            raise ImageRejected(DeadReason.UNSUPPORTED_IMAGE_MODE, msg) from exc
+    finally:
+        image.close()
+    return np.ascontiguousarray(grey, dtype=np.float32)
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """Encode an image as PNG bytes (lossless, deterministic).
+
+    Accepts (H, W) or (H, W, 3) arrays: uint8 as is; uint16 (H, W) as a 16-bit greyscale PNG; bool
+    as 0/255 (masks); float in [0, 1] scaled to uint8 by rounding. Raises ValueError otherwise.
+    """
+    array = np.asarray(image)
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] != 3):
+        msg = f"expected an (H, W) or (H, W, 3) array, got shape {array.shape}"
+        raise ValueError(msg)
+    if array.size == 0:
+        msg = f"cannot encode an empty image of shape {array.shape}"
+        raise ValueError(msg)
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8) * np.uint8(255)
+    elif np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all() or array.min() < 0.0 or array.max() > 1.0:
+            msg = f"float image must be finite and in [0, 1], got range [{array.min()}, {array.max()}]"
+            raise ValueError(msg)
+        array = np.round(array * 255.0).astype(np.uint8)
+    elif array.dtype == np.uint16 and array.ndim == 2:
+        pass
+    elif array.dtype != np.uint8:
+        msg = f"expected uint8, bool, float in [0, 1] or (H, W) uint16, got dtype {array.dtype}"
+        raise ValueError(msg)
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG", compress_level=3)
+    return buffer.getvalue()
+
+
+def read_image_file(
+    path: Path,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_side: int = DEFAULT_MAX_SIDE,
+    min_side: int = DEFAULT_MIN_SIDE,
+) -> np.ndarray:
+    """Read and decode an image file to (H, W) float32 in [0, 1] (see `decode_image`).
+
+    A file that cannot be read raises `ImageRejected` with reason ``MISSING_OBJECT``; a decoding
+    problem keeps its reason. Either way the detail names the file.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ImageRejected(DeadReason.MISSING_OBJECT, f"cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        return decode_image(data, max_pixels=max_pixels, max_side=max_side, min_side=min_side)
+    except ImageRejected as exc:
+        raise ImageRejected(exc.reason, f"{path}: {exc.detail}") from exc

@@ -1,0 +1,180 @@
+"""Training patches: random crops of normal images, the abnormal-patch bank, and augmentation.
+
+Images are (H, W) greyscale, uint8 (0–255) or float in [0, 1]; patches come out float32 in [0, 1].
+
+Example (P = 64)::
+
+    rng = np.random.default_rng(0)
+    batch = sample_patches(normal_images, 32, 64, rng)                 # (32, 64, 64)
+    bank, source = abnormal_patch_bank(abnormal_images, masks, 64, 32)   # (M, 64, 64), MASK / ALL
+    bank, source = abnormal_patch_bank(images, [None] * len(images), 64, 32, score_fn=model_scores)  # MINED
+    batch = augment(bank[:16], rng)                                     # flips, 90° turns, brightness
+
+The bank follows method.md §3: (a) patches overlapping a mask, (b) the top-scoring patches under a
+warm-up model when there is no mask and a ``score_fn`` is given, (c) every patch as a last resort.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from schemas import AbnormalPatchSource
+
+PatchScorer = Callable[[np.ndarray], np.ndarray]
+"""(N, P, P) patches in [0, 1] -> (N,) patch scores or (N, P, P) residual maps."""
+
+_TOP_SHARE = 0.02  # a (N, P, P) map is reduced to the mean of its top 2 % pixels: a thin scratch's share
+
+
+def as_unit_float(image: np.ndarray) -> np.ndarray:
+    """(H, W) uint8 / uint16 / float image -> float32 in [0, 1]."""
+    if image.ndim != 2:
+        msg = f"expected a greyscale (H, W) image, got shape {image.shape}"
+        raise ValueError(msg)
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / 255.0
+    if image.dtype == np.uint16:
+        return image.astype(np.float32) / 65535.0
+    if np.issubdtype(image.dtype, np.floating):
+        return image.astype(np.float32, copy=False)
+    msg = f"unsupported image dtype {image.dtype}; expected uint8, uint16 or float in [0, 1]"
+    raise ValueError(msg)
+
+
+def _check_fits(image: np.ndarray, patch: int) -> None:
+    if image.ndim != 2 or image.shape[0] < patch or image.shape[1] < patch:
+        msg = f"image of shape {image.shape} is smaller than one {patch}×{patch} patch"
+        raise ValueError(msg)
+
+
+def sample_patches(images: Sequence[np.ndarray], n: int, patch: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` uniformly random P×P crops (image chosen uniformly, then position) -> (n, P, P) float32 in [0, 1]."""
+    if not images:
+        msg = "sample_patches needs at least one image"
+        raise ValueError(msg)
+    for image in images:
+        _check_fits(image, patch)
+    which = rng.integers(0, len(images), size=n)
+    out = np.empty((n, patch, patch), dtype=np.float32)
+    for i, k in enumerate(which):
+        image = images[k]
+        y = int(rng.integers(0, image.shape[0] - patch + 1))
+        x = int(rng.integers(0, image.shape[1] - patch + 1))
+        out[i] = as_unit_float(image[y : y + patch, x : x + patch])
+    return out
+
+
+def _grid(length: int, patch: int, stride: int) -> list[int]:
+    """Patch origins along one axis, inside the image (no padding), the last one flush with the edge."""
+    last = length - patch
+    origins = list(range(0, last + 1, stride))
+    if origins[-1] != last:
+        origins.append(last)
+    return origins
+
+
+def grid_patches(image: np.ndarray, patch: int, stride: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Every P×P patch on a stride-S grid inside ``image`` -> ((N, P, P) float32 in [0, 1], origins)."""
+    _check_fits(image, patch)
+    unit = as_unit_float(image)
+    origins = [(y, x) for y in _grid(image.shape[0], patch, stride) for x in _grid(image.shape[1], patch, stride)]
+    patches = np.stack([unit[y : y + patch, x : x + patch] for y, x in origins])
+    return patches, origins
+
+
+def _patch_scores(score_fn: PatchScorer, patches: np.ndarray) -> np.ndarray:
+    scores = np.asarray(score_fn(patches), dtype=np.float32)
+    n = len(patches)
+    if scores.shape == (n,):
+        return scores
+    if scores.shape == patches.shape:
+        flat = scores.reshape(n, -1)
+        k = max(1, math.ceil(_TOP_SHARE * flat.shape[1]))
+        return np.partition(flat, -k, axis=1)[:, -k:].mean(axis=1)
+    msg = f"score_fn returned shape {scores.shape}; expected ({n},) or {patches.shape}"
+    raise ValueError(msg)
+
+
+def abnormal_patch_bank(
+    images: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray | None],
+    patch: int,
+    stride: int,
+    score_fn: PatchScorer | None = None,
+    top_k: int = 8,
+    min_overlap: int = 1,
+) -> tuple[np.ndarray, AbnormalPatchSource]:
+    """The discriminator's abnormal patches from confirmed abnormal images (method.md §3).
+
+    Per image: (a) with a non-empty mask (H, W), the grid patches with >= ``min_overlap`` mask pixels;
+    (b) without one, if ``score_fn`` is given, its ``top_k`` highest-scoring grid patches; (c) else all.
+
+    Returns:
+        bank: (M, P, P) float32 in [0, 1] (M = 0 when there are no images).
+        source: the weakest source used by any image (ALL > MINED > MASK), NONE for no images.
+    """
+    if len(images) != len(masks):
+        msg = f"got {len(images)} abnormal images but {len(masks)} masks (use None for an image without one)"
+        raise ValueError(msg)
+    if not 1 <= stride <= patch:
+        msg = f"need 1 <= stride <= patch, got stride={stride} patch={patch}"
+        raise ValueError(msg)
+    if top_k < 1 or min_overlap < 1:
+        msg = f"top_k and min_overlap must be >= 1, got {top_k}, {min_overlap}"
+        raise ValueError(msg)
+    chosen: list[np.ndarray] = []
+    used: set[AbnormalPatchSource] = set()
+    for image, mask in zip(images, masks, strict=True):
+        patches, origins = grid_patches(image, patch, stride)
+        if mask is not None and mask.shape != image.shape:
+            msg = f"mask shape {mask.shape} does not match its image {image.shape}"
+            raise ValueError(msg)
+        if mask is not None and np.any(mask):
+            hits = (np.asarray(mask) > 0).astype(np.int64)
+            counts = np.array([hits[y : y + patch, x : x + patch].sum() for y, x in origins])
+            keep = counts >= min_overlap
+            if keep.any():
+                chosen.append(patches[keep])
+                used.add(AbnormalPatchSource.MASK)
+                continue
+        if score_fn is not None:
+            scores = _patch_scores(score_fn, patches)
+            top = np.argsort(scores)[::-1][:top_k]
+            chosen.append(patches[np.sort(top)])
+            used.add(AbnormalPatchSource.MINED)
+        else:
+            chosen.append(patches)
+            used.add(AbnormalPatchSource.ALL)
+    if not chosen:
+        return np.empty((0, patch, patch), dtype=np.float32), AbnormalPatchSource.NONE
+    for source in (AbnormalPatchSource.ALL, AbnormalPatchSource.MINED, AbnormalPatchSource.MASK):
+        if source in used:
+            return np.concatenate(chosen).astype(np.float32, copy=False), source
+    raise AssertionError("unreachable")  # every image adds to `used`
+
+
+def augment(
+    batch: np.ndarray, rng: np.random.Generator, brightness: float = 0.03, keep_orientation: bool = False
+) -> np.ndarray:
+    """Randomly flipped / rotated / brightness-shifted copies of ``batch`` (N, P, P) in [0, 1].
+
+    ``keep_orientation=True`` restricts turns to 0° / 180°, which keep the direction of an anisotropic
+    texture (brushing grain): use it for normal patches, whose grain direction is part of "normal".
+    """
+    if batch.ndim != 3 or batch.shape[1] != batch.shape[2]:
+        msg = f"expected square patches (N, P, P), got shape {batch.shape}"
+        raise ValueError(msg)
+    n = len(batch)
+    out = np.empty_like(batch, dtype=np.float32)
+    turns = rng.integers(0, 2, size=n) * 2 if keep_orientation else rng.integers(0, 4, size=n)
+    flips = np.zeros(n, dtype=bool) if keep_orientation else rng.random(n) < 0.5
+    for i in range(n):
+        patch = np.rot90(batch[i], k=int(turns[i]))
+        out[i] = patch[:, ::-1] if flips[i] else patch
+    if brightness > 0:
+        out += rng.uniform(-brightness, brightness, size=(n, 1, 1)).astype(np.float32)
+        np.clip(out, 0.0, 1.0, out=out)
+    return out

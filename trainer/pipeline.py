@@ -1,0 +1,189 @@
+"""Train, calibrate and register one model version: the single entry point behind `anomap train` and retraining.
+
+Example (a driver connected to Ray, a registry on the object store)::
+
+    card = train_model_version(
+        TrainConfig.demo(gamma=0.9), normal, abnormal, masks, calibration, registry,
+        name="metal", data_digest=digest, storage_path="/tmp/anomap-runs",
+    )
+    card.version, card.thresholds.pixel, card.abnormal_patch_source      # "v2026…", 0.07, "mask"
+    registry.set_live(card.version)                                        # the caller's choice
+
+Steps: the abnormal-patch bank (γ < 1 only; a γ = 1 warm-up run first when some abnormal image has no
+mask, so its patches can be mined), the Ray Train run, anomaly maps of the held-out calibration images,
+thresholds (`trainer.calibration.calibrate`), then the card and weights into the registry.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from schemas import AbnormalPatchSource, ModelCard, Thresholds
+from trainer.calibration import calibrate
+from trainer.config import TrainConfig
+from trainer.distributed import run_training
+from trainer.model_io import weights_to_bytes
+from trainer.patches import abnormal_patch_bank
+from trainer.registry import ModelRegistry, new_version_id
+from trainer.scoring import PatchModel, anomaly_map
+
+Progress = Callable[[str], None]
+_PROVISIONAL = Thresholds(pixel=1.0, image=1.0, pixel_quantile=0.5, image_quantile=0.5, n_calibration_images=1)
+
+
+def _card(
+    cfg: TrainConfig,
+    name: str,
+    version: str,
+    source: AbnormalPatchSource,
+    thresholds: Thresholds,
+    data_digest: str,
+    n_train: int,
+    n_abnormal: int,
+    parent_version: str | None,
+    extra_config: dict[str, float | int | str | bool | None] | None = None,
+    metrics: dict[str, float] | None = None,
+) -> ModelCard:
+    return ModelCard(
+        name=name,
+        version=version,
+        parent_version=parent_version,
+        patch_size=cfg.patch_size,
+        stride=cfg.stride,
+        latent_dim=cfg.latent_dim,
+        base_channels=cfg.base_channels,
+        spectral_norm=cfg.spectral_norm,
+        gamma=cfg.gamma,
+        abnormal_patch_source=source,
+        smoothing_sigma=cfg.smoothing_sigma,
+        data_digest=data_digest,
+        n_train_images=n_train,
+        n_abnormal_images=n_abnormal,
+        train_config=cfg.to_card_dict() | (extra_config or {}),
+        thresholds=thresholds,
+        metrics=metrics or {},
+    )
+
+
+def _patch_scorer(model: PatchModel, batch_size: int = 256) -> Callable[[np.ndarray], np.ndarray]:
+    def score(patches: np.ndarray) -> np.ndarray:
+        return np.concatenate(
+            [model.score_patches(patches[i : i + batch_size]) for i in range(0, len(patches), batch_size)]
+        )
+
+    return score
+
+
+def train_model_version(
+    cfg: TrainConfig,
+    normal_images: Sequence[np.ndarray],
+    abnormal_images: Sequence[np.ndarray],
+    abnormal_masks: Sequence[np.ndarray | None],
+    calibration_images: Sequence[np.ndarray],
+    registry: ModelRegistry,
+    name: str,
+    data_digest: str,
+    storage_path: str,
+    parent_version: str | None = None,
+    progress: Progress | None = None,
+    init_weights: dict[str, torch.Tensor] | None = None,
+) -> ModelCard:
+    """Train a model version on Ray Train, calibrate it, save it to ``registry`` and return its card.
+
+    Args:
+        normal_images: (H, W) uint8 training images (may hold unlabelled defects: the noisy set).
+        abnormal_images: (H, W) uint8 confirmed abnormal images; used only when ``cfg.gamma < 1``.
+        abnormal_masks: one (H, W) mask or None per abnormal image.
+        calibration_images: held-out normal (H, W) images, never trained on, for the thresholds.
+        registry: where the version goes (``registry.name`` must equal ``name``); not set live here.
+        data_digest: identifies the training data; stored in the card.
+        storage_path: Ray Train checkpoint storage; each run gets a fresh name under it.
+        parent_version: the version this one was fine-tuned from (``init_weights``), for the card.
+        progress: called with one-line status messages.
+        init_weights: G/D/E weights to start from (fine-tuning the live version), or None.
+    """
+    say = progress or (lambda message: None)
+    if registry.name != name:
+        msg = f"registry is for model {registry.name!r}, asked to train {name!r}"
+        raise ValueError(msg)
+    if not calibration_images:
+        msg = "calibration needs at least one held-out normal image"
+        raise ValueError(msg)
+    if len(abnormal_images) != len(abnormal_masks):
+        msg = f"{len(abnormal_images)} abnormal images but {len(abnormal_masks)} masks (use None where there is none)"
+        raise ValueError(msg)
+    if cfg.gamma < 1.0 and not abnormal_images:
+        msg = f"gamma={cfg.gamma} < 1 needs confirmed abnormal images; pass some or train with gamma=1"
+        raise ValueError(msg)
+    version = new_version_id()
+    started = time.monotonic()
+    extra: dict[str, float | int | str | bool | None] = {}
+
+    bank: np.ndarray | None = None
+    source = AbnormalPatchSource.NONE
+    n_abnormal = 0
+    main_cfg = cfg
+    if cfg.gamma < 1.0:
+        needs_mining = any(mask is None or not np.any(mask) for mask in abnormal_masks)
+        score_fn = None
+        if needs_mining:
+            warm_gan = max(1, round(cfg.gan_steps * cfg.warmup_fraction))
+            warm_cfg = cfg.replace(
+                gamma=1.0, gan_steps=warm_gan, encoder_steps=max(1, round(cfg.encoder_steps * cfg.warmup_fraction))
+            )
+            say(f"warm-up (γ = 1, {warm_cfg.total_steps} steps) to mine abnormal patches from unmasked images")
+            init_weights = run_training(
+                warm_cfg, normal_images, None, storage_path, f"{name}-{version}-warmup", init_weights
+            )
+            warm_card = _card(warm_cfg, name, version, source, _PROVISIONAL, data_digest, len(normal_images), 0, None)
+            score_fn = _patch_scorer(PatchModel.from_state(warm_card, init_weights))
+            main_cfg = cfg.replace(gan_steps=max(1, cfg.gan_steps - warm_gan))  # same GAN budget in all
+            extra["warmup_gan_steps"] = warm_gan
+        bank, source = abnormal_patch_bank(
+            abnormal_images,
+            abnormal_masks,
+            cfg.patch_size,
+            cfg.stride,
+            score_fn=score_fn,
+            top_k=cfg.mined_patches_per_image,
+            min_overlap=cfg.mask_min_overlap,
+        )
+        n_abnormal = len(abnormal_images)
+        say(f"abnormal-patch bank: {len(bank)} patches from {n_abnormal} images (source: {source})")
+    elif abnormal_images:
+        say(f"gamma = 1: the {len(abnormal_images)} abnormal images are not used (plain AnoGAN)")
+
+    say(f"training {main_cfg.total_steps} steps on {main_cfg.num_workers} Ray Train workers")
+    state = run_training(main_cfg, normal_images, bank, storage_path, f"{name}-{version}", init_weights)
+    train_seconds = time.monotonic() - started
+
+    say(f"calibrating on {len(calibration_images)} held-out normal images")
+    draft = _card(cfg, name, version, source, _PROVISIONAL, data_digest, len(normal_images), n_abnormal, parent_version)
+    model = PatchModel.from_state(draft, state)
+    maps = [anomaly_map(image, model) for image in calibration_images]
+    thresholds = calibrate(maps, pixel_quantile=cfg.pixel_quantile, image_quantile=cfg.image_quantile)
+    metrics = {
+        "train_seconds": round(train_seconds, 2),
+        "calibration_pixel_mean": float(np.mean([m.mean() for m in maps])),
+        "calibration_image_score_mean": float(np.mean([m.max() for m in maps])),
+    }
+    card = _card(
+        cfg,
+        name,
+        version,
+        source,
+        thresholds,
+        data_digest,
+        len(normal_images),
+        n_abnormal,
+        parent_version,
+        extra,
+        metrics,
+    )
+    registry.save(card, weights_to_bytes(state))
+    say(f"saved {name}/{version} (pixel threshold {thresholds.pixel:.4f}, image threshold {thresholds.image:.4f})")
+    return card

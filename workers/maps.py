@@ -1,0 +1,36 @@
+"""Where anomaly maps live in the object store, and their file formats.
+
+    maps/<line>/<yyyy>/<mm>/<dd>/<job_id>.npz   float32 (H, W) map in raw units, array name "map"
+    maps/<line>/<yyyy>/<mm>/<dd>/<job_id>.png   RGB overlay for people
+
+Keys derive from the job's validated ``line``, ``captured_at`` date and ``job_id`` only, so a
+redelivered job overwrites its own map rather than writing a second one.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from schemas import InspectionJob
+
+
+def map_keys(job: InspectionJob) -> tuple[str, str]:
+    """The (npz, png) object keys of a job's anomaly map and overlay."""
+    day = job.captured_at.strftime("%Y/%m/%d")
+    stem = f"maps/{job.line}/{day}/{job.job_id}"
+    return f"{stem}.npz", f"{stem}.png"
+
+
+def encode_map(anomaly_map: np.ndarray) -> bytes:
+    """Serialise an (H, W) map as an ``.npz`` holding float32 array ``map`` (no pickle)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, map=np.asarray(anomaly_map, dtype=np.float32))
+    return buffer.getvalue()
+
+
+def decode_map(data: bytes) -> np.ndarray:
+    """Read an ``.npz`` written by `encode_map` back into a float32 (H, W) array."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+        return np.asarray(archive["map"], dtype=np.float32)

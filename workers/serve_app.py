@@ -1,0 +1,148 @@
+"""The Ray Serve application: an `InspectionService` ingress that shards each image's patches into
+batches over `PatchScorer` replicas, then stitches the map.
+
+    InspectionService.inspect(image (H, W) float32)        one call per image
+        ├─ plan_inspection: ~1089 patches of 64² for a 1024² image at stride 32, in chunks of 128
+        ├─ PatchScorer.score(chunk) × 9, in parallel      @serve.batch groups chunks by patch count
+        └─ finish_inspection: stitch, smooth, regions      → ScoredImage
+
+Both deployments load the model version named in their configuration from the registry, so every
+result names the version that scored it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import torch
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from schemas import ModelCard, Settings
+from trainer.registry import ModelRegistry
+from trainer.scoring import PatchModel
+from trainer.store import ObjectStore
+from workers.inspection import ScoredImage, finish_inspection, plan_inspection
+
+APP_NAME = "anomap"
+MAX_BATCH_PATCHES = 512
+
+
+def _count_patches(chunks: list[np.ndarray]) -> int:
+    return sum(len(chunk) for chunk in chunks)
+
+
+def _load(settings: Settings, version: str) -> tuple[ModelCard, bytes]:
+    registry = ModelRegistry(ObjectStore.from_settings(settings), settings.model_name)
+    return registry.load(version)
+
+
+@serve.deployment(name="PatchScorer", max_ongoing_requests=32)
+class PatchScorer:
+    """Scores patch chunks (n, P, P) → residual maps (n, P, P); chunks are batched by patch count."""
+
+    def __init__(self, settings: Settings, version: str, torch_threads: int = 1) -> None:
+        torch.set_num_threads(torch_threads)
+        card, weights = _load(settings, version)
+        self.model = PatchModel.from_safetensors(card, weights)
+
+    @serve.batch(max_batch_size=MAX_BATCH_PATCHES, batch_wait_timeout_s=0.002, batch_size_fn=_count_patches)
+    async def score(self, chunks: list[np.ndarray]) -> list[np.ndarray]:
+        """Score a batch of chunks in one forward pass and split the maps back per chunk."""
+        sizes = [len(chunk) for chunk in chunks]
+        maps = self.model.score_patches(np.concatenate(chunks, axis=0))
+        return np.split(maps, np.cumsum(sizes)[:-1])
+
+    def model_version(self) -> str:
+        """The model version this replica scores with."""
+        return self.model.card.version
+
+
+@serve.deployment(name="InspectionService", max_ongoing_requests=16)
+class InspectionService:
+    """Ingress: one image in, a `ScoredImage` out; its patches are scored across the replicas."""
+
+    def __init__(self, scorer: DeploymentHandle, settings: Settings, version: str, chunk_patches: int = 128) -> None:
+        self.scorer = scorer
+        self.card, _ = _load(settings, version)
+        self.chunk_patches = chunk_patches
+
+    async def inspect(self, image: np.ndarray, pixel_threshold: float | None = None) -> ScoredImage:
+        """Score an (H, W) float32 image in [0, 1]."""
+        start = time.perf_counter()
+        plan = plan_inspection(image, self.card, self.chunk_patches)
+        tiled = time.perf_counter()
+        patch_maps = await asyncio.gather(*(self.scorer.score.remote(chunk) for chunk in plan.chunks))
+        scored = time.perf_counter()
+        timings = {"tile": (tiled - start) * 1e3, "patches": (scored - tiled) * 1e3}
+        result = finish_inspection(plan, list(patch_maps), self.card, pixel_threshold, timings)
+        result.timings_ms["stitch"] = (time.perf_counter() - scored) * 1e3
+        return result
+
+    def model_version(self) -> str:
+        """The model version this ingress stitches for."""
+        return self.card.version
+
+
+def build_app(
+    settings: Settings,
+    version: str,
+    scorer_replicas: int = 2,
+    scorer_cpus: float = 0.5,
+    ingress_cpus: float = 0.25,
+    chunk_patches: int = 128,
+) -> serve.Application:
+    """The application graph for model ``version``: ingress bound to the scorer deployment."""
+    if chunk_patches > MAX_BATCH_PATCHES:
+        msg = f"chunk_patches={chunk_patches} exceeds the scorer's batch limit of {MAX_BATCH_PATCHES} patches"
+        raise ValueError(msg)
+    scorer = PatchScorer.options(num_replicas=scorer_replicas, ray_actor_options={"num_cpus": scorer_cpus}).bind(
+        settings, version
+    )
+    return InspectionService.options(ray_actor_options={"num_cpus": ingress_cpus}).bind(
+        scorer, settings, version, chunk_patches
+    )
+
+
+def deploy(settings: Settings, version: str, scorer_replicas: int = 2, chunk_patches: int = 128) -> DeploymentHandle:
+    """Start Serve (no HTTP proxy: callers use handles) and run the app for ``version``."""
+    serve.start(proxy_location="Disabled")
+    app = build_app(settings, version, scorer_replicas=scorer_replicas, chunk_patches=chunk_patches)
+    return serve.run(app, name=APP_NAME, route_prefix=None)
+
+
+class ServeInspector:
+    """An `Inspector` that calls the Serve app through its handle (blocking, thread-safe)."""
+
+    def __init__(self, handle: DeploymentHandle, timeout_s: float = 300.0) -> None:
+        self.handle = handle
+        self.timeout_s = timeout_s
+
+    @classmethod
+    def connect(cls, timeout_s: float = 300.0) -> ServeInspector:
+        """A handle to the running ``anomap`` app."""
+        return cls(serve.get_app_handle(APP_NAME), timeout_s)
+
+    def __call__(self, image: np.ndarray, pixel_threshold: float | None = None) -> ScoredImage:
+        """Score ``image`` through Serve; raises if the app fails or times out."""
+        response = self.handle.inspect.remote(image, pixel_threshold)
+        return response.result(timeout_s=self.timeout_s)
+
+
+def app_builder(args: dict[str, str]) -> serve.Application:
+    """Application builder for ``serve run`` / a Serve config file (``import_path: workers.serve_app:app_builder``).
+
+    ``args``: ``version`` (default: the live version of ``ANOMAP_MODEL_NAME``), ``scorer_replicas``,
+    ``chunk_patches``. Connection settings come from the environment (`Settings.from_env`).
+    """
+    settings = Settings.from_env()
+    registry = ModelRegistry(ObjectStore.from_settings(settings), settings.model_name)
+    version = args.get("version") or registry.live_version()
+    return build_app(
+        settings,
+        version,
+        scorer_replicas=int(args.get("scorer_replicas", 2)),
+        chunk_patches=int(args.get("chunk_patches", 128)),
+    )
