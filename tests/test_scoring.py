@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -98,3 +100,11 @@ def test_search_mode_is_not_implemented_yet() -> None:
 def test_weights_of_another_architecture_are_refused() -> None:
     with pytest.raises(ValueError, match="do not match model card"):
         PatchModel.from_safetensors(_card(patch=64, stride=32), _weights(patch=32), device="cpu")
+
+
+def test_read_only_patches_are_scored_without_warnings(model: PatchModel) -> None:
+    patches = np.random.default_rng(5).random((2, 32, 32), dtype=np.float32)
+    patches.flags.writeable = False  # as handed out by the Ray object store
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert model.score_patches(patches).shape == (2, 32, 32)

@@ -29,6 +29,7 @@ import ray.train.torch
 import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from trainer.config import TrainConfig
@@ -37,12 +38,27 @@ from trainer.model_io import NETWORK_PREFIXES, weights_from_bytes, weights_to_by
 
 CHECKPOINT_FILE = "state.safetensors"
 _STEP_KEY = "step"
+_RESUMED_KEY = "resumed_from"
 
 
-def save_checkpoint_dir(path: str | os.PathLike, state: dict[str, torch.Tensor], step: int) -> None:
-    """Write a checkpoint directory: ``state.safetensors`` (tensors) with ``step`` in its metadata."""
+def save_checkpoint_dir(
+    path: str | os.PathLike, state: dict[str, torch.Tensor], step: int, resumed_from: int | None = None
+) -> None:
+    """Write a checkpoint directory: ``state.safetensors`` (tensors) with ``step`` in its metadata.
+
+    ``resumed_from``: the step this worker group started at, when it resumed from a checkpoint.
+    """
     tensors = {key: value.detach().cpu().contiguous() for key, value in state.items()}
-    save_file(tensors, str(Path(path) / CHECKPOINT_FILE), metadata={_STEP_KEY: str(step)})
+    metadata = {_STEP_KEY: str(step)}
+    if resumed_from is not None:
+        metadata[_RESUMED_KEY] = str(resumed_from)
+    save_file(tensors, str(Path(path) / CHECKPOINT_FILE), metadata=metadata)
+
+
+def checkpoint_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of a checkpoint directory (``step``, and ``resumed_from`` after a resume)."""
+    with safe_open(str(Path(path) / CHECKPOINT_FILE), framework="pt") as handle:
+        return dict(handle.metadata() or {})
 
 
 def load_checkpoint_dir(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], int]:
@@ -51,10 +67,7 @@ def load_checkpoint_dir(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor
     if not file.is_file():
         msg = f"checkpoint directory {path} has no {CHECKPOINT_FILE}"
         raise FileNotFoundError(msg)
-    from safetensors import safe_open
-
-    with safe_open(str(file), framework="pt") as handle:
-        step = int((handle.metadata() or {}).get(_STEP_KEY, "-1"))
+    step = int(checkpoint_metadata(path).get(_STEP_KEY, "-1"))
     if step < 0:
         msg = f"checkpoint {file} carries no step in its metadata"
         raise ValueError(msg)
@@ -75,11 +88,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     model = NoisyAnoGAN(cfg, device)
     start_step = 0
+    resumed_from = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # resuming after a failure (or a re-used run name)
         with checkpoint.as_directory() as ckpt_dir:
             state, start_step = load_checkpoint_dir(ckpt_dir)
         model.load_training_state(state)
+        resumed_from = start_step
     elif data.get("init_weights") is not None:  # fine-tuning from a previous model version
         model.load_weights(weights_from_bytes(data["init_weights"]))
 
@@ -92,12 +107,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     def report(step: int, metrics: dict[str, float]) -> None:
         phase = "gan" if step <= cfg.gan_steps else "encoder"
-        payload = {"step": step, "phase": phase, **metrics}
+        payload = {"step": step, "phase": phase, "resumed_from": resumed_from, **metrics}
         if rank != 0:
             ray.train.report(payload)  # every worker reports: it is a barrier
             return
         with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint_dir(tmp, model.training_state(), step)
+            save_checkpoint_dir(tmp, model.training_state(), step, resumed_from)
             ray.train.report(payload, checkpoint=Checkpoint.from_directory(tmp))
 
     if start_step >= cfg.total_steps:

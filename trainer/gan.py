@@ -28,7 +28,7 @@ from torch import nn
 from trainer.config import TrainConfig
 from trainer.losses import discriminator_loss, encoder_loss, generator_loss
 from trainer.model_io import NETWORK_PREFIXES, prefixed, sub_state
-from trainer.networks import Discriminator, Encoder, Generator, build_networks
+from trainer.networks import build_networks
 from trainer.patches import augment, sample_patches
 
 EpochHook = Callable[[int, dict[str, float]], None]
@@ -42,7 +42,10 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 def to_model_range(patches: np.ndarray, device: torch.device) -> torch.Tensor:
     """(N, P, P) float in [0, 1] -> (N, 1, P, P) tensor in [-1, 1] on ``device``."""
-    return torch.from_numpy(np.ascontiguousarray(patches, dtype=np.float32)).to(device).unsqueeze(1) * 2.0 - 1.0
+    array = np.ascontiguousarray(patches, dtype=np.float32)
+    if not array.flags.writeable:  # e.g. zero-copy from the Ray object store
+        array = array.copy()
+    return torch.from_numpy(array).to(device).unsqueeze(1) * 2.0 - 1.0
 
 
 @contextlib.contextmanager
@@ -251,7 +254,7 @@ class NoisyAnoGAN:
         """Inverse of `training_state`."""
         self.load_weights({k: v for k, v in state.items() if k.split(".", 1)[0] in NETWORK_PREFIXES})
         for name, opt in (("opt_g", self.opt_g), ("opt_d", self.opt_d), ("opt_e", self.opt_e)):
-            _load_optimizer(opt, name, {k: v.to(self.device) for k, v in state.items()})
+            _load_optimizer(opt, name, state)  # load_state_dict moves moments to the params' device itself
 
     def enter_encoder_phase(self) -> None:
         """Freeze G and D (eval mode: BatchNorm running stats, no spectral-norm updates)."""
@@ -330,9 +333,6 @@ def train_in_process(
 
 
 __all__ = [
-    "Discriminator",
-    "Encoder",
-    "Generator",
     "NoisyAnoGAN",
     "PatchSampler",
     "encoder_step",

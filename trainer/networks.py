@@ -60,7 +60,8 @@ class Generator(nn.Module):
     """z (B, Z) -> patch (B, 1, P, P) in [-1, 1].
 
     Nearest up-sampling + 3×3 conv rather than transposed convolutions: no checkerboard pattern,
-    which would otherwise show up in every residual map as a grid.
+    which would otherwise show up in every residual map as a grid. Reflect padding: zero padding
+    draws a dark frame round every generated patch, which shows up in the residual as a grid too.
     """
 
     def __init__(self, patch_size: int, latent_dim: int, base_channels: int) -> None:
@@ -78,13 +79,13 @@ class Generator(nn.Module):
         for c_in, c_out in itertools.pairwise(widths):
             blocks += [
                 nn.Upsample(scale_factor=2, mode="nearest"),
-                nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False),
+                nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, padding_mode="reflect", bias=False),
                 nn.BatchNorm2d(c_out),
                 nn.ReLU(inplace=True),
             ]
         blocks += [
             nn.Upsample(scale_factor=2, mode="nearest"),  # last doubling: -> (B, C_last, P, P)
-            nn.Conv2d(widths[-1], 1, kernel_size=3, padding=1),
+            nn.Conv2d(widths[-1], 1, kernel_size=3, padding=1, padding_mode="reflect"),
             nn.Tanh(),
         ]
         self.blocks = nn.Sequential(*blocks)

@@ -121,7 +121,10 @@ class PatchModel:
         if patches.ndim != 3 or patches.shape[1:] != (p, p):
             msg = f"expected patches of shape (N, {p}, {p}), got {patches.shape}"
             raise ValueError(msg)
-        x = torch.from_numpy(np.ascontiguousarray(patches, dtype=np.float32)).to(self.device)
+        array = np.ascontiguousarray(patches, dtype=np.float32)
+        if not array.flags.writeable:  # e.g. zero-copy from the Ray object store
+            array = array.copy()
+        x = torch.from_numpy(array).to(self.device)
         return x.unsqueeze(1) * 2.0 - 1.0  # (N, 1, P, P) in [-1, 1]
 
 
