@@ -143,6 +143,8 @@ class ManagedServer(BaseModel):
     def _reap(self) -> None:
         if self._popen is not None:
             self._popen.poll()
+        else:  # started by this process through another handle (e.g. `stack_up`, then `stack_down`)
+            _reap_own_zombie(self.pid, self.start_ticks)
 
     def is_running(self) -> bool:
         """Whether ``pid`` is alive and still the process that was started (not a reused PID)."""
@@ -223,6 +225,7 @@ class ManagedServer(BaseModel):
             if alive:
                 msg = f"{label}: processes {alive} survived SIGKILL"
                 raise RuntimeError(msg)
+        self._reap()  # it may have turned zombie after the last reap inside the wait
         self._cleanup()
         return f"{label} {how}" if was_running else f"{label}: leftover processes {how}"
 

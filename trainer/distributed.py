@@ -104,6 +104,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model.encoder = ray.train.torch.prepare_model(model.encoder, move_to_device=False)
 
     sampler = PatchSampler(data["normal"], data.get("abnormal"), cfg, rank=rank, device=device)
+    board = config.get("progress_board")
 
     def report(step: int, metrics: dict[str, float]) -> None:
         phase = "gan" if step <= cfg.gan_steps else "encoder"
@@ -111,6 +112,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank != 0:
             ray.train.report(payload)  # every worker reports: it is a barrier
             return
+        if board is not None:  # fire-and-forget: progress for the driver
+            board.update.remote(step, cfg.total_steps, metrics)
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint_dir(tmp, model.training_state(), step, resumed_from)
             ray.train.report(payload, checkpoint=Checkpoint.from_directory(tmp))
@@ -131,6 +134,7 @@ def run_training(
     storage_path: str,
     run_name: str,
     init_weights: dict[str, torch.Tensor] | None = None,
+    progress_board: Any = None,
 ) -> dict[str, torch.Tensor]:
     """Train G, D, E with a Ray Train `TorchTrainer` and return their final weights.
 
@@ -141,6 +145,7 @@ def run_training(
         storage_path: shared storage for checkpoints (a local path or a URI Ray Train understands).
         run_name: unique per run; an existing run of that name is resumed from its last checkpoint.
         init_weights: G/D/E weights to fine-tune from (ignored when resuming from a checkpoint).
+        progress_board: a `trainer.progress.ProgressBoard` actor that rank 0 posts each checkpoint's step to.
 
     Returns:
         ``{"generator.…": Tensor, "discriminator.…": Tensor, "encoder.…": Tensor}`` on CPU.
@@ -168,7 +173,7 @@ def run_training(
     resources = None if cfg.use_gpu else {"CPU": cfg.cpus_per_worker}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train_config": cfg.to_card_dict(), "data": data_ref},
+        train_loop_config={"train_config": cfg.to_card_dict(), "data": data_ref, "progress_board": progress_board},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=run_name,

@@ -28,6 +28,7 @@ from trainer.config import TrainConfig
 from trainer.distributed import run_training
 from trainer.model_io import weights_to_bytes
 from trainer.patches import abnormal_patch_bank
+from trainer.progress import ProgressWatch
 from trainer.registry import ModelRegistry, new_version_id
 from trainer.scoring import PatchModel, anomaly_map
 
@@ -158,7 +159,10 @@ def train_model_version(
         say(f"gamma = 1: the {len(abnormal_images)} abnormal images are not used (plain AnoGAN)")
 
     say(f"training {main_cfg.total_steps} steps on {main_cfg.num_workers} Ray Train workers")
-    state = run_training(main_cfg, normal_images, bank, storage_path, f"{name}-{version}", init_weights)
+    with ProgressWatch(say, main_cfg.total_steps) as board:
+        state = run_training(
+            main_cfg, normal_images, bank, storage_path, f"{name}-{version}", init_weights, progress_board=board
+        )
     train_seconds = time.monotonic() - started
 
     say(f"calibrating on {len(calibration_images)} held-out normal images")

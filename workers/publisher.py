@@ -11,6 +11,7 @@ from __future__ import annotations
 import redis
 
 from schemas import InspectionJob, StreamNames, encode_job_entry
+from schemas.job import utc_now
 from trainer.store import ObjectStore
 
 DEFAULT_JOBS_MAXLEN = 100_000
@@ -23,11 +24,12 @@ def publish_job(
     image: bytes | None = None,
     maxlen: int = DEFAULT_JOBS_MAXLEN,
 ) -> str:
-    """Add a job to its line's job stream; returns the entry id.
+    """Add a job to its line's job stream, stamped with ``published_at`` = now; returns the entry id.
 
     The stream is trimmed approximately to ``maxlen`` entries: size it well above the backlog a
     line can build up, since trimming drops the oldest entries, read or not.
     """
+    job = job.model_copy(update={"published_at": utc_now()})
     entry_id = client.xadd(names.jobs(job.line), encode_job_entry(job, image), maxlen=maxlen, approximate=True)
     return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
