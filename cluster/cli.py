@@ -3,6 +3,8 @@
 anomap demo                      # the whole system once, on the embedded stack
 anomap stack up|down|status      # the embedded Valkey + SeaweedFS + Ray head
 anomap train --synthetic         # train a model version on Ray Train and make it live
+anomap train --data DIR          # ... on a dataset folder (MVTec-like layout, method.md §7)
+anomap eval --data DIR           # metrics + HTML report of a version on the folder's test images
 anomap serve                     # Serve app + stream consumers for the live version
 anomap publish PATH...           # images (files or folders) as jobs
 anomap results [--follow]        # print results
@@ -16,12 +18,15 @@ import signal
 import sys
 import uuid
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
 from schemas import InspectionJob, Settings, StreamNames
+
+if TYPE_CHECKING:
+    from trainer.folder_dataset import FolderDataset
 
 app = typer.Typer(
     help="anomap: pixel-level anomaly maps for factory camera images, at fleet scale.",
@@ -93,56 +98,154 @@ def stack_status_cmd() -> None:
     console.print_json(json.dumps(stack_status(Settings.from_env()), default=str))
 
 
+def _load_folder(data: Path, part: str) -> FolderDataset:
+    """Load a dataset folder, printing its warnings; a bad folder is a clear message and exit 2."""
+    from trainer.folder_dataset import DatasetError, DatasetPart, load_dataset
+
+    try:
+        with console.status(f"loading {data}…"):
+            dataset = load_dataset(data, DatasetPart(part))
+    except DatasetError as exc:
+        _fail(str(exc))
+        raise  # unreachable
+    for warning in dataset.warnings:
+        err.print(f"[yellow]warning:[/yellow] {warning}")
+    console.log(f"loaded {data}: {json.dumps(dataset.summary())}")
+    return dataset
+
+
 @app.command()
 def train(
-    synthetic: Annotated[bool, typer.Option(help="Train on generated brushed metal.")] = True,
+    synthetic: Annotated[
+        bool | None, typer.Option("--synthetic/--no-synthetic", help="Train on generated brushed metal (default).")
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="Train on a dataset folder (method.md §7 layout) instead of --synthetic.")
+    ] = None,
     size: Annotated[int, typer.Option(help="Synthetic image size (pixels).")] = 1024,
     n_train: Annotated[int, typer.Option(help="Synthetic 'normal' training images.")] = 24,
     contamination: Annotated[float, typer.Option(help="Share of 'normal' images with unlabelled scratches.")] = 0.1,
-    abnormal_k: Annotated[int, typer.Option(help="Confirmed abnormal images given to the discriminator.")] = 4,
+    abnormal_k: Annotated[
+        int, typer.Option(help="Synthetic confirmed abnormal images given to the discriminator.")
+    ] = 4,
     gamma: Annotated[float, typer.Option(help="Noisy-AnoGAN γ in (0, 1]; 1 is plain AnoGAN.")] = 0.9,
     schedule: Annotated[str, typer.Option(help="Training schedule: demo or tiny.")] = "demo",
     seed: Annotated[int, typer.Option()] = 0,
     live: Annotated[bool, typer.Option(help="Make the new version live.")] = True,
 ) -> None:
-    """Train a Noisy-AnoGAN model version on Ray Train and store it in the registry."""
-    if not synthetic:
-        _fail("only --synthetic data is supported so far (folder datasets come with the method issue)")
+    """Train a Noisy-AnoGAN model version on Ray Train and store it in the registry.
+
+    Data: --synthetic (the default; --size, --n-train, --contamination, --abnormal-k apply) or
+    --data DIR, a folder in the MVTec-like layout (train/good, optional train/abnormal with masks
+    in ground_truth/train_abnormal, optional calibration/good; else 10 % of train/good is held out).
+    """
+    if data is not None and synthetic:
+        _fail("give exactly one of --synthetic or --data DIR, not both")
+    if data is None and synthetic is False:
+        _fail("give exactly one of --synthetic or --data DIR (--no-synthetic needs --data DIR)")
     if not 0 < gamma <= 1:
         _fail(f"--gamma must be in (0, 1], got {gamma}")
     if not 0 <= contamination < 1:
         _fail(f"--contamination must be in [0, 1), got {contamination}")
-    settings = _settings()
-    _require_stack(settings)
-    from cluster.connections import connect_ray, object_store
     from trainer.config import TrainConfig
-    from trainer.pipeline import train_model_version
-    from trainer.registry import ModelRegistry
-    from trainer.synthetic import make_dataset
 
     schedules = {"demo": TrainConfig.demo, "tiny": TrainConfig.tiny}
     if schedule not in schedules:
         _fail(f"--schedule must be one of {sorted(schedules)}, got {schedule!r}")
     config = schedules[schedule](gamma=gamma, seed=seed)
-    with console.status("generating data…"):
-        data = make_dataset(size=size, n_train=n_train, contamination=contamination, n_abnormal=abnormal_k, seed=seed)
+    folder = _load_folder(data, "train") if data is not None else None
+    if folder is not None:
+        if gamma < 1 and not folder.abnormal:
+            _fail(f"--gamma {gamma} < 1 needs confirmed abnormal images in {data}/train/abnormal; add some or use 1")
+        if folder.min_side < config.patch_size:
+            _fail(f"{data} has an image {folder.min_side} px on a side; training needs >= {config.patch_size} px")
+    settings = _settings()
+    _require_stack(settings)
+    from cluster.connections import connect_ray, object_store
+    from trainer.pipeline import train_model_version
+    from trainer.registry import ModelRegistry
+    from trainer.synthetic import make_dataset
+
+    if folder is not None:
+        normal, abnormal, masks, calibration = (
+            folder.train_normal,
+            folder.abnormal,
+            folder.abnormal_masks,
+            folder.calibration,
+        )
+        digest = folder.data_digest
+    else:
+        with console.status("generating data…"):
+            synth = make_dataset(
+                size=size, n_train=n_train, contamination=contamination, n_abnormal=abnormal_k, seed=seed
+            )
+        normal, abnormal, calibration = synth.train_normal, synth.abnormal, synth.calibration
+        masks = list(synth.abnormal_masks)
+        digest = synth.digest()
     connect_ray(settings)
     registry = ModelRegistry(object_store(settings), settings.model_name)
     card = train_model_version(
         config,
-        data.train_normal,
-        data.abnormal,
-        data.abnormal_masks,
-        data.calibration,
+        normal,
+        abnormal,
+        masks,
+        calibration,
         registry=registry,
         name=settings.model_name,
-        data_digest=data.digest(),
+        data_digest=digest,
         storage_path=str((settings.state_dir / "train").resolve()),
         progress=console.log,
     )
     if live:
         registry.set_live(card.version)
     console.print_json(card.model_dump_json())
+
+
+@app.command("eval")
+def eval_cmd(
+    data: Annotated[Path, typer.Option(help="Dataset folder with test/good and test/<defect> (method.md §7).")],
+    model: Annotated[str | None, typer.Option(help="Model version (default: the live one).")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write metrics and counts as JSON here.")] = None,
+    report: Annotated[Path | None, typer.Option(help="Folder for the HTML report (index.html + PNGs).")] = None,
+    device: Annotated[str | None, typer.Option(help="torch device (default: cuda if visible, else cpu).")] = None,
+) -> None:
+    """Evaluate a model version on a folder's test images: image/pixel AUROC, pixel AP, AUPRO; optional report."""
+    dataset = _load_folder(data, "test")
+    settings = _settings()
+    if settings.s3_endpoint is None:
+        _fail("S3_ENDPOINT not set and no embedded stack is up: run `anomap stack up` first")
+    from cluster.connections import object_store
+    from trainer.evaluation import evaluate
+    from trainer.registry import ModelNotFound, ModelRegistry
+    from trainer.scoring import PatchModel
+
+    registry = ModelRegistry(object_store(settings), settings.model_name)
+    try:
+        version = model or registry.live_version()
+        card, weights = registry.load(version)
+    except ModelNotFound as exc:
+        _fail(str(exc))
+        raise  # unreachable
+    try:
+        patch_model = PatchModel.from_safetensors(card, weights, device=device)
+    except (ValueError, RuntimeError) as exc:
+        _fail(f"cannot load model {settings.model_name}/{version}: {exc}")
+        raise  # unreachable
+    console.log(f"evaluating {settings.model_name}/{version} on {len(dataset.test_images)} test images")
+    result = evaluate(patch_model, dataset, progress=console.log)
+    summary = {
+        "model": {"name": card.name, "version": card.version},
+        "data": {"root": str(data), "data_digest": dataset.data_digest, "skipped": dataset.warnings},
+        **result.to_json(),
+    }
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(summary, indent=2) + "\n")
+    if report is not None:
+        from cluster.eval_report import write_eval_report
+
+        console.log(f"report: {write_eval_report(report, result, dataset, card)}")
+    console.print_json(json.dumps(summary))
 
 
 @app.command()
@@ -221,7 +324,7 @@ def publish(
             entry = publish_job(client, names, job.model_copy(update={"image_ref": ref}))
         else:
             entry = publish_job(client, names, job, image=data)
-        console.print(f"{job.job_id}\t{file}\t{entry}")
+        print(f"{job.job_id}\t{file}\t{entry}", flush=True)
 
 
 @app.command()
@@ -248,9 +351,10 @@ def results(
             print(result.model_dump_json(), flush=True)
         else:
             verdict = "ANOMALOUS" if result.is_anomalous else "ok"
-            console.print(
-                f"{result.job_id}\t{verdict}\tscore={result.image_score:.2f}\t"
-                f"regions={len(result.regions)}\t{result.model_version}\t{result.map_ref}"
+            print(
+                f"{result.job_id}\t{verdict}\tscore={result.image_score:.2f}\tregions={len(result.regions)}\t"
+                f"{result.model_version}\t{result.map_ref}",
+                flush=True,
             )
 
 

@@ -302,7 +302,9 @@ def start_ray_head(
                 marker=f"--temp-dir={temp_dir}",
                 endpoint=f"{HOST}:{gcs}",
                 ports=ports,
-                env={**RAY_ENV, "RAY_ADDRESS": None},
+                # On SIGTERM a head drains for RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S (30 s by default) before it
+                # stops; the embedded head is stopped only after its drivers are gone, so 3 s is plenty.
+                env={**RAY_ENV, "RAY_ADDRESS": None, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "3"},
                 cleanup_paths=[temp_dir],
                 ready_check=lambda: tcp_accepts(HOST, gcs) and tcp_accepts(HOST, raylet),
                 die_with_parent=die_with_parent,

@@ -15,7 +15,7 @@ runner = CliRunner()
 def test_help_lists_every_command() -> None:
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("stack", "train", "serve", "publish", "results", "demo"):
+    for command in ("stack", "train", "eval", "serve", "publish", "results", "demo"):
         assert command in result.output
 
 
@@ -31,7 +31,9 @@ def test_stack_help_lists_up_down_status() -> None:
     [
         (["train", "--gamma", "1.5"], "--gamma must be in (0, 1]"),
         (["train", "--contamination", "1.0"], "--contamination must be in [0, 1)"),
-        (["train", "--no-synthetic"], "only --synthetic"),
+        (["train", "--no-synthetic"], "give exactly one of --synthetic or --data DIR"),
+        (["train", "--synthetic", "--data", "."], "give exactly one of --synthetic or --data DIR"),
+        (["train", "--data", "no/such/folder"], "no/such/folder is not a folder; expected ROOT/train/good"),
     ],
 )
 def test_bad_arguments_name_the_problem(args: list[str], message: str) -> None:

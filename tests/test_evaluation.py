@@ -1,0 +1,234 @@
+"""Evaluating a model version on a dataset folder: metrics, curves, the HTML report and `anomap eval`."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cluster.cli import app
+from cluster.eval_report import gallery_cases, write_eval_report
+from schemas import AbnormalPatchSource, ModelCard, Settings
+from trainer.calibration import calibrate
+from trainer.evaluation import EvaluationResult, evaluate, pr_curve, roc_curve
+from trainer.folder_dataset import DatasetPart, FolderDataset, load_dataset
+from trainer.metrics import image_auroc
+from trainer.model_io import weights_to_bytes
+from trainer.networks import build_networks
+from trainer.registry import ModelRegistry, new_version_id
+from trainer.scoring import PatchModel, anomaly_map
+from trainer.store import ObjectStore
+from trainer.synthetic import DefectKind, make_dataset, write_dataset_folder
+
+runner = CliRunner()
+
+
+def _tiny_model(name: str = "metal") -> tuple[ModelCard, dict[str, torch.Tensor]]:
+    """An untrained P = 32 model, calibrated on two clean 64² images."""
+    torch.manual_seed(0)
+    generator, discriminator, encoder = build_networks(patch_size=32, latent_dim=8, base_channels=4)
+    state = {
+        **{f"generator.{k}": v for k, v in generator.state_dict().items()},
+        **{f"discriminator.{k}": v for k, v in discriminator.state_dict().items()},
+        **{f"encoder.{k}": v for k, v in encoder.state_dict().items()},
+    }
+    provisional = {
+        "pixel": 1.0,
+        "image": 1.0,
+        "pixel_quantile": 0.99,
+        "image_quantile": 0.99,
+        "n_calibration_images": 1,
+    }
+    draft = ModelCard(
+        name=name,
+        version=new_version_id(),
+        patch_size=32,
+        stride=16,
+        latent_dim=8,
+        base_channels=4,
+        gamma=1.0,
+        abnormal_patch_source=AbnormalPatchSource.NONE,
+        smoothing_sigma=1.0,
+        data_digest="test",
+        n_train_images=0,
+        n_abnormal_images=0,
+        thresholds=provisional,
+    )
+    model = PatchModel.from_state(draft, state, device="cpu")
+    calibration = make_dataset(size=64, n_train=0, n_abnormal=0, n_calibration=2, n_test_normal=0, n_test_defect=0)
+    thresholds = calibrate([anomaly_map(image, model) for image in calibration.calibration])
+    return draft.model_copy(update={"thresholds": thresholds}), state
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("metal")
+    kinds = (DefectKind.STAIN, DefectKind.CRACK)
+    data = make_dataset(size=64, n_train=2, n_abnormal=0, n_test_normal=3, n_test_defect=4, seed=1, kinds=kinds)
+    write_dataset_folder(data, root)
+    (root / "ground_truth/crack/001_mask.png").unlink()  # one defect image with its mask unknown
+    return root
+
+
+@pytest.fixture(scope="module")
+def evaluated(folder: Path) -> tuple[FolderDataset, ModelCard, EvaluationResult, list[str]]:
+    card, state = _tiny_model()
+    dataset = load_dataset(folder, DatasetPart.TEST)
+    lines: list[str] = []
+    result = evaluate(PatchModel.from_state(card, state, device="cpu"), dataset, progress=lines.append)
+    return dataset, card, result, lines
+
+
+def test_metrics_are_in_unit_interval_and_match_the_scores(
+    evaluated: tuple[FolderDataset, ModelCard, EvaluationResult, list[str]],
+) -> None:
+    _, _, result, lines = evaluated
+    assert set(result.metrics) == {"image_auroc", "pixel_auroc", "pixel_ap", "aupro"}
+    assert all(0.0 <= value <= 1.0 for value in result.metrics.values())
+    assert result.metrics["image_auroc"] == image_auroc(result.image_scores, result.anomalous)
+    assert len(result.maps) == 7 and result.maps[0].shape == (64, 64)
+    assert result.mask_known.tolist() == [True, True, True, True, False, True, True]  # crack/001 unknown
+    assert lines[-1].startswith("evaluated 7/7 images (100 %)")
+    counts = result.to_json()["counts"]
+    assert counts == {
+        "test_images": 7,
+        "good": 3,
+        "defect": 4,
+        "defect_with_mask": 3,
+        "pixel_metric_images": 6,
+        "per_label": {"crack": 2, "good": 3, "stain": 2},
+    }
+    assert sum(result.confusion().values()) == 7
+
+
+def test_metrics_without_both_classes_are_undefined_with_a_reason(folder: Path) -> None:
+    card, state = _tiny_model()
+    dataset = load_dataset(folder, DatasetPart.TEST)
+    good_only = [i for i, label in enumerate(dataset.test_labels) if label == "good"]
+    subset = FolderDataset(
+        root=folder,
+        part=DatasetPart.TEST,
+        test_images=[dataset.test_images[i] for i in good_only],
+        test_masks=[dataset.test_masks[i] for i in good_only],
+        test_labels=[dataset.test_labels[i] for i in good_only],
+        test_files=[dataset.test_files[i] for i in good_only],
+    )
+    result = evaluate(PatchModel.from_state(card, state, device="cpu"), subset)
+    assert result.metrics == {}
+    assert result.undefined["image_auroc"] == "the test set has only good images"
+    assert "no defect pixel" in result.undefined["aupro"]
+    assert result.to_json()["metrics"] == dict.fromkeys(("image_auroc", "pixel_auroc", "pixel_ap", "aupro"))
+
+
+def test_curves_run_from_the_origin_and_match_auroc() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.random(500) < 0.3
+    scores = rng.normal(size=500) + labels
+    roc = roc_curve(scores, labels, points=10_000)
+    assert (roc.x[0], roc.y[0], roc.x[-1], roc.y[-1]) == (0.0, 0.0, 1.0, 1.0)
+    assert np.trapezoid(roc.y, roc.x) == pytest.approx(image_auroc(scores, labels))
+    pr = pr_curve(scores, labels, points=50)
+    assert pr.x[0] == 0.0 and pr.x[-1] == 1.0 and pr.x.size <= 52
+    assert pr.y[-1] == pytest.approx(labels.mean())
+
+
+def test_report_has_curves_histogram_and_gallery(
+    evaluated: tuple[FolderDataset, ModelCard, EvaluationResult, list[str]], tmp_path: Path
+) -> None:
+    dataset, card, result, _ = evaluated
+    page = write_eval_report(tmp_path / "report", result, dataset, card).read_text()
+    assert page.count("<svg") == 3
+    assert page.count('class="curve"') == 4  # image and pixel, ROC and PR
+    assert 'class="threshold"' in page and 'class="bar"' in page
+    cases = gallery_cases(result)
+    assert len(cases) == 7 and len({case.index for case in cases}) == 7  # every image, once
+    for source in re.findall(r'<img src="([^"]+)"', page):
+        assert (tmp_path / "report" / source).is_file()
+    assert "mask unknown" in page  # crack/001.png
+    assert "image AUROC" in page and card.version in page
+
+
+def test_eval_on_an_empty_folder_says_what_is_expected(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["eval", "--model", "v1", "--data", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "is empty" in result.output and "test/" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_eval_on_a_folder_without_test_images_says_so(folder: Path, tmp_path: Path) -> None:
+    root = tmp_path / "only-train"
+    shutil.copytree(folder / "train", root / "train")
+    result = runner.invoke(app, ["eval", "--data", str(root)])
+    assert result.exit_code == 2
+    assert "has no readable test image" in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.fixture
+def s3_env(stack_settings: Settings, object_store: ObjectStore, monkeypatch: pytest.MonkeyPatch) -> ObjectStore:
+    """The environment of a shell pointed at ``object_store``'s bucket."""
+    monkeypatch.setenv("S3_ENDPOINT", str(stack_settings.s3_endpoint))
+    assert stack_settings.s3_access_key is not None and stack_settings.s3_secret_key is not None
+    monkeypatch.setenv("S3_ACCESS_KEY", stack_settings.s3_access_key.get_secret_value())
+    monkeypatch.setenv("S3_SECRET_KEY", stack_settings.s3_secret_key.get_secret_value())
+    monkeypatch.setenv("ANOMAP_BUCKET", object_store.bucket)
+    monkeypatch.setenv("ANOMAP_STATE_DIR", str(stack_settings.state_dir))
+    return object_store
+
+
+def test_eval_of_an_unknown_version_names_it(s3_env: ObjectStore, folder: Path) -> None:
+    result = runner.invoke(app, ["eval", "--model", "v-nope", "--data", str(folder)])
+    assert result.exit_code == 2
+    assert "has no version 'v-nope'" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_eval_writes_json_and_report(s3_env: ObjectStore, folder: Path, tmp_path: Path) -> None:
+    card, state = _tiny_model()
+    ModelRegistry(s3_env, card.name).save(card, weights_to_bytes(state))
+    out = tmp_path / "metrics.json"
+    args = ["eval", "--model", card.version, "--data", str(folder), "--json", str(out), "--report", str(tmp_path)]
+    result = runner.invoke(app, [*args, "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(out.read_text())
+    assert summary["model"]["version"] == card.version
+    assert set(summary["metrics"]) == {"image_auroc", "pixel_auroc", "pixel_ap", "aupro"}
+    assert all(0.0 <= value <= 1.0 for value in summary["metrics"].values())
+    assert summary["counts"]["test_images"] == 7
+    assert (tmp_path / "index.html").is_file()
+
+
+@pytest.mark.ray
+def test_train_on_a_folder_then_eval_the_live_version(
+    s3_env: ObjectStore,
+    stack_settings: Settings,
+    ray_cluster: str,
+    folder: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert stack_settings.redis_url is not None
+    monkeypatch.setenv("REDIS_URL", stack_settings.redis_url.get_secret_value())
+    monkeypatch.setenv("RAY_ADDRESS", ray_cluster)
+    root = tmp_path / "data"
+    shutil.copytree(folder, root)
+    data = make_dataset(size=64, n_train=0, n_abnormal=1, n_calibration=0, n_test_normal=0, n_test_defect=0, seed=5)
+    write_dataset_folder(data, root)  # adds train/abnormal/000.png with its mask
+    trained = runner.invoke(app, ["train", "--data", str(root), "--schedule", "tiny", "--gamma", "0.9"])
+    assert trained.exit_code == 0, trained.output
+    version = ModelRegistry(s3_env, "metal").live_version()
+    card = ModelRegistry(s3_env, "metal").load_card(version)
+    assert card.data_digest == load_dataset(root, DatasetPart.TRAIN).data_digest
+    assert (
+        card.abnormal_patch_source == AbnormalPatchSource.MASK and card.n_train_images == 2
+    )  # calibration/good exists
+    out = tmp_path / "metrics.json"
+    evaluated = runner.invoke(app, ["eval", "--data", str(root), "--json", str(out), "--device", "cpu"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(out.read_text())["model"]["version"] == version
