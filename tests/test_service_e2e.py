@@ -11,27 +11,19 @@ import time
 import uuid
 from collections.abc import Iterator
 
-import numpy as np
 import pytest
 import redis
-import torch
+from helpers import SIZE, register_small_model, small_png
 
 from schemas import (
-    AbnormalPatchSource,
     DeadReason,
     InspectionJob,
     ModelCard,
     Settings,
     StreamNames,
 )
-from trainer.calibration import calibrate
-from trainer.imaging import encode_png
-from trainer.model_io import weights_to_bytes
-from trainer.networks import build_networks
-from trainer.registry import ModelRegistry, new_version_id
-from trainer.scoring import PatchModel, anomaly_map
 from trainer.store import ObjectStore
-from trainer.synthetic import DefectKind, synth_image
+from trainer.synthetic import DefectKind
 from workers.consumer import ConsumerConfig, Outcome, StreamConsumer
 from workers.maps import decode_map
 from workers.publisher import image_key, publish_job, upload_image
@@ -39,43 +31,6 @@ from workers.results import read_dead_letters, read_results
 from workers.serve_app import ServeInspector, deploy
 
 pytestmark = pytest.mark.ray
-SIZE = 128
-
-
-def _register_small_model(store: ObjectStore, name: str) -> ModelCard:
-    torch.manual_seed(0)
-    generator, discriminator, encoder = build_networks(patch_size=32, latent_dim=16, base_channels=8)
-    state = {
-        **{f"generator.{k}": v for k, v in generator.state_dict().items()},
-        **{f"discriminator.{k}": v for k, v in discriminator.state_dict().items()},
-        **{f"encoder.{k}": v for k, v in encoder.state_dict().items()},
-    }
-    draft = ModelCard(
-        name=name,
-        version=new_version_id(),
-        patch_size=32,
-        stride=16,
-        latent_dim=16,
-        base_channels=8,
-        gamma=1.0,
-        abnormal_patch_source=AbnormalPatchSource.NONE,
-        smoothing_sigma=1.0,
-        data_digest="test",
-        n_train_images=0,
-        n_abnormal_images=0,
-        thresholds={
-            "pixel": 1.0,
-            "image": 1.0,
-            "pixel_quantile": 0.99,
-            "image_quantile": 0.99,
-            "n_calibration_images": 1,
-        },
-    )
-    model = PatchModel.from_state(draft, state, device="cpu")
-    maps = [anomaly_map(synth_image(seed, SIZE)[0].astype(np.float32) / 255, model) for seed in range(3)]
-    card = draft.model_copy(update={"thresholds": calibrate(maps)})
-    ModelRegistry(store, name).save(card, weights_to_bytes(state))
-    return card
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +38,7 @@ def service(stack_settings: Settings, ray_cluster: object) -> Iterator[tuple[Set
     settings = stack_settings.model_copy(update={"bucket": f"e2e-{uuid.uuid4().hex[:8]}"})
     store = ObjectStore.from_settings(settings)
     store.ensure_bucket()
-    card = _register_small_model(store, settings.model_name)
+    card = register_small_model(store, settings.model_name)
     deploy(settings, card.version, scorer_replicas=2, chunk_patches=32)
     yield settings, card
     from ray import serve
@@ -111,10 +66,6 @@ def consumer(service: tuple[Settings, ModelCard], redis_client: redis.Redis) -> 
     assert not thread.is_alive()
 
 
-def _png(seed: int, defects: tuple[DefectKind, ...] = ()) -> bytes:
-    return encode_png(synth_image(seed, SIZE, defects)[0])
-
-
 def _wait_for(client: redis.Redis, names: StreamNames, n_results: int, n_dead: int = 0, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -130,7 +81,7 @@ def test_published_job_comes_back_as_result_with_map_in_store(
     settings, card = service
     names = StreamNames(settings.stream_prefix)
     job = InspectionJob(job_id="cam01-000001", camera_id="cam01")
-    publish_job(redis_client, names, job, image=_png(1, (DefectKind.SCRATCH,)))
+    publish_job(redis_client, names, job, image=small_png(1, (DefectKind.SCRATCH,)))
     _wait_for(redis_client, names, 1)
     [(_, result)] = list(read_results(redis_client, names))
     assert result.job_id == job.job_id
@@ -150,8 +101,8 @@ def test_undecodable_image_becomes_dead_letter_and_consumer_keeps_going(
     settings, _ = service
     names = StreamNames(settings.stream_prefix)
     publish_job(redis_client, names, InspectionJob(job_id="cam02-bad"), image=b"this is not an image")
-    publish_job(redis_client, names, InspectionJob(job_id="cam02-truncated"), image=_png(2)[:300])
-    publish_job(redis_client, names, InspectionJob(job_id="cam02-good"), image=_png(3))
+    publish_job(redis_client, names, InspectionJob(job_id="cam02-truncated"), image=small_png(2)[:300])
+    publish_job(redis_client, names, InspectionJob(job_id="cam02-good"), image=small_png(3))
     _wait_for(redis_client, names, n_results=1, n_dead=2)
     dead = {letter.job_id: letter for _, letter in read_dead_letters(redis_client, names)}
     assert dead["cam02-bad"].reason is DeadReason.UNDECODABLE_IMAGE
@@ -167,7 +118,7 @@ def test_job_by_reference_is_scored_and_missing_reference_is_dead_lettered(
     names = StreamNames(settings.stream_prefix)
     store = ObjectStore.from_settings(settings)
     job = InspectionJob(job_id="cam03-ref", camera_id="cam03")
-    ref = upload_image(store, image_key(job), _png(4))
+    ref = upload_image(store, image_key(job), small_png(4))
     publish_job(redis_client, names, job.model_copy(update={"image_ref": ref}))
     missing = InspectionJob(job_id="cam03-missing", image_ref=f"s3://{settings.bucket}/images/nope.png")
     publish_job(redis_client, names, missing)
@@ -187,7 +138,7 @@ def test_redelivered_job_is_not_scored_twice(service: tuple[Settings, ModelCard]
         ConsumerConfig(consumer="redelivery"),
     )
     consumer.ensure_groups()
-    entry = publish_job(redis_client, names, InspectionJob(job_id="cam04-once"), image=_png(5))
+    entry = publish_job(redis_client, names, InspectionJob(job_id="cam04-once"), image=small_png(5))
     [(_, items)] = redis_client.xreadgroup(names.scorer_group, "redelivery", {names.jobs(): ">"}, count=1)
     fields = items[0][1]
     assert consumer.process_entry(names.jobs(), entry, fields, deliveries=1) is Outcome.RESULT
@@ -195,7 +146,7 @@ def test_redelivered_job_is_not_scored_twice(service: tuple[Settings, ModelCard]
     assert consumer.process_entry(names.jobs(), entry, fields, deliveries=2) is Outcome.DUPLICATE
     assert redis_client.xlen(names.results()) == 1
     # the same job id on a different entry is a dead letter, not a silent drop
-    other = publish_job(redis_client, names, InspectionJob(job_id="cam04-once"), image=_png(5))
+    other = publish_job(redis_client, names, InspectionJob(job_id="cam04-once"), image=small_png(5))
     assert consumer.process_entry(names.jobs(), other, fields, deliveries=1) is Outcome.DEAD
     [(_, letter)] = list(read_dead_letters(redis_client, names))
     assert letter.reason is DeadReason.DUPLICATE_JOB

@@ -1,15 +1,23 @@
 """`StreamConsumer`: jobs from Redis Streams → Serve → object store → results stream.
 
-At-least-once delivery, exactly one result per job:
+At-least-once delivery, exactly one answer (result or dead letter) per entry, nothing lost:
 
-1. On start it drains its own pending list (entries it read before a crash), then reads new ones
-   (``XREADGROUP >``) with at most ``max_in_flight`` jobs in flight.
+1. On start it drains its own pending list (entries it read before a crash), a page at a time,
+   then reads new ones (``XREADGROUP >``) with at most ``max_in_flight`` jobs in flight.
 2. Entries idle in any consumer's pending list past ``claim_idle_ms`` are reclaimed
    (``XAUTOCLAIM``); an entry delivered more than ``max_deliveries`` times becomes a dead letter.
+   The consumer refreshes the idle time of the entries it is working on (``XCLAIM … JUSTID``, which
+   does not count a delivery), so a job that waits out an outage is not taken from it.
 3. A bad job (schema, image, missing object) becomes a dead letter with a `DeadReason`.
 4. A good job is scored, its map and overlay are written, and only then one Lua script adds the
-   result, sets the job's done marker and acknowledges the entry. A failure before that leaves the
-   entry pending, to be retried after ``claim_idle_ms``.
+   result, sets the job's done marker and acknowledges the entry.
+5. Servers that are away are waited for in the job's own thread, with capped exponential backoff:
+   the object store up to ``store_retry_s``, Redis up to ``redis_retry_s``, a failing Serve call
+   up to ``score_retry_s``. Only then is the entry left pending (``Outcome.RETRY``), to be
+   reclaimed after ``claim_idle_ms`` (which counts a delivery). The read loop itself backs off
+   while Redis is down, and re-creates the consumer group if the server lost it.
+6. ``run(stop)`` returns after the jobs in flight finish (graceful drain); after
+   ``drain_timeout_s`` their waits are cut short and unfinished entries stay pending.
 
     consumer = StreamConsumer(redis, store, inspector, StreamNames(), ConsumerConfig(consumer="c1"))
     consumer.run(stop_event)
@@ -20,10 +28,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import TypeVar
 
 import numpy as np
 import redis
@@ -35,9 +45,18 @@ from trainer.store import ObjectMissing, ObjectStore
 from workers.inspection import Inspector, ScoredImage
 from workers.maps import encode_map, map_keys
 from workers.overlay import render_overlay
+from workers.retry import Backoff, retry_call
 from workers.stream_scripts import COMMIT_DEAD, COMMIT_RESULT
 
 log = logging.getLogger("anomap.consumer")
+T = TypeVar("T")
+
+REDIS_TRANSIENT: tuple[type[BaseException], ...] = (
+    redis.ConnectionError,  # includes BusyLoadingError: a restarted server still loading its AOF
+    redis.TimeoutError,
+    redis.exceptions.ReadOnlyError,  # talking to a replica during a failover
+)
+"""Redis errors that mean "the server is away for now", not "this request is wrong"."""
 
 
 class Outcome(StrEnum):
@@ -65,6 +84,24 @@ class ConsumerConfig:
     results_maxlen: int = 100_000
     dead_maxlen: int = 100_000
     done_ttl_s: int = 7 * 24 * 3600
+    store_retry_s: float = 120.0
+    """How long one job waits out an unreachable object store before its entry is left pending."""
+    redis_retry_s: float = 120.0
+    """How long one job waits out an unreachable Redis before its entry is left pending."""
+    score_retry_s: float = 30.0
+    """How long one job retries a failing Serve call (a replica died, say) before it is left pending."""
+    backoff_initial_s: float = 0.1
+    backoff_max_s: float = 5.0
+    drain_timeout_s: float = 60.0
+    """After ``stop``: how long jobs in flight may take before their retry waits are cut short."""
+
+    def __post_init__(self) -> None:
+        if self.max_in_flight < 1:
+            msg = f"max_in_flight must be >= 1, got {self.max_in_flight}"
+            raise ValueError(msg)
+        if self.claim_idle_ms < 1:
+            msg = f"claim_idle_ms must be >= 1, got {self.claim_idle_ms}"
+            raise ValueError(msg)
 
 
 @dataclass
@@ -105,8 +142,11 @@ class StreamConsumer:
         self._commit_result = client.register_script(COMMIT_RESULT)
         self._commit_dead = client.register_script(COMMIT_DEAD)
         self._streams = [names.jobs(line) for line in config.lines]
-        self._in_flight: set[str] = set()
+        self._in_flight: dict[str, str] = {}  # entry id -> stream
         self._lock = threading.Lock()
+        self._abort = threading.Event()  # set when a drain runs out of time: retry waits end
+        self._pending_cursor: dict[str, str] = {}
+        self._claim_cursor: dict[str, str] = dict.fromkeys(self._streams, "0-0")
 
     # ---- group management -------------------------------------------------------------------
     def ensure_groups(self) -> None:
@@ -121,18 +161,62 @@ class StreamConsumer:
     def _done_key(self, job_id: str) -> str:
         return f"{self.names.prefix}:done:{job_id}"
 
+    def _settled_key(self, stream: str, entry_id: str) -> str:
+        return f"{self.names.prefix}:settled:{stream}:{entry_id}"
+
+    # ---- retrying ---------------------------------------------------------------------------
+    def _backoff(self) -> Backoff:
+        return Backoff(self.config.backoff_initial_s, self.config.backoff_max_s)
+
+    def _redis_call(self, what: str, op: Callable[[], T]) -> T:
+        return retry_call(
+            op,
+            transient=REDIS_TRANSIENT,
+            limit_s=self.config.redis_retry_s,
+            abort=self._abort,
+            what=what,
+            backoff=self._backoff(),
+        )
+
+    def _store_call(self, what: str, op: Callable[[], T]) -> T:
+        return retry_call(
+            op,
+            transient=(Exception,),  # connection refused, timeouts, 5xx: anything but a missing object
+            permanent=(ObjectMissing,),
+            limit_s=self.config.store_retry_s,
+            abort=self._abort,
+            what=what,
+            backoff=self._backoff(),
+        )
+
     # ---- reading ----------------------------------------------------------------------------
-    def _own_pending(self) -> list[Entry]:
+    def _entries(self, stream: str, items: list[tuple[bytes, dict[bytes, bytes]]], fresh: bool) -> list[Entry]:
         entries: list[Entry] = []
-        for stream in self._streams:
-            reply = self.redis.xreadgroup(self.names.scorer_group, self.config.consumer, {stream: "0"}, count=1000)
-            for _, items in reply or []:
-                for entry_id, fields in items:
-                    eid = entry_id.decode()
-                    if fields:
-                        entries.append((stream, eid, fields, self._deliveries(stream, eid)))
-                    else:  # trimmed away while pending: nothing left to score
-                        self.redis.xack(stream, self.names.scorer_group, eid)
+        for entry_id, fields in items:
+            eid = entry_id.decode()
+            if eid in self._in_flight:
+                continue
+            if fields:
+                entries.append((stream, eid, fields, 1 if fresh else self._deliveries(stream, eid)))
+            else:  # trimmed away while pending: nothing left to score
+                self.redis.xack(stream, self.names.scorer_group, eid)
+        return entries
+
+    def _own_pending(self, limit: int) -> list[Entry]:
+        """The next page of entries this consumer read before (a crash), oldest first."""
+        entries: list[Entry] = []
+        for stream in list(self._pending_cursor):
+            reply = self.redis.xreadgroup(
+                self.names.scorer_group, self.config.consumer, {stream: self._pending_cursor[stream]}, count=limit
+            )
+            items = reply[0][1] if reply else []
+            if not items:
+                del self._pending_cursor[stream]
+                continue
+            self._pending_cursor[stream] = items[-1][0].decode()
+            entries.extend(self._entries(stream, items, fresh=False))
+            if len(entries) >= limit:
+                break
         return entries
 
     def _deliveries(self, stream: str, entry_id: str) -> int:
@@ -147,16 +231,12 @@ class StreamConsumer:
                 self.names.scorer_group,
                 self.config.consumer,
                 min_idle_time=self.config.claim_idle_ms,
-                start_id="0-0",
+                start_id=self._claim_cursor[stream],
                 count=limit,
             )
-            claimed = reply[1] if len(reply) > 1 else []
-            for entry_id, fields in claimed:
-                eid = entry_id.decode()
-                if eid in self._in_flight:
-                    continue
-                if fields:
-                    entries.append((stream, eid, fields, self._deliveries(stream, eid)))
+            cursor = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+            self._claim_cursor[stream] = cursor  # "0-0" once the whole pending list was scanned
+            entries.extend(self._entries(stream, reply[1] if len(reply) > 1 else [], fresh=False))
             for eid in reply[2] if len(reply) > 2 else []:  # deleted while pending
                 self.redis.xack(stream, self.names.scorer_group, eid)
         return entries
@@ -172,8 +252,20 @@ class StreamConsumer:
         entries: list[Entry] = []
         for stream, items in reply or []:
             name = stream.decode() if isinstance(stream, bytes) else stream
-            entries.extend((name, entry_id.decode(), fields, 1) for entry_id, fields in items)
+            entries.extend(self._entries(name, items, fresh=True))
         return entries
+
+    def _keep_claimed(self) -> None:
+        """Reset the idle time of the entries in flight, so no other consumer reclaims them.
+
+        ``XCLAIM … JUSTID`` does not count a delivery.
+        """
+        with self._lock:
+            by_stream: dict[str, list[str]] = {}
+            for entry_id, stream in self._in_flight.items():
+                by_stream.setdefault(stream, []).append(entry_id)
+        for stream, ids in by_stream.items():
+            self.redis.xclaim(stream, self.names.scorer_group, self.config.consumer, 0, ids, justid=True)
 
     # ---- processing -------------------------------------------------------------------------
     def _dead(
@@ -195,11 +287,22 @@ class StreamConsumer:
             detail=detail[:2000],
             delivery_count=max(deliveries, 1),
         )
-        self._commit_dead(
-            keys=[self.names.dead, stream],
-            args=[entry_id, self.names.scorer_group, self.config.dead_maxlen, letter.model_dump_json()],
+        written = self._redis_call(
+            f"dead-lettering entry {entry_id}",
+            lambda: self._commit_dead(
+                keys=[self.names.dead, stream, self._settled_key(stream, entry_id)],
+                args=[
+                    entry_id,
+                    self.names.scorer_group,
+                    self.config.dead_maxlen,
+                    letter.model_dump_json(),
+                    self.config.done_ttl_s,
+                ],
+            ),
         )
-        log.warning("job %s (entry %s) → dead letter: %s: %s", job_id, entry_id, reason.value, detail[:200])
+        if written != 1:  # another consumer answered this entry first
+            return Outcome.DUPLICATE
+        log.warning("job %r (entry %s) → dead letter: %s: %s", job_id, entry_id, reason.value, detail[:200])
         return Outcome.DEAD
 
     def _fetch_image(self, job: InspectionJob, inline: bytes | None) -> bytes:
@@ -208,9 +311,21 @@ class StreamConsumer:
         assert job.image_ref is not None  # decode_job_entry guarantees one of them
         bucket, key = job.image_ref.removeprefix("s3://").split("/", 1)
         try:
-            return self.store.get_bytes(key, bucket=bucket)
+            return self._store_call(
+                f"job {job.job_id}: reading {job.image_ref}", lambda: self.store.get_bytes(key, bucket)
+            )
         except ObjectMissing as exc:
             raise JobRejected(DeadReason.MISSING_OBJECT, f"{job.image_ref} does not exist", job.job_id) from exc
+
+    def _score(self, job: InspectionJob, image: np.ndarray) -> ScoredImage:
+        return retry_call(
+            lambda: self.inspector(image, job.pixel_threshold),
+            transient=(Exception,),  # a replica died, a timeout: Serve brings replicas back
+            limit_s=self.config.score_retry_s,
+            abort=self._abort,
+            what=f"job {job.job_id}: scoring",
+            backoff=self._backoff(),
+        )
 
     def process_entry(self, stream: str, entry_id: str, fields: dict[bytes, bytes], deliveries: int) -> Outcome:
         """Handle one delivered entry to its end: a result, a dead letter, or left for retry."""
@@ -218,10 +333,12 @@ class StreamConsumer:
             job, inline = decode_job_entry(fields)
         except JobRejected as exc:
             return self._dead(stream, entry_id, deliveries, exc.reason, exc.detail, exc.job_id)
-        done = self.redis.get(self._done_key(job.job_id))
+        done = self._redis_call(f"job {job.job_id}: done check", lambda: self.redis.get(self._done_key(job.job_id)))
         if done is not None:
             if done.decode() == entry_id:
-                self.redis.xack(stream, self.names.scorer_group, entry_id)
+                self._redis_call(
+                    f"job {job.job_id}: ack", lambda: self.redis.xack(stream, self.names.scorer_group, entry_id)
+                )
                 return Outcome.DUPLICATE
             return self._dead(
                 stream,
@@ -245,21 +362,22 @@ class StreamConsumer:
         started = time.perf_counter()
         try:
             image = decode_image(self._fetch_image(job, inline))
-        except JobRejected as exc:
+        except (JobRejected, ImageRejected) as exc:
             return self._dead(stream, entry_id, deliveries, exc.reason, exc.detail, job.job_id, job.line)
-        except ImageRejected as exc:
-            return self._dead(stream, entry_id, deliveries, exc.reason, exc.detail, job.job_id, job.line)
+        except Exception as exc:  # the store stayed away past store_retry_s
+            log.warning("job %s: reading its image failed, left pending: %r", job.job_id, exc)
+            return Outcome.RETRY
         decoded = time.perf_counter()
         try:
-            scored = self.inspector(image, job.pixel_threshold)
-        except Exception as exc:  # Serve replica died, timeout…: leave pending, retry later
-            log.warning("job %s: scoring failed (delivery %d), will retry: %r", job.job_id, deliveries, exc)
+            scored = self._score(job, image)
+        except Exception as exc:  # Serve stayed broken past score_retry_s: leave pending, retry later
+            log.warning("job %s: scoring failed (delivery %d), left pending: %r", job.job_id, deliveries, exc)
             return Outcome.RETRY
         scored_at = time.perf_counter()
         try:
             map_ref, overlay_ref = self._store_map(job, image, scored)
-        except Exception as exc:  # object store down: leave pending, retry later
-            log.warning("job %s: storing the map failed, will retry: %r", job.job_id, exc)
+        except Exception as exc:  # the store stayed away past store_retry_s
+            log.warning("job %s: storing the map failed, left pending: %r", job.job_id, exc)
             return Outcome.RETRY
         stored = time.perf_counter()
         result = self._result(
@@ -273,23 +391,34 @@ class StreamConsumer:
                 "store": (stored - scored_at) * 1e3,
             },
         )
-        written = self._commit_result(
-            keys=[self._done_key(job.job_id), self.names.results(job.line), stream],
-            args=[
-                entry_id,
-                self.names.scorer_group,
-                self.config.done_ttl_s,
-                self.config.results_maxlen,
-                result.model_dump_json(),
-            ],
+        written = self._redis_call(
+            f"job {job.job_id}: committing the result",
+            lambda: self._commit_result(
+                keys=[
+                    self._done_key(job.job_id),
+                    self.names.results(job.line),
+                    stream,
+                    self._settled_key(stream, entry_id),
+                ],
+                args=[
+                    entry_id,
+                    self.names.scorer_group,
+                    self.config.done_ttl_s,
+                    self.config.results_maxlen,
+                    result.model_dump_json(),
+                ],
+            ),
         )
         return Outcome.RESULT if written == 1 else Outcome.DUPLICATE
 
     def _store_map(self, job: InspectionJob, image: np.ndarray, scored: ScoredImage) -> tuple[str, str]:
         npz_key, png_key = map_keys(job)
-        self.store.put_bytes(npz_key, encode_map(scored.anomaly_map))
-        overlay = render_overlay(image, scored.anomaly_map, scored.pixel_threshold)
-        self.store.put_bytes(png_key, encode_png(overlay), "image/png")
+        npz = encode_map(scored.anomaly_map)
+        png = encode_png(render_overlay(image, scored.anomaly_map, scored.pixel_threshold))
+        self._store_call(f"job {job.job_id}: writing {npz_key}", lambda: self.store.put_bytes(npz_key, npz))
+        self._store_call(
+            f"job {job.job_id}: writing {png_key}", lambda: self.store.put_bytes(png_key, png, "image/png")
+        )
         return self.store.ref(npz_key), self.store.ref(png_key)
 
     @staticmethod
@@ -326,56 +455,84 @@ class StreamConsumer:
         stream, entry_id, fields, deliveries = entry
         try:
             return self.process_entry(stream, entry_id, fields, deliveries)
-        except redis.RedisError as exc:
-            log.warning("entry %s: redis error, will retry: %r", entry_id, exc)
+        except redis.RedisError as exc:  # Redis stayed away past redis_retry_s
+            log.warning("entry %s: redis error, left pending: %r", entry_id, exc)
             return Outcome.RETRY
         except Exception:  # a bug must not stop the consumer; the entry is retried, then dead-lettered
-            log.exception("entry %s: unexpected error, will retry", entry_id)
+            log.exception("entry %s: unexpected error, left pending", entry_id)
             return Outcome.RETRY
         finally:
             with self._lock:
-                self._in_flight.discard(entry_id)
+                self._in_flight.pop(entry_id, None)
+
+    def _next_entries(self, capacity: int, busy: bool, last_claim: float) -> tuple[list[Entry], float]:
+        """Up to ``capacity`` entries: own pending first, then reclaimed ones when due, then new ones."""
+        entries: list[Entry] = []
+        if self._pending_cursor:
+            entries = self._own_pending(capacity)
+        if not entries and time.monotonic() - last_claim > self.config.claim_every_s:
+            last_claim = time.monotonic()
+            entries = self._claim(capacity)
+        if not entries and not self._pending_cursor:
+            entries = self._read_new(capacity, 20 if busy else self.config.block_ms)
+        return entries, last_claim
+
+    def _drain(self, futures: set[Future[Outcome]]) -> None:
+        if futures:
+            log.info("consumer %s: draining %d job(s) in flight", self.config.consumer, len(futures))
+            _, late = wait(futures, timeout=self.config.drain_timeout_s)
+            if late:
+                log.warning(
+                    "consumer %s: %d job(s) still in flight after drain; cutting retries short",
+                    self.config.consumer,
+                    len(late),
+                )
+                self._abort.set()
+        for future in futures:
+            self.stats.add(future.result())
 
     def run(self, stop: threading.Event) -> ConsumerStats:
-        """Consume until ``stop`` is set, then finish the jobs in flight (graceful drain)."""
-        self.ensure_groups()
-        backlog = self._own_pending()
+        """Consume until ``stop`` is set, then finish the jobs in flight (graceful drain).
+
+        Survives Redis going away: reads back off (capped exponential) until it returns, and the
+        consumer group is created again if the server came back without it.
+        """
+        self._abort.clear()
+        self._pending_cursor = dict.fromkeys(self._streams, "0")
+        backoff = self._backoff()
+        need_groups = True
         last_claim = 0.0
-        backoff = 0.1
+        last_keep = time.monotonic()
+        keep_every_s = max(self.config.claim_idle_ms / 3000, 0.05)
         futures: set[Future[Outcome]] = set()
         with ThreadPoolExecutor(self.config.max_in_flight, thread_name_prefix=self.config.consumer) as pool:
             while not stop.is_set():
+                capacity = self.config.max_in_flight - len(futures)
+                entries: list[Entry] = []
                 try:
-                    capacity = self.config.max_in_flight - len(futures)
-                    entries: list[Entry] = []
+                    if need_groups:
+                        self.ensure_groups()
+                        need_groups = False
+                    if futures and time.monotonic() - last_keep > keep_every_s:
+                        self._keep_claimed()
+                        last_keep = time.monotonic()
                     if capacity > 0:
-                        if backlog:
-                            entries, backlog = backlog[:capacity], backlog[capacity:]
-                        elif time.monotonic() - last_claim > self.config.claim_every_s:
-                            last_claim = time.monotonic()
-                            entries = self._claim(capacity)
-                        if not entries:
-                            block = 20 if futures else self.config.block_ms
-                            entries = self._read_new(capacity, block)
-                    backoff = 0.1
+                        entries, last_claim = self._next_entries(capacity, bool(futures), last_claim)
+                    backoff.reset()
                 except redis.RedisError as exc:
-                    log.warning(
-                        "consumer %s: redis unavailable (%r); retrying in %.1fs", self.config.consumer, exc, backoff
-                    )
-                    stop.wait(backoff)
-                    backoff = min(backoff * 2, 5.0)
-                    continue
-                for entry in entries:
+                    need_groups = need_groups or "NOGROUP" in str(exc) or isinstance(exc, REDIS_TRANSIENT)
+                    delay = backoff.next_delay()
+                    log.warning("consumer %s: redis error (%r); retrying in %.1fs", self.config.consumer, exc, delay)
+                    stop.wait(delay)
+                if entries:
                     with self._lock:
-                        self._in_flight.add(entry[1])
-                    futures.add(pool.submit(self._run_one, entry))
+                        self._in_flight.update((entry[1], entry[0]) for entry in entries)
+                    futures.update(pool.submit(self._run_one, entry) for entry in entries)
                 if futures:
-                    done, futures_left = wait(
-                        futures, timeout=0.05 if entries or capacity > 0 else 1.0, return_when=FIRST_COMPLETED
-                    )
+                    timeout = 0.05 if entries or capacity > 0 else min(1.0, keep_every_s)
+                    done, futures_left = wait(futures, timeout=timeout, return_when=FIRST_COMPLETED)
                     futures = set(futures_left)
                     for future in done:
                         self.stats.add(future.result())
-            for future in futures:
-                self.stats.add(future.result())
+            self._drain(futures)
         return self.stats
