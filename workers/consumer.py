@@ -31,20 +31,21 @@ import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from enum import StrEnum
 from typing import TypeVar
 
 import numpy as np
 import redis
 
-from schemas import DeadLetter, DeadReason, InspectionJob, InspectionResult, JobRejected, StreamNames
+from schemas import DeadLetter, DeadReason, InspectionJob, JobRejected, StreamNames
 from schemas.stream import decode_job_entry
 from trainer.imaging import ImageRejected, decode_image, encode_png
 from trainer.store import ObjectMissing, ObjectStore
+from workers.group_reader import Entry, GroupReader
 from workers.inspection import Inspector, ScoredImage
 from workers.maps import encode_map, map_keys
 from workers.overlay import render_overlay
+from workers.results import build_result
 from workers.retry import Backoff, retry_call
 from workers.stream_scripts import COMMIT_DEAD, COMMIT_RESULT
 
@@ -115,13 +116,6 @@ class ConsumerStats:
         self.outcomes[outcome] += 1
 
 
-Entry = tuple[str, str, dict[bytes, bytes], int]  # (stream, entry id, fields, delivery count)
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
 class StreamConsumer:
     """One member of the ``scorers`` consumer group, reading one or more lines' job streams."""
 
@@ -145,18 +139,11 @@ class StreamConsumer:
         self._in_flight: dict[str, str] = {}  # entry id -> stream
         self._lock = threading.Lock()
         self._abort = threading.Event()  # set when a drain runs out of time: retry waits end
-        self._pending_cursor: dict[str, str] = {}
-        self._claim_cursor: dict[str, str] = dict.fromkeys(self._streams, "0-0")
+        self.reader = GroupReader(client, names, config.consumer, self._streams, config.claim_idle_ms)
 
-    # ---- group management -------------------------------------------------------------------
     def ensure_groups(self) -> None:
         """Create the consumer group on every job stream (and the stream) if missing."""
-        for stream in self._streams:
-            try:
-                self.redis.xgroup_create(stream, self.names.scorer_group, id="0", mkstream=True)
-            except redis.ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+        self.reader.ensure_groups()
 
     def _done_key(self, job_id: str) -> str:
         return f"{self.names.prefix}:done:{job_id}"
@@ -188,84 +175,6 @@ class StreamConsumer:
             what=what,
             backoff=self._backoff(),
         )
-
-    # ---- reading ----------------------------------------------------------------------------
-    def _entries(self, stream: str, items: list[tuple[bytes, dict[bytes, bytes]]], fresh: bool) -> list[Entry]:
-        entries: list[Entry] = []
-        for entry_id, fields in items:
-            eid = entry_id.decode()
-            if eid in self._in_flight:
-                continue
-            if fields:
-                entries.append((stream, eid, fields, 1 if fresh else self._deliveries(stream, eid)))
-            else:  # trimmed away while pending: nothing left to score
-                self.redis.xack(stream, self.names.scorer_group, eid)
-        return entries
-
-    def _own_pending(self, limit: int) -> list[Entry]:
-        """The next page of entries this consumer read before (a crash), oldest first."""
-        entries: list[Entry] = []
-        for stream in list(self._pending_cursor):
-            reply = self.redis.xreadgroup(
-                self.names.scorer_group, self.config.consumer, {stream: self._pending_cursor[stream]}, count=limit
-            )
-            items = reply[0][1] if reply else []
-            if not items:
-                del self._pending_cursor[stream]
-                continue
-            self._pending_cursor[stream] = items[-1][0].decode()
-            entries.extend(self._entries(stream, items, fresh=False))
-            if len(entries) >= limit:
-                break
-        return entries
-
-    def _deliveries(self, stream: str, entry_id: str) -> int:
-        info = self.redis.xpending_range(stream, self.names.scorer_group, min=entry_id, max=entry_id, count=1)
-        return int(info[0]["times_delivered"]) if info else 1
-
-    def _claim(self, limit: int) -> list[Entry]:
-        entries: list[Entry] = []
-        for stream in self._streams:
-            reply = self.redis.xautoclaim(
-                stream,
-                self.names.scorer_group,
-                self.config.consumer,
-                min_idle_time=self.config.claim_idle_ms,
-                start_id=self._claim_cursor[stream],
-                count=limit,
-            )
-            cursor = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
-            self._claim_cursor[stream] = cursor  # "0-0" once the whole pending list was scanned
-            entries.extend(self._entries(stream, reply[1] if len(reply) > 1 else [], fresh=False))
-            for eid in reply[2] if len(reply) > 2 else []:  # deleted while pending
-                self.redis.xack(stream, self.names.scorer_group, eid)
-        return entries
-
-    def _read_new(self, limit: int, block_ms: int) -> list[Entry]:
-        reply = self.redis.xreadgroup(
-            self.names.scorer_group,
-            self.config.consumer,
-            dict.fromkeys(self._streams, ">"),
-            count=limit,
-            block=block_ms,
-        )
-        entries: list[Entry] = []
-        for stream, items in reply or []:
-            name = stream.decode() if isinstance(stream, bytes) else stream
-            entries.extend(self._entries(name, items, fresh=True))
-        return entries
-
-    def _keep_claimed(self) -> None:
-        """Reset the idle time of the entries in flight, so no other consumer reclaims them.
-
-        ``XCLAIM … JUSTID`` does not count a delivery.
-        """
-        with self._lock:
-            by_stream: dict[str, list[str]] = {}
-            for entry_id, stream in self._in_flight.items():
-                by_stream.setdefault(stream, []).append(entry_id)
-        for stream, ids in by_stream.items():
-            self.redis.xclaim(stream, self.names.scorer_group, self.config.consumer, 0, ids, justid=True)
 
     # ---- processing -------------------------------------------------------------------------
     def _dead(
@@ -380,7 +289,7 @@ class StreamConsumer:
             log.warning("job %s: storing the map failed, left pending: %r", job.job_id, exc)
             return Outcome.RETRY
         stored = time.perf_counter()
-        result = self._result(
+        result = build_result(
             job,
             scored,
             map_ref,
@@ -421,35 +330,6 @@ class StreamConsumer:
         )
         return self.store.ref(npz_key), self.store.ref(png_key)
 
-    @staticmethod
-    def _result(
-        job: InspectionJob, scored: ScoredImage, map_ref: str, overlay_ref: str, stage_ms: dict[str, float]
-    ) -> InspectionResult:
-        summary = scored.summary
-        now = _now()
-        return InspectionResult(
-            job_id=job.job_id,
-            camera_id=job.camera_id,
-            line=job.line,
-            model_version=scored.model_version,
-            width=scored.anomaly_map.shape[1],
-            height=scored.anomaly_map.shape[0],
-            image_score=summary.image_score,
-            raw_image_score=summary.raw_image_score,
-            is_anomalous=summary.is_anomalous,
-            pixel_threshold=scored.pixel_threshold,
-            image_threshold=scored.image_threshold,
-            regions=summary.regions,
-            regions_truncated=summary.regions_truncated,
-            map_ref=map_ref,
-            overlay_ref=overlay_ref,
-            captured_at=job.captured_at,
-            published_at=job.published_at,
-            scored_at=now,
-            latency_ms=max((now - job.published_at).total_seconds() * 1e3, 0.0),
-            stage_ms=stage_ms,
-        )
-
     # ---- the loop ---------------------------------------------------------------------------
     def _run_one(self, entry: Entry) -> Outcome:
         stream, entry_id, fields, deliveries = entry
@@ -468,13 +348,15 @@ class StreamConsumer:
     def _next_entries(self, capacity: int, busy: bool, last_claim: float) -> tuple[list[Entry], float]:
         """Up to ``capacity`` entries: own pending first, then reclaimed ones when due, then new ones."""
         entries: list[Entry] = []
-        if self._pending_cursor:
-            entries = self._own_pending(capacity)
+        with self._lock:
+            skip = set(self._in_flight)
+        if self.reader.has_backlog:
+            entries = self.reader.own_pending(capacity, skip)
         if not entries and time.monotonic() - last_claim > self.config.claim_every_s:
             last_claim = time.monotonic()
-            entries = self._claim(capacity)
-        if not entries and not self._pending_cursor:
-            entries = self._read_new(capacity, 20 if busy else self.config.block_ms)
+            entries = self.reader.claim(capacity, skip)
+        if not entries and not self.reader.has_backlog:
+            entries = self.reader.read_new(capacity, 20 if busy else self.config.block_ms, skip)
         return entries, last_claim
 
     def _drain(self, futures: set[Future[Outcome]]) -> None:
@@ -498,7 +380,7 @@ class StreamConsumer:
         consumer group is created again if the server came back without it.
         """
         self._abort.clear()
-        self._pending_cursor = dict.fromkeys(self._streams, "0")
+        self.reader.start()
         backoff = self._backoff()
         need_groups = True
         last_claim = 0.0
@@ -514,7 +396,9 @@ class StreamConsumer:
                         self.ensure_groups()
                         need_groups = False
                     if futures and time.monotonic() - last_keep > keep_every_s:
-                        self._keep_claimed()
+                        with self._lock:
+                            in_flight = dict(self._in_flight)
+                        self.reader.keep_claimed(in_flight)
                         last_keep = time.monotonic()
                     if capacity > 0:
                         entries, last_claim = self._next_entries(capacity, bool(futures), last_claim)

@@ -1,4 +1,4 @@
-"""Reading what the consumers wrote: results and dead letters.
+"""Results: building one from a scored job, and reading what the consumers wrote.
 
 for entry_id, result in read_results(client, names, line="default", start="-"):
     print(result.job_id, result.image_score)
@@ -7,10 +7,42 @@ for entry_id, result in read_results(client, names, line="default", start="-"):
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import redis
 
-from schemas import DeadLetter, InspectionResult, StreamNames
+from schemas import DeadLetter, InspectionJob, InspectionResult, StreamNames
+from workers.inspection import ScoredImage
+
+
+def build_result(
+    job: InspectionJob, scored: ScoredImage, map_ref: str, overlay_ref: str, stage_ms: dict[str, float]
+) -> InspectionResult:
+    """The `InspectionResult` of a scored job whose map and overlay are stored at the given refs."""
+    summary = scored.summary
+    now = datetime.now(UTC)
+    return InspectionResult(
+        job_id=job.job_id,
+        camera_id=job.camera_id,
+        line=job.line,
+        model_version=scored.model_version,
+        width=scored.anomaly_map.shape[1],
+        height=scored.anomaly_map.shape[0],
+        image_score=summary.image_score,
+        raw_image_score=summary.raw_image_score,
+        is_anomalous=summary.is_anomalous,
+        pixel_threshold=scored.pixel_threshold,
+        image_threshold=scored.image_threshold,
+        regions=summary.regions,
+        regions_truncated=summary.regions_truncated,
+        map_ref=map_ref,
+        overlay_ref=overlay_ref,
+        captured_at=job.captured_at,
+        published_at=job.published_at,
+        scored_at=now,
+        latency_ms=max((now - job.published_at).total_seconds() * 1e3, 0.0),
+        stage_ms=stage_ms,
+    )
 
 
 def read_results(

@@ -1,0 +1,130 @@
+"""`GroupReader`: how one consumer takes entries from its consumer group's job streams.
+
+Three sources, in the order a consumer should use them:
+
+    reader.start()                         # forget cursors: own pending list from the beginning
+    reader.own_pending(limit, skip)        # entries this consumer read before (a crash), oldest first
+    reader.claim(limit, skip)              # entries idle past claim_idle_ms anywhere (XAUTOCLAIM)
+    reader.read_new(limit, block_ms, skip) # never-delivered entries (XREADGROUP >)
+
+Each returns ``(stream, entry id, fields, delivery count)`` tuples and skips ids in ``skip`` (the
+entries in flight). Entries trimmed away while pending are acknowledged: nothing is left to score.
+`keep_claimed` resets the idle time of entries in flight (``XCLAIM … JUSTID``, no delivery
+counted) so that no other consumer reclaims them while they wait out an outage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container, Mapping
+
+import redis
+
+from schemas import StreamNames
+
+Entry = tuple[str, str, dict[bytes, bytes], int]  # (stream, entry id, fields, delivery count)
+
+
+class GroupReader:
+    """One consumer's view of the ``scorers`` group on a set of job streams."""
+
+    def __init__(
+        self, client: redis.Redis, names: StreamNames, consumer: str, streams: list[str], claim_idle_ms: int
+    ) -> None:
+        self.redis = client
+        self.group = names.scorer_group
+        self.consumer = consumer
+        self.streams = streams
+        self.claim_idle_ms = claim_idle_ms
+        self._pending_cursor: dict[str, str] = {}
+        self._claim_cursor: dict[str, str] = dict.fromkeys(streams, "0-0")
+
+    def ensure_groups(self) -> None:
+        """Create the consumer group on every job stream (and the stream) if missing."""
+        for stream in self.streams:
+            try:
+                self.redis.xgroup_create(stream, self.group, id="0", mkstream=True)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    def start(self) -> None:
+        """Read the own pending list again from its beginning (at every (re)start)."""
+        self._pending_cursor = dict.fromkeys(self.streams, "0")
+
+    @property
+    def has_backlog(self) -> bool:
+        """Whether the own pending list has not been read to its end yet."""
+        return bool(self._pending_cursor)
+
+    def _entries(
+        self, stream: str, items: list[tuple[bytes, dict[bytes, bytes]]], fresh: bool, skip: Container[str]
+    ) -> list[Entry]:
+        entries: list[Entry] = []
+        for entry_id, fields in items:
+            eid = entry_id.decode()
+            if eid in skip:
+                continue
+            if fields:
+                entries.append((stream, eid, fields, 1 if fresh else self.deliveries(stream, eid)))
+            else:  # trimmed away while pending: nothing left to score
+                self.redis.xack(stream, self.group, eid)
+        return entries
+
+    def own_pending(self, limit: int, skip: Container[str]) -> list[Entry]:
+        """The next page of entries this consumer read before (a crash), oldest first."""
+        entries: list[Entry] = []
+        for stream in list(self._pending_cursor):
+            cursor = {stream: self._pending_cursor[stream]}
+            reply = self.redis.xreadgroup(self.group, self.consumer, cursor, count=limit)
+            items = reply[0][1] if reply else []
+            if not items:
+                del self._pending_cursor[stream]
+                continue
+            self._pending_cursor[stream] = items[-1][0].decode()
+            entries.extend(self._entries(stream, items, fresh=False, skip=skip))
+            if len(entries) >= limit:
+                break
+        return entries
+
+    def deliveries(self, stream: str, entry_id: str) -> int:
+        """How often the entry was delivered (1 if it is not pending)."""
+        info = self.redis.xpending_range(stream, self.group, min=entry_id, max=entry_id, count=1)
+        return int(info[0]["times_delivered"]) if info else 1
+
+    def claim(self, limit: int, skip: Container[str]) -> list[Entry]:
+        """Entries idle past ``claim_idle_ms`` in any consumer's pending list (a dead consumer's)."""
+        entries: list[Entry] = []
+        for stream in self.streams:
+            reply = self.redis.xautoclaim(
+                stream,
+                self.group,
+                self.consumer,
+                min_idle_time=self.claim_idle_ms,
+                start_id=self._claim_cursor[stream],
+                count=limit,
+            )
+            cursor = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+            self._claim_cursor[stream] = cursor  # "0-0" once the whole pending list was scanned
+            entries.extend(self._entries(stream, reply[1] if len(reply) > 1 else [], fresh=False, skip=skip))
+            for eid in reply[2] if len(reply) > 2 else []:  # deleted while pending
+                self.redis.xack(stream, self.group, eid)
+        return entries
+
+    def read_new(self, limit: int, block_ms: int, skip: Container[str]) -> list[Entry]:
+        """Entries never delivered to anyone, waiting up to ``block_ms`` for some."""
+        reply = self.redis.xreadgroup(
+            self.group, self.consumer, dict.fromkeys(self.streams, ">"), count=limit, block=block_ms
+        )
+        entries: list[Entry] = []
+        for stream, items in reply or []:
+            name = stream.decode() if isinstance(stream, bytes) else stream
+            entries.extend(self._entries(name, items, fresh=True, skip=skip))
+        return entries
+
+    def keep_claimed(self, in_flight: Mapping[str, str]) -> None:
+        """Reset the idle time of the entries in flight (``{entry id: stream}``)."""
+        by_stream: dict[str, list[str]] = {}
+        for entry_id, stream in in_flight.items():
+            by_stream.setdefault(stream, []).append(entry_id)
+        for stream, ids in by_stream.items():
+            self.redis.xclaim(stream, self.group, self.consumer, 0, ids, justid=True)
