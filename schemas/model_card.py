@@ -35,6 +35,21 @@ class ScoreMode(StrEnum):
     SEARCH = "search"
 
 
+class MapMode(StrEnum):
+    """What a patch's pixel map measures (method.md §4); every mode is >= 0, larger = more anomalous."""
+
+    RESIDUAL = "residual"
+    """|x − G(E(x))|: the AnoGAN residual."""
+    SMOOTH_RESIDUAL = "smooth_residual"
+    """|Gσ * (x − G(E(x)))|: the signed residual smoothed before its magnitude (noise cancels, grooves do not)."""
+    FEATURE = "feature"
+    """|f(x) − f(G(E(x)))| at the discriminator's stride-4 layer, mean over channels, up-sampled."""
+    LOGIT = "logit"
+    """−log D(x) per cell of a dense discriminator, up-sampled: the discriminator's own "fake" score."""
+    RESIDUAL_LOGIT = "residual+logit"
+    """The product of ``residual`` and ``logit``."""
+
+
 class Thresholds(BaseModel):
     """Calibrated thresholds in raw anomaly-map units."""
 
@@ -68,6 +83,7 @@ class ModelCard(BaseModel):
     gamma: float = Field(gt=0, le=1)
     abnormal_patch_source: AbnormalPatchSource
     score_mode: ScoreMode = ScoreMode.ENCODER
+    map_mode: MapMode = MapMode.RESIDUAL
     smoothing_sigma: float = Field(ge=0, le=32)
     # data and training
     data_digest: str = Field(max_length=128)

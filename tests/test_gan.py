@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from trainer.config import TrainConfig
-from trainer.gan import NoisyAnoGAN, PatchSampler, run_schedule, train_in_process
+from trainer.gan import NoisyAnoGAN, PatchSampler, gan_step, run_schedule, train_in_process
 
 
 def _images(n: int = 2, size: int = 48) -> list[np.ndarray]:
@@ -70,3 +70,31 @@ def test_gan_step_reports_finite_losses_with_abnormal_patches() -> None:
     assert all(np.isfinite(v) for m in metrics for v in m.values())
     assert {"d_loss", "g_loss", "d_real", "d_fake"} <= set(metrics[0])
     assert {"e_loss", "residual"} <= set(metrics[-1])
+
+
+def test_dense_discriminator_trains_on_masked_abnormal_patches() -> None:
+    cfg = TrainConfig.tiny(gamma=0.7, discriminator_head="dense")
+    rng = np.random.default_rng(1)
+    patches = rng.random((3, 32, 32), dtype=np.float32)
+    masks = np.zeros_like(patches)
+    masks[:, 4:6, 8:20] = 1.0
+    metrics: list[dict[str, float]] = []
+    model = NoisyAnoGAN(cfg, "cpu")
+    run_schedule(model, PatchSampler(_images(), np.stack([patches, masks], 1), cfg), 0, lambda s, m: metrics.append(m))
+    assert all(np.isfinite(v) for m in metrics for v in m.values())
+    assert model.discriminator(torch.zeros(2, 1, 32, 32)).shape == (2, 4, 4)
+
+
+def test_only_masked_cells_of_abnormal_patches_count_as_fake() -> None:
+    cfg = TrainConfig.tiny(gamma=0.5, discriminator_head="dense")
+    torch.manual_seed(0)
+    model = NoisyAnoGAN(cfg, "cpu")
+    real, z = torch.zeros(2, 1, 32, 32), torch.randn(2, cfg.latent_dim)
+    image = torch.rand(1, 1, 32, 32) * 2 - 1
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., :8, :8] = 1.0  # the top-left cell only
+    d = model.discriminator
+    before = d(image).detach()
+    gan_step(model.generator, d, model.opt_g, model.opt_d, real, z, torch.cat([image, mask], 1), cfg.gamma)
+    delta = d(image).detach() - before  # (1, 4, 4)
+    assert delta[0, 0, 0] < delta[0].flatten()[1:].mean()  # pushed towards "fake" the most

@@ -74,3 +74,10 @@ def test_encoder_loss_is_pixel_mse_plus_kappa_feature_mse() -> None:
 def test_encoder_loss_rejects_mismatched_shapes() -> None:
     with pytest.raises(ValueError, match="shape mismatch"):
         encoder_loss(torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 8, 8), torch.zeros(2, 3), torch.zeros(2, 3), 1.0)
+
+
+def test_per_cell_logit_maps_get_the_same_loss_as_their_cells_as_patches() -> None:
+    real, fake, abnormal = (torch.randn(n, 4, 4, generator=torch.Generator().manual_seed(n)) for n in (6, 7, 3))
+    as_maps = discriminator_loss(real, fake, abnormal, gamma=0.9)
+    as_cells = discriminator_loss(real.flatten(), fake.flatten(), abnormal.flatten(), gamma=0.9)
+    assert torch.allclose(as_maps, as_cells)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.networks import Discriminator, Encoder, Generator, build_networks
+from trainer.networks import Discriminator, DiscriminatorHead, Encoder, Generator, build_networks
 
 
 # base 4: widths 4, 8, 16 (P=32) / 4, 8, 16, 32 (P=64) / 4, 8, 16, 32, 32 (P=128, capped at 8×); 4×4 at the end
@@ -54,3 +54,21 @@ def test_generator_is_deterministic_in_eval_mode() -> None:
     g = Generator(32, 8, 4).eval()
     z = torch.randn(2, 8)
     assert torch.equal(g(z), g(z))
+
+
+@pytest.mark.parametrize("patch", [32, 64, 128])
+def test_dense_discriminator_gives_a_logit_per_eight_pixel_cell(patch: int) -> None:
+    torch.manual_seed(0)
+    _, d, _ = build_networks(patch, latent_dim=16, base_channels=4, discriminator_head=DiscriminatorHead.DENSE)
+    x = torch.rand(3, 1, patch, patch) * 2 - 1
+    cells = patch // 8
+    assert d(x).shape == (3, cells, cells)
+    assert d.logit_map(x).shape == (3, 1, cells, cells)
+    assert d.feature_map(x).shape == (3, 8, patch // 4, patch // 4)
+
+
+def test_global_discriminator_logit_map_is_one_cell() -> None:
+    d = Discriminator(32, 4).eval()  # eval: no spectral-norm power iteration between the two calls
+    x = torch.rand(2, 1, 32, 32)
+    assert d.logit_map(x).shape == (2, 1, 1, 1)
+    assert torch.allclose(d.logit_map(x).flatten(), d(x))

@@ -122,3 +122,25 @@ def test_augment_brightness_stays_in_unit_range() -> None:
     batch = np.ones((8, 32, 32), dtype=np.float32)
     out = augment(batch, np.random.default_rng(0), brightness=0.1)
     assert out.max() <= 1.0 and out.min() >= 0.9
+
+
+def test_bank_with_masks_carries_each_patch_crop_of_its_mask() -> None:
+    image = np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)
+    mask = np.zeros((64, 64), dtype=bool)
+    mask[5:7, 40:50] = True
+    bank, source = abnormal_patch_bank([image, image], [mask, None], 32, 32, with_masks=True)
+    plain, _ = abnormal_patch_bank([image, image], [mask, None], 32, 32)
+    assert source == AbnormalPatchSource.ALL and bank.shape == (len(plain), 2, 32, 32)
+    np.testing.assert_array_equal(bank[:, 0], plain)
+    assert bank[0, 1].sum() == mask.sum() and bank[0, 1, 5, 8] == 1.0  # the one patch over the mask, at (0, 32)
+    assert (bank[1:, 1] == 1.0).all()  # no mask: the whole patch is abnormal
+
+
+def test_augment_turns_masks_with_their_patches_and_shifts_only_the_image() -> None:
+    rng = np.random.default_rng(0)
+    image = rng.random((6, 16, 16), dtype=np.float32) * 0.5 + 0.25
+    stacked = np.stack([image, image], axis=1)  # the "mask" is a copy of the image
+    out = augment(stacked, np.random.default_rng(1), brightness=0.05)
+    shift = out[:, 0] - out[:, 1]
+    assert np.allclose(shift, shift[:, :1, :1], atol=1e-6)  # the same transform, plus a constant per patch
+    assert np.abs(shift[:, 0, 0]).max() > 0

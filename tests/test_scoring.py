@@ -9,12 +9,20 @@ import pytest
 import torch
 
 from schemas import AbnormalPatchSource, ModelCard, ScoreMode, Thresholds
+from schemas.model_card import MapMode
 from trainer.model_io import weights_to_bytes
-from trainer.networks import build_networks
+from trainer.networks import DiscriminatorHead, build_networks
 from trainer.scoring import PatchModel, anomaly_map, finish_map
 
 
-def _card(patch: int = 32, stride: int = 16, score_mode: ScoreMode = ScoreMode.ENCODER) -> ModelCard:
+def _card(
+    patch: int = 32,
+    stride: int = 16,
+    score_mode: ScoreMode = ScoreMode.ENCODER,
+    map_mode: MapMode = MapMode.RESIDUAL,
+    head: DiscriminatorHead = DiscriminatorHead.GLOBAL,
+    contrast_gain: float = 0.0,
+) -> ModelCard:
     return ModelCard(
         name="metal",
         version="v-test",
@@ -25,17 +33,19 @@ def _card(patch: int = 32, stride: int = 16, score_mode: ScoreMode = ScoreMode.E
         gamma=1.0,
         abnormal_patch_source=AbnormalPatchSource.NONE,
         score_mode=score_mode,
+        map_mode=map_mode,
         smoothing_sigma=1.5,
         data_digest="test",
         n_train_images=1,
         n_abnormal_images=0,
+        train_config={"discriminator_head": str(head), "contrast_gain": contrast_gain},
         thresholds=Thresholds(pixel=0.1, image=0.2, pixel_quantile=0.999, image_quantile=0.99, n_calibration_images=1),
     )
 
 
-def _weights(patch: int = 32) -> bytes:
+def _weights(patch: int = 32, head: DiscriminatorHead = DiscriminatorHead.GLOBAL) -> bytes:
     torch.manual_seed(0)
-    g, d, e = build_networks(patch, 8, 4)
+    g, d, e = build_networks(patch, 8, 4, discriminator_head=head)
     state = {}
     for prefix, net in (("generator", g), ("discriminator", d), ("encoder", e)):
         state |= {f"{prefix}.{k}": v for k, v in net.state_dict().items()}
@@ -108,3 +118,53 @@ def test_read_only_patches_are_scored_without_warnings(model: PatchModel) -> Non
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert model.score_patches(patches).shape == (2, 32, 32)
+
+
+@pytest.mark.parametrize("mode", list(MapMode))
+def test_every_map_mode_gives_a_non_negative_map_per_patch(mode: MapMode) -> None:
+    head = DiscriminatorHead.DENSE
+    model = PatchModel.from_safetensors(_card(map_mode=mode, head=head), _weights(head=head), device="cpu")
+    patches = np.random.default_rng(3).random((5, 32, 32), dtype=np.float32)
+    maps = model.score_patches(patches)
+    assert maps.shape == (5, 32, 32) and maps.dtype == np.float32
+    assert np.isfinite(maps).all() and (maps >= 0).all()
+    np.testing.assert_allclose(maps[:2], model.score_patches(patches[:2]), atol=1e-6)  # per patch
+
+
+def test_modes_that_need_the_discriminator_load_it_from_the_card() -> None:
+    head = DiscriminatorHead.DENSE
+    model = PatchModel.from_safetensors(_card(map_mode=MapMode.LOGIT, head=head), _weights(head=head), device="cpu")
+    assert model.discriminator is not None
+    assert PatchModel.from_safetensors(_card(), _weights(), device="cpu").discriminator is None
+
+
+def test_residual_logit_is_the_product_of_residual_and_logit_maps() -> None:
+    head, weights = DiscriminatorHead.DENSE, _weights(head=DiscriminatorHead.DENSE)
+    patches = np.random.default_rng(4).random((3, 32, 32), dtype=np.float32)
+    maps = {
+        mode: PatchModel.from_safetensors(_card(map_mode=mode, head=head), weights, device="cpu").score_patches(patches)
+        for mode in (MapMode.RESIDUAL, MapMode.LOGIT, MapMode.RESIDUAL_LOGIT)
+    }
+    np.testing.assert_allclose(maps[MapMode.RESIDUAL_LOGIT], maps[MapMode.RESIDUAL] * maps[MapMode.LOGIT], rtol=1e-5)
+
+
+def test_smooth_residual_cancels_pixel_noise() -> None:
+    smooth = PatchModel.from_safetensors(_card(map_mode=MapMode.SMOOTH_RESIDUAL), _weights(), device="cpu")
+    plain = PatchModel.from_safetensors(_card(), _weights(), device="cpu")
+    noise = np.random.default_rng(0).random((4, 32, 32), dtype=np.float32)  # white: averages out under σ = 1.5
+    assert smooth.score_patches(noise).mean() < 0.5 * plain.score_patches(noise).mean()
+
+
+def test_a_card_without_map_mode_scores_the_residual() -> None:
+    raw = _card().model_dump(mode="json")
+    raw.pop("map_mode")
+    assert ModelCard.model_validate(raw).map_mode == MapMode.RESIDUAL
+
+
+def test_with_a_contrast_gain_the_score_is_still_the_residual_in_intensity_units() -> None:
+    model = PatchModel.from_safetensors(_card(contrast_gain=8.0), _weights(), device="cpu")
+    patches = np.random.default_rng(6).random((3, 32, 32), dtype=np.float32) * 0.1 + 0.45
+    rec = model.reconstruct(patches)
+    np.testing.assert_allclose(model.score_patches(patches), np.abs(patches - rec), atol=1e-5)
+    # tanh output / gain + the patch mean
+    np.testing.assert_allclose(rec.mean((1, 2)), patches.mean((1, 2)), atol=1.0 / 8)

@@ -20,6 +20,8 @@ from trainer.config import TrainConfig
         ({"gan_steps": 0, "encoder_steps": 0}, "gan_steps"),
         ({"beta1": 1.0}, "beta1"),
         ({"num_workers": 0}, "num_workers"),
+        ({"discriminator_head": "patchy"}, "discriminator_head"),
+        ({"contrast_gain": -1.0}, "contrast_gain"),
     ],
 )
 def test_invalid_values_are_rejected_by_name(changes: dict, message: str) -> None:

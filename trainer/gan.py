@@ -23,12 +23,13 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from trainer.config import TrainConfig
 from trainer.losses import discriminator_loss, encoder_loss, generator_loss
 from trainer.model_io import NETWORK_PREFIXES, prefixed, sub_state
-from trainer.networks import build_networks
+from trainer.networks import DiscriminatorHead, build_networks
 from trainer.patches import augment, sample_patches
 
 EpochHook = Callable[[int, dict[str, float]], None]
@@ -40,12 +41,19 @@ def unwrap(module: nn.Module) -> nn.Module:
     return getattr(module, "module", module)
 
 
-def to_model_range(patches: np.ndarray, device: torch.device) -> torch.Tensor:
-    """(N, P, P) float in [0, 1] -> (N, 1, P, P) tensor in [-1, 1] on ``device``."""
+def to_model_range(patches: np.ndarray, device: torch.device, contrast_gain: float = 0.0) -> torch.Tensor:
+    """(N, P, P) float in [0, 1] -> (N, 1, P, P) network input on ``device``.
+
+    ``contrast_gain`` 0: the plain map to [-1, 1]. Otherwise each patch minus its own mean, times the
+    gain: a low-contrast surface (grain std ≈ 0.026) then fills the networks' range (see `TrainConfig`).
+    """
     array = np.ascontiguousarray(patches, dtype=np.float32)
     if not array.flags.writeable:  # e.g. zero-copy from the Ray object store
         array = array.copy()
-    return torch.from_numpy(array).to(device).unsqueeze(1) * 2.0 - 1.0
+    x = torch.from_numpy(array).to(device).unsqueeze(1)  # (N, 1, P, P)
+    if contrast_gain > 0:
+        return (x - x.mean(dim=(2, 3), keepdim=True)) * contrast_gain
+    return x * 2.0 - 1.0
 
 
 @contextlib.contextmanager
@@ -76,8 +84,8 @@ class PatchSampler:
             msg = "training needs at least one normal image"
             raise ValueError(msg)
         p = cfg.patch_size
-        if abnormal_patches is not None and (abnormal_patches.ndim != 3 or abnormal_patches.shape[1:] != (p, p)):
-            msg = f"abnormal patches must have shape (M, {p}, {p}), got {abnormal_patches.shape}"
+        if abnormal_patches is not None and abnormal_patches.shape[1:] not in ((p, p), (2, p, p)):
+            msg = f"abnormal patches must have shape (M, {p}, {p}) or (M, 2, {p}, {p}), got {abnormal_patches.shape}"
             raise ValueError(msg)
         self.normal_images = list(normal_images)
         self.abnormal = abnormal_patches if abnormal_patches is not None and len(abnormal_patches) else None
@@ -95,15 +103,21 @@ class PatchSampler:
         batch = sample_patches(self.normal_images, n, self.cfg.patch_size, self.rng)
         if self.cfg.augment:
             batch = augment(batch, self.rng, self.cfg.brightness_jitter, keep_orientation=True)
-        return to_model_range(batch, self.device)  # (n, 1, P, P)
+        return to_model_range(batch, self.device, self.cfg.contrast_gain)  # (n, 1, P, P)
 
     def abnormal_batch(self, m: int) -> torch.Tensor | None:
+        """(m, 1, P, P) abnormal patches in [-1, 1]; (m, 2, P, P) with their masks in {0, 1} as channel 1
+        when the bank has them."""
         if self.abnormal is None:
             return None
         batch = self.abnormal[self.rng.integers(0, len(self.abnormal), size=m)]  # with replacement
         if self.cfg.augment:
             batch = augment(batch, self.rng, self.cfg.brightness_jitter)
-        return to_model_range(batch, self.device)  # (m, 1, P, P)
+        if batch.ndim == 3:
+            return to_model_range(batch, self.device, self.cfg.contrast_gain)  # (m, 1, P, P)
+        patches = to_model_range(batch[:, 0], self.device, self.cfg.contrast_gain)
+        masks = torch.from_numpy(np.ascontiguousarray(batch[:, 1:], dtype=np.float32)).to(self.device)
+        return torch.cat([patches, masks], dim=1)  # (m, 2, P, P)
 
     def latent(self, n: int) -> torch.Tensor:
         return torch.randn(n, self.cfg.latent_dim, generator=self.torch_gen).to(self.device)  # (n, Z)
@@ -130,16 +144,24 @@ def gan_step(
 
     Args:
         real: (B, 1, P, P) normal patches in [-1, 1]; z: (B, Z) latent codes;
-        abnormal: (M, 1, P, P) confirmed abnormal patches or None; gamma: γ of the discriminator loss.
+        abnormal: (M, 1, P, P) confirmed abnormal patches, (M, 2, P, P) with their defect masks as
+            channel 1, or None; gamma: γ of the discriminator loss.
+
+    With a mask and a dense discriminator, only the cells the mask touches count as abnormal: the rest
+    of an abnormal patch is normal surface.
     """
     use_abnormal = abnormal is not None and gamma < 1.0
     with _autocast(real.device, amp):
         fake = g(z)  # (B, 1, P, P)
         # one D forward on everything: spectral norm's power iteration runs once per step
-        parts = [real, fake.detach()] + ([abnormal] if use_abnormal else [])
-        logits = d(torch.cat(parts)).float()  # (B + B [+ M],)
+        parts = [real, fake.detach()] + ([abnormal[:, :1]] if use_abnormal else [])
+        logits = d(torch.cat(parts)).float()  # (B + B [+ M],) or (B + B [+ M], h, w)
     b = len(real)
-    d_loss = discriminator_loss(logits[:b], logits[b : 2 * b], logits[2 * b :] if use_abnormal else None, gamma)
+    d_abnormal = logits[2 * b :] if use_abnormal else None
+    weight = None
+    if d_abnormal is not None and abnormal is not None and abnormal.shape[1] == 2 and d_abnormal.ndim == 3:
+        weight = F.adaptive_max_pool2d(abnormal[:, 1:].float(), d_abnormal.shape[1:]).squeeze(1)  # (M, h, w)
+    d_loss = discriminator_loss(logits[:b], logits[b : 2 * b], d_abnormal, gamma, weight)
     opt_d.zero_grad(set_to_none=True)
     d_loss.backward()
     opt_d.step()
@@ -210,7 +232,8 @@ class NoisyAnoGAN:
         self.cfg = cfg
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch.manual_seed(cfg.seed)  # identical initial weights on every worker and every run
-        g, d, e = build_networks(cfg.patch_size, cfg.latent_dim, cfg.base_channels, cfg.spectral_norm)
+        head = DiscriminatorHead(cfg.discriminator_head)
+        g, d, e = build_networks(cfg.patch_size, cfg.latent_dim, cfg.base_channels, cfg.spectral_norm, head)
         self.generator: nn.Module = g.to(self.device)
         self.discriminator: nn.Module = d.to(self.device)
         self.encoder: nn.Module = e.to(self.device)

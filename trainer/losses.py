@@ -16,20 +16,36 @@ import torch
 import torch.nn.functional as F
 
 
-def _bce(logits: torch.Tensor, target: float) -> torch.Tensor:
-    return F.binary_cross_entropy_with_logits(logits.float(), torch.full_like(logits, target, dtype=torch.float32))
+def _bce(logits: torch.Tensor, target: float, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean BCE over every logit, or the ``weight``-weighted mean (weight broadcastable to ``logits``)."""
+    logits = logits.float()
+    if weight is None:
+        return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
+    weight = weight.float().expand_as(logits)
+    per_logit = F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target), reduction="none")
+    return (per_logit * weight).sum() / weight.sum().clamp_min(1e-6)
 
 
 def discriminator_loss(
-    d_real: torch.Tensor, d_fake: torch.Tensor, d_abnormal: torch.Tensor | None, gamma: float
+    d_real: torch.Tensor,
+    d_fake: torch.Tensor,
+    d_abnormal: torch.Tensor | None,
+    gamma: float,
+    abnormal_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """BCE(D(x_real), 1) + γ·BCE(D(G(z)), 0) + (1 − γ)·BCE(D(x_abnormal), 0).
 
+    Logits are (B,) per patch or (B, h, w) per cell of a dense discriminator; every BCE is a mean over
+    all of them, so a cell is a sample of its own.
+
     Args:
-        d_real: logits (B,) on normal training patches.
-        d_fake: logits (B,) on generated patches.
-        d_abnormal: logits (M,) on confirmed abnormal patches, or None (then the γ·fake term gets weight 1).
+        d_real: logits (B,) or (B, h, w) on normal training patches.
+        d_fake: logits on generated patches, same layout.
+        d_abnormal: logits (M,) or (M, h, w) on confirmed abnormal patches, or None (then the γ·fake
+            term gets weight 1).
         gamma: γ in (0, 1].
+        abnormal_weight: optional (M,) or (M, h, w) weights of the abnormal logits, e.g. 1 on the cells a
+            defect mask touches and 0 elsewhere: the abnormal term is then the mean over the weighted cells.
 
     Returns:
         The scalar loss the discriminator minimises (the negative of method.md's V').
@@ -40,7 +56,7 @@ def discriminator_loss(
     real_term = _bce(d_real, 1.0)
     if d_abnormal is None or gamma == 1.0:
         return real_term + _bce(d_fake, 0.0)
-    return real_term + gamma * _bce(d_fake, 0.0) + (1.0 - gamma) * _bce(d_abnormal, 0.0)
+    return real_term + gamma * _bce(d_fake, 0.0) + (1.0 - gamma) * _bce(d_abnormal, 0.0, abnormal_weight)
 
 
 def generator_loss(d_fake: torch.Tensor) -> torch.Tensor:

@@ -106,6 +106,7 @@ def abnormal_patch_bank(
     score_fn: PatchScorer | None = None,
     top_k: int = 8,
     min_overlap: int = 1,
+    with_masks: bool = False,
 ) -> tuple[np.ndarray, AbnormalPatchSource]:
     """The discriminator's abnormal patches from confirmed abnormal images (method.md §3).
 
@@ -113,7 +114,9 @@ def abnormal_patch_bank(
     (b) without one, if ``score_fn`` is given, its ``top_k`` highest-scoring grid patches; (c) else all.
 
     Returns:
-        bank: (M, P, P) float32 in [0, 1] (M = 0 when there are no images).
+        bank: (M, P, P) float32 in [0, 1] (M = 0 when there are no images); with ``with_masks``,
+            (M, 2, P, P): channel 0 the patch, channel 1 where it is abnormal (its crop of the mask for
+            source (a), all ones for (b) and (c), where nothing finer is known).
         source: the weakest source used by any image (ALL > MINED > MASK), NONE for no images.
     """
     if len(images) != len(masks):
@@ -126,6 +129,7 @@ def abnormal_patch_bank(
         msg = f"top_k and min_overlap must be >= 1, got {top_k}, {min_overlap}"
         raise ValueError(msg)
     chosen: list[np.ndarray] = []
+    chosen_masks: list[np.ndarray] = []
     used: set[AbnormalPatchSource] = set()
     for image, mask in zip(images, masks, strict=True):
         patches, origins = grid_patches(image, patch, stride)
@@ -138,6 +142,8 @@ def abnormal_patch_bank(
             keep = counts >= min_overlap
             if keep.any():
                 chosen.append(patches[keep])
+                kept = [origin for origin, k in zip(origins, keep, strict=True) if k]
+                chosen_masks.append(np.stack([hits[y : y + patch, x : x + patch] for y, x in kept]))
                 used.add(AbnormalPatchSource.MASK)
                 continue
         if score_fn is not None:
@@ -148,11 +154,16 @@ def abnormal_patch_bank(
         else:
             chosen.append(patches)
             used.add(AbnormalPatchSource.ALL)
+        chosen_masks.append(np.ones_like(chosen[-1]))
     if not chosen:
-        return np.empty((0, patch, patch), dtype=np.float32), AbnormalPatchSource.NONE
+        empty = (0, 2, patch, patch) if with_masks else (0, patch, patch)
+        return np.empty(empty, dtype=np.float32), AbnormalPatchSource.NONE
+    bank = np.concatenate(chosen).astype(np.float32, copy=False)
+    if with_masks:
+        bank = np.stack([bank, np.concatenate(chosen_masks).astype(np.float32)], axis=1)  # (M, 2, P, P)
     for source in (AbnormalPatchSource.ALL, AbnormalPatchSource.MINED, AbnormalPatchSource.MASK):
         if source in used:
-            return np.concatenate(chosen).astype(np.float32, copy=False), source
+            return bank, source
     raise AssertionError("unreachable")  # every image adds to `used`
 
 
@@ -163,18 +174,21 @@ def augment(
 
     ``keep_orientation=True`` restricts turns to 0° / 180°, which keep the direction of an anisotropic
     texture (brushing grain): use it for normal patches, whose grain direction is part of "normal".
+    A (N, C, P, P) batch turns and flips all channels alike and shifts the brightness of channel 0 only
+    (the others are masks, as in an ``abnormal_patch_bank(..., with_masks=True)`` bank).
     """
-    if batch.ndim != 3 or batch.shape[1] != batch.shape[2]:
-        msg = f"expected square patches (N, P, P), got shape {batch.shape}"
+    if batch.ndim not in (3, 4) or batch.shape[-1] != batch.shape[-2]:
+        msg = f"expected square patches (N, P, P) or (N, C, P, P), got shape {batch.shape}"
         raise ValueError(msg)
     n = len(batch)
     out = np.empty_like(batch, dtype=np.float32)
     turns = rng.integers(0, 2, size=n) * 2 if keep_orientation else rng.integers(0, 4, size=n)
     flips = np.zeros(n, dtype=bool) if keep_orientation else rng.random(n) < 0.5
     for i in range(n):
-        patch = np.rot90(batch[i], k=int(turns[i]))
-        out[i] = patch[:, ::-1] if flips[i] else patch
+        patch = np.rot90(batch[i], k=int(turns[i]), axes=(-2, -1))
+        out[i] = patch[..., ::-1] if flips[i] else patch
     if brightness > 0:
-        out += rng.uniform(-brightness, brightness, size=(n, 1, 1)).astype(np.float32)
-        np.clip(out, 0.0, 1.0, out=out)
+        image = out if batch.ndim == 3 else out[:, 0]  # a view: shifted in place
+        image += rng.uniform(-brightness, brightness, size=(n, 1, 1)).astype(np.float32)
+        np.clip(image, 0.0, 1.0, out=image)
     return out

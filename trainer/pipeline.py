@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from schemas import AbnormalPatchSource, ModelCard, Thresholds
+from schemas.model_card import MapMode
 from trainer.calibration import calibrate
 from trainer.config import TrainConfig
 from trainer.distributed import run_training
@@ -61,6 +62,7 @@ def _card(
         gamma=cfg.gamma,
         abnormal_patch_source=source,
         smoothing_sigma=cfg.smoothing_sigma,
+        map_mode=MapMode(cfg.map_mode),
         data_digest=data_digest,
         n_train_images=n_train,
         n_abnormal_images=n_abnormal,
@@ -134,7 +136,10 @@ def train_model_version(
         if needs_mining:
             warm_gan = max(1, round(cfg.gan_steps * cfg.warmup_fraction))
             warm_cfg = cfg.replace(
-                gamma=1.0, gan_steps=warm_gan, encoder_steps=max(1, round(cfg.encoder_steps * cfg.warmup_fraction))
+                gamma=1.0,
+                map_mode=str(MapMode.RESIDUAL),  # a γ = 1 discriminator knows nothing of defects: mine by residual
+                gan_steps=warm_gan,
+                encoder_steps=max(1, round(cfg.encoder_steps * cfg.warmup_fraction)),
             )
             say(f"warm-up (γ = 1, {warm_cfg.total_steps} steps) to mine abnormal patches from unmasked images")
             init_weights = run_training(
@@ -152,6 +157,7 @@ def train_model_version(
             score_fn=score_fn,
             top_k=cfg.mined_patches_per_image,
             min_overlap=cfg.mask_min_overlap,
+            with_masks=True,  # (M, 2, P, P): a dense discriminator calls only the masked cells fake
         )
         n_abnormal = len(abnormal_images)
         say(f"abnormal-patch bank: {len(bank)} patches from {n_abnormal} images (source: {source})")

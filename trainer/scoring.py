@@ -1,7 +1,11 @@
-"""Score patches and whole images with a trained model version: residual |x − G(E(x))| anomaly maps.
+"""Score patches and whole images with a trained model version: anomaly maps of the card's `MapMode`.
 
-Images and patches are float32 in [0, 1] outside this module; the networks see [-1, 1] inside it, and
-residuals come back in [0, 1] intensity units (0.05 = 5 % of full scale).
+``residual`` is |x − G(E(x))|; ``residual+logit`` multiplies it by −log D(x) of a dense (per 8×8 cell)
+discriminator, which γ < 1 has trained to call the confirmed defects fake; see `schemas.model_card.MapMode`.
+
+Images and patches are float32 in [0, 1] outside this module; the networks see [-1, 1] inside it (or
+(patch − its mean)·gain with a `TrainConfig.contrast_gain`), and residuals come back in [0, 1] intensity
+units (0.05 = 5 % of full scale).
 
 Example (1024×1024 image, P = 64, S = 32 -> 1024 patches)::
 
@@ -19,13 +23,39 @@ import contextlib
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from schemas import ModelCard, ScoreMode
+from schemas.model_card import MapMode
 from trainer.model_io import sub_state, weights_from_bytes
-from trainer.networks import Discriminator, Encoder, Generator
+from trainer.networks import Discriminator, DiscriminatorHead, Encoder, Generator
 from trainer.patches import as_unit_float
 from trainer.tiling import extract_patches, plan_tiles, stitch_patches
+
+_NEEDS_DISCRIMINATOR = frozenset({MapMode.FEATURE, MapMode.LOGIT, MapMode.RESIDUAL_LOGIT})
+
+
+def _gaussian_kernel(sigma: float) -> torch.Tensor:
+    radius = max(1, round(3 * sigma))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    return k / k.sum()  # (2r + 1,)
+
+
+def _smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (B, 1, P, P), reflect-padded: (B, 1, P, P)."""
+    if sigma <= 0:
+        return x
+    k = _gaussian_kernel(sigma).to(x)
+    r = (len(k) - 1) // 2
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
+
+
+def _upsample(cells: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, 1, h, w) per-cell scores -> (B, 1, P, P), bilinear (cell centres stay at cell centres)."""
+    return F.interpolate(cells, size=(size, size), mode="bilinear", align_corners=False)
 
 
 def default_device() -> str:
@@ -50,6 +80,9 @@ class PatchModel:
         if card.score_mode != ScoreMode.ENCODER:
             msg = f"unknown score mode {card.score_mode!r}"
             raise ValueError(msg)
+        if card.map_mode in _NEEDS_DISCRIMINATOR and discriminator is None:
+            msg = f"map mode {card.map_mode!r} needs the discriminator; build with from_state/from_safetensors"
+            raise ValueError(msg)
         self._card = card
         self.device = torch.device(device or default_device())
         self.generator = generator.to(self.device).eval()
@@ -72,8 +105,9 @@ class PatchModel:
             generator.load_state_dict(sub_state(state, "generator"))
             encoder.load_state_dict(sub_state(state, "encoder"))
             discriminator = None
-            if with_discriminator:
-                discriminator = Discriminator(p, c, card.spectral_norm)
+            if with_discriminator or card.map_mode in _NEEDS_DISCRIMINATOR:
+                head = DiscriminatorHead(card.train_config.get("discriminator_head", DiscriminatorHead.GLOBAL))
+                discriminator = Discriminator(p, c, card.spectral_norm, head)
                 discriminator.load_state_dict(sub_state(state, "discriminator"))
         except (KeyError, RuntimeError) as exc:
             msg = f"weights do not match model card {card.name}/{card.version} (P={p}, Z={z}, base={c}): {exc}"
@@ -104,17 +138,49 @@ class PatchModel:
         """G(E(x)) for patches (N, P, P) in [0, 1] -> (N, P, P) float32 in [0, 1]."""
         x = self._to_tensor(patches)
         with self._autocast():
-            rec = self.generator(self.encoder(x))  # (N, 1, P, P) in [-1, 1]
-        return ((rec.float() + 1.0) / 2.0).squeeze(1).cpu().numpy()
+            rec = self.generator(self.encoder(x)).float()  # (N, 1, P, P), network units
+        if self.contrast_gain > 0:
+            mean = torch.from_numpy(np.asarray(patches, dtype=np.float32)).to(self.device).mean((1, 2))
+            return (rec.squeeze(1) / self.contrast_gain + mean[:, None, None]).cpu().numpy()
+        return ((rec + 1.0) / 2.0).squeeze(1).cpu().numpy()
 
     @torch.inference_mode()
     def score_patches(self, patches: np.ndarray) -> np.ndarray:
-        """Per-pixel residual |x − G(E(x))| of patches (N, P, P) in [0, 1] -> (N, P, P) float32 >= 0, one batch."""
+        """The card's pixel map (`MapMode`) of patches (N, P, P) in [0, 1] -> (N, P, P) float32 >= 0, one batch."""
         x = self._to_tensor(patches)
         with self._autocast():
-            rec = self.generator(self.encoder(x))  # (N, 1, P, P)
-        residual = (x - rec.float()).abs() / 2.0  # [-1, 1] units -> [0, 1] units
-        return residual.squeeze(1).cpu().numpy()
+            maps = self._maps(x)
+        return maps.float().squeeze(1).cpu().numpy()
+
+    def _maps(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 1, P, P) in [-1, 1] -> (N, 1, P, P) map of the card's mode."""
+        mode, p = self._card.map_mode, self.patch_size
+        rec = self.generator(self.encoder(x))  # (N, 1, P, P)
+        residual = (x - rec.float()) / self._units  # signed, [0, 1] intensity units
+        if mode == MapMode.RESIDUAL:
+            return residual.abs()
+        if mode == MapMode.SMOOTH_RESIDUAL:
+            return _smooth(residual, self._card.smoothing_sigma).abs()
+        d = self.discriminator
+        assert d is not None  # checked in __init__
+        if mode == MapMode.FEATURE:
+            both = d.feature_map(torch.cat([x, rec]))  # (2N, C, P/4, P/4)
+            f_x, f_rec = both.float().chunk(2)
+            return _upsample((f_x - f_rec).abs().mean(1, keepdim=True), p)
+        fake = _upsample(F.softplus(-d.logit_map(x).float()), p)  # −log D(x) per pixel, >= 0
+        if mode == MapMode.LOGIT:
+            return fake
+        return residual.abs() * fake  # RESIDUAL_LOGIT
+
+    @property
+    def contrast_gain(self) -> float:
+        """The card's `TrainConfig.contrast_gain` (0 for versions trained before it existed)."""
+        return float(self._card.train_config.get("contrast_gain") or 0.0)
+
+    @property
+    def _units(self) -> float:
+        """Network units per [0, 1] intensity unit."""
+        return self.contrast_gain if self.contrast_gain > 0 else 2.0
 
     def _to_tensor(self, patches: np.ndarray) -> torch.Tensor:
         p = self.patch_size
@@ -124,8 +190,10 @@ class PatchModel:
         array = np.ascontiguousarray(patches, dtype=np.float32)
         if not array.flags.writeable:  # e.g. zero-copy from the Ray object store
             array = array.copy()
-        x = torch.from_numpy(array).to(self.device)
-        return x.unsqueeze(1) * 2.0 - 1.0  # (N, 1, P, P) in [-1, 1]
+        x = torch.from_numpy(array).to(self.device).unsqueeze(1)  # (N, 1, P, P)
+        if self.contrast_gain > 0:
+            return (x - x.mean(dim=(2, 3), keepdim=True)) * self.contrast_gain
+        return x * 2.0 - 1.0  # [-1, 1]
 
 
 def finish_map(stitched: np.ndarray, sigma: float) -> np.ndarray:
