@@ -27,6 +27,7 @@ from schemas.model_card import MapMode
 from trainer.calibration import calibrate
 from trainer.config import TrainConfig
 from trainer.distributed import run_training
+from trainer.gan import NoisyAnoGAN
 from trainer.model_io import weights_to_bytes
 from trainer.patches import abnormal_patch_bank
 from trainer.progress import ProgressWatch
@@ -196,4 +197,23 @@ def train_model_version(
     )
     registry.save(card, weights_to_bytes(state))
     say(f"saved {name}/{version} (pixel threshold {thresholds.pixel:.4f}, image threshold {thresholds.image:.4f})")
+    return card
+
+
+def initial_model_version(
+    registry: ModelRegistry, cfg: TrainConfig, calibration_images: Sequence[np.ndarray], data_digest: str = "untrained"
+) -> ModelCard:
+    """Register an *untrained* version (seeded initial weights, calibrated thresholds) of ``cfg``'s architecture.
+
+    Its maps mean nothing, but it costs what a trained model costs to run: benchmarks of the serving
+    path and tests of the plumbing use it instead of waiting for a training run.
+    """
+    state = NoisyAnoGAN(cfg, device="cpu").weights()
+    version = new_version_id()
+    draft = _card(cfg, registry.name, version, AbnormalPatchSource.NONE, _PROVISIONAL, data_digest, 0, 0, None)
+    model = PatchModel.from_state(draft, state, device="cpu")
+    maps = [anomaly_map(image, model) for image in calibration_images]
+    thresholds = calibrate(maps, pixel_quantile=cfg.pixel_quantile, image_quantile=cfg.image_quantile)
+    card = draft.model_copy(update={"thresholds": thresholds})
+    registry.save(card, weights_to_bytes(state))
     return card

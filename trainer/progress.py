@@ -48,7 +48,8 @@ def progress_line(step: int, total: int, elapsed_s: float, first_step: int, metr
     rate = done / elapsed_s if elapsed_s > 0 and done > 0 else 0.0
     eta = f", ETA {format_eta((total - step) / rate)}" if rate > 0 else ""
     shown = " ".join(f"{k} {v:.3g}" for k, v in metrics.items() if isinstance(v, int | float))
-    return f"training step {step}/{total} ({100 * step / max(total, 1):.0f} %), {rate:.2f} steps/s{eta}  {shown}"
+    speed = f", {rate:.2f} steps/s{eta}" if rate > 0 else ""
+    return f"training step {step}/{total} ({100 * step / max(total, 1):.0f} %){speed}  {shown}"
 
 
 class ProgressWatch:

@@ -1,0 +1,227 @@
+"""Throughput of the inspection path on one machine, three ways, on the same model and images.
+
+    python benchmarks/throughput.py --quick --json /tmp/t.json
+
+(a) ``inprocess``: tiling + model forward + stitching in this Python process (all cores);
+(b) ``serve``: the Ray Serve app through a handle (ingress + PatchScorer replicas);
+(c) ``stream``: publish → Valkey stream → consumers → Serve → SeaweedFS → results stream.
+
+Then open-loop latency of (c) at 50 % and 90 % of its measured rate, the model's FLOPs per image
+and the machine's measured matmul rate. Everything runs on an embedded stack in a temporary folder
+that is torn down at the end. Prints one JSON object (and writes it with ``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import ray
+import redis
+import torch
+from ray import serve
+from torch.utils.flop_counter import FlopCounterMode
+
+from cluster.connections import connect_ray, object_store, redis_client
+from cluster.stack import EmbeddedStack
+from schemas import InspectionJob, Settings, StreamNames
+from trainer.config import TrainConfig
+from trainer.imaging import encode_png
+from trainer.pipeline import initial_model_version
+from trainer.registry import ModelRegistry
+from trainer.scoring import PatchModel
+from trainer.synthetic import DefectKind, synth_image
+from workers.consumer import ConsumerConfig, StreamConsumer
+from workers.inspection import LocalInspector, plan_inspection
+from workers.publisher import publish_job
+from workers.serve_app import ServeInspector, deploy
+
+LINE = "bench"
+
+
+def matmul_gflops(n: int = 1024, repeats: int = 10) -> float:
+    """Measured float32 matmul rate of this process's torch (all its threads), in GFLOP/s."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(a, b)
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def flops_per_image(model: PatchModel, image: np.ndarray) -> float:
+    """FLOPs of the model's forward passes for one image (torch's counter; tiling/stitching excluded)."""
+    plan = plan_inspection(image, model.card, chunk_patches=10**6)
+    with FlopCounterMode(display=False) as counter:
+        model.score_patches(plan.chunks[0][:64])
+    return counter.get_total_flops() * plan.layout.n_patches / 64
+
+
+def rate(n: int, seconds: float) -> float:
+    """Images per second."""
+    return n / seconds if seconds > 0 else 0.0
+
+
+def bench_inprocess(model: PatchModel, images: list[np.ndarray]) -> float:
+    """(a): images/s scoring one after another in this process."""
+    inspector = LocalInspector(model, chunk_patches=128)
+    inspector(images[0])  # warm-up
+    start = time.perf_counter()
+    for image in images:
+        inspector(image)
+    return rate(len(images), time.perf_counter() - start)
+
+
+def bench_serve(images: list[np.ndarray], in_flight: int) -> float:
+    """(b): images/s through the Serve handle with ``in_flight`` requests outstanding."""
+    inspector = ServeInspector.connect()
+    inspector(images[0])  # warm-up
+    start = time.perf_counter()
+    with ThreadPoolExecutor(in_flight) as pool:
+        list(pool.map(inspector, images))
+    return rate(len(images), time.perf_counter() - start)
+
+
+def _publish_and_wait(
+    client: redis.Redis, names: StreamNames, pngs: list[bytes], interval_s: float, tag: str, timeout_s: float = 600
+) -> tuple[float, list[float]]:
+    """Publish ``pngs`` (every ``interval_s``; 0 = all at once); wait for their results."""
+    stream = names.results(LINE)
+    newest = client.xrevrange(stream, count=1)
+    cursor = newest[0][0].decode() if newest else "0-0"
+    start = time.perf_counter()
+    for i, png in enumerate(pngs):
+        if interval_s > 0:
+            time.sleep(max(0.0, start + i * interval_s - time.perf_counter()))
+        publish_job(client, names, InspectionJob(job_id=f"{tag}-{i:05d}", camera_id="bench", line=LINE), image=png)
+    latencies: list[float] = []
+    deadline = time.perf_counter() + timeout_s
+    while len(latencies) < len(pngs) and time.perf_counter() < deadline:
+        for _, items in client.xread({stream: cursor}, block=1000, count=100) or []:
+            for entry_id, fields in items:
+                cursor = entry_id.decode()
+                latencies.append(json.loads(fields[b"result"])["latency_ms"])
+    return time.perf_counter() - start, latencies
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    """p50/p95/p99 in ms."""
+    if not values:
+        return {"p50": float("nan"), "p95": float("nan"), "p99": float("nan")}
+    return {f"p{q}": round(float(np.percentile(values, q)), 1) for q in (50, 95, 99)}
+
+
+def run(args: argparse.Namespace) -> dict[str, object]:
+    """Bring up a stack in a temp folder, measure (a), (b), (c) and latency; tear down."""
+    cfg = TrainConfig.demo()
+    with tempfile.TemporaryDirectory(prefix="anomap-bench-") as tmp:
+        stack = EmbeddedStack(Settings(state_dir=Path(tmp)))
+        with stack:
+            settings = stack.settings
+            assert settings is not None
+            connect_ray(settings)
+            try:
+                return _measure(args, cfg, settings)
+            finally:
+                serve.shutdown()
+                ray.shutdown()
+
+
+def _measure(args: argparse.Namespace, cfg: TrainConfig, settings: Settings) -> dict[str, object]:
+    store = object_store(settings)
+    registry = ModelRegistry(store, settings.model_name)
+    raw = [synth_image(seed, args.size, (DefectKind.SCRATCH,) if seed % 2 else ())[0] for seed in range(args.images)]
+    images = [image.astype(np.float32) / 255.0 for image in raw]
+    pngs = [encode_png(image) for image in raw]
+    card = initial_model_version(registry, cfg, images[:2])
+    _, weights = registry.load(card.version)
+    torch.set_num_threads(args.threads)
+    model = PatchModel.from_safetensors(card, weights)
+    flops = flops_per_image(model, images[0])
+    gflops = matmul_gflops()
+    inprocess = bench_inprocess(model, images)
+
+    deploy(settings, card.version, scorer_replicas=args.replicas, chunk_patches=128)
+    serve_ips = bench_serve(images, in_flight=args.in_flight)
+
+    names = StreamNames(settings.stream_prefix)
+    client = redis_client(settings)
+    stop = threading.Event()
+    threads = []
+    for i in range(args.consumers):
+        consumer = StreamConsumer(
+            redis_client(settings),
+            store,
+            ServeInspector.connect(),
+            names,
+            ConsumerConfig(consumer=f"bench-{i}", lines=(LINE,), max_in_flight=args.in_flight // args.consumers),
+        )
+        consumer.ensure_groups()
+        thread = threading.Thread(target=consumer.run, args=(stop,), daemon=True)
+        thread.start()
+        threads.append(thread)
+    try:
+        _publish_and_wait(client, names, pngs[:1], 0, "warm")
+        seconds, _ = _publish_and_wait(client, names, pngs, 0, "burst")
+        stream_ips = rate(len(pngs), seconds)
+        latency = {}
+        for share in (0.5, 0.9):
+            n = max(4, round(stream_ips * share * args.latency_s))
+            jobs = [pngs[i % len(pngs)] for i in range(n)]
+            _, lat = _publish_and_wait(client, names, jobs, 1.0 / (stream_ips * share), f"open{int(share * 100)}")
+            latency[f"at_{int(share * 100)}pct"] = {"offered_ips": round(stream_ips * share, 3), **percentiles(lat)}
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=120)
+    return {
+        "image_size": args.size,
+        "images": args.images,
+        "patch_size": card.patch_size,
+        "stride": card.stride,
+        "chunk_patches": 128,
+        "scorer_replicas": args.replicas,
+        "inprocess_ips": round(inprocess, 4),
+        "serve_ips": round(serve_ips, 4),
+        "stream_ips": round(stream_ips, 4),
+        "ratio_serve": round(serve_ips / inprocess, 3),
+        "ratio_stream": round(stream_ips / inprocess, 3),
+        "latency_ms": latency["at_50pct"],
+        "latency_by_load": latency,
+        "model_gflop_per_image": round(flops / 1e9, 2),
+        "matmul_gflops": round(gflops, 1),
+        "model_bound_ips": round(gflops * 1e9 / flops, 3),
+    }
+
+
+def main() -> None:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer images and a shorter latency run")
+    parser.add_argument("--json", type=Path, help="also write the result here")
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--images", type=int, default=24)
+    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--consumers", type=int, default=2)
+    parser.add_argument("--in-flight", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for the in-process run")
+    parser.add_argument("--latency-s", type=float, default=40.0, help="seconds of open-loop load per level")
+    args = parser.parse_args()
+    if args.quick:
+        args.images, args.latency_s = min(args.images, 8), min(args.latency_s, 20.0)
+    result = run(args)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
