@@ -15,14 +15,14 @@ from typer.testing import CliRunner
 from cluster.cli import app
 from cluster.eval_report import gallery_cases, write_eval_report
 from schemas import AbnormalPatchSource, ModelCard, Settings
-from trainer.calibration import calibrate
+from trainer.config import TrainConfig
 from trainer.evaluation import EvaluationResult, evaluate, pr_curve, roc_curve
 from trainer.folder_dataset import DatasetPart, FolderDataset, load_dataset
 from trainer.metrics import image_auroc
 from trainer.model_io import weights_to_bytes
-from trainer.networks import build_networks
-from trainer.registry import ModelRegistry, new_version_id
-from trainer.scoring import PatchModel, anomaly_map
+from trainer.pipeline import untrained_model
+from trainer.registry import ModelRegistry
+from trainer.scoring import PatchModel
 from trainer.store import ObjectStore
 from trainer.synthetic import DefectKind, make_dataset, write_dataset_folder
 
@@ -31,39 +31,9 @@ runner = CliRunner()
 
 def _tiny_model(name: str = "metal") -> tuple[ModelCard, dict[str, torch.Tensor]]:
     """An untrained P = 32 model, calibrated on two clean 64² images."""
-    torch.manual_seed(0)
-    generator, discriminator, encoder = build_networks(patch_size=32, latent_dim=8, base_channels=4)
-    state = {
-        **{f"generator.{k}": v for k, v in generator.state_dict().items()},
-        **{f"discriminator.{k}": v for k, v in discriminator.state_dict().items()},
-        **{f"encoder.{k}": v for k, v in encoder.state_dict().items()},
-    }
-    provisional = {
-        "pixel": 1.0,
-        "image": 1.0,
-        "pixel_quantile": 0.99,
-        "image_quantile": 0.99,
-        "n_calibration_images": 1,
-    }
-    draft = ModelCard(
-        name=name,
-        version=new_version_id(),
-        patch_size=32,
-        stride=16,
-        latent_dim=8,
-        base_channels=4,
-        gamma=1.0,
-        abnormal_patch_source=AbnormalPatchSource.NONE,
-        smoothing_sigma=1.0,
-        data_digest="test",
-        n_train_images=0,
-        n_abnormal_images=0,
-        thresholds=provisional,
-    )
-    model = PatchModel.from_state(draft, state, device="cpu")
+    config = TrainConfig(patch_size=32, stride=16, latent_dim=8, base_channels=4, smoothing_sigma=1.0)
     calibration = make_dataset(size=64, n_train=0, n_abnormal=0, n_calibration=2, n_test_normal=0, n_test_defect=0)
-    thresholds = calibrate([anomaly_map(image, model) for image in calibration.calibration])
-    return draft.model_copy(update={"thresholds": thresholds}), state
+    return untrained_model(config, calibration.calibration, name, data_digest="test")
 
 
 @pytest.fixture(scope="module")

@@ -200,20 +200,26 @@ def train_model_version(
     return card
 
 
-def initial_model_version(
-    registry: ModelRegistry, cfg: TrainConfig, calibration_images: Sequence[np.ndarray], data_digest: str = "untrained"
-) -> ModelCard:
-    """Register an *untrained* version (seeded initial weights, calibrated thresholds) of ``cfg``'s architecture.
+def untrained_model(
+    cfg: TrainConfig, calibration_images: Sequence[np.ndarray], name: str, data_digest: str = "untrained"
+) -> tuple[ModelCard, dict[str, torch.Tensor]]:
+    """Seeded initial weights of ``cfg``'s architecture and a card with thresholds calibrated on them.
 
     Its maps mean nothing, but it costs what a trained model costs to run: benchmarks of the serving
     path and tests of the plumbing use it instead of waiting for a training run.
     """
     state = NoisyAnoGAN(cfg, device="cpu").weights()
-    version = new_version_id()
-    draft = _card(cfg, registry.name, version, AbnormalPatchSource.NONE, _PROVISIONAL, data_digest, 0, 0, None)
+    draft = _card(cfg, name, new_version_id(), AbnormalPatchSource.NONE, _PROVISIONAL, data_digest, 0, 0, None)
     model = PatchModel.from_state(draft, state, device="cpu")
     maps = [anomaly_map(image, model) for image in calibration_images]
     thresholds = calibrate(maps, pixel_quantile=cfg.pixel_quantile, image_quantile=cfg.image_quantile)
-    card = draft.model_copy(update={"thresholds": thresholds})
+    return draft.model_copy(update={"thresholds": thresholds}), state
+
+
+def initial_model_version(
+    registry: ModelRegistry, cfg: TrainConfig, calibration_images: Sequence[np.ndarray], data_digest: str = "untrained"
+) -> ModelCard:
+    """Register an `untrained_model` version in ``registry`` and return its card."""
+    card, state = untrained_model(cfg, calibration_images, registry.name, data_digest)
     registry.save(card, weights_to_bytes(state))
     return card
