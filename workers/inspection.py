@@ -17,7 +17,7 @@ import numpy as np
 
 from schemas import ModelCard
 from trainer.postprocess import MapSummary, summarize_map
-from trainer.scoring import PatchModel, finish_map
+from trainer.scoring import PatchModel, anomaly_map, finish_map
 from trainer.tiling import TileLayout, extract_patches, plan_tiles, stitch_patches
 
 
@@ -66,6 +66,28 @@ def plan_inspection(image: np.ndarray, card: ModelCard, chunk_patches: int) -> I
     return InspectionPlan(layout, chunks)
 
 
+def scored_image(
+    anomaly_map: np.ndarray,
+    card: ModelCard,
+    n_patches: int,
+    n_batches: int,
+    pixel_threshold: float | None = None,
+    timings_ms: dict[str, float] | None = None,
+) -> ScoredImage:
+    """Summarise a finished (H, W) map under the card's thresholds (or a pixel-threshold override)."""
+    threshold = pixel_threshold if pixel_threshold is not None else card.thresholds.pixel
+    return ScoredImage(
+        anomaly_map=anomaly_map,
+        summary=summarize_map(anomaly_map, card.thresholds, pixel_threshold=threshold),
+        model_version=card.version,
+        pixel_threshold=threshold,
+        image_threshold=card.thresholds.image,
+        n_patches=n_patches,
+        n_batches=n_batches,
+        timings_ms=dict(timings_ms or {}),
+    )
+
+
 def finish_inspection(
     plan: InspectionPlan,
     patch_maps: list[np.ndarray],
@@ -76,22 +98,11 @@ def finish_inspection(
     """Stitch scored chunks (each (n_i, P, P)) into the smoothed map and summarise it."""
     stitched = stitch_patches(np.concatenate(patch_maps, axis=0), plan.layout)
     anomaly_map = finish_map(stitched, card.smoothing_sigma)
-    threshold = pixel_threshold if pixel_threshold is not None else card.thresholds.pixel
-    summary = summarize_map(anomaly_map, card.thresholds, pixel_threshold=threshold)
-    return ScoredImage(
-        anomaly_map=anomaly_map,
-        summary=summary,
-        model_version=card.version,
-        pixel_threshold=threshold,
-        image_threshold=card.thresholds.image,
-        n_patches=plan.layout.n_patches,
-        n_batches=len(plan.chunks),
-        timings_ms=dict(timings_ms or {}),
-    )
+    return scored_image(anomaly_map, card, plan.layout.n_patches, len(plan.chunks), pixel_threshold, timings_ms)
 
 
 class LocalInspector:
-    """Scores images in this process with one `PatchModel` (no Serve)."""
+    """Scores images in this process with one `PatchModel` (no Serve); the same maps as the Serve app."""
 
     def __init__(self, model: PatchModel, chunk_patches: int = 256) -> None:
         self.model = model
@@ -99,6 +110,7 @@ class LocalInspector:
 
     def __call__(self, image: np.ndarray, pixel_threshold: float | None = None) -> ScoredImage:
         """Score ``image`` (H, W) float32 in [0, 1]."""
-        plan = plan_inspection(image, self.model.card, self.chunk_patches)
-        patch_maps = [self.model.score_patches(chunk) for chunk in plan.chunks]
-        return finish_inspection(plan, patch_maps, self.model.card, pixel_threshold)
+        card = self.model.card
+        n_patches = plan_tiles(image.shape[0], image.shape[1], card.patch_size, card.stride).n_patches
+        amap = anomaly_map(image, self.model, batch_size=self.chunk_patches)
+        return scored_image(amap, card, n_patches, -(-n_patches // self.chunk_patches), pixel_threshold)
