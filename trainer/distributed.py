@@ -77,8 +77,8 @@ def load_checkpoint_dir(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. ``config``: ``{"train_config": TrainConfig.to_card_dict(), "data": ObjectRef}``.
 
-    The data object is ``{"normal": list[(H, W) uint8], "abnormal": (M, P, P) float32 | None,
-    "init_weights": safetensors bytes | None}``.
+    The data object is ``{"normal": list[(H, W) uint8], "abnormal": (M, P, P) or (M, 2, P, P) float32 | None,
+    "init_weights": safetensors bytes | None}``; a (M, 2, P, P) bank carries each patch's mask as channel 1.
     """
     cfg = TrainConfig.from_dict(config["train_config"])
     data = ray.get(config["data"])
@@ -141,7 +141,8 @@ def run_training(
     Args:
         cfg: the hyper-parameters (``num_workers``, ``use_gpu``, ``cpus_per_worker`` size the run).
         normal_images: (H, W) uint8 training images (each at least P×P).
-        abnormal_patches: (M, P, P) float32 in [0, 1] for the discriminator (used when γ < 1), or None.
+        abnormal_patches: (M, P, P) float32 in [0, 1] for the discriminator (used when γ < 1), or
+            (M, 2, P, P) with each patch's mask as channel 1, or None.
         storage_path: shared storage for checkpoints (a local path or a URI Ray Train understands).
         run_name: unique per run; an existing run of that name is resumed from its last checkpoint.
         init_weights: G/D/E weights to fine-tune from (ignored when resuming from a checkpoint).
