@@ -7,7 +7,7 @@ from schemas.confirmation import Box, Confirmation, ConfirmationLabel
 from schemas.dead_letter import DeadLetter, DeadReason
 from schemas.ids import JOB_ID_PATTERN, LINE_PATTERN, S3Ref, parse_s3_ref
 from schemas.job import InspectionJob
-from schemas.model_card import AbnormalPatchSource, ModelCard, ScoreMode, Thresholds
+from schemas.model_card import AbnormalPatchSource, MapMode, ModelCard, ScoreMode, Thresholds
 from schemas.result import InspectionResult, Region
 from schemas.settings import Settings
 from schemas.stream import JobRejected, StreamNames, decode_job_entry, encode_job_entry
@@ -24,6 +24,7 @@ __all__ = [
     "InspectionJob",
     "InspectionResult",
     "JobRejected",
+    "MapMode",
     "ModelCard",
     "Region",
     "S3Ref",
