@@ -8,6 +8,7 @@ anomap eval --data DIR           # metrics + HTML report of a version on the fol
 anomap serve                     # Serve app + stream consumers for the live version
 anomap publish PATH...           # images (files or folders) as jobs
 anomap results [--follow]        # print results
+anomap loadgen --cameras 8 --fps 1 --duration 30   # a simulated camera fleet, open loop
 """
 
 from __future__ import annotations
@@ -356,6 +357,71 @@ def results(
                 f"{result.model_version}\t{result.map_ref}",
                 flush=True,
             )
+
+
+@app.command()
+def loadgen(
+    cameras: Annotated[int, typer.Option(min=1, max=1024, help="Simulated cameras.")] = 4,
+    fps: Annotated[float, typer.Option(min=0.01, max=1000, help="Frames per second, per camera.")] = 1.0,
+    duration: Annotated[float, typer.Option(min=0.1, max=86_400, help="Seconds of publishing.")] = 30.0,
+    by_reference: Annotated[
+        bool, typer.Option("--by-reference/--inline", help="Upload each image and send an s3:// ref.")
+    ] = False,
+    line: Annotated[str, typer.Option(help="Production line.")] = "default",
+    size: Annotated[int, typer.Option(min=32, max=8192, help="Image size in pixels.")] = 256,
+    pool: Annotated[int, typer.Option(min=1, max=64, help="Distinct images per camera, sent round-robin.")] = 4,
+    defect_share: Annotated[float, typer.Option(min=0, max=1, help="Share of each pool with a defect.")] = 0.5,
+    grace: Annotated[float, typer.Option(min=0, help="Seconds to wait for answers after publishing.")] = 60.0,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the summary as JSON here.")] = None,
+) -> None:
+    """Open-loop load: every camera publishes at --fps for --duration s; prints rates and latencies."""
+    settings = _settings()
+    if settings.redis_url is None or (by_reference and settings.s3_endpoint is None):
+        _fail(
+            "REDIS_URL (and S3_ENDPOINT for --by-reference) not set and no embedded stack is up: run `anomap stack up`"
+        )
+    from pydantic import ValidationError
+    from rich.live import Live
+
+    from cluster.connections import object_store, redis_client
+    from workers.loadgen import LoadGenerator, camera_images, progress_line, publish_schedule
+
+    try:
+        InspectionJob(job_id="loadgen-check", line=line)
+    except ValidationError as exc:
+        _fail(f"invalid --line: {exc.errors()[0]['msg']}")
+    schedule = publish_schedule(cameras, fps, duration)
+    if not schedule[0]:
+        _fail(f"--fps {fps} × --duration {duration} is less than one frame per camera")
+    with console.status(f"making {cameras} × {pool} images of {size}² px"):
+        pools = camera_images(cameras, size, pool, defect_share)
+    store = object_store(settings) if by_reference else None
+    names = StreamNames(settings.stream_prefix)
+    generator = LoadGenerator(redis_client(settings), names, store, line, pools, uuid.uuid4().hex[:8])
+    with Live(console=console, refresh_per_second=4, transient=True) as live:
+        summary = generator.run(schedule, fps, duration, grace, lambda p: live.update(progress_line(p)))
+    document = summary.as_dict()
+    latency, lag = document["latency_ms"], document["publish_lag_ms"]
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.0f}"
+
+    console.print(
+        f"run {document['run_id']}: offered {document['offered']} ({document['offered_rate']:.2f}/s), "
+        f"results {document['results']}, dead letters {document['dead_letters']}, "
+        f"unanswered {document['unanswered']}, achieved {document['achieved_rate']:.2f}/s over "
+        f"{document['span_s']:.1f} s\nlatency ms p50 {ms(latency['p50'])} p95 {ms(latency['p95'])} "
+        f"p99 {ms(latency['p99'])}; publish lag ms p50 {ms(lag['p50'])} max {ms(lag['max'])}; "
+        f"achieved == offered: {document['achieved_equals_offered']}"
+    )
+    if json_path is not None:
+        json_path.write_text(json.dumps(document, indent=2) + "\n")
+    if document["unanswered"]:
+        err.print(f"[red]{document['unanswered']} jobs were not answered within --grace {grace} s[/red]")
+        raise typer.Exit(1)
+    if document["dead_letters"]:
+        err.print(f"[red]{document['dead_letters']} jobs became dead letters (see anomap:dead)[/red]")
+        raise typer.Exit(1)
 
 
 @app.command()
