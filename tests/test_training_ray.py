@@ -3,18 +3,28 @@ and a whole model version is trained, calibrated and registered."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import threading
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import ray
+import ray._private.state as ray_state
 import torch
 
 from schemas import AbnormalPatchSource
 from trainer.config import TrainConfig
-from trainer.distributed import CHECKPOINT_FILE, load_checkpoint_dir, run_training
+from trainer.distributed import CHECKPOINT_FILE, checkpoint_metadata, load_checkpoint_dir, run_training
 from trainer.networks import build_networks
 from trainer.pipeline import train_model_version
+from trainer.progress import ProgressBoard
 from trainer.registry import ModelRegistry
 from trainer.scoring import PatchModel, anomaly_map
 from trainer.store import ObjectStore
@@ -76,3 +86,86 @@ def test_train_model_version_registers_a_calibrated_card(
     model = PatchModel.from_safetensors(stored_card, weights, device="cpu")
     assert anomaly_map(_images(1, size=70)[0], model).shape == (70, 70)
     assert any("bank" in m for m in messages)
+
+
+def _alive_actor_pids(class_name: str) -> list[int]:
+    """Pids of this cluster's ALIVE actors of ``class_name``, from the GCS actor table.
+
+    (``ray.util.state.list_actors`` needs the dashboard, which the test cluster runs without.)
+    """
+    table = ray_state.actors(actor_state_name="ALIVE")
+    return sorted(info["Pid"] for info in table.values() if info["ActorClassName"] == class_name and info["Pid"])
+
+
+def _wait_for(condition: Callable[[], Any], deadline: float, what: str) -> Any:
+    """Poll ``condition`` every 0.2 s until it returns something truthy (returned) or ``deadline`` passes."""
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def test_killed_worker_resumes_from_the_last_checkpoint(ray_cluster: str, tmp_path: Path) -> None:
+    """SIGKILL one Ray Train worker mid-run: the group restarts, resumes from its last checkpoint, finishes.
+
+    No sleeps to guess when a checkpoint is safe. Each worker's report queue holds one report and the
+    controller only empties it when it polls (~every 2 s), so ``report(s)`` returns only once
+    ``report(s - spe)`` was collected. Rank 0 posts step ``s`` to the board after returning from
+    ``report(s - spe)``, and got past ``report(s - spe)``'s cross-rank barrier only once rank 1 had
+    returned from ``report(s - 2·spe)``. So the board showing ``4·spe`` proves both ranks' reports of
+    step ``spe`` were collected, i.e. the controller registered a checkpoint at step >= spe. The same
+    polling paces the run to about one checkpoint per poll, which leaves the kill seconds to land.
+    """
+    spe = 3
+    cfg = TrainConfig.tiny(gan_steps=21, encoder_steps=9, steps_per_epoch=spe, max_failures=1)  # 10 checkpoints
+    run_name = f"test-kill-{uuid.uuid4().hex[:8]}"
+    board = ProgressBoard.remote()
+    outcome: dict[str, Any] = {}
+
+    def train() -> None:
+        try:
+            outcome["state"] = run_training(cfg, _images(2), None, str(tmp_path), run_name, progress_board=board)
+        except BaseException as exc:  # re-raised on the test thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=train, name="run-training", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        safe_step = 4 * spe
+        _wait_for(
+            lambda: ray.get(board.read.remote()).get("step", 0) >= safe_step or "error" in outcome,
+            deadline,
+            f"progress step {safe_step}",
+        )
+        if "error" in outcome:
+            raise outcome["error"]
+        killed_at = ray.get(board.read.remote())["step"]
+        assert killed_at < cfg.total_steps, "the run finished before the kill: make the schedule longer"
+        workers = _alive_actor_pids("RayTrainWorker")
+        assert len(workers) == cfg.num_workers, workers
+        os.kill(workers[-1], signal.SIGKILL)
+
+        thread.join(timeout=max(deadline + 30 - time.monotonic(), 1))
+        assert not thread.is_alive(), "run_training did not finish after the worker was killed"
+        if "error" in outcome:
+            raise outcome["error"]
+    finally:
+        if thread.is_alive():  # leave nothing running: fail the run, then let it unwind
+            for class_name in ("TrainController", "RayTrainWorker"):
+                for pid in _alive_actor_pids(class_name):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+            thread.join(timeout=30)
+        ray.kill(board)
+
+    state = outcome["state"]
+    assert state and all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    checkpoints = [checkpoint_metadata(f.parent) for f in (tmp_path / run_name).rglob(CHECKPOINT_FILE)]
+    final = max(checkpoints, key=lambda meta: int(meta["step"]))
+    assert int(final["step"]) == cfg.total_steps
+    resumed_from = int(final.get("resumed_from", "0"))  # absent: the run never restarted
+    assert spe <= resumed_from <= killed_at, (resumed_from, killed_at)
+    assert resumed_from % spe == 0
