@@ -30,6 +30,7 @@ from trainer.gan import train_in_process
 from trainer.metrics import aupro, image_auroc, pixel_auroc, pixel_average_precision
 from trainer.networks import DiscriminatorHead
 from trainer.patches import abnormal_patch_bank
+from trainer.pipeline import PROVISIONAL_THRESHOLDS, build_card
 from trainer.scoring import PatchModel, anomaly_map
 from trainer.synthetic import make_dataset
 
@@ -37,23 +38,9 @@ _THRESHOLDS = Thresholds(pixel=1.0, image=1.0, pixel_quantile=0.5, image_quantil
 
 
 def _card(cfg: TrainConfig, mode: MapMode) -> ModelCard:
-    return ModelCard(
-        name="bench",
-        version="v-bench",
-        patch_size=cfg.patch_size,
-        stride=cfg.stride,
-        latent_dim=cfg.latent_dim,
-        base_channels=cfg.base_channels,
-        spectral_norm=cfg.spectral_norm,
-        gamma=cfg.gamma,
-        abnormal_patch_source=AbnormalPatchSource.MASK if cfg.gamma < 1 else AbnormalPatchSource.NONE,
-        smoothing_sigma=cfg.smoothing_sigma,
-        map_mode=mode,
-        data_digest="bench",
-        n_train_images=0,
-        n_abnormal_images=0,
-        train_config=cfg.to_card_dict(),
-        thresholds=_THRESHOLDS,
+    source = AbnormalPatchSource.MASK if cfg.gamma < 1 else AbnormalPatchSource.NONE
+    return build_card(
+        cfg.replace(map_mode=str(mode)), "bench", "v-bench", source, PROVISIONAL_THRESHOLDS, "bench", 0, 0
     )
 
 

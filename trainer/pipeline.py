@@ -35,10 +35,13 @@ from trainer.registry import ModelRegistry, new_version_id
 from trainer.scoring import PatchModel, anomaly_map
 
 Progress = Callable[[str], None]
-_PROVISIONAL = Thresholds(pixel=1.0, image=1.0, pixel_quantile=0.5, image_quantile=0.5, n_calibration_images=1)
+PROVISIONAL_THRESHOLDS = Thresholds(
+    pixel=1.0, image=1.0, pixel_quantile=0.5, image_quantile=0.5, n_calibration_images=1
+)
+"""Placeholder thresholds for a card whose model is not calibrated yet."""
 
 
-def _card(
+def build_card(
     cfg: TrainConfig,
     name: str,
     version: str,
@@ -47,10 +50,11 @@ def _card(
     data_digest: str,
     n_train: int,
     n_abnormal: int,
-    parent_version: str | None,
+    parent_version: str | None = None,
     extra_config: dict[str, float | int | str | bool | None] | None = None,
     metrics: dict[str, float] | None = None,
 ) -> ModelCard:
+    """The `ModelCard` of a model trained with ``cfg`` (architecture, method and schedule from the config)."""
     return ModelCard(
         name=name,
         version=version,
@@ -146,7 +150,9 @@ def train_model_version(
             init_weights = run_training(
                 warm_cfg, normal_images, None, storage_path, f"{name}-{version}-warmup", init_weights
             )
-            warm_card = _card(warm_cfg, name, version, source, _PROVISIONAL, data_digest, len(normal_images), 0, None)
+            warm_card = build_card(
+                warm_cfg, name, version, source, PROVISIONAL_THRESHOLDS, data_digest, len(normal_images), 0, None
+            )
             score_fn = _patch_scorer(PatchModel.from_state(warm_card, init_weights))
             main_cfg = cfg.replace(gan_steps=max(1, cfg.gan_steps - warm_gan))  # same GAN budget in all
             extra["warmup_gan_steps"] = warm_gan
@@ -173,7 +179,9 @@ def train_model_version(
     train_seconds = time.monotonic() - started
 
     say(f"calibrating on {len(calibration_images)} held-out normal images")
-    draft = _card(cfg, name, version, source, _PROVISIONAL, data_digest, len(normal_images), n_abnormal, parent_version)
+    draft = build_card(
+        cfg, name, version, source, PROVISIONAL_THRESHOLDS, data_digest, len(normal_images), n_abnormal, parent_version
+    )
     model = PatchModel.from_state(draft, state)
     maps = [anomaly_map(image, model) for image in calibration_images]
     thresholds = calibrate(maps, pixel_quantile=cfg.pixel_quantile, image_quantile=cfg.image_quantile)
@@ -182,7 +190,7 @@ def train_model_version(
         "calibration_pixel_mean": float(np.mean([m.mean() for m in maps])),
         "calibration_image_score_mean": float(np.mean([m.max() for m in maps])),
     }
-    card = _card(
+    card = build_card(
         cfg,
         name,
         version,
@@ -209,7 +217,9 @@ def untrained_model(
     path and tests of the plumbing use it instead of waiting for a training run.
     """
     state = NoisyAnoGAN(cfg, device="cpu").weights()
-    draft = _card(cfg, name, new_version_id(), AbnormalPatchSource.NONE, _PROVISIONAL, data_digest, 0, 0, None)
+    draft = build_card(
+        cfg, name, new_version_id(), AbnormalPatchSource.NONE, PROVISIONAL_THRESHOLDS, data_digest, 0, 0, None
+    )
     model = PatchModel.from_state(draft, state, device="cpu")
     maps = [anomaly_map(image, model) for image in calibration_images]
     thresholds = calibrate(maps, pixel_quantile=cfg.pixel_quantile, image_quantile=cfg.image_quantile)
