@@ -16,6 +16,7 @@ import asyncio
 import time
 
 import numpy as np
+import ray
 import torch
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -93,14 +94,22 @@ def build_app(
     scorer_cpus: float = 0.5,
     ingress_cpus: float = 0.25,
     chunk_patches: int = 128,
+    scorer_gpus: float | None = None,
 ) -> serve.Application:
-    """The application graph for model ``version``: ingress bound to the scorer deployment."""
+    """The application graph for model ``version``: ingress bound to the scorer deployment.
+
+    ``scorer_gpus`` is each scorer replica's GPU share (fractions let replicas share a GPU); ``None``
+    means 0.5 when the Ray cluster has GPUs and 0 otherwise. A replica with a GPU scores on CUDA.
+    """
     if chunk_patches > MAX_BATCH_PATCHES:
         msg = f"chunk_patches={chunk_patches} exceeds the scorer's batch limit of {MAX_BATCH_PATCHES} patches"
         raise ValueError(msg)
-    scorer = PatchScorer.options(num_replicas=scorer_replicas, ray_actor_options={"num_cpus": scorer_cpus}).bind(
-        settings, version
-    )
+    if scorer_gpus is None:
+        scorer_gpus = 0.5 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    actor_options: dict[str, float] = {"num_cpus": scorer_cpus}
+    if scorer_gpus > 0:
+        actor_options["num_gpus"] = scorer_gpus
+    scorer = PatchScorer.options(num_replicas=scorer_replicas, ray_actor_options=actor_options).bind(settings, version)
     return InspectionService.options(ray_actor_options={"num_cpus": ingress_cpus}).bind(
         scorer, settings, version, chunk_patches
     )
