@@ -255,6 +255,9 @@ def serve(
     lines: Annotated[str, typer.Option(help="Comma-separated production lines to consume.")] = "default",
     consumers: Annotated[int, typer.Option(min=1, max=64)] = 2,
     replicas: Annotated[int, typer.Option(min=1, max=256, help="PatchScorer replicas.")] = 2,
+    http_port: Annotated[
+        int | None, typer.Option(min=1, max=65535, help="Also answer POST /v1/inspect on 127.0.0.1:PORT.")
+    ] = None,
 ) -> None:
     """Run the Serve app and stream consumers until interrupted (SIGINT/SIGTERM drain gracefully)."""
     settings = _settings()
@@ -272,7 +275,9 @@ def serve(
     line_ids = tuple(line.strip() for line in lines.split(",") if line.strip())
     connect_ray(settings)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    with InspectionServer(settings, version, consumers=consumers, lines=line_ids, scorer_replicas=replicas) as server:
+    with InspectionServer(
+        settings, version, consumers=consumers, lines=line_ids, scorer_replicas=replicas, http_port=http_port
+    ) as server:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: server.stop.set())
         console.log(f"serving model {version} on lines {', '.join(line_ids)}; Ctrl-C drains and stops")

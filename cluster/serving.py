@@ -20,6 +20,7 @@ from ray import serve
 from cluster.connections import object_store, redis_client
 from schemas import Settings, StreamNames
 from workers.consumer import ConsumerConfig, ConsumerStats, StreamConsumer
+from workers.http_api import HTTP_APP_NAME
 from workers.serve_app import APP_NAME, ServeInspector, deploy
 
 
@@ -35,6 +36,7 @@ class InspectionServer:
         scorer_replicas: int = 2,
         max_in_flight: int = 2,
         claim_idle_ms: int = 60_000,
+        http_port: int | None = None,
     ) -> None:
         self.settings = settings
         self.version = version
@@ -43,12 +45,13 @@ class InspectionServer:
         self.scorer_replicas = scorer_replicas
         self.max_in_flight = max_in_flight
         self.claim_idle_ms = claim_idle_ms
+        self.http_port = http_port
         self.stop = threading.Event()
         self.stats: list[ConsumerStats] = []
         self._threads: list[threading.Thread] = []
 
     def __enter__(self) -> InspectionServer:
-        handle = deploy(self.settings, self.version, scorer_replicas=self.scorer_replicas)
+        handle = deploy(self.settings, self.version, scorer_replicas=self.scorer_replicas, http_port=self.http_port)
         inspector = ServeInspector(handle)
         names = StreamNames(self.settings.stream_prefix)
         store = object_store(self.settings)
@@ -79,4 +82,6 @@ class InspectionServer:
         self.stop.set()
         for thread in self._threads:
             thread.join(timeout=300)
+        if self.http_port is not None:
+            serve.delete(HTTP_APP_NAME)
         serve.delete(APP_NAME)

@@ -39,12 +39,11 @@ import redis
 
 from schemas import DeadLetter, DeadReason, InspectionJob, JobRejected, StreamNames
 from schemas.stream import decode_job_entry
-from trainer.imaging import ImageRejected, decode_image, encode_png
+from trainer.imaging import ImageRejected, decode_image
 from trainer.store import ObjectMissing, ObjectStore
 from workers.group_reader import Entry, GroupReader
 from workers.inspection import Inspector, ScoredImage
-from workers.maps import encode_map, map_keys
-from workers.overlay import render_overlay
+from workers.maps import map_objects
 from workers.results import build_result
 from workers.retry import Backoff, retry_call
 from workers.stream_scripts import COMMIT_DEAD, COMMIT_RESULT
@@ -321,14 +320,13 @@ class StreamConsumer:
         return Outcome.RESULT if written == 1 else Outcome.DUPLICATE
 
     def _store_map(self, job: InspectionJob, image: np.ndarray, scored: ScoredImage) -> tuple[str, str]:
-        npz_key, png_key = map_keys(job)
-        npz = encode_map(scored.anomaly_map)
-        png = encode_png(render_overlay(image, scored.anomaly_map, scored.pixel_threshold))
-        self._store_call(f"job {job.job_id}: writing {npz_key}", lambda: self.store.put_bytes(npz_key, npz))
-        self._store_call(
-            f"job {job.job_id}: writing {png_key}", lambda: self.store.put_bytes(png_key, png, "image/png")
-        )
-        return self.store.ref(npz_key), self.store.ref(png_key)
+        objects = map_objects(job, image, scored)
+        for obj in objects:
+            self._store_call(
+                f"job {job.job_id}: writing {obj.key}",
+                lambda obj=obj: self.store.put_bytes(obj.key, obj.data, obj.content_type),
+            )
+        return self.store.ref(objects[0].key), self.store.ref(objects[1].key)
 
     # ---- the loop ---------------------------------------------------------------------------
     def _run_one(self, entry: Entry) -> Outcome:

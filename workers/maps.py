@@ -10,10 +10,22 @@ redelivered job overwrites its own map rather than writing a second one.
 from __future__ import annotations
 
 import io
+from typing import NamedTuple
 
 import numpy as np
 
 from schemas import InspectionJob
+from trainer.imaging import encode_png
+from workers.inspection import ScoredImage
+from workers.overlay import render_overlay
+
+
+class MapObject(NamedTuple):
+    """One object to write for a scored job."""
+
+    key: str
+    data: bytes
+    content_type: str
 
 
 def map_keys(job: InspectionJob) -> tuple[str, str]:
@@ -34,3 +46,13 @@ def decode_map(data: bytes) -> np.ndarray:
     """Read an ``.npz`` written by `encode_map` back into a float32 (H, W) array."""
     with np.load(io.BytesIO(data), allow_pickle=False) as archive:
         return np.asarray(archive["map"], dtype=np.float32)
+
+
+def map_objects(job: InspectionJob, image: np.ndarray, scored: ScoredImage) -> tuple[MapObject, MapObject]:
+    """The (npz map, PNG overlay) objects of a scored job, keyed by `map_keys`."""
+    npz_key, png_key = map_keys(job)
+    overlay = encode_png(render_overlay(image, scored.anomaly_map, scored.pixel_threshold))
+    return (
+        MapObject(npz_key, encode_map(scored.anomaly_map), "application/octet-stream"),
+        MapObject(png_key, overlay, "image/png"),
+    )

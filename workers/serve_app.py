@@ -25,6 +25,7 @@ from schemas import ModelCard, Settings
 from trainer.registry import ModelRegistry
 from trainer.scoring import PatchModel
 from trainer.store import ObjectStore
+from workers.http_api import HTTP_APP_NAME, HttpGateway
 from workers.inspection import ScoredImage, finish_inspection, plan_inspection
 
 APP_NAME = "anomap"
@@ -115,11 +116,28 @@ def build_app(
     )
 
 
-def deploy(settings: Settings, version: str, scorer_replicas: int = 2, chunk_patches: int = 128) -> DeploymentHandle:
-    """Start Serve (no HTTP proxy: callers use handles) and run the app for ``version``."""
-    serve.start(proxy_location="Disabled")
+def deploy(
+    settings: Settings,
+    version: str,
+    scorer_replicas: int = 2,
+    chunk_patches: int = 128,
+    http_port: int | None = None,
+) -> DeploymentHandle:
+    """Start Serve and run the app for ``version``; returns the ingress handle.
+
+    Without ``http_port`` no HTTP proxy runs (callers use handles). With it, the proxy listens on
+    127.0.0.1:``http_port`` and the `HttpGateway` app answers ``POST /v1/inspect``. HTTP options
+    are cluster-wide: they apply only when this call starts Serve.
+    """
+    if http_port is None:
+        serve.start(proxy_location="Disabled")
+    else:
+        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": http_port})
     app = build_app(settings, version, scorer_replicas=scorer_replicas, chunk_patches=chunk_patches)
-    return serve.run(app, name=APP_NAME, route_prefix=None)
+    handle = serve.run(app, name=APP_NAME, route_prefix=None)
+    if http_port is not None:
+        serve.run(HttpGateway.bind(settings, APP_NAME), name=HTTP_APP_NAME, route_prefix="/")
+    return handle
 
 
 class ServeInspector:

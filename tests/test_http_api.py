@@ -1,0 +1,86 @@
+"""`POST /v1/inspect` over a real socket: an image in, an InspectionResult with a stored map out."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from helpers import register_small_model, small_png
+from ray import serve
+
+from cluster.ports import free_port
+from schemas import InspectionResult, ModelCard, Settings
+from schemas.stream import MAX_INLINE_IMAGE_BYTES
+from trainer.store import ObjectStore
+from trainer.synthetic import DefectKind
+from workers.maps import decode_map
+from workers.serve_app import deploy
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def http_service(stack_settings: Settings, ray_cluster: str) -> Iterator[tuple[str, Settings, ModelCard]]:
+    serve.shutdown()  # HTTP options apply only when Serve starts
+    settings = stack_settings.model_copy(update={"bucket": f"http-{uuid.uuid4().hex[:8]}"})
+    store = ObjectStore.from_settings(settings)
+    store.ensure_bucket()
+    card = register_small_model(store, settings.model_name)
+    port = free_port()
+    deploy(settings, card.version, scorer_replicas=1, chunk_patches=32, http_port=port)
+    yield f"http://127.0.0.1:{port}", settings, card
+    serve.shutdown()
+
+
+def _post(url: str, body: bytes, content_type: str = "image/png") -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def test_inspect_returns_a_result_whose_map_is_stored(http_service: tuple[str, Settings, ModelCard]) -> None:
+    base, settings, card = http_service
+    status, body = _post(f"{base}/v1/inspect?camera_id=cam09&job_id=cam09-http-1", small_png(3, (DefectKind.SCRATCH,)))
+    assert status == 200, body
+    result = InspectionResult.model_validate(body)
+    assert (result.job_id, result.camera_id, result.model_version) == ("cam09-http-1", "cam09", card.version)
+    stored = decode_map(ObjectStore.from_settings(settings).get_bytes(result.map_ref.split("/", 3)[3]))
+    assert stored.shape == (result.height, result.width)
+
+
+def test_bad_bodies_get_reason_codes(http_service: tuple[str, Settings, ModelCard]) -> None:
+    base, _, _ = http_service
+    status, body = _post(f"{base}/v1/inspect", b"not an image")
+    assert (status, body["detail"]["reason"]) == (422, "undecodable_image")
+    status, body = _post(f"{base}/v1/inspect", b"")
+    assert (status, body["detail"]["reason"]) == (422, "empty_image")
+    status, _ = _post(f"{base}/v1/inspect?job_id=../../etc", small_png(1))
+    assert status == 422
+    # an oversized body is refused from its Content-Length, before it is sent
+    connection = http.client.HTTPConnection(urllib.parse.urlsplit(base).netloc, timeout=30)
+    connection.putrequest("POST", "/v1/inspect")
+    connection.putheader("Content-Type", "image/png")
+    connection.putheader("Content-Length", str(MAX_INLINE_IMAGE_BYTES + 1))
+    connection.endheaders()
+    response = connection.getresponse()
+    assert response.status == 413
+    assert "at most" in json.loads(response.read())["detail"]
+    connection.close()
+
+
+def test_openapi_schema_documents_the_endpoint(http_service: tuple[str, Settings, ModelCard]) -> None:
+    base, _, _ = http_service
+    with urllib.request.urlopen(f"{base}/openapi.json", timeout=30) as response:
+        schema = json.loads(response.read())
+    operation = schema["paths"]["/v1/inspect"]["post"]
+    assert "image/png" in operation["requestBody"]["content"]
+    assert "InspectionResult" in json.dumps(operation["responses"]["200"])

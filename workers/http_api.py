@@ -1,0 +1,110 @@
+"""`POST /v1/inspect`: one image in the request body, its `InspectionResult` back, synchronously.
+
+For callers that want an answer now rather than on the results stream. The gateway is its own
+Serve application (``anomap-http``) that calls the ``InspectionService`` of the ``anomap`` app, so
+both paths score with the same replicas and write the same map objects::
+
+    curl -s --data-binary @part.png -H 'Content-Type: image/png' \\
+        'http://127.0.0.1:8000/v1/inspect?camera_id=cam01&line=default'
+
+Bodies over 16 MiB are refused (413) before they are read whole; an undecodable or oversized image
+is a 422 with the same reason codes as the dead-letter stream. The OpenAPI schema is at
+``/openapi.json``.
+"""
+
+# No `from __future__ import annotations` here: FastAPI resolves the endpoint's annotations at runtime.
+import asyncio
+import time
+import uuid
+from typing import Annotated
+
+from fastapi import FastAPI, HTTPException, Query, Request
+from pydantic import ValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from schemas import InspectionJob, InspectionResult, Settings
+from schemas.ids import CAMERA_PATTERN, JOB_ID_PATTERN, LINE_PATTERN
+from schemas.stream import MAX_INLINE_IMAGE_BYTES
+from trainer.imaging import ImageRejected, decode_image
+from trainer.store import ObjectStore
+from workers.maps import map_objects
+from workers.results import build_result
+
+HTTP_APP_NAME = "anomap-http"
+api = FastAPI(
+    title="anomap",
+    version="1",
+    description="Pixel-level anomaly maps for factory camera images (Noisy-AnoGAN on patches).",
+)
+
+_IMAGE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            media: {"schema": {"type": "string", "format": "binary"}}
+            for media in ("image/png", "image/jpeg", "image/tiff", "image/bmp", "application/octet-stream")
+        },
+    }
+}
+
+
+async def _read_bounded(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"image is {declared} bytes; at most {limit} are allowed")
+    body = bytearray()
+    async for chunk in request.stream():
+        body.extend(chunk)
+        if len(body) > limit:
+            raise HTTPException(413, f"image is over {limit} bytes; at most {limit} are allowed")
+    if not body:
+        raise HTTPException(422, {"reason": "empty_image", "detail": "the request body is empty"})
+    return bytes(body)
+
+
+@serve.deployment(name="HttpGateway", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=16)
+@serve.ingress(api)
+class HttpGateway:
+    """Decodes the body, scores it through the ``anomap`` app, stores the map, returns the result."""
+
+    def __init__(self, settings: Settings, scoring_app: str = "anomap") -> None:
+        self.store = ObjectStore.from_settings(settings)
+        self.service: DeploymentHandle = serve.get_deployment_handle("InspectionService", app_name=scoring_app)
+
+    @api.post("/v1/inspect", response_model=InspectionResult, openapi_extra=_IMAGE_BODY)
+    async def inspect(
+        self,
+        request: Request,
+        camera_id: Annotated[str, Query(pattern=CAMERA_PATTERN)] = "http",
+        line: Annotated[str, Query(pattern=LINE_PATTERN)] = "default",
+        job_id: Annotated[str | None, Query(pattern=JOB_ID_PATTERN)] = None,
+        pixel_threshold: Annotated[float | None, Query(gt=0, le=1e6)] = None,
+    ) -> InspectionResult:
+        """Score the image in the body; the map and overlay are stored like a streamed job's."""
+        started = time.perf_counter()
+        data = await _read_bounded(request, MAX_INLINE_IMAGE_BYTES)
+        try:
+            job = InspectionJob(
+                job_id=job_id or f"{camera_id}-http-{uuid.uuid4().hex[:12]}",
+                camera_id=camera_id,
+                line=line,
+                pixel_threshold=pixel_threshold,
+            )
+            image = decode_image(data)
+        except ValidationError as exc:
+            raise HTTPException(422, {"reason": "invalid_schema", "detail": str(exc)}) from exc
+        except ImageRejected as exc:
+            raise HTTPException(422, {"reason": exc.reason.value, "detail": exc.detail}) from exc
+        decoded = time.perf_counter()
+        scored = await self.service.inspect.remote(image, pixel_threshold)
+        scored_at = time.perf_counter()
+        objects = map_objects(job, image, scored)
+        for obj in objects:
+            await asyncio.to_thread(self.store.put_bytes, obj.key, obj.data, obj.content_type)
+        stage_ms = {
+            "decode": (decoded - started) * 1e3,
+            "score": (scored_at - decoded) * 1e3,
+            "store": (time.perf_counter() - scored_at) * 1e3,
+        }
+        return build_result(job, scored, self.store.ref(objects[0].key), self.store.ref(objects[1].key), stage_ms)
