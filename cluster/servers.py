@@ -17,12 +17,14 @@ up (another process may take a port between the check and the bind).
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import shutil
 import string
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +34,8 @@ import redis
 from cluster.connections import RAY_ENV, minio_from_endpoint
 from cluster.ports import GRPC_OFFSET, free_port, free_port_pairs, free_ports
 from cluster.processes import ManagedServer, ServerStartError, launch, tcp_accepts, wait_ready
+
+log = logging.getLogger("anomap.stack")
 
 HOST = "127.0.0.1"
 _START_ATTEMPTS = 3
@@ -73,9 +77,13 @@ def _retrying(start: Callable[[], ManagedServer], ports_chosen_here: bool) -> Ma
     for attempt in range(1, _START_ATTEMPTS + 1):
         try:
             return start()
-        except ServerStartError:
+        except ServerStartError as exc:
             if not ports_chosen_here or attempt == _START_ATTEMPTS:
                 raise
+            # seen once: weed mini's filer found its leveldb still locked ("resource temporarily
+            # unavailable") right after a failed attempt; give the old process tree a moment to go
+            log.warning("start attempt %d failed, retrying in 1 s: %s", attempt, str(exc).splitlines()[0])
+            time.sleep(1.0)
     raise AssertionError("unreachable")
 
 
