@@ -71,6 +71,20 @@ class ProcInfo(NamedTuple):
     start_ticks: int
 
 
+def kill_matching(marker: str) -> list[int]:
+    """SIGKILL every live process whose command line contains ``marker``; returns their pids.
+
+    Only for markers unique to one server instance (e.g. its own data directory).
+    """
+    killed = []
+    for pid in process_table():
+        if pid != os.getpid() and marker in proc_cmdline(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+    return killed
+
+
 def process_table() -> dict[int, ProcInfo]:
     """Every live (non-zombie) process: pid -> parent, process group, start time."""
     table: dict[int, ProcInfo] = {}

@@ -33,7 +33,7 @@ import redis
 
 from cluster.connections import RAY_ENV, minio_from_endpoint
 from cluster.ports import GRPC_OFFSET, free_port, free_port_pairs, free_ports
-from cluster.processes import ManagedServer, ServerStartError, launch, tcp_accepts, wait_ready
+from cluster.processes import ManagedServer, ServerStartError, kill_matching, launch, tcp_accepts, wait_ready
 
 log = logging.getLogger("anomap.stack")
 
@@ -73,15 +73,21 @@ def ray_binary() -> Path:
     return _find_binary("ray", "ray")
 
 
-def _retrying(start: Callable[[], ManagedServer], ports_chosen_here: bool) -> ManagedServer:
+def _retrying(
+    start: Callable[[], ManagedServer], ports_chosen_here: bool, instance_marker: str | None = None
+) -> ManagedServer:
+    """Start, retrying with fresh ports; ``instance_marker`` (unique to this instance, e.g. its data
+    dir) lets a failed attempt's leftovers be killed first."""
     for attempt in range(1, _START_ATTEMPTS + 1):
         try:
             return start()
         except ServerStartError as exc:
+            # seen once: a failed weed mini attempt lived on and kept its filer store locked, so
+            # every retry failed with "resource temporarily unavailable"
+            if instance_marker is not None and (leftovers := kill_matching(instance_marker)):
+                log.warning("killed leftovers %s of a failed start", leftovers)
             if not ports_chosen_here or attempt == _START_ATTEMPTS:
                 raise
-            # seen once: weed mini's filer found its leveldb still locked ("resource temporarily
-            # unavailable") right after a failed attempt; give the old process tree a moment to go
             log.warning("start attempt %d failed, retrying in 1 s: %s", attempt, str(exc).splitlines()[0])
             time.sleep(1.0)
     raise AssertionError("unreachable")
@@ -204,6 +210,7 @@ def start_seaweed(
     data_dir.mkdir(parents=True, exist_ok=True)
     binary = weed_binary()
     socket_dir, extra_cleanup = _weed_socket_dir(data_dir)
+    marker = f"mini -dir={data_dir}"
 
     def start() -> ManagedServer:
         ports = dict(zip(_WEED_COMPONENTS, free_port_pairs(len(_WEED_COMPONENTS), HOST), strict=True))
@@ -233,7 +240,7 @@ def start_seaweed(
             "seaweed",
             argv,
             data_dir=data_dir,
-            marker=f"mini -dir={data_dir}",
+            marker=marker,
             endpoint=endpoint,
             ports=ports,
             env={"AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key},
@@ -244,7 +251,7 @@ def start_seaweed(
         wait_ready(server, timeout=ready_timeout)
         return server
 
-    return _retrying(start, ports_chosen_here=True)
+    return _retrying(start, ports_chosen_here=True, instance_marker=marker)
 
 
 def start_ray_head(

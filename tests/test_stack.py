@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -280,3 +281,18 @@ def test_object_store_fixture_gives_a_bucket_of_its_own(object_store: ObjectStor
     assert list(object_store.list_keys("")) == []
     object_store.put_bytes("images/a.png", b"png")
     assert object_store.get_bytes("images/a.png") == b"png"
+
+
+def test_kill_matching_kills_only_the_marked_instance() -> None:
+    from cluster.processes import kill_matching
+
+    marker = f"anomap-test-marker-{os.getpid()}-{time.monotonic_ns()}"
+    marked = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", marker])
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "unrelated"])
+    try:
+        assert kill_matching(marker) == [marked.pid]
+        assert marked.wait(timeout=10) == -signal.SIGKILL
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
