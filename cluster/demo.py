@@ -30,7 +30,7 @@ from cluster.serving import InspectionServer
 from cluster.stack import EmbeddedStack
 from schemas import InspectionJob, Settings, StreamNames
 from trainer.config import TrainConfig
-from trainer.imaging import decode_image, encode_png
+from trainer.imaging import encode_png
 from trainer.metrics import image_auroc, pixel_auroc
 from trainer.pipeline import train_model_version
 from trainer.registry import ModelRegistry
@@ -99,7 +99,7 @@ def _evaluate(
         ReportCase(
             job_id=job_id,
             camera_id=result.camera_id,
-            image=decode_image(encode_png(dataset.test_images[i])),
+            image=dataset.test_images[i].astype(np.float32) / 255.0,
             overlay_png=store.get_bytes(result.overlay_ref.split("/", 3)[3]),
             mask=dataset.test_masks[i],
             image_score=result.image_score,

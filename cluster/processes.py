@@ -113,11 +113,6 @@ def _reap_own_zombie(pid: int, start_ticks: int) -> None:
             os.waitpid(pid, os.WNOHANG)
 
 
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes in process group ``pgid``."""
-    return [pid for pid, info in process_table().items() if info.pgid == pgid]
-
-
 def tcp_accepts(host: str, port: int, timeout: float = 0.5) -> bool:
     """Whether a TCP connection to ``host:port`` succeeds."""
     try:
@@ -239,8 +234,7 @@ class ManagedServer(BaseModel):
             if alive:
                 msg = f"{label}: processes {alive} survived SIGKILL"
                 raise RuntimeError(msg)
-        self._reap()  # it may have turned zombie after the last reap inside the wait
-        self._cleanup()
+        self._cleanup()  # reaps the leader if it is our child
         return f"{label} {how}" if was_running else f"{label}: leftover processes {how}"
 
     def kill(self) -> str:
