@@ -234,7 +234,8 @@ class ManagedServer(BaseModel):
             if alive:
                 msg = f"{label}: processes {alive} survived SIGKILL"
                 raise RuntimeError(msg)
-        self._cleanup()  # reaps the leader if it is our child
+        self._reap()  # not redundant with _cleanup: the leader may turn zombie only after the wait saw it go
+        self._cleanup()
         return f"{label} {how}" if was_running else f"{label}: leftover processes {how}"
 
     def kill(self) -> str:
