@@ -12,7 +12,7 @@ from schemas import AbnormalPatchSource, ModelCard, ScoreMode, Thresholds
 from schemas.model_card import MapMode
 from trainer.model_io import weights_to_bytes
 from trainer.networks import DiscriminatorHead, build_networks
-from trainer.scoring import PatchModel, anomaly_map, finish_map
+from trainer.scoring import LatentOptions, PatchModel, anomaly_map, finish_map
 
 
 def _card(
@@ -102,9 +102,78 @@ def test_finish_map_smooths_without_changing_the_mean() -> None:
     np.testing.assert_array_equal(finish_map(spike, 0.0), spike)
 
 
-def test_search_mode_is_not_implemented_yet() -> None:
-    with pytest.raises(ValueError, match="search"):
-        PatchModel.from_safetensors(_card(score_mode=ScoreMode.SEARCH), _weights(), device="cpu")
+def test_search_mode_gives_a_non_negative_map_per_patch() -> None:
+    card = _card(score_mode=ScoreMode.SEARCH).model_copy(
+        update={"train_config": {"discriminator_head": "global", "search_steps": 5}}
+    )
+    model = PatchModel.from_safetensors(card, _weights(), device="cpu")
+    assert model.discriminator is not None  # L(z) needs f
+    assert (model.latent.mode, model.latent.steps) == (ScoreMode.SEARCH, 5)
+    patches = np.random.default_rng(7).random((4, 32, 32), dtype=np.float32)
+    maps = model.score_patches(patches)
+    assert maps.shape == (4, 32, 32) and maps.dtype == np.float32
+    assert np.isfinite(maps).all() and (maps >= 0).all()
+    np.testing.assert_allclose(maps, np.abs(patches - model.reconstruct(patches)), atol=1e-6)
+    np.testing.assert_allclose(maps[:2], model.score_patches(patches[:2]), atol=1e-5)  # one start for every patch
+
+
+def test_the_same_weights_score_in_either_mode() -> None:
+    card, weights = _card(), _weights()
+    encoder = PatchModel.from_safetensors(card, weights, device="cpu")
+    search = PatchModel.from_safetensors(card, weights, device="cpu", score_mode="search", search_steps=3)
+    assert search.latent.mode == ScoreMode.SEARCH and search.latent.steps == 3
+    assert search.card == card and encoder.latent.steps == 0
+    patches = np.random.default_rng(8).random((3, 32, 32), dtype=np.float32)
+    assert not np.allclose(encoder.score_patches(patches), search.score_patches(patches))
+
+
+def test_search_steps_default_to_anogan_500() -> None:
+    assert LatentOptions.for_card(_card(score_mode=ScoreMode.SEARCH)).steps == 500
+    assert LatentOptions.for_card(_card()).steps == 0  # encoder mode: no refinement unless asked
+
+
+def _latent_loss(model: PatchModel, patches: np.ndarray, rec: np.ndarray) -> np.ndarray:
+    x, r = (torch.from_numpy(a * 2.0 - 1.0).unsqueeze(1) for a in (patches, rec))
+    assert model.discriminator is not None
+    with torch.no_grad():
+        f_x, f_r = model.discriminator.features(x), model.discriminator.features(r)
+    return (0.9 * (x - r).abs().flatten(1).mean(1) + 0.1 * (f_x - f_r).abs().mean(1)).numpy()
+
+
+def test_refine_steps_do_not_increase_the_search_loss_of_the_encoder_code() -> None:
+    card, weights = _card(), _weights()
+    plain = PatchModel.from_safetensors(card, weights, device="cpu", with_discriminator=True)
+    refined = PatchModel.from_safetensors(card, weights, device="cpu", refine_steps=10)
+    assert refined.discriminator is not None and refined.latent.mode == ScoreMode.ENCODER
+    patches = np.random.default_rng(9).random((4, 32, 32), dtype=np.float32)
+    before = _latent_loss(plain, patches, plain.reconstruct(patches))
+    after = _latent_loss(refined, patches, refined.reconstruct(patches))
+    assert (after <= before + 1e-6).all() and (after < before).any()
+
+
+def test_a_search_without_the_discriminator_is_refused() -> None:
+    g, d, e = build_networks(32, 8, 4)
+    with pytest.raises(ValueError, match="needs the discriminator"):
+        PatchModel(_card(score_mode=ScoreMode.SEARCH), g, e, device="cpu")
+    with pytest.raises(ValueError, match="needs the discriminator"):
+        PatchModel(_card(), g, e, device="cpu", refine_steps=2)
+    assert PatchModel(_card(), g, e, d, device="cpu", refine_steps=2).latent.steps == 2
+
+
+@pytest.mark.parametrize(
+    ("overrides", "train_config", "match"),
+    [
+        ({"score_mode": "search", "search_steps": -1}, {}, "steps must be an integer >= 0"),
+        ({"refine_steps": -3}, {}, "steps must be an integer >= 0"),
+        ({"score_mode": "search"}, {"search_lambda": 1.5}, r"lambda must be in \[0, 1\]"),
+        ({"score_mode": "search"}, {"search_steps": "many"}, "search_steps must be a number"),
+        ({"score_mode": "sideways"}, {}, "unknown score mode"),
+    ],
+)
+def test_bad_search_settings_are_refused(overrides: dict, train_config: dict, match: str) -> None:
+    card = _card().model_copy(update={"train_config": {"discriminator_head": "global", **train_config}})
+    with pytest.raises(ValueError, match=match):
+        PatchModel.from_safetensors(card, _weights(), device="cpu", **overrides)
 
 
 def test_weights_of_another_architecture_are_refused() -> None:

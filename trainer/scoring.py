@@ -1,6 +1,8 @@
 """Score patches and whole images with a trained model version: anomaly maps of the card's `MapMode`.
 
-``residual`` is |x − G(E(x))|; ``residual+logit`` multiplies it by −log D(x) of a dense (per 8×8 cell)
+The latent code z* of a patch comes from the encoder (mode ``encoder``, optionally refined by a few steps of
+the AnoGAN loss) or from the paper's latent search (mode ``search``, `trainer.latent_search`); see
+`LatentOptions`. ``residual`` is |x − G(z*)|; ``residual+logit`` multiplies it by −log D(x) of a dense (per 8×8 cell)
 discriminator, which γ < 1 has trained to call the confirmed defects fake; see `schemas.model_card.MapMode`.
 
 Images and patches are float32 in [0, 1] outside this module; the networks see [-1, 1] inside it (or
@@ -20,6 +22,7 @@ across replicas and calls `score_patches` and `finish_map` itself.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,12 +31,87 @@ from scipy.ndimage import gaussian_filter
 
 from schemas import ModelCard, ScoreMode
 from schemas.model_card import MapMode
+from trainer.latent_search import DEFAULT_LAMBDA, DEFAULT_LR, DEFAULT_STEPS, check_search_arguments, search_latent
 from trainer.model_io import sub_state, weights_from_bytes
 from trainer.networks import Discriminator, DiscriminatorHead, Encoder, Generator
 from trainer.patches import as_unit_float
 from trainer.tiling import extract_patches, plan_tiles, stitch_patches
 
 _NEEDS_DISCRIMINATOR = frozenset({MapMode.FEATURE, MapMode.LOGIT, MapMode.RESIDUAL_LOGIT})
+
+
+@dataclass(frozen=True)
+class LatentOptions:
+    """How `PatchModel` finds a patch's latent code z* (method.md §4).
+
+    ``encoder``: z* = E(x), then ``steps`` Adam steps of L(z) from there (0 = the encoder alone).
+    ``search``: ``steps`` (Γ) Adam steps of L(z) from a seeded z ~ N(0, I), the same start for every patch,
+    so that a patch's map does not depend on its batch. L(z) uses ``Discriminator.features`` with weight λ.
+    """
+
+    mode: ScoreMode = ScoreMode.ENCODER
+    steps: int = 0
+    lam: float = DEFAULT_LAMBDA
+    lr: float = DEFAULT_LR
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in set(ScoreMode):
+            msg = f"unknown score mode {self.mode!r}; expected one of {[str(m) for m in ScoreMode]}"
+            raise ValueError(msg)
+        check_search_arguments(self.steps, self.lam, self.lr)
+
+    @property
+    def searches(self) -> bool:
+        """Whether scoring runs Adam steps on z."""
+        return self.mode == ScoreMode.SEARCH or self.steps > 0
+
+    @classmethod
+    def for_card(
+        cls,
+        card: ModelCard,
+        score_mode: ScoreMode | str | None = None,
+        search_steps: int | None = None,
+        refine_steps: int | None = None,
+    ) -> LatentOptions:
+        """The card's options (``score_mode``; ``search_steps``, ``refine_steps``, ``search_lambda``,
+        ``search_lr``, ``search_seed`` in its train_config, with defaults), overridden by the arguments given.
+
+        Γ is ``search_steps`` (default 500) in mode ``search`` and ``refine_steps`` (default 0) in ``encoder``;
+        the other mode's count is ignored.
+        """
+        if score_mode is not None and score_mode not in set(ScoreMode):
+            msg = f"unknown score mode {score_mode!r}; expected one of {[str(m) for m in ScoreMode]}"
+            raise ValueError(msg)
+        mode = ScoreMode(score_mode) if score_mode is not None else card.score_mode
+        cfg = card.train_config
+
+        def number(override: float | None, key: str, default: float) -> float | int:
+            value = override if override is not None else cfg.get(key)
+            if value is None:
+                return default
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                msg = f"{key} must be a number, got {value!r}"
+                raise ValueError(msg)
+            return value
+
+        if mode == ScoreMode.SEARCH:
+            steps = number(search_steps, "search_steps", DEFAULT_STEPS)
+        else:
+            steps = number(refine_steps, "refine_steps", 0)
+        if isinstance(steps, float) and steps.is_integer():  # e.g. 500.0 from a JSON card
+            steps = int(steps)
+        return cls(
+            mode=mode,
+            steps=steps,  # type: ignore[arg-type]  # a non-integer is refused in __post_init__
+            lam=float(number(None, "search_lambda", DEFAULT_LAMBDA)),
+            lr=float(number(None, "search_lr", DEFAULT_LR)),
+            seed=int(number(None, "search_seed", 0)),
+        )
+
+
+def _needs_discriminator(card: ModelCard, latent: LatentOptions) -> bool:
+    return card.map_mode in _NEEDS_DISCRIMINATOR or (latent.searches and latent.lam > 0)
 
 
 def _gaussian_kernel(sigma: float) -> torch.Tensor:
@@ -64,7 +142,11 @@ def default_device() -> str:
 
 
 class PatchModel:
-    """A model version ready to score P×P patches (encoder mode, method.md §4)."""
+    """A model version ready to score P×P patches (method.md §4).
+
+    The latent code comes from the card's score mode unless ``score_mode`` / ``search_steps`` /
+    ``refine_steps`` override it (see `LatentOptions.for_card`), so one set of weights can be scored both ways.
+    """
 
     def __init__(
         self,
@@ -73,17 +155,23 @@ class PatchModel:
         encoder: Encoder,
         discriminator: Discriminator | None = None,
         device: str | None = None,
+        *,
+        score_mode: ScoreMode | str | None = None,
+        search_steps: int | None = None,
+        refine_steps: int | None = None,
     ) -> None:
-        if card.score_mode == ScoreMode.SEARCH:
-            msg = "score mode 'search' (latent search, method.md §4) is not implemented yet; use 'encoder'"
-            raise ValueError(msg)
-        if card.score_mode != ScoreMode.ENCODER:
-            msg = f"unknown score mode {card.score_mode!r}"
-            raise ValueError(msg)
+        latent = LatentOptions.for_card(card, score_mode, search_steps, refine_steps)
         if card.map_mode in _NEEDS_DISCRIMINATOR and discriminator is None:
             msg = f"map mode {card.map_mode!r} needs the discriminator; build with from_state/from_safetensors"
             raise ValueError(msg)
+        if _needs_discriminator(card, latent) and discriminator is None:
+            msg = (
+                f"score mode {latent.mode!r} with {latent.steps} latent steps and lambda={latent.lam} needs the "
+                "discriminator's features; build with from_state/from_safetensors"
+            )
+            raise ValueError(msg)
         self._card = card
+        self.latent = latent
         self.device = torch.device(device or default_device())
         self.generator = generator.to(self.device).eval()
         self.encoder = encoder.to(self.device).eval()
@@ -97,29 +185,62 @@ class PatchModel:
         state: dict[str, torch.Tensor],
         device: str | None = None,
         with_discriminator: bool = False,
+        *,
+        score_mode: ScoreMode | str | None = None,
+        search_steps: int | None = None,
+        refine_steps: int | None = None,
     ) -> PatchModel:
-        """Build from a flat ``generator.… / encoder.… / discriminator.…`` state dict and the card's architecture."""
+        """Build from a flat ``generator.… / encoder.… / discriminator.…`` state dict and the card's architecture.
+
+        ``score_mode``, ``search_steps`` and ``refine_steps`` override the card's (`LatentOptions.for_card`).
+        """
+        latent = LatentOptions.for_card(card, score_mode, search_steps, refine_steps)
         p, z, c = card.patch_size, card.latent_dim, card.base_channels
         generator, encoder = Generator(p, z, c), Encoder(p, z, c)
         try:
             generator.load_state_dict(sub_state(state, "generator"))
             encoder.load_state_dict(sub_state(state, "encoder"))
             discriminator = None
-            if with_discriminator or card.map_mode in _NEEDS_DISCRIMINATOR:
+            if with_discriminator or _needs_discriminator(card, latent):
                 head = DiscriminatorHead(card.train_config.get("discriminator_head", DiscriminatorHead.GLOBAL))
                 discriminator = Discriminator(p, c, card.spectral_norm, head)
                 discriminator.load_state_dict(sub_state(state, "discriminator"))
         except (KeyError, RuntimeError) as exc:
             msg = f"weights do not match model card {card.name}/{card.version} (P={p}, Z={z}, base={c}): {exc}"
             raise ValueError(msg) from exc
-        return cls(card, generator, encoder, discriminator, device)
+        return cls(
+            card,
+            generator,
+            encoder,
+            discriminator,
+            device,
+            score_mode=latent.mode,
+            search_steps=search_steps,
+            refine_steps=refine_steps,
+        )
 
     @classmethod
     def from_safetensors(
-        cls, card: ModelCard, weights: bytes, device: str | None = None, with_discriminator: bool = False
+        cls,
+        card: ModelCard,
+        weights: bytes,
+        device: str | None = None,
+        with_discriminator: bool = False,
+        *,
+        score_mode: ScoreMode | str | None = None,
+        search_steps: int | None = None,
+        refine_steps: int | None = None,
     ) -> PatchModel:
-        """Build from the registry's card and ``weights.safetensors`` bytes."""
-        return cls.from_state(card, weights_from_bytes(weights), device, with_discriminator)
+        """Build from the registry's card and ``weights.safetensors`` bytes (overrides as in `from_state`)."""
+        return cls.from_state(
+            card,
+            weights_from_bytes(weights),
+            device,
+            with_discriminator,
+            score_mode=score_mode,
+            search_steps=search_steps,
+            refine_steps=refine_steps,
+        )
 
     @property
     def card(self) -> ModelCard:
@@ -133,30 +254,47 @@ class PatchModel:
     def _autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
 
-    @torch.inference_mode()
     def reconstruct(self, patches: np.ndarray) -> np.ndarray:
-        """G(E(x)) for patches (N, P, P) in [0, 1] -> (N, P, P) float32 in [0, 1]."""
+        """G(z*) for patches (N, P, P) in [0, 1] -> (N, P, P) float32 in [0, 1]; z* as in `latent`."""
         x = self._to_tensor(patches)
-        with self._autocast():
-            rec = self.generator(self.encoder(x)).float()  # (N, 1, P, P), network units
-        if self.contrast_gain > 0:
-            mean = torch.from_numpy(np.asarray(patches, dtype=np.float32)).to(self.device).mean((1, 2))
-            return (rec.squeeze(1) / self.contrast_gain + mean[:, None, None]).cpu().numpy()
-        return ((rec + 1.0) / 2.0).squeeze(1).cpu().numpy()
+        rec = self._reconstruct(x)  # (N, 1, P, P), network units
+        with torch.inference_mode():
+            if self.contrast_gain > 0:
+                mean = torch.from_numpy(np.asarray(patches, dtype=np.float32)).to(self.device).mean((1, 2))
+                return (rec.squeeze(1) / self.contrast_gain + mean[:, None, None]).cpu().numpy()
+            return ((rec + 1.0) / 2.0).squeeze(1).cpu().numpy()
 
-    @torch.inference_mode()
     def score_patches(self, patches: np.ndarray) -> np.ndarray:
         """The card's pixel map (`MapMode`) of patches (N, P, P) in [0, 1] -> (N, P, P) float32 >= 0, one batch."""
         x = self._to_tensor(patches)
-        with self._autocast():
-            maps = self._maps(x)
+        rec = self._reconstruct(x)
+        with torch.inference_mode(), self._autocast():
+            maps = self._maps(x, rec)
         return maps.float().squeeze(1).cpu().numpy()
 
-    def _maps(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 1, P, P) in [-1, 1] -> (N, 1, P, P) map of the card's mode."""
+    def _reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """G(z*) of x (N, 1, P, P) in network units -> (N, 1, P, P) float32; only the search runs with gradients."""
+        latent, z0 = self.latent, None
+        if latent.mode == ScoreMode.ENCODER:
+            with torch.inference_mode(), self._autocast():
+                z0 = self.encoder(x)  # (N, Z)
+                if latent.steps == 0:
+                    return self.generator(z0).float()
+        else:  # one seeded start for every patch: a patch's map does not depend on its batch
+            start = torch.randn(1, self._card.latent_dim, generator=torch.Generator().manual_seed(latent.seed))
+            z0 = start.expand(len(x), -1)
+        d = self.discriminator
+        features = d.features if d is not None and latent.lam > 0 else None
+        with self._autocast():
+            result = search_latent(
+                self.generator, x, features=features, z0=z0, steps=latent.steps, lam=latent.lam, lr=latent.lr
+            )
+        return result.reconstruction.float()
+
+    def _maps(self, x: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
+        """x and its reconstruction (N, 1, P, P) in network units -> (N, 1, P, P) map of the card's mode."""
         mode, p = self._card.map_mode, self.patch_size
-        rec = self.generator(self.encoder(x))  # (N, 1, P, P)
-        residual = (x - rec.float()) / self._units  # signed, [0, 1] intensity units
+        residual = (x - rec) / self._units  # signed, [0, 1] intensity units
         if mode == MapMode.RESIDUAL:
             return residual.abs()
         if mode == MapMode.SMOOTH_RESIDUAL:
