@@ -133,8 +133,18 @@ def train(
     schedule: Annotated[str, typer.Option(help="Training schedule: demo or tiny.")] = "demo",
     seed: Annotated[int, typer.Option()] = 0,
     live: Annotated[bool, typer.Option(help="Make the new version live.")] = True,
+    storage_path: Annotated[
+        Path | None,
+        typer.Option(
+            help="Keep Ray Train checkpoints in this directory (shared by all nodes) instead of the "
+            "object store's s3://<bucket>/train-runs/."
+        ),
+    ] = None,
 ) -> None:
     """Train a Noisy-AnoGAN model version on Ray Train and store it in the registry.
+
+    Ray Train checkpoints every epoch (weights, Adam states, RNG seed) to s3://<bucket>/train-runs/<run>/
+    (or --storage-path DIR) and resumes from the last one when a worker dies.
 
     Data: --synthetic (the default; --size, --n-train, --contamination, --abnormal-k apply) or
     --data DIR, a folder in the MVTec-like layout (train/good, optional train/abnormal with masks
@@ -165,6 +175,7 @@ def train(
     from cluster.connections import connect_ray, object_store
     from trainer.pipeline import train_model_version
     from trainer.registry import ModelRegistry
+    from trainer.store import CheckpointStorage
     from trainer.synthetic import make_dataset
 
     if folder is not None:
@@ -185,6 +196,7 @@ def train(
         digest = synth.digest()
     connect_ray(settings)
     registry = ModelRegistry(object_store(settings), settings.model_name)
+    storage = CheckpointStorage.local(storage_path) if storage_path else CheckpointStorage.object_store(settings)
     card = train_model_version(
         config,
         normal,
@@ -194,7 +206,7 @@ def train(
         registry=registry,
         name=settings.model_name,
         data_digest=digest,
-        storage_path=str((settings.state_dir / "train").resolve()),
+        storage=storage,
         progress=console.log,
     )
     if live:
@@ -254,7 +266,15 @@ def serve(
     version: Annotated[str | None, typer.Option(help="Model version (default: the live one).")] = None,
     lines: Annotated[str, typer.Option(help="Comma-separated production lines to consume.")] = "default",
     consumers: Annotated[int, typer.Option(min=1, max=64)] = 2,
-    replicas: Annotated[int, typer.Option(min=1, max=256, help="PatchScorer replicas.")] = 2,
+    replicas: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=256,
+            help="A fixed number of PatchScorer replicas (default: ANOMAP_SCORER_REPLICAS, or autoscaling "
+            "with ANOMAP_SCORER_MIN_REPLICAS/ANOMAP_SCORER_MAX_REPLICAS; queue limits: see README).",
+        ),
+    ] = None,
     http_port: Annotated[
         int | None, typer.Option(min=1, max=65535, help="Also answer POST /v1/inspect on 127.0.0.1:PORT.")
     ] = None,

@@ -109,13 +109,15 @@ def minio_from_endpoint(
     secret_key: str | None,
     secure: bool = False,
     *,
+    region: str | None = None,
     connect_timeout: float = 5.0,
     read_timeout: float = 60.0,
     retries: int = 3,
 ) -> Minio:
     """A MinIO client for ``host:port`` or ``http(s)://host:port``, with bounded timeouts and retries.
 
-    TLS is used when ``secure`` is set or the endpoint starts with ``https://``.
+    TLS is used when ``secure`` is set or the endpoint starts with ``https://``. ``region``: the one
+    requests are signed for (None: asked of the store, per bucket).
     """
     secure = secure or endpoint.startswith("https://")
     host = endpoint.removeprefix("http://").removeprefix("https://").rstrip("/")
@@ -126,7 +128,7 @@ def minio_from_endpoint(
         ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
         retries=urllib3.Retry(total=retries, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
     )
-    return Minio(host, access_key=access_key, secret_key=secret_key, secure=secure, http_client=http)
+    return Minio(host, access_key=access_key, secret_key=secret_key, secure=secure, region=region, http_client=http)
 
 
 def minio_client(settings: Settings) -> Minio:
@@ -135,7 +137,7 @@ def minio_client(settings: Settings) -> Minio:
         raise _missing("S3 store", "S3_ENDPOINT (+ S3_ACCESS_KEY, S3_SECRET_KEY)", settings)
     access = settings.s3_access_key.get_secret_value() if settings.s3_access_key else None
     secret = settings.s3_secret_key.get_secret_value() if settings.s3_secret_key else None
-    return minio_from_endpoint(settings.s3_endpoint, access, secret, settings.s3_secure)
+    return minio_from_endpoint(settings.s3_endpoint, access, secret, settings.s3_secure, region=settings.s3_region)
 
 
 def object_store(settings: Settings, bucket: str | None = None) -> ObjectStore:

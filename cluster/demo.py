@@ -2,7 +2,8 @@
 
 1. bring up Valkey, SeaweedFS and a Ray head (only what is not configured);
 2. generate seeded synthetic brushed metal (a noisy "normal" set, a few confirmed scratches);
-3. train a small Noisy-AnoGAN on Ray Train (2 workers) and register it as the live version;
+3. train a small Noisy-AnoGAN on Ray Train (2 workers, checkpoints to s3://<bucket>/train-runs/) and
+   register it as the live version;
 4. deploy the Serve app and consumer threads;
 5. a simulated camera fleet publishes jobs (normal and scratched; some inline, some by reference)
    and waits for every answer;
@@ -34,6 +35,7 @@ from trainer.imaging import encode_png
 from trainer.metrics import image_auroc, pixel_auroc
 from trainer.pipeline import train_model_version
 from trainer.registry import ModelRegistry
+from trainer.store import CheckpointStorage
 from trainer.synthetic import SyntheticDataset, make_dataset
 from workers.fleet import CameraFleet, CameraJob, FleetOutcome
 from workers.maps import decode_map
@@ -162,7 +164,7 @@ def _run(options: DemoOptions, settings: Settings, console: Console, began: floa
         registry=registry,
         name=settings.model_name,
         data_digest=dataset.digest(),
-        storage_path=str((settings.state_dir / "train").resolve()),
+        storage=CheckpointStorage.object_store(settings),
         progress=console.log,
     )
     registry.set_live(card.version)

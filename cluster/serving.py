@@ -25,7 +25,12 @@ from workers.serve_app import APP_NAME, ServeInspector, deploy
 
 
 class InspectionServer:
-    """The Serve app for one model version and ``consumers`` consumer threads on ``lines``."""
+    """The Serve app for one model version and ``consumers`` consumer threads on ``lines``.
+
+    Replica counts, autoscaling and Serve's queue limits come from ``settings.serving``;
+    ``scorer_replicas``, when given, fixes the scorer replica count instead. A consumer whose job
+    Serve refuses for backpressure waits and sends it again (see `StreamConsumer`).
+    """
 
     def __init__(
         self,
@@ -33,7 +38,7 @@ class InspectionServer:
         version: str,
         consumers: int = 2,
         lines: tuple[str, ...] = ("default",),
-        scorer_replicas: int = 2,
+        scorer_replicas: int | None = None,
         max_in_flight: int = 2,
         claim_idle_ms: int = 60_000,
         http_port: int | None = None,

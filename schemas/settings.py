@@ -6,11 +6,30 @@
 | ``S3_ENDPOINT`` | ``host:port`` or ``http(s)://host:port`` of an S3 store | embedded ``weed mini`` |
 | ``S3_ACCESS_KEY`` / ``S3_SECRET_KEY`` | S3 credentials | generated for the embedded store |
 | ``S3_SECURE`` | ``1`` to use TLS | ``0`` unless the endpoint starts with ``https://`` |
+| ``S3_REGION`` | region to sign S3 requests for (AWS; MinIO and SeaweedFS accept any) | ``us-east-1`` |
 | ``ANOMAP_BUCKET`` | bucket for models, maps, datasets, images | ``anomap`` |
 | ``RAY_ADDRESS`` | an existing Ray cluster | embedded Ray head |
 | ``ANOMAP_STREAM_PREFIX`` | prefix of every stream name | ``anomap`` |
 | ``ANOMAP_MODEL_NAME`` | model name in the registry | ``metal`` |
 | ``ANOMAP_STATE_DIR`` | where the embedded stack keeps its state and data | ``./.anomap`` |
+
+How the Serve app is sized and how much it queues (`ServingConfig`, ``settings.serving``):
+
+| variable | meaning | default |
+|---|---|---|
+| ``ANOMAP_SCORER_REPLICAS`` | fixed number of ``PatchScorer`` replicas (without autoscaling) | ``2`` |
+| ``ANOMAP_SCORER_MAX_REPLICAS`` | set it to autoscale the scorers between min and max replicas | unset: fixed |
+| ``ANOMAP_SCORER_MIN_REPLICAS`` | the autoscaler's lower bound (and starting count) | ``1`` |
+| ``ANOMAP_SCORER_TARGET_ONGOING`` | the autoscaler's target of patch chunks in progress per replica | ``8`` |
+| ``ANOMAP_SCORER_MAX_ONGOING`` | patch chunks one scorer replica works on at once | ``32`` |
+| ``ANOMAP_SCORER_MAX_QUEUED`` | chunks waiting per caller for a scorer, ``-1``: no limit | ``-1`` |
+| ``ANOMAP_INGRESS_MAX_ONGOING`` | images the ``InspectionService`` works on at once | ``16`` |
+| ``ANOMAP_INGRESS_MAX_QUEUED`` | images waiting per caller for the ingress, ``-1``: no limit | ``64`` |
+
+A call over a ``MAX_QUEUED`` limit is refused at once (Serve's ``BackPressureError``): stream
+consumers then wait and retry the same job, HTTP callers get a 503. The ingress sends an image's
+chunks together and re-sends those the scorer queue refuses, so a small scorer queue paces images
+(and, the ingress being busy longer, pushes back on its callers) rather than failing them.
 """
 
 from __future__ import annotations
@@ -18,10 +37,90 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from schemas.ids import BUCKET_PATTERN, MODEL_NAME_PATTERN
+
+SERVING_VARIABLES = {
+    "scorer_replicas": "ANOMAP_SCORER_REPLICAS",
+    "scorer_min_replicas": "ANOMAP_SCORER_MIN_REPLICAS",
+    "scorer_max_replicas": "ANOMAP_SCORER_MAX_REPLICAS",
+    "scorer_target_ongoing": "ANOMAP_SCORER_TARGET_ONGOING",
+    "scorer_max_ongoing": "ANOMAP_SCORER_MAX_ONGOING",
+    "scorer_max_queued": "ANOMAP_SCORER_MAX_QUEUED",
+    "ingress_max_ongoing": "ANOMAP_INGRESS_MAX_ONGOING",
+    "ingress_max_queued": "ANOMAP_INGRESS_MAX_QUEUED",
+}
+"""`ServingConfig` field → the environment variable that sets it."""
+
+
+class ServingConfig(BaseModel):
+    """Replica counts, autoscaling and request limits of the Serve app (see the table above).
+
+    Autoscaling is on when ``scorer_max_replicas`` is set; ``scorer_replicas`` is then unused.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    scorer_replicas: int = 2
+    scorer_min_replicas: int = 1
+    scorer_max_replicas: int | None = None
+    scorer_target_ongoing: float = 8.0
+    scorer_max_ongoing: int = 32
+    scorer_max_queued: int = -1
+    ingress_max_ongoing: int = 16
+    ingress_max_queued: int = 64
+
+    @model_validator(mode="after")
+    def _limits_are_sane(self) -> ServingConfig:
+        def name(field: str) -> str:
+            return f"{field} ({SERVING_VARIABLES[field]})"
+
+        problems = [
+            f"{name(field)} must be >= 1, got {getattr(self, field)}"
+            for field in ("scorer_replicas", "scorer_min_replicas", "scorer_max_ongoing", "ingress_max_ongoing")
+            if getattr(self, field) < 1
+        ]
+        problems += [
+            f"{name(field)} must be -1 (no limit) or >= 1, got {getattr(self, field)}"
+            for field in ("scorer_max_queued", "ingress_max_queued")
+            if getattr(self, field) == 0 or getattr(self, field) < -1
+        ]
+        if not self.scorer_target_ongoing > 0:
+            problems.append(f"{name('scorer_target_ongoing')} must be > 0, got {self.scorer_target_ongoing}")
+        if self.scorer_max_replicas is not None and self.scorer_max_replicas < self.scorer_min_replicas:
+            problems.append(
+                f"{name('scorer_max_replicas')} = {self.scorer_max_replicas} must be >= "
+                f"{name('scorer_min_replicas')} = {self.scorer_min_replicas}"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def autoscaling(self) -> bool:
+        """Whether the scorer replica count is left to Serve's autoscaler."""
+        return self.scorer_max_replicas is not None
+
+    def scorer_autoscaling_config(self) -> dict[str, Any] | None:
+        """The ``autoscaling_config`` for the ``PatchScorer`` deployment, or ``None`` (fixed count)."""
+        if self.scorer_max_replicas is None:
+            return None
+        return {
+            "min_replicas": self.scorer_min_replicas,
+            "max_replicas": self.scorer_max_replicas,
+            "target_ongoing_requests": self.scorer_target_ongoing,
+        }
+
+    def updated(self, overrides: Mapping[str, object]) -> ServingConfig:
+        """A validated copy with ``overrides`` (field name → value; strings are parsed) applied."""
+        unknown = sorted(set(overrides) - set(SERVING_VARIABLES))
+        if unknown:
+            msg = f"unknown serving option(s) {unknown}; expected some of {sorted(SERVING_VARIABLES)}"
+            raise ValueError(msg)
+        return ServingConfig.model_validate({**self.model_dump(), **overrides})
 
 
 class Settings(BaseModel):
@@ -34,11 +133,13 @@ class Settings(BaseModel):
     s3_access_key: SecretStr | None = None
     s3_secret_key: SecretStr | None = None
     s3_secure: bool = False
+    s3_region: str | None = Field(default=None, pattern=r"^[a-z0-9-]{1,32}$")
     bucket: str = Field(default="anomap", pattern=BUCKET_PATTERN)
     ray_address: str | None = None
     stream_prefix: str = Field(default="anomap", pattern=r"^[a-z][a-z0-9_-]{0,31}$")
     model_name: str = Field(default="metal", pattern=MODEL_NAME_PATTERN)
     state_dir: Path = Path(".anomap")
+    serving: ServingConfig = ServingConfig()
 
     @field_validator("s3_endpoint")
     @classmethod
@@ -80,6 +181,7 @@ class Settings(BaseModel):
             "s3_access_key": get("S3_ACCESS_KEY"),
             "s3_secret_key": get("S3_SECRET_KEY"),
             "s3_secure": secure,
+            "s3_region": get("S3_REGION"),
             "ray_address": get("RAY_ADDRESS"),
         }
         optional = {
@@ -91,4 +193,7 @@ class Settings(BaseModel):
         for field, variable in optional.items():
             if (value := get(variable)) is not None:
                 values[field] = value
+        serving = {field: value for field, name in SERVING_VARIABLES.items() if (value := get(name)) is not None}
+        if serving:
+            values["serving"] = serving
         return cls.model_validate(values)

@@ -93,3 +93,10 @@ def test_missing_endpoints_name_the_variable_to_set(tmp_path: Path) -> None:
 )
 def test_redact_url_hides_passwords(url: str | SecretStr | None, shown: str) -> None:
     assert redact_url(url) == shown
+
+
+def test_s3_region_is_optional_and_read_from_the_environment() -> None:
+    assert Settings.from_env({}).s3_region is None
+    assert Settings.from_env({"S3_REGION": "eu-west-3"}).s3_region == "eu-west-3"
+    with pytest.raises(ValidationError):
+        Settings.from_env({"S3_REGION": "EU West"})

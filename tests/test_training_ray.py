@@ -1,5 +1,6 @@
-"""Training under Ray Train (2 CPU workers, gloo): weights come back, checkpoints land in storage,
-and a whole model version is trained, calibrated and registered."""
+"""Training under Ray Train (2 CPU workers, gloo): weights come back, checkpoints land in storage (a local
+folder, or the S3 store when a worker is killed and the run resumes), and a whole model version is
+trained, calibrated and registered."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import ray
 import ray._private.state as ray_state
 import torch
 
-from schemas import AbnormalPatchSource
+from schemas import AbnormalPatchSource, Settings
 from trainer.config import TrainConfig
 from trainer.distributed import CHECKPOINT_FILE, checkpoint_metadata, load_checkpoint_dir, run_training
 from trainer.networks import build_networks
@@ -27,7 +28,7 @@ from trainer.pipeline import train_model_version
 from trainer.progress import ProgressBoard
 from trainer.registry import ModelRegistry
 from trainer.scoring import PatchModel, anomaly_map
-from trainer.store import ObjectStore
+from trainer.store import TRAIN_RUNS_PREFIX, CheckpointStorage, ObjectStore
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -40,7 +41,7 @@ def _images(n: int, size: int = 64, seed: int = 0) -> list[np.ndarray]:
 def test_run_training_returns_weights_and_leaves_checkpoints(ray_cluster: str, tmp_path: Path) -> None:
     cfg = TrainConfig.tiny()
     run_name = f"test-{uuid.uuid4().hex[:8]}"
-    state = run_training(cfg, _images(2), None, str(tmp_path), run_name)
+    state = run_training(cfg, _images(2), None, CheckpointStorage.local(tmp_path), run_name)
 
     g, d, e = build_networks(cfg.patch_size, cfg.latent_dim, cfg.base_channels, cfg.spectral_norm)
     for prefix, net in (("generator", g), ("discriminator", d), ("encoder", e)):
@@ -74,7 +75,7 @@ def test_train_model_version_registers_a_calibrated_card(
         registry,
         name="metal",
         data_digest="sha256:test",
-        storage_path=str(tmp_path),
+        storage=str(tmp_path),
         progress=messages.append,
     )
     assert card.abnormal_patch_source == AbnormalPatchSource.MASK
@@ -107,8 +108,23 @@ def _wait_for(condition: Callable[[], Any], deadline: float, what: str) -> Any:
     pytest.fail(f"timed out waiting for {what}")
 
 
-def test_killed_worker_resumes_from_the_last_checkpoint(ray_cluster: str, tmp_path: Path) -> None:
-    """SIGKILL one Ray Train worker mid-run: the group restarts, resumes from its last checkpoint, finishes.
+def _download_checkpoints(store: ObjectStore, run_name: str, into: Path) -> list[Path]:
+    """Every checkpoint of ``run_name`` in the S3 store, downloaded ``into`` a folder each."""
+    keys = [k for k in store.list_keys(f"{TRAIN_RUNS_PREFIX}/{run_name}/") if k.endswith("/" + CHECKPOINT_FILE)]
+    folders = []
+    for i, key in enumerate(sorted(keys)):
+        folder = into / f"checkpoint-{i}"
+        folder.mkdir(parents=True)
+        (folder / CHECKPOINT_FILE).write_bytes(store.get_bytes(key))
+        folders.append(folder)
+    return folders
+
+
+def test_killed_worker_resumes_from_the_last_checkpoint_in_the_object_store(
+    ray_cluster: str, tmp_path: Path, stack_settings: Settings, object_store: ObjectStore
+) -> None:
+    """SIGKILL one Ray Train worker mid-run: the group restarts, resumes from its last checkpoint in the
+    S3 store (weights, Adam states, RNG seed), finishes; its checkpoints are objects in the bucket.
 
     No sleeps to guess when a checkpoint is safe. Each worker's report queue holds one report and the
     controller only empties it when it polls (~every 2 s), so ``report(s)`` returns only once
@@ -121,12 +137,13 @@ def test_killed_worker_resumes_from_the_last_checkpoint(ray_cluster: str, tmp_pa
     spe = 3
     cfg = TrainConfig.tiny(gan_steps=21, encoder_steps=9, steps_per_epoch=spe, max_failures=1)  # 10 checkpoints
     run_name = f"test-kill-{uuid.uuid4().hex[:8]}"
+    storage = CheckpointStorage.object_store(stack_settings.model_copy(update={"bucket": object_store.bucket}))
     board = ProgressBoard.remote()
     outcome: dict[str, Any] = {}
 
     def train() -> None:
         try:
-            outcome["state"] = run_training(cfg, _images(2), None, str(tmp_path), run_name, progress_board=board)
+            outcome["state"] = run_training(cfg, _images(2), None, storage, run_name, progress_board=board)
         except BaseException as exc:  # re-raised on the test thread
             outcome["error"] = exc
 
@@ -163,9 +180,21 @@ def test_killed_worker_resumes_from_the_last_checkpoint(ray_cluster: str, tmp_pa
 
     state = outcome["state"]
     assert state and all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
-    checkpoints = [checkpoint_metadata(f.parent) for f in (tmp_path / run_name).rglob(CHECKPOINT_FILE)]
-    final = max(checkpoints, key=lambda meta: int(meta["step"]))
-    assert int(final["step"]) == cfg.total_steps
+    folders = sorted(
+        _download_checkpoints(object_store, run_name, tmp_path),
+        key=lambda folder: int(checkpoint_metadata(folder)["step"]),
+    )
+    steps = [int(checkpoint_metadata(folder)["step"]) for folder in folders]
+    # CheckpointConfig(num_to_keep=2) deletes the older registered ones. Rank 0 uploads before it queues
+    # its report, so the killed group leaves a few (seen: 1 or 2) that the controller never registered
+    # and Ray never deletes: one waiting to be queued, one in the queue, maybe one popped from rank 0 alone.
+    assert steps[-2:] == [cfg.total_steps - spe, cfg.total_steps] and len(steps) <= 2 + 3, steps
+    final_folder = folders[-1]
+    final = checkpoint_metadata(final_folder)
+    assert (final["rng_seed"], final["rng_world_size"]) == (str(cfg.seed), str(cfg.num_workers))
+    saved, _ = load_checkpoint_dir(final_folder)
+    for optimiser in ("opt_g", "opt_d", "opt_e"):  # Adam moments travel with the weights
+        assert any(key.startswith(f"{optimiser}.") and key.endswith(".exp_avg_sq") for key in saved), optimiser
     resumed_from = int(final.get("resumed_from", "0"))  # absent: the run never restarted
     assert spe <= resumed_from <= killed_at, (resumed_from, killed_at)
     assert resumed_from % spe == 0

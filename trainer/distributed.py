@@ -2,12 +2,19 @@
 
 Each worker draws its own share of every (global) batch; gradients are all-reduced per network (gloo on
 CPU, NCCL on GPU). Rank 0 reports a checkpoint every ``steps_per_epoch`` steps: one safetensors file
-with the weights and optimiser states (tensors only) and the step in its metadata. Randomness is
-re-derived from (seed, rank, epoch), so a resumed run continues exactly where the checkpoint left it.
+with the weights and the Adam states of G, D and E (tensors only), and in its metadata the step and the
+RNG state. The RNG state is a derivation, not a snapshot: every worker re-seeds its sampler from
+(seed, rank, epoch) at each epoch start and checkpoints fall on epoch boundaries, so (seed, world size,
+step) is all a resumed run needs to draw exactly the batches and latents the uninterrupted run would
+have drawn. A checkpoint whose seed or world size differs from the run's is refused.
+
+Checkpoints go to a `CheckpointStorage`: the S3 object store (``s3://<bucket>/train-runs/<run_name>/``,
+what `anomap train` and the demo use) or a local directory.
 
 Example (a driver already connected to Ray)::
 
-    state = run_training(TrainConfig.demo(), normal_images, None, "/tmp/anomap-runs", "demo-001")
+    storage = CheckpointStorage.object_store(settings)         # or CheckpointStorage.local("/tmp/runs")
+    state = run_training(TrainConfig.demo(), normal_images, None, storage, "demo-001")
     state["generator.project.0.weight"].shape     # flat G/D/E weights, no "module." prefixes
 
 Gotchas: a ``RunConfig(name, storage_path)`` that already holds checkpoints is *resumed*, so use a
@@ -35,21 +42,53 @@ from safetensors.torch import load_file, save_file
 from trainer.config import TrainConfig
 from trainer.gan import NoisyAnoGAN, PatchSampler, run_schedule
 from trainer.model_io import NETWORK_PREFIXES, weights_from_bytes, weights_to_bytes
+from trainer.store import CheckpointStorage
 
 CHECKPOINT_FILE = "state.safetensors"
 _STEP_KEY = "step"
 _RESUMED_KEY = "resumed_from"
+_SEED_KEY = "rng_seed"
+_WORLD_KEY = "rng_world_size"
+_RNG_KEY = "rng"
+RNG_SCHEME = "numpy+torch re-seeded from (seed, rank, epoch) at each epoch start"
+"""What a checkpoint's ``rng`` metadata says: how the samplers' state follows from seed, rank and step."""
+
+
+def rng_metadata(seed: int, world_size: int) -> dict[str, str]:
+    """The RNG state of a checkpoint taken at an epoch boundary, as safetensors metadata."""
+    return {_RNG_KEY: RNG_SCHEME, _SEED_KEY: str(seed), _WORLD_KEY: str(world_size)}
+
+
+def check_rng_metadata(metadata: dict[str, str], seed: int, world_size: int) -> None:
+    """Refuse to resume from a checkpoint whose randomness would not line up with this run's.
+
+    Checkpoints written before the RNG state was recorded (no ``rng`` key) are accepted as they are.
+    """
+    if _RNG_KEY not in metadata:
+        return
+    theirs = (int(metadata.get(_SEED_KEY, "-1")), int(metadata.get(_WORLD_KEY, "-1")))
+    if metadata[_RNG_KEY] != RNG_SCHEME or theirs != (seed, world_size):
+        msg = (
+            f"checkpoint at step {metadata.get(_STEP_KEY)} was taken with seed {theirs[0]} on {theirs[1]} workers "
+            f"({metadata[_RNG_KEY]!r}); this run has seed {seed} on {world_size} workers: use a fresh run name"
+        )
+        raise ValueError(msg)
 
 
 def save_checkpoint_dir(
-    path: str | os.PathLike, state: dict[str, torch.Tensor], step: int, resumed_from: int | None = None
+    path: str | os.PathLike,
+    state: dict[str, torch.Tensor],
+    step: int,
+    resumed_from: int | None = None,
+    extra_metadata: dict[str, str] | None = None,
 ) -> None:
     """Write a checkpoint directory: ``state.safetensors`` (tensors) with ``step`` in its metadata.
 
     ``resumed_from``: the step this worker group started at, when it resumed from a checkpoint.
+    ``extra_metadata``: more string metadata (`rng_metadata`).
     """
     tensors = {key: value.detach().cpu().contiguous() for key, value in state.items()}
-    metadata = {_STEP_KEY: str(step)}
+    metadata = {**(extra_metadata or {}), _STEP_KEY: str(step)}
     if resumed_from is not None:
         metadata[_RESUMED_KEY] = str(resumed_from)
     save_file(tensors, str(Path(path) / CHECKPOINT_FILE), metadata=metadata)
@@ -89,11 +128,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = NoisyAnoGAN(cfg, device)
     start_step = 0
     resumed_from = None
+    rng_state = rng_metadata(cfg.seed, context.get_world_size())
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # resuming after a failure (or a re-used run name)
         with checkpoint.as_directory() as ckpt_dir:
+            check_rng_metadata(checkpoint_metadata(ckpt_dir), cfg.seed, context.get_world_size())
             state, start_step = load_checkpoint_dir(ckpt_dir)
-        model.load_training_state(state)
+        model.load_training_state(state)  # weights and Adam moments; the samplers re-seed at start_step
         resumed_from = start_step
     elif data.get("init_weights") is not None:  # fine-tuning from a previous model version
         model.load_weights(weights_from_bytes(data["init_weights"]))
@@ -115,7 +156,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if board is not None:  # fire-and-forget: progress for the driver
             board.update.remote(step, cfg.total_steps, metrics)
         with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint_dir(tmp, model.training_state(), step, resumed_from)
+            save_checkpoint_dir(tmp, model.training_state(), step, resumed_from, rng_state)
             ray.train.report(payload, checkpoint=Checkpoint.from_directory(tmp))
 
     if start_step >= cfg.total_steps:
@@ -131,7 +172,7 @@ def run_training(
     cfg: TrainConfig,
     normal_images: Sequence[np.ndarray],
     abnormal_patches: np.ndarray | None,
-    storage_path: str,
+    storage: CheckpointStorage | str,
     run_name: str,
     init_weights: dict[str, torch.Tensor] | None = None,
     progress_board: Any = None,
@@ -143,7 +184,8 @@ def run_training(
         normal_images: (H, W) uint8 training images (each at least P×P).
         abnormal_patches: (M, P, P) float32 in [0, 1] for the discriminator (used when γ < 1), or
             (M, 2, P, P) with each patch's mask as channel 1, or None.
-        storage_path: shared storage for checkpoints (a local path or a URI Ray Train understands).
+        storage: shared storage for checkpoints: a `CheckpointStorage` (the S3 store or a local folder),
+            or a local path or URI Ray Train understands; the run writes to ``<storage>/<run_name>/``.
         run_name: unique per run; an existing run of that name is resumed from its last checkpoint.
         init_weights: G/D/E weights to fine-tune from (ignored when resuming from a checkpoint).
         progress_board: a `trainer.progress.ProgressBoard` actor that rank 0 posts each checkpoint's step to.
@@ -170,6 +212,8 @@ def run_training(
         "abnormal": None if abnormal_patches is None else np.ascontiguousarray(abnormal_patches, dtype=np.float32),
         "init_weights": None if init_weights is None else weights_to_bytes(_network_weights(init_weights)),
     }
+    if isinstance(storage, str):
+        storage = CheckpointStorage(storage, None, storage)
     data_ref = ray.put(data)
     resources = None if cfg.use_gpu else {"CPU": cfg.cpus_per_worker}
     trainer = TorchTrainer(
@@ -178,14 +222,15 @@ def run_training(
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=run_name,
-            storage_path=storage_path,
+            storage_path=storage.path,
+            storage_filesystem=storage.filesystem,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
     result = trainer.fit()  # Ray Train 2 raises TrainingFailedError when the run fails for good
     if result.checkpoint is None:
-        msg = f"training run {run_name!r} finished without a checkpoint (storage {storage_path})"
+        msg = f"training run {run_name!r} finished without a checkpoint (storage {storage})"
         raise RuntimeError(msg)
     with result.checkpoint.as_directory() as ckpt_dir:
         state, step = load_checkpoint_dir(ckpt_dir)

@@ -4,7 +4,7 @@ Example (a driver connected to Ray, a registry on the object store)::
 
     card = train_model_version(
         TrainConfig.demo(gamma=0.9), normal, abnormal, masks, calibration, registry,
-        name="metal", data_digest=digest, storage_path="/tmp/anomap-runs",
+        name="metal", data_digest=digest, storage=CheckpointStorage.object_store(settings),
     )
     card.version, card.thresholds.pixel, card.abnormal_patch_source      # "v2026…", 0.07, "mask"
     registry.set_live(card.version)                                        # the caller's choice
@@ -33,6 +33,7 @@ from trainer.patches import abnormal_patch_bank
 from trainer.progress import ProgressWatch
 from trainer.registry import ModelRegistry, new_version_id
 from trainer.scoring import PatchModel, anomaly_map
+from trainer.store import CheckpointStorage
 
 Progress = Callable[[str], None]
 PROVISIONAL_THRESHOLDS = Thresholds(
@@ -95,7 +96,7 @@ def train_model_version(
     registry: ModelRegistry,
     name: str,
     data_digest: str,
-    storage_path: str,
+    storage: CheckpointStorage | str,
     parent_version: str | None = None,
     progress: Progress | None = None,
     init_weights: dict[str, torch.Tensor] | None = None,
@@ -109,7 +110,8 @@ def train_model_version(
         calibration_images: held-out normal (H, W) images, never trained on, for the thresholds.
         registry: where the version goes (``registry.name`` must equal ``name``); not set live here.
         data_digest: identifies the training data; stored in the card.
-        storage_path: Ray Train checkpoint storage; each run gets a fresh name under it.
+        storage: Ray Train checkpoint storage (the object store or a local folder); each run gets a
+            fresh name under it.
         parent_version: the version this one was fine-tuned from (``init_weights``), for the card.
         progress: called with one-line status messages.
         init_weights: G/D/E weights to start from (fine-tuning the live version), or None.
@@ -148,7 +150,7 @@ def train_model_version(
             )
             say(f"warm-up (γ = 1, {warm_cfg.total_steps} steps) to mine abnormal patches from unmasked images")
             init_weights = run_training(
-                warm_cfg, normal_images, None, storage_path, f"{name}-{version}-warmup", init_weights
+                warm_cfg, normal_images, None, storage, f"{name}-{version}-warmup", init_weights
             )
             warm_card = build_card(
                 warm_cfg, name, version, source, PROVISIONAL_THRESHOLDS, data_digest, len(normal_images), 0, None
@@ -171,10 +173,13 @@ def train_model_version(
     elif abnormal_images:
         say(f"gamma = 1: the {len(abnormal_images)} abnormal images are not used (plain AnoGAN)")
 
-    say(f"training {main_cfg.total_steps} steps on {main_cfg.num_workers} Ray Train workers")
+    say(
+        f"training {main_cfg.total_steps} steps on {main_cfg.num_workers} Ray Train workers, "
+        f"checkpoints every {main_cfg.steps_per_epoch} steps to {storage}/{name}-{version}"
+    )
     with ProgressWatch(say, main_cfg.total_steps) as board:
         state = run_training(
-            main_cfg, normal_images, bank, storage_path, f"{name}-{version}", init_weights, progress_board=board
+            main_cfg, normal_images, bank, storage, f"{name}-{version}", init_weights, progress_board=board
         )
     train_seconds = time.monotonic() - started
 

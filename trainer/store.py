@@ -1,19 +1,38 @@
-"""`ObjectStore`: the few object-store operations anomap needs, over any S3 store (MinIO client).
+"""`ObjectStore`: the few object-store operations anomap needs, over any S3 store (MinIO client);
+`CheckpointStorage`: where Ray Train runs keep their checkpoints (the same store, or a local folder).
 
 Keys are built by callers from validated ids only. Every method raises `ObjectMissing` for an
 absent key, and lets connection errors (``urllib3`` / ``minio.error.S3Error``) propagate so that
 callers can retry.
+
+    >>> storage = CheckpointStorage.object_store(settings)     # pyarrow S3 filesystem on the same store
+    >>> str(storage), storage.run_path("metal-v1")
+    ('s3://anomap/train-runs', 'anomap/train-runs/metal-v1')
+    >>> str(CheckpointStorage.local("/tmp/runs"))
+    '/tmp/runs'
 """
 
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from minio import Minio
 from minio.error import S3Error
 
 from schemas import Settings
+
+if TYPE_CHECKING:
+    import pyarrow.fs
+
+TRAIN_RUNS_PREFIX = "train-runs"
+"""Key prefix, in the settings' bucket, under which Ray Train writes one folder per run."""
+DEFAULT_S3_REGION = "us-east-1"
+"""Region requests are signed for when ``S3_REGION`` is unset (MinIO's and SeaweedFS's default)."""
 
 _MISSING_CODES = {"NoSuchKey", "NoSuchObject", "NoSuchBucket", "ResourceNotFound"}
 
@@ -40,6 +59,7 @@ class ObjectStore:
             access_key=settings.s3_access_key.get_secret_value(),
             secret_key=settings.s3_secret_key.get_secret_value(),
             secure=settings.s3_secure,
+            region=settings.s3_region,
         )
         return cls(client, settings.bucket)
 
@@ -92,3 +112,62 @@ class ObjectStore:
     def delete(self, key: str) -> None:
         """Remove ``key`` (no error if absent)."""
         self.client.remove_object(self.bucket, key)
+
+
+def s3_filesystem(settings: Settings, *, connect_timeout: float = 5.0) -> pyarrow.fs.S3FileSystem:
+    """A pyarrow S3 filesystem on the store named by ``settings`` (endpoint, keys, TLS flag, region).
+
+    Paths on it are ``bucket/key``. Keys left unset fall back to the AWS SDK's own chain (environment,
+    ``~/.aws``). The secret key is in the object (Ray pickles it to its workers) but in no repr or log:
+    pyarrow prints ``<pyarrow._s3fs.S3FileSystem object at …>``. With TLS, certificates are checked
+    against ``SSL_CERT_FILE`` or certifi's bundle, as for the MinIO client.
+    """
+    import certifi
+    import pyarrow.fs
+
+    if settings.s3_host is None:
+        msg = "no S3 store configured: set S3_ENDPOINT (+ S3_ACCESS_KEY, S3_SECRET_KEY) or start the embedded stack"
+        raise ValueError(msg)
+    secure = settings.s3_secure or (settings.s3_endpoint or "").startswith("https://")
+    return pyarrow.fs.S3FileSystem(
+        access_key=settings.s3_access_key.get_secret_value() if settings.s3_access_key else None,
+        secret_key=settings.s3_secret_key.get_secret_value() if settings.s3_secret_key else None,
+        region=settings.s3_region or DEFAULT_S3_REGION,  # explicit: no probing of EC2 metadata for one
+        scheme="https" if secure else "http",
+        endpoint_override=settings.s3_host,
+        connect_timeout=connect_timeout,
+        tls_ca_file_path=(os.environ.get("SSL_CERT_FILE") or certifi.where()) if secure else None,
+    )
+
+
+@dataclass(frozen=True)
+class CheckpointStorage:
+    """Where Ray Train keeps its runs: ``path`` on ``filesystem``, one folder per run name.
+
+    ``filesystem`` None means ``path`` is a local directory (or a URI Ray Train resolves itself).
+    Pass both to ``RunConfig(storage_path=path, storage_filesystem=filesystem)``.
+    """
+
+    path: str
+    filesystem: pyarrow.fs.FileSystem | None = field(default=None, compare=False)
+    uri: str = ""
+    """How to show the location to people (``s3://bucket/prefix`` or the path); never holds a secret."""
+
+    @classmethod
+    def local(cls, directory: str | os.PathLike[str]) -> CheckpointStorage:
+        """A local (or shared, e.g. NFS) directory; made absolute, created by Ray Train when needed."""
+        path = str(Path(directory).expanduser().resolve())
+        return cls(path, None, path)
+
+    @classmethod
+    def object_store(cls, settings: Settings, prefix: str = TRAIN_RUNS_PREFIX) -> CheckpointStorage:
+        """``<bucket>/<prefix>`` on the S3 store of ``settings`` (the bucket must exist)."""
+        path = f"{settings.bucket}/{prefix.strip('/')}"
+        return cls(path, s3_filesystem(settings), f"s3://{path}")
+
+    def run_path(self, run_name: str) -> str:
+        """The folder of run ``run_name``, as a path on ``filesystem``."""
+        return f"{self.path.rstrip('/')}/{run_name}"
+
+    def __str__(self) -> str:
+        return self.uri or self.path

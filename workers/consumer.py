@@ -16,7 +16,13 @@ At-least-once delivery, exactly one answer (result or dead letter) per entry, no
    up to ``score_retry_s``. Only then is the entry left pending (``Outcome.RETRY``), to be
    reclaimed after ``claim_idle_ms`` (which counts a delivery). The read loop itself backs off
    while Redis is down, and re-creates the consumer group if the server lost it.
-6. ``run(stop)`` returns after the jobs in flight finish (graceful drain); after
+6. Serve refusing a job for backpressure (`ScoringBusy`: a ``max_queued_requests`` limit is full)
+   is not a failure: the job waits (jittered backoff, capped at ``busy_backoff_max_s``) and is sent
+   again, for as long as that lasts; it is neither acknowledged nor dead-lettered, and no delivery
+   is counted. Meanwhile the consumer reads no new entries, and its intake limit (`IntakeLimit`,
+   at most ``max_in_flight``) is halved at each refusal and grows back by one per job scored.
+   ``stats.backpressure`` counts the refusals.
+7. ``run(stop)`` returns after the jobs in flight finish (graceful drain); after
    ``drain_timeout_s`` their waits are cut short and unfinished entries stay pending.
 
     consumer = StreamConsumer(redis, store, inspector, StreamNames(), ConsumerConfig(consumer="c1"))
@@ -42,10 +48,10 @@ from schemas.stream import decode_job_entry
 from trainer.imaging import ImageRejected, decode_image
 from trainer.store import ObjectMissing, ObjectStore
 from workers.group_reader import Entry, GroupReader
-from workers.inspection import Inspector, ScoredImage
+from workers.inspection import Inspector, ScoredImage, ScoringBusy
 from workers.maps import map_objects
 from workers.results import build_result
-from workers.retry import Backoff, retry_call
+from workers.retry import Backoff, IntakeLimit, retry_call
 from workers.stream_scripts import COMMIT_DEAD, COMMIT_RESULT
 
 log = logging.getLogger("anomap.consumer")
@@ -92,6 +98,10 @@ class ConsumerConfig:
     """How long one job retries a failing Serve call (a replica died, say) before it is left pending."""
     backoff_initial_s: float = 0.1
     backoff_max_s: float = 5.0
+    backoff_jitter: float = 0.5
+    """Each retry wait d is drawn from [(1 - jitter)·d, d], so refused consumers do not return in step."""
+    busy_backoff_max_s: float = 1.0
+    """Longest wait before a job that Serve refused for backpressure is sent again."""
     drain_timeout_s: float = 60.0
     """After ``stop``: how long jobs in flight may take before their retry waits are cut short."""
 
@@ -102,17 +112,35 @@ class ConsumerConfig:
         if self.claim_idle_ms < 1:
             msg = f"claim_idle_ms must be >= 1, got {self.claim_idle_ms}"
             raise ValueError(msg)
+        if not 0 < self.backoff_initial_s <= min(self.backoff_max_s, self.busy_backoff_max_s):
+            msg = (
+                "need 0 < backoff_initial_s <= backoff_max_s and busy_backoff_max_s, got "
+                f"backoff_initial_s={self.backoff_initial_s} backoff_max_s={self.backoff_max_s} "
+                f"busy_backoff_max_s={self.busy_backoff_max_s}"
+            )
+            raise ValueError(msg)
+        if not 0 <= self.backoff_jitter <= 1:
+            msg = f"backoff_jitter must be in [0, 1], got {self.backoff_jitter}"
+            raise ValueError(msg)
 
 
 @dataclass
 class ConsumerStats:
-    """Counts of outcomes since the consumer started."""
+    """Counts of outcomes since the consumer started, and of Serve's refusals for backpressure."""
 
     outcomes: dict[Outcome, int] = field(default_factory=lambda: dict.fromkeys(Outcome, 0))
+    backpressure: int = 0
+    """Times Serve refused a job because its queue was full (each such job waited and was sent again)."""
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, outcome: Outcome) -> None:
         """Count one outcome."""
         self.outcomes[outcome] += 1
+
+    def add_backpressure(self) -> None:
+        """Count one refusal for backpressure (called from job threads)."""
+        with self._lock:
+            self.backpressure += 1
 
 
 class StreamConsumer:
@@ -138,6 +166,8 @@ class StreamConsumer:
         self._in_flight: dict[str, str] = {}  # entry id -> stream
         self._lock = threading.Lock()
         self._abort = threading.Event()  # set when a drain runs out of time: retry waits end
+        self._waiting_for_capacity = 0  # jobs refused for backpressure, not yet accepted; under _lock
+        self.intake = IntakeLimit(config.max_in_flight)
         self.reader = GroupReader(client, names, config.consumer, self._streams, config.claim_idle_ms)
 
     def ensure_groups(self) -> None:
@@ -152,7 +182,7 @@ class StreamConsumer:
 
     # ---- retrying ---------------------------------------------------------------------------
     def _backoff(self) -> Backoff:
-        return Backoff(self.config.backoff_initial_s, self.config.backoff_max_s)
+        return Backoff(self.config.backoff_initial_s, self.config.backoff_max_s, self.config.backoff_jitter)
 
     def _redis_call(self, what: str, op: Callable[[], T]) -> T:
         return retry_call(
@@ -226,14 +256,47 @@ class StreamConsumer:
             raise JobRejected(DeadReason.MISSING_OBJECT, f"{job.image_ref} does not exist", job.job_id) from exc
 
     def _score(self, job: InspectionJob, image: np.ndarray) -> ScoredImage:
-        return retry_call(
-            lambda: self.inspector(image, job.pixel_threshold),
-            transient=(Exception,),  # a replica died, a timeout: Serve brings replicas back
-            limit_s=self.config.score_retry_s,
-            abort=self._abort,
-            what=f"job {job.job_id}: scoring",
-            backoff=self._backoff(),
-        )
+        """Score through the inspector: failures are retried for up to ``score_retry_s``; refusals for
+        backpressure are waited out for as long as they last (or until a drain is cut short)."""
+        busy = Backoff(self.config.backoff_initial_s, self.config.busy_backoff_max_s, self.config.backoff_jitter)
+        refusals = 0
+        try:
+            while True:
+                try:
+                    scored = retry_call(
+                        lambda: self.inspector(image, job.pixel_threshold),
+                        transient=(Exception,),  # a replica died, a timeout: Serve brings replicas back
+                        permanent=(ScoringBusy,),
+                        limit_s=self.config.score_retry_s,
+                        abort=self._abort,
+                        what=f"job {job.job_id}: scoring",
+                        backoff=self._backoff(),
+                    )
+                except ScoringBusy:
+                    refusals += 1
+                    self.stats.add_backpressure()
+                    self.intake.refused()
+                    if refusals == 1:
+                        with self._lock:
+                            self._waiting_for_capacity += 1
+                    delay = busy.next_delay()
+                    log.log(
+                        logging.INFO if refusals == 1 else logging.DEBUG,
+                        "job %s: Serve is at capacity (refusal %d); trying again in %.2fs, intake limit %d",
+                        job.job_id,
+                        refusals,
+                        delay,
+                        self.intake.current,
+                    )
+                    if self._abort.wait(delay):  # the drain ran out of time: leave the entry pending
+                        raise
+                    continue
+                self.intake.accepted()
+                return scored
+        finally:
+            if refusals:
+                with self._lock:
+                    self._waiting_for_capacity -= 1
 
     def process_entry(self, stream: str, entry_id: str, fields: dict[bytes, bytes], deliveries: int) -> Outcome:
         """Handle one delivered entry to its end: a result, a dead letter, or left for retry."""
@@ -387,7 +450,9 @@ class StreamConsumer:
         futures: set[Future[Outcome]] = set()
         with ThreadPoolExecutor(self.config.max_in_flight, thread_name_prefix=self.config.consumer) as pool:
             while not stop.is_set():
-                capacity = self.config.max_in_flight - len(futures)
+                with self._lock:  # while a job waits for Serve to take it, take nothing new
+                    limit = 0 if self._waiting_for_capacity else self.intake.current
+                capacity = limit - len(futures)
                 entries: list[Entry] = []
                 try:
                     if need_groups:

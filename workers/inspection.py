@@ -35,11 +35,18 @@ class ScoredImage:
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
+class ScoringBusy(Exception):
+    """The scorer refused an image because its queues are full (Serve backpressure); try again later.
+
+    Nothing was scored or written for it: the same image can be sent again as it is.
+    """
+
+
 class Inspector(Protocol):
     """Anything that scores one (H, W) float32 image in [0, 1]."""
 
     def __call__(self, image: np.ndarray, pixel_threshold: float | None = None) -> ScoredImage:
-        """Score ``image``; ``pixel_threshold`` overrides the model card's."""
+        """Score ``image``; ``pixel_threshold`` overrides the model card's. Raises `ScoringBusy` when full."""
         ...
 
 

@@ -8,28 +8,44 @@ batches over `PatchScorer` replicas, then stitches the map.
 
 Both deployments load the model version named in their configuration from the registry, so every
 result names the version that scored it.
+
+Sizes and limits come from ``settings.serving`` (`ServingConfig`: ``ANOMAP_SCORER_*`` and
+``ANOMAP_INGRESS_*``): the scorer replica count or its autoscaling bounds, and each deployment's
+``max_ongoing_requests`` / ``max_queued_requests``. A call over a queue limit is refused at once
+with Serve's ``BackPressureError``. Between the ingress and the scorers that is a pacing signal:
+the ingress sends a refused chunk again (for up to ``CHUNK_WAIT_S``), so an image is not refused
+because its own chunks filled the queue, and the ingress, busy longer, fills up in turn. Callers
+of the ingress get the refusal: `ServeInspector` turns it into `ScoringBusy`, on which a stream
+consumer waits and sends the same job again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import ray
 import torch
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from schemas import ModelCard, Settings
+from schemas.settings import SERVING_VARIABLES
 from trainer.registry import ModelRegistry
 from trainer.scoring import PatchModel
 from trainer.store import ObjectStore
 from workers.http_api import HTTP_APP_NAME, HttpGateway
-from workers.inspection import ScoredImage, finish_inspection, plan_inspection
+from workers.inspection import ScoredImage, ScoringBusy, finish_inspection, plan_inspection
+from workers.retry import Backoff
 
 APP_NAME = "anomap"
 MAX_BATCH_PATCHES = 512
+CHUNK_WAIT_S = 10.0
+"""How long the ingress keeps sending a patch chunk the scorers' queue refused before it refuses the image."""
 
 
 def _count_patches(chunks: list[np.ndarray]) -> int:
@@ -76,12 +92,26 @@ class InspectionService:
         start = time.perf_counter()
         plan = plan_inspection(image, self.card, self.chunk_patches)
         tiled = time.perf_counter()
-        patch_maps = await asyncio.gather(*(self.scorer.score.remote(chunk) for chunk in plan.chunks))
+        patch_maps = await asyncio.gather(*(self._score_chunk(chunk) for chunk in plan.chunks))
         scored = time.perf_counter()
         timings = {"tile": (tiled - start) * 1e3, "patches": (scored - tiled) * 1e3}
         result = finish_inspection(plan, list(patch_maps), self.card, pixel_threshold, timings)
         result.timings_ms["stitch"] = (time.perf_counter() - scored) * 1e3
         return result
+
+    async def _score_chunk(self, chunk: np.ndarray) -> np.ndarray:
+        """One chunk through the scorers; refusals for backpressure are retried for up to ``CHUNK_WAIT_S``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CHUNK_WAIT_S
+        backoff = Backoff(0.005, 0.2, jitter=0.5)
+        while True:
+            try:
+                return await self.scorer.score.remote(chunk)
+            except BackPressureError:
+                delay = backoff.next_delay()
+                if loop.time() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)
 
     def model_version(self) -> str:
         """The model version this ingress stitches for."""
@@ -91,7 +121,7 @@ class InspectionService:
 def build_app(
     settings: Settings,
     version: str,
-    scorer_replicas: int = 2,
+    scorer_replicas: int | None = None,
     scorer_cpus: float = 0.5,
     ingress_cpus: float = 0.25,
     chunk_patches: int = 128,
@@ -99,32 +129,50 @@ def build_app(
 ) -> serve.Application:
     """The application graph for model ``version``: ingress bound to the scorer deployment.
 
-    ``scorer_gpus`` is each scorer replica's GPU share (fractions let replicas share a GPU); ``None``
-    means 0.5 when the Ray cluster has GPUs and 0 otherwise. A replica with a GPU scores on CUDA.
+    Replica counts, autoscaling and request limits come from ``settings.serving``; ``scorer_replicas``,
+    when given, overrides them with a fixed count (autoscaling off). ``scorer_gpus`` is each scorer
+    replica's GPU share (fractions let replicas share a GPU); ``None`` means 0.5 when the Ray cluster
+    has GPUs and 0 otherwise. A replica with a GPU scores on CUDA.
     """
     if chunk_patches > MAX_BATCH_PATCHES:
         msg = f"chunk_patches={chunk_patches} exceeds the scorer's batch limit of {MAX_BATCH_PATCHES} patches"
         raise ValueError(msg)
+    serving = settings.serving
+    if scorer_replicas is not None:
+        serving = serving.updated({"scorer_replicas": scorer_replicas, "scorer_max_replicas": None})
     if scorer_gpus is None:
         scorer_gpus = 0.5 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     actor_options: dict[str, float] = {"num_cpus": scorer_cpus}
     if scorer_gpus > 0:
         actor_options["num_gpus"] = scorer_gpus
-    scorer = PatchScorer.options(num_replicas=scorer_replicas, ray_actor_options=actor_options).bind(settings, version)
-    return InspectionService.options(ray_actor_options={"num_cpus": ingress_cpus}).bind(
-        scorer, settings, version, chunk_patches
+    scaling: dict[str, Any] = (
+        {"autoscaling_config": serving.scorer_autoscaling_config()}
+        if serving.autoscaling
+        else {"num_replicas": serving.scorer_replicas}
     )
+    scorer = PatchScorer.options(
+        ray_actor_options=actor_options,
+        max_ongoing_requests=serving.scorer_max_ongoing,
+        max_queued_requests=serving.scorer_max_queued,
+        **scaling,
+    ).bind(settings, version)
+    return InspectionService.options(
+        ray_actor_options={"num_cpus": ingress_cpus},
+        max_ongoing_requests=serving.ingress_max_ongoing,
+        max_queued_requests=serving.ingress_max_queued,
+    ).bind(scorer, settings, version, chunk_patches)
 
 
 def deploy(
     settings: Settings,
     version: str,
-    scorer_replicas: int = 2,
+    scorer_replicas: int | None = None,
     chunk_patches: int = 128,
     http_port: int | None = None,
 ) -> DeploymentHandle:
     """Start Serve and run the app for ``version``; returns the ingress handle.
 
+    Sizes and limits come from ``settings.serving`` (``scorer_replicas`` overrides as in `build_app`).
     Without ``http_port`` no HTTP proxy runs (callers use handles). With it, the proxy listens on
     127.0.0.1:``http_port`` and the `HttpGateway` app answers ``POST /v1/inspect``. HTTP options
     are cluster-wide: they apply only when this call starts Serve.
@@ -140,6 +188,15 @@ def deploy(
     return handle
 
 
+def is_backpressure(exc: BaseException) -> bool:
+    """Whether ``exc`` is Serve refusing a call because a queue is full, here or in a deployment it called.
+
+    A refusal between the ingress and the scorers reaches the caller wrapped in a ``RayTaskError``
+    whose ``cause`` is the ``BackPressureError``.
+    """
+    return isinstance(exc, BackPressureError) or isinstance(getattr(exc, "cause", None), BackPressureError)
+
+
 class ServeInspector:
     """An `Inspector` that calls the Serve app through its handle (blocking, thread-safe)."""
 
@@ -153,23 +210,36 @@ class ServeInspector:
         return cls(serve.get_app_handle(APP_NAME), timeout_s)
 
     def __call__(self, image: np.ndarray, pixel_threshold: float | None = None) -> ScoredImage:
-        """Score ``image`` through Serve; raises if the app fails or times out."""
-        response = self.handle.inspect.remote(image, pixel_threshold)
-        return response.result(timeout_s=self.timeout_s)
+        """Score ``image`` through Serve.
+
+        Raises `ScoringBusy` when Serve refused it for backpressure, other errors when the app fails or times out.
+        """
+        try:
+            response = self.handle.inspect.remote(image, pixel_threshold)
+            return response.result(timeout_s=self.timeout_s)
+        except Exception as exc:
+            if is_backpressure(exc):
+                raise ScoringBusy(str(exc)) from exc
+            raise
 
 
-def app_builder(args: dict[str, str]) -> serve.Application:
+def app_builder(args: Mapping[str, Any]) -> serve.Application:
     """Application builder for ``serve run`` / a Serve config file (``import_path: workers.serve_app:app_builder``).
 
-    ``args``: ``version`` (default: the live version of ``ANOMAP_MODEL_NAME``), ``scorer_replicas``,
-    ``chunk_patches``. Connection settings come from the environment (`Settings.from_env`).
+    ``args``: ``version`` (default: the live version of ``ANOMAP_MODEL_NAME``), ``chunk_patches``, and
+    any `ServingConfig` field (``scorer_replicas``, ``scorer_min_replicas``, ``scorer_max_replicas``,
+    ``scorer_target_ongoing``, ``scorer_max_ongoing``, ``scorer_max_queued``, ``ingress_max_ongoing``,
+    ``ingress_max_queued``), which override the ``ANOMAP_SCORER_*`` / ``ANOMAP_INGRESS_*`` environment.
+    Connection settings come from the environment (`Settings.from_env`). Unknown args are an error.
     """
+    known = {"version", "chunk_patches", *SERVING_VARIABLES}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        msg = f"unknown app_builder args {unknown}; expected some of {sorted(known)}"
+        raise ValueError(msg)
     settings = Settings.from_env()
+    overrides = {name: args[name] for name in SERVING_VARIABLES if name in args}
+    settings = settings.model_copy(update={"serving": settings.serving.updated(overrides)})
     registry = ModelRegistry(ObjectStore.from_settings(settings), settings.model_name)
     version = args.get("version") or registry.live_version()
-    return build_app(
-        settings,
-        version,
-        scorer_replicas=int(args.get("scorer_replicas", 2)),
-        chunk_patches=int(args.get("chunk_patches", 128)),
-    )
+    return build_app(settings, str(version), chunk_patches=int(args.get("chunk_patches", 128)))
