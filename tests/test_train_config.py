@@ -22,6 +22,10 @@ from trainer.config import TrainConfig
         ({"num_workers": 0}, "num_workers"),
         ({"discriminator_head": "patchy"}, "discriminator_head"),
         ({"contrast_gain": -1.0}, "contrast_gain"),
+        ({"refine_steps": -1}, "refine_steps"),
+        ({"search_steps": -5}, "search_steps"),
+        ({"search_lambda": 1.5}, "search_lambda"),
+        ({"search_lr": 0.0}, "search_lr"),
     ],
 )
 def test_invalid_values_are_rejected_by_name(changes: dict, message: str) -> None:
@@ -46,3 +50,15 @@ def test_presets_are_valid_and_tiny_is_small() -> None:
     assert TrainConfig.tiny().total_steps < 10
     assert TrainConfig.demo().num_workers == 2
     assert TrainConfig().patch_size == 64 and TrainConfig().gamma == 1.0
+
+
+def test_search_settings_reach_the_scorer_through_the_card() -> None:
+    from schemas import AbnormalPatchSource, ScoreMode
+    from trainer.pipeline import PROVISIONAL_THRESHOLDS, build_card
+    from trainer.scoring import LatentOptions
+
+    cfg = TrainConfig.tiny(refine_steps=3, search_steps=7, search_lambda=0.2, search_lr=0.01)
+    card = build_card(cfg, "m", "v1", AbnormalPatchSource.NONE, PROVISIONAL_THRESHOLDS, "digest", 0, 0)
+    refine = LatentOptions.for_card(card)
+    assert (refine.mode, refine.steps, refine.lam, refine.lr) == (ScoreMode.ENCODER, 3, 0.2, 0.01)
+    assert LatentOptions.for_card(card, score_mode=ScoreMode.SEARCH).steps == 7

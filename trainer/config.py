@@ -56,6 +56,14 @@ class TrainConfig:
     """`schemas.model_card.MapMode` of the versions this run makes: what a patch's pixel map measures."""
     smoothing_sigma: float = 2.0
     """Gaussian σ (pixels) applied to the stitched residual map."""
+    refine_steps: int = 0
+    """Encoder mode: Adam steps of the latent loss L(z) from E(x) at inference (0 = the encoder alone)."""
+    search_steps: int = 500
+    """Search mode: Γ, Adam steps of L(z) from a seeded random z (AnoGAN: 500)."""
+    search_lambda: float = 0.1
+    """λ of L(z) = (1 − λ)·|x − G(z)| + λ·|f(x) − f(G(z))| (AnoGAN: 0.1)."""
+    search_lr: float = 0.05
+    """Adam step size on z for refinement and search."""
     # schedule
     batch_size: int = 64
     """Global normal-patch batch per step."""
@@ -153,6 +161,12 @@ class TrainConfig:
                 raise ValueError(msg)
         if not (self.contrast_gain >= 0 and math.isfinite(self.contrast_gain)):
             msg = f"contrast_gain must be a finite number >= 0, got {self.contrast_gain}"
+            raise ValueError(msg)
+        if self.refine_steps < 0 or self.search_steps < 0:
+            msg = f"refine_steps and search_steps must be >= 0, got {self.refine_steps}, {self.search_steps}"
+            raise ValueError(msg)
+        if not (0.0 <= self.search_lambda <= 1.0 and self.search_lr > 0):
+            msg = f"need 0 <= search_lambda <= 1 and search_lr > 0, got {self.search_lambda}, {self.search_lr}"
             raise ValueError(msg)
         if self.kappa < 0 or self.smoothing_sigma < 0 or self.brightness_jitter < 0:
             msg = (
