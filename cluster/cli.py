@@ -8,6 +8,7 @@ anomap eval --data DIR           # metrics + HTML report of a version on the fol
 anomap serve                     # Serve app + stream consumers for the live version
 anomap publish PATH...           # images (files or folders) as jobs
 anomap results [--follow]        # print results
+anomap status [--watch] [--json] # streams, lag, pending, consumers, dead letters, throughput, Serve, model
 anomap loadgen --cameras 8 --fps 1 --duration 30   # a simulated camera fleet, open loop
 """
 
@@ -17,6 +18,7 @@ import json
 import logging
 import signal
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -131,6 +133,10 @@ def train(
     ] = 4,
     gamma: Annotated[float, typer.Option(help="Noisy-AnoGAN γ in (0, 1]; 1 is plain AnoGAN.")] = 0.9,
     schedule: Annotated[str, typer.Option(help="Training schedule: demo or tiny.")] = "demo",
+    workers: Annotated[
+        int | None, typer.Option(min=1, max=256, help="Ray Train workers (default: the schedule's, 2).")
+    ] = None,
+    gpu: Annotated[bool, typer.Option("--gpu/--no-gpu", help="One GPU per Ray Train worker.")] = False,
     seed: Annotated[int, typer.Option()] = 0,
     live: Annotated[bool, typer.Option(help="Make the new version live.")] = True,
     storage_path: Annotated[
@@ -163,7 +169,12 @@ def train(
     schedules = {"demo": TrainConfig.demo, "tiny": TrainConfig.tiny}
     if schedule not in schedules:
         _fail(f"--schedule must be one of {sorted(schedules)}, got {schedule!r}")
-    config = schedules[schedule](gamma=gamma, seed=seed)
+    overrides: dict[str, object] = {"use_gpu": gpu} if workers is None else {"use_gpu": gpu, "num_workers": workers}
+    try:
+        config = schedules[schedule](gamma=gamma, seed=seed, **overrides)
+    except ValueError as exc:
+        _fail(str(exc))
+        raise  # unreachable
     folder = _load_folder(data, "train") if data is not None else None
     if folder is not None:
         if gamma < 1 and not folder.abnormal:
@@ -221,6 +232,11 @@ def eval_cmd(
     json_path: Annotated[Path | None, typer.Option("--json", help="Write metrics and counts as JSON here.")] = None,
     report: Annotated[Path | None, typer.Option(help="Folder for the HTML report (index.html + PNGs).")] = None,
     device: Annotated[str | None, typer.Option(help="torch device (default: cuda if visible, else cpu).")] = None,
+    score_mode: Annotated[
+        str | None, typer.Option(help="encoder | search (the paper's latent search; slow). Default: the card's.")
+    ] = None,
+    refine_steps: Annotated[int | None, typer.Option(help="encoder mode: latent refinement steps from E(x).")] = None,
+    search_steps: Annotated[int | None, typer.Option(help="search mode: Γ, Adam steps per patch (500).")] = None,
 ) -> None:
     """Evaluate a model version on a folder's test images: image/pixel AUROC, pixel AP, AUPRO; optional report."""
     dataset = _load_folder(data, "test")
@@ -240,7 +256,9 @@ def eval_cmd(
         _fail(str(exc))
         raise  # unreachable
     try:
-        patch_model = PatchModel.from_safetensors(card, weights, device=device)
+        patch_model = PatchModel.from_safetensors(
+            card, weights, device=device, score_mode=score_mode, search_steps=search_steps, refine_steps=refine_steps
+        )
     except (ValueError, RuntimeError) as exc:
         _fail(f"cannot load model {settings.model_name}/{version}: {exc}")
         raise  # unreachable
@@ -382,6 +400,52 @@ def results(
                 f"{result.model_version}\t{result.map_ref}",
                 flush=True,
             )
+
+
+@app.command()
+def status(
+    watch: Annotated[bool, typer.Option("--watch", help="Refresh every --interval seconds until Ctrl-C.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object (with --watch: one per line, per refresh).")
+    ] = False,
+    interval: Annotated[float, typer.Option(min=0.2, max=3600, help="Seconds between refreshes (--watch).")] = 2.0,
+    serve_status: Annotated[
+        bool, typer.Option("--serve/--no-serve", help="Ask Ray for Serve applications and replicas.")
+    ] = True,
+) -> None:
+    """Streams (length, lag, pending, consumers), dead letters, throughput, latency, Serve and the live model.
+
+    Exit status 1 when Redis does not answer (the JSON says why).
+    """
+    settings = _settings()
+    if settings.redis_url is None:
+        _fail("REDIS_URL not set and no embedded stack is up: run `anomap stack up` first")
+    from rich.live import Live
+
+    from cluster.status import StatusOptions, gather_status
+    from cluster.status_view import render_status
+
+    options = StatusOptions(serve=serve_status)
+    if not watch:
+        document = gather_status(settings, options)
+        if as_json:
+            print(json.dumps(document), flush=True)
+        else:
+            console.print(render_status(document))
+        if not document["redis"]["ok"]:
+            raise typer.Exit(1)
+        return
+    try:
+        if as_json:
+            while True:
+                print(json.dumps(gather_status(settings, options)), flush=True)
+                time.sleep(interval)
+        with Live(render_status(gather_status(settings, options)), console=console, auto_refresh=False) as live:
+            while True:
+                time.sleep(interval)
+                live.update(render_status(gather_status(settings, options)), refresh=True)
+    except KeyboardInterrupt:
+        return
 
 
 @app.command()

@@ -15,7 +15,7 @@ runner = CliRunner()
 def test_help_lists_every_command() -> None:
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("stack", "train", "eval", "serve", "publish", "results", "demo"):
+    for command in ("stack", "train", "eval", "serve", "publish", "results", "status", "demo"):
         assert command in result.output
 
 

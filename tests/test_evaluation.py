@@ -174,6 +174,19 @@ def test_eval_writes_json_and_report(s3_env: ObjectStore, folder: Path, tmp_path
     assert (tmp_path / "index.html").is_file()
 
 
+def test_eval_in_search_mode_and_a_bad_mode_is_named(s3_env: ObjectStore, folder: Path, tmp_path: Path) -> None:
+    card, state = _tiny_model()
+    ModelRegistry(s3_env, card.name).save(card, weights_to_bytes(state))
+    out = tmp_path / "search.json"
+    args = ["eval", "--model", card.version, "--data", str(folder), "--device", "cpu"]
+    searched = runner.invoke(app, [*args, "--score-mode", "search", "--search-steps", "2", "--json", str(out)])
+    assert searched.exit_code == 0, searched.output
+    assert set(json.loads(out.read_text())["metrics"]) == {"image_auroc", "pixel_auroc", "pixel_ap", "aupro"}
+    bad = runner.invoke(app, [*args, "--score-mode", "guess"])
+    assert bad.exit_code == 2
+    assert "unknown score mode" in bad.output and "'guess'" in bad.output and "Traceback" not in bad.output
+
+
 @pytest.mark.ray
 def test_train_on_a_folder_then_eval_the_live_version(
     s3_env: ObjectStore,

@@ -16,7 +16,8 @@ is a 422 with the same reason codes as the dead-letter stream. The OpenAPI schem
 import asyncio
 import time
 import uuid
-from typing import Annotated
+from collections.abc import Mapping
+from typing import Annotated, Any
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from pydantic import ValidationError
@@ -108,3 +109,16 @@ class HttpGateway:
             "store": (time.perf_counter() - scored_at) * 1e3,
         }
         return build_result(job, scored, self.store.ref(objects[0].key), self.store.ref(objects[1].key), stage_ms)
+
+
+def app_builder(args: Mapping[str, Any]) -> serve.Application:
+    """Application builder for a Serve config (``import_path: workers.http_api:app_builder``).
+
+    ``args``: ``scoring_app``, the name of the app whose ``InspectionService`` scores (default
+    ``anomap``). Connection settings come from the environment (`Settings.from_env`).
+    """
+    unknown = sorted(set(args) - {"scoring_app"})
+    if unknown:
+        msg = f"unknown app_builder args {unknown}; expected only 'scoring_app'"
+        raise ValueError(msg)
+    return HttpGateway.bind(Settings.from_env(), str(args.get("scoring_app", "anomap")))
