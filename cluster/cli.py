@@ -303,6 +303,7 @@ def serve(
     from cluster.connections import connect_ray, object_store
     from cluster.serving import InspectionServer
     from trainer.registry import ModelNotFound, ModelRegistry
+    from workers.logs import configure_logging
 
     registry = ModelRegistry(object_store(settings), settings.model_name)
     try:
@@ -311,8 +312,11 @@ def serve(
     except ModelNotFound as exc:
         _fail(str(exc))
     line_ids = tuple(line.strip() for line in lines.split(",") if line.strip())
+    try:
+        configure_logging(logging.INFO)  # ANOMAP_LOG_FORMAT=json: one JSON object per line
+    except ValueError as exc:
+        _fail(str(exc))
     connect_ray(settings)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     with InspectionServer(
         settings, version, consumers=consumers, lines=line_ids, scorer_replicas=replicas, http_port=http_port
     ) as server:
@@ -532,6 +536,25 @@ def demo(
         raise typer.Exit(1)
 
 
+def _unreachable(exc: BaseException) -> str | None:
+    """A one-line message when ``exc`` means a service could not be reached, else None."""
+    import redis
+    import urllib3.exceptions
+
+    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        return f"cannot reach Redis ({exc}); is the stack up (`anomap stack status`) and REDIS_URL right?"
+    if isinstance(exc, urllib3.exceptions.MaxRetryError | urllib3.exceptions.NewConnectionError):
+        return f"cannot reach the object store ({exc.__class__.__name__}); check S3_ENDPOINT and `anomap stack status`"
+    return None
+
+
 def main() -> None:
-    """Console-script entry point."""
-    sys.exit(app())
+    """Console-script entry point: an unreachable Redis or object store is a one-line error, not a traceback."""
+    try:
+        sys.exit(app(standalone_mode=True))
+    except Exception as exc:
+        message = _unreachable(exc)
+        if message is None:
+            raise
+        err.print(f"[red]error:[/red] {message}")
+        sys.exit(2)

@@ -13,7 +13,8 @@ through `redact_url`.
     >>> redact_url("redis://user:hunter2@db:6379/0")
     'redis://user:***@db:6379/0'
 
-`LocalRay` runs an in-process, loopback-only Ray cluster (tests; one per session).
+`LocalRay` runs an in-process, loopback-only Ray cluster (tests; one per session), whose metrics
+endpoint (`workers.telemetry`) is at ``LocalRay.metrics_url``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import redis
 import urllib3
 from minio import Minio
 
+from cluster.ports import free_port
 from cluster.redaction import redact_url
 from cluster.state import read_state
 from schemas.settings import Settings
@@ -202,19 +204,41 @@ def shutdown_ray() -> None:
 class LocalRay:
     """An in-process local Ray cluster on 127.0.0.1 with its own short temp dir.
 
-        >>> with LocalRay(num_cpus=4) as address:
+        >>> cluster = LocalRay(num_cpus=4, metrics_report_interval_ms=2000)
+        >>> with cluster as address:
         ...     ray.get(f.remote())
+        ...     urllib.request.urlopen(cluster.metrics_url)     # Prometheus text, ray_anomap_* included
 
     Uses ``address="local"``: never joins another cluster found via ``RAY_ADDRESS`` or
-    ``/tmp/ray``. On exit Serve is shut down, Ray stopped and the temp dir removed.
+    ``/tmp/ray``. Ray's metrics are served on ``metrics_port`` (free, chosen here unless given);
+    ``metrics_report_interval_ms`` sets how often every process reports them (Ray's default: 10 s).
+    On exit Serve is shut down, Ray stopped and the temp dir removed.
     """
 
-    def __init__(self, num_cpus: int = 4, *, log_to_driver: bool = True, **init_kwargs: Any) -> None:
+    def __init__(
+        self,
+        num_cpus: int = 4,
+        *,
+        log_to_driver: bool = True,
+        metrics_port: int | None = None,
+        metrics_report_interval_ms: int | None = None,
+        **init_kwargs: Any,
+    ) -> None:
         self.num_cpus = num_cpus
         self.log_to_driver = log_to_driver
+        self.metrics_port = metrics_port
+        self.metrics_report_interval_ms = metrics_report_interval_ms
         self.init_kwargs = init_kwargs
         self.temp_dir: Path | None = None
         self.address: str | None = None
+
+    @property
+    def metrics_url(self) -> str:
+        """Where Prometheus scrapes this cluster's metrics (known once the cluster is up)."""
+        if self.metrics_port is None:
+            msg = "LocalRay has no metrics port until it is entered"
+            raise RuntimeError(msg)
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def __enter__(self) -> str:
         import ray
@@ -224,6 +248,8 @@ class LocalRay:
             msg = "Ray is already initialised in this process; LocalRay starts its own cluster"
             raise RuntimeError(msg)
         self.temp_dir = Path(tempfile.mkdtemp(prefix=f"anomap-ray-{os.getuid()}-", dir="/tmp"))
+        if self.metrics_port is None:
+            self.metrics_port = free_port("127.0.0.1")
         options: dict[str, Any] = {
             "address": "local",
             "num_cpus": self.num_cpus,
@@ -231,8 +257,12 @@ class LocalRay:
             "log_to_driver": self.log_to_driver,
             "_node_ip_address": "127.0.0.1",
             "_temp_dir": str(self.temp_dir),
+            "_metrics_export_port": self.metrics_port,
         }
         options.update(self.init_kwargs)
+        if self.metrics_report_interval_ms is not None:
+            system_config = self.init_kwargs.get("_system_config") or {}
+            options["_system_config"] = {**system_config, "metrics_report_interval_ms": self.metrics_report_interval_ms}
         try:
             ray.init(**options)
         except BaseException:

@@ -101,16 +101,28 @@ def process_table() -> dict[int, ProcInfo]:
     return table
 
 
-def _reap_own_zombie(pid: int, start_ticks: int) -> None:
-    """``waitpid`` a zombie that is this process's child and started at ``start_ticks``."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return
-    fields = stat[stat.rindex(")") + 2 :].split()
-    if fields[0] == "Z" and int(fields[1]) == os.getpid() and int(fields[19]) == start_ticks:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
+def _reap_own_zombie(pid: int, start_ticks: int, wait_s: float = 0.0) -> None:
+    """``waitpid`` a zombie that is this process's child and started at ``start_ticks``.
+
+    With ``wait_s`` > 0, a child of ours that is still exiting (not a zombie yet) is polled for up to
+    ``wait_s`` seconds: after a stop, the leader can turn zombie a moment after its group was seen gone.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            return
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[1]) != os.getpid() or int(fields[19]) != start_ticks:
+            return  # not our child (or a reused PID): nothing of ours to reap
+        if fields[0] == "Z":
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+            return
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(0.05)
 
 
 def tcp_accepts(host: str, port: int, timeout: float = 0.5) -> bool:
@@ -262,7 +274,7 @@ class ManagedServer(BaseModel):
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._popen.wait(timeout=5)
         else:  # started by this process but known only from the state file: reap its zombie
-            _reap_own_zombie(self.pid, self.start_ticks)
+            _reap_own_zombie(self.pid, self.start_ticks, wait_s=3.0)
         for path in self.cleanup_paths:
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)

@@ -267,7 +267,9 @@ def start_ray_head(
     Runs in its own session: stopping it (SIGTERM to ``ray start``, which drains and stops raylet,
     GCS, workers and the rest in ~2-5 s; then SIGKILL to whatever is left) leaves no Ray process.
     Ray's temp dir is a short ``/tmp/anomap-ray-<uid>-*`` (unix socket paths must stay short),
-    removed after stop; the ``ray start`` output goes to ``data_dir/ray.log``. No dashboard.
+    removed after stop; the ``ray start`` output goes to ``data_dir/ray.log``. No dashboard. Metrics
+    (Ray's and `workers.telemetry`'s) are served for Prometheus at
+    ``http://127.0.0.1:<server.ports["metrics"]>/metrics``.
     """
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)

@@ -126,7 +126,8 @@ def _bring_up(settings: Settings, say: ProgressFn, *, with_ray: bool, die_with_p
             started.append(server)
             ray_address = server.endpoint
             components[Component.RAY] = ComponentState(origin=Origin.EMBEDDED, endpoint=ray_address, server=server)
-            say(f"ray head ready at {ray_address} ({time.monotonic() - t0:.1f} s)")
+            metrics = server.ports.get("metrics")
+            say(f"ray head ready at {ray_address}, metrics on port {metrics} ({time.monotonic() - t0:.1f} s)")
     except BaseException:
         for server in reversed(started):
             say(f"rolling back: {server.stop(timeout=10)}")
@@ -295,6 +296,8 @@ def stack_status(settings: Settings) -> dict[str, Any]:
                 "log": str(component.server.log_path),
             }
         entry["reachable"] = reachable[kind]
+        if kind == Component.RAY and state.ray_metrics_url is not None:
+            entry["metrics"] = state.ray_metrics_url  # where Prometheus scrapes Ray's and anomap's metrics
         report[kind.value] = entry
     dead = state.dead_servers()
     overall = "up" if not dead else ("down" if len(dead) == len(state.servers()) else "partly up")

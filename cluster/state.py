@@ -9,6 +9,8 @@ configured from outside.
     ('127.0.0.1:21877', <Origin.EMBEDDED: 'embedded'>)
     >>> state.is_up()                                # every server it started is still running
     True
+    >>> state.ray_metrics_url                        # Prometheus scrapes Ray's (and anomap's) metrics here
+    'http://127.0.0.1:24533/metrics'
 """
 
 from __future__ import annotations
@@ -98,6 +100,16 @@ class StackState(BaseModel):
         if settings.ray_address is None and self.ray_address is not None:
             update["ray_address"] = self.ray_address
         return settings.model_copy(update=update) if update else settings
+
+    @property
+    def ray_metrics_url(self) -> str | None:
+        """The embedded Ray head's metrics endpoint (``ray start --metrics-export-port``); None when Ray
+        is external or was not started."""
+        ray = self.components.get(Component.RAY)
+        if ray is None or ray.server is None or "metrics" not in ray.server.ports:
+            return None
+        host = ray.server.endpoint.rpartition(":")[0] or "127.0.0.1"
+        return f"http://{host}:{ray.server.ports['metrics']}/metrics"
 
     def servers(self) -> list[ManagedServer]:
         """The servers this stack started, in start order."""

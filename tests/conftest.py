@@ -8,8 +8,10 @@
   in a tmp dir, no Ray address.
 - ``redis_client`` (function): ``redis.Redis`` (bytes) on ``valkey_server`` after ``FLUSHALL``; closed after.
 - ``object_store`` (function): `ObjectStore` on a fresh bucket of its own, removed after.
-- ``ray_cluster`` (session): GCS address of an in-process local Ray (``num_cpus=4``, loopback, no
-  dashboard, own temp dir); Serve and Ray are shut down after.
+- ``local_ray`` (session): the `LocalRay` behind ``ray_cluster``: in-process (``num_cpus=4``,
+  loopback, no dashboard, own temp dir), its metrics on ``.metrics_url``, reported every 2 s;
+  Serve and Ray are shut down after.
+- ``ray_cluster`` (session): the GCS address of ``local_ray``.
 
 A test that asks for none of them starts nothing. Servers get SIGTERM if pytest dies.
 """
@@ -97,7 +99,18 @@ def object_store(stack_settings: Settings) -> Iterator[ObjectStore]:
             client.remove_bucket(bucket)
 
 
+RAY_METRICS_REPORT_INTERVAL_MS = 2000
+"""How often the test cluster's processes report metrics (Ray's default, 10 s, would slow the metrics test)."""
+
+
 @pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[str]:
-    with LocalRay(num_cpus=4) as address:
-        yield address
+def local_ray() -> Iterator[LocalRay]:
+    cluster = LocalRay(num_cpus=4, metrics_report_interval_ms=RAY_METRICS_REPORT_INTERVAL_MS)
+    with cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(local_ray: LocalRay) -> str:
+    assert local_ray.address is not None
+    return local_ray.address

@@ -166,8 +166,8 @@ class RefusingInspector:
     """Scores in this process, but refuses ``busy_image`` as a full Serve queue does: until ``others``
     other jobs have results, then ``extra`` more times.
 
-    At each refusal it records how many entries the consumer has read so far (results + pending)
-    and its intake limit.
+    At each refusal it records how many entries the consumer group has read so far (``entries-read``
+    of XINFO GROUPS: results + pending would race with a job finishing in between) and its intake limit.
     """
 
     def __init__(
@@ -190,8 +190,9 @@ class RefusingInspector:
             if results < self.others or self.extra > 0:
                 if results >= self.others:
                     self.extra -= 1
-                pending = int(self.client.xpending(self.names.jobs(), self.names.scorer_group)["pending"])
-                self.refusals.append((results, results + pending, self.consumer.intake.current))
+                groups = self.client.xinfo_groups(self.names.jobs())  # entries-read: delivered to the group so far
+                read = next(int(g["entries-read"]) for g in groups if g["name"] == self.names.scorer_group.encode())
+                self.refusals.append((results, read, self.consumer.intake.current))
                 msg = "Request dropped due to backpressure (num_queued_requests=1, max_queued_requests=1)."
                 raise ScoringBusy(msg)
         return self.inner(image, pixel_threshold)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -50,3 +51,25 @@ def test_commands_that_need_a_stack_say_how_to_start_one(tmp_path: Path, monkeyp
     result = runner.invoke(app, ["results"])
     assert result.exit_code == 2
     assert "anomap stack up" in result.output
+
+
+def test_unreachable_redis_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from cluster.ports import free_port
+
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(tmp_path),
+        "ANOMAP_STATE_DIR": str(tmp_path / "state"),
+        "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+        "S3_ENDPOINT": f"http://127.0.0.1:{free_port()}",
+        "S3_ACCESS_KEY": "k",
+        "S3_SECRET_KEY": "s",
+        "RAY_ADDRESS": f"127.0.0.1:{free_port()}",
+    }
+    code = "import sys; from cluster.cli import main; sys.argv = ['anomap', 'results', '--count', '1']; main()"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "cannot reach Redis" in done.stderr and "Traceback" not in done.stderr

@@ -6,7 +6,7 @@ import numpy as np
 from helpers import SMALL_CONFIG
 
 from trainer.pipeline import untrained_model
-from trainer.scoring import PatchModel
+from trainer.scoring import PatchModel, score_in_batches
 from trainer.synthetic import DefectKind, synth_image
 from workers.inspection import LocalInspector, finish_inspection, plan_inspection
 
@@ -37,3 +37,23 @@ def test_pixel_threshold_override_changes_regions_not_the_map() -> None:
     np.testing.assert_array_equal(default.anomaly_map, low.anomaly_map)
     assert low.pixel_threshold < default.pixel_threshold
     assert len(low.summary.regions) >= 1
+
+
+def test_scoring_the_planned_ranges_with_the_same_batch_gives_the_identical_map() -> None:
+    model = _model()
+    image = synth_image(5, 160, (DefectKind.SCRATCH,))[0].astype(np.float32) / 255
+    local = LocalInspector(model, chunk_patches=16)(image)
+    plan = plan_inspection(image, model.card, chunk_patches=40, batch_patches=16)
+    assert all(r.start % 16 == 0 and 0 < len(r) <= 40 for r in plan.ranges)
+    assert sum(len(r) for r in plan.ranges) == plan.layout.n_patches
+    sharded = finish_inspection(plan, [score_in_batches(model, chunk, 16) for chunk in plan.chunks], model.card)
+    np.testing.assert_array_equal(local.anomaly_map, sharded.anomaly_map)  # the same forward passes, bit for bit
+    assert local.summary == sharded.summary
+
+
+def test_ranges_are_even_and_never_larger_than_a_chunk() -> None:
+    card = _model().card
+    image = np.zeros((1024, 1024), dtype=np.float32)  # 4225 patches at P = 32, S = 16
+    sizes = [len(r) for r in plan_inspection(image, card, chunk_patches=1024, batch_patches=128).ranges]
+    assert sizes == [768, 896, 896, 896, 769]
+    assert [len(r) for r in plan_inspection(image, card, chunk_patches=100, batch_patches=128).ranges][:2] == [100, 100]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from schemas import Region, Thresholds
 from trainer.postprocess import image_score, summarize_map
@@ -80,3 +81,26 @@ def test_bad_maps_and_thresholds_are_rejected() -> None:
         image_score(np.array([[0.0, np.nan]]))
     with pytest.raises(ValueError, match="positive"):
         summarize_map(np.zeros((4, 4)), THRESHOLDS, pixel_threshold=0.0)
+
+
+def test_region_peaks_and_areas_are_scipys_on_a_map_with_many_regions() -> None:
+    values = ndimage.gaussian_filter(np.random.default_rng(0).random((256, 256)).astype(np.float32), 1.5)
+    threshold = float(np.quantile(values, 0.9))
+    summary = summarize_map(values, THRESHOLDS, pixel_threshold=threshold, max_regions=10_000)
+    labels, n = ndimage.label(values >= threshold, structure=np.ones((3, 3), dtype=bool))
+    assert n > 50 and len(summary.regions) == n
+    peaks = ndimage.maximum(values, labels, np.arange(1, n + 1))
+    areas = np.bincount(labels.ravel())[1:]
+    expected = sorted(
+        (
+            rows.start,
+            cols.start,
+            rows.stop - rows.start,
+            cols.stop - cols.start,
+            int(areas[i]),
+            float(peaks[i]) / threshold,
+        )
+        for i, (rows, cols) in enumerate(ndimage.find_objects(labels))
+    )
+    got = sorted((r.y, r.x, r.height, r.width, r.area, r.peak_score) for r in summary.regions)
+    assert got == expected

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,14 @@ def _descendants(pid: int) -> dict[int, int]:
 
 def _alive(processes: dict[int, int]) -> list[int]:
     return [pid for pid, ticks in processes.items() if proc_start_ticks(pid) == ticks]
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
 
 
 def _pgrep(pattern: str) -> list[str]:
@@ -158,6 +167,9 @@ def test_stack_up_serves_all_three_and_stack_down_leaves_no_process(tmp_path: Pa
         for kind in Component:
             assert status["components"][kind]["running"] and status["components"][kind]["reachable"], kind
         assert stack_up(settings).components[Component.RAY].server.pid == state.components[Component.RAY].server.pid
+        metrics_url = status["components"]["ray"]["metrics"]
+        assert metrics_url == state.ray_metrics_url
+        assert metrics_url.startswith("http://127.0.0.1:") and metrics_url.endswith("/metrics")
 
         driver = textwrap.dedent(
             """
@@ -173,6 +185,10 @@ def test_stack_up_serves_all_three_and_stack_down_leaves_no_process(tmp_path: Pa
         run = subprocess.run([sys.executable, "-c", driver], env=env, capture_output=True, text=True, timeout=120)
         assert run.returncode == 0, run.stderr[-2000:]
         assert run.stdout.strip() == state.ray_address
+        deadline = time.monotonic() + 30  # Ray's metrics agent starts a little after the raylet
+        while not _answers(metrics_url):
+            assert time.monotonic() < deadline, f"nothing serves metrics at {metrics_url}"
+            time.sleep(0.5)
         family = {pid: ticks for server in state.servers() for pid, ticks in _descendants(server.pid).items()}
         assert len(family) > 5  # raylet, gcs_server, agents, workers...
     finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trainer.tiling import extract_patches, plan_tiles, stitch_patches
+from trainer.tiling import cut_patches, extract_patches, pad_image, plan_tiles, stitch_patches
 
 
 @pytest.mark.parametrize(
@@ -34,3 +34,30 @@ def test_invalid_plans_name_the_problem() -> None:
         plan_tiles(64, 64, patch=32, stride=64)
     with pytest.raises(ValueError, match="at least 1×1"):
         plan_tiles(0, 64, patch=32, stride=16)
+
+
+@pytest.mark.parametrize(("height", "width", "patch", "stride"), [(256, 256, 32, 16), (130, 67, 32, 24)])
+def test_any_range_of_patches_cut_from_the_padded_image_is_that_slice_of_all_patches(
+    height: int, width: int, patch: int, stride: int
+) -> None:
+    image = np.random.default_rng(1).random((height, width), dtype=np.float32)
+    layout = plan_tiles(height, width, patch, stride)
+    padded = pad_image(image, layout)
+    padded.flags.writeable = False  # as Ray's object store hands it to a scorer
+    everything = extract_patches(image, layout)
+    for start, stop in [(0, layout.n_patches), (0, 1), (5, 23), (layout.n_patches - 7, layout.n_patches)]:
+        np.testing.assert_array_equal(cut_patches(padded, patch, layout.grid, start, stop), everything[start:stop])
+    with pytest.raises(ValueError, match="outside the grid"):
+        cut_patches(padded, patch, layout.grid, 0, layout.n_patches + 1)
+
+
+@pytest.mark.parametrize(("height", "width", "patch", "stride"), [(256, 256, 32, 16), (130, 67, 32, 24)])
+def test_stitching_chunks_of_maps_equals_stitching_them_all_at_once(
+    height: int, width: int, patch: int, stride: int
+) -> None:
+    layout = plan_tiles(height, width, patch, stride)
+    maps = np.random.default_rng(2).random((layout.n_patches, patch, patch), dtype=np.float32)
+    chunks = np.split(maps, [3, 40, 41])
+    np.testing.assert_array_equal(stitch_patches(chunks, layout), stitch_patches(maps, layout))
+    with pytest.raises(ValueError, match="layout expects"):
+        stitch_patches(chunks[1:], layout)  # the first three missing

@@ -141,11 +141,13 @@ def decode_image(
     return np.ascontiguousarray(grey, dtype=np.float32)
 
 
-def encode_png(image: np.ndarray) -> bytes:
+def encode_png(image: np.ndarray, compress_level: int = 3) -> bytes:
     """Encode an image as PNG bytes (lossless, deterministic).
 
     Accepts (H, W) or (H, W, 3) arrays: uint8 as is; uint16 (H, W) as a 16-bit greyscale PNG; bool
     as 0/255 (masks); float in [0, 1] scaled to uint8 by rounding. Raises ValueError otherwise.
+    ``compress_level`` is zlib's (0-9): the same pixels either way; 1 writes a 1024² RGB overlay in
+    ~50 ms instead of ~70 ms at 3, ~20 % larger.
     """
     array = np.asarray(image)
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] != 3):
@@ -167,7 +169,7 @@ def encode_png(image: np.ndarray) -> bytes:
         msg = f"expected uint8, bool, float in [0, 1] or (H, W) uint16, got dtype {array.dtype}"
         raise ValueError(msg)
     buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG", compress_level=3)
+    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG", compress_level=compress_level)
     return buffer.getvalue()
 
 

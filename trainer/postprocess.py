@@ -56,6 +56,20 @@ class MapSummary:
     regions_truncated: bool
 
 
+def _region_peaks_and_areas(values: np.ndarray, labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-region maximum and pixel count of labels 1..n, from the labelled pixels only.
+
+    The same numbers as ``ndimage.maximum(values, labels, index)`` and a bincount, but without
+    that function's argsort of the whole map (~80 ms for 1024², most of a summary's cost).
+    """
+    inside = labels > 0
+    region_of = labels[inside]  # (K,) labels of the K pixels above threshold
+    peaks = np.full(n + 1, -np.inf, dtype=values.dtype)
+    np.maximum.at(peaks, region_of, values[inside])
+    areas = np.bincount(region_of, minlength=n + 1)
+    return peaks[1:].astype(np.float64), areas[1:]
+
+
 def summarize_map(
     anomaly_map: np.ndarray,
     thresholds: Thresholds,
@@ -84,9 +98,7 @@ def summarize_map(
     labels, n = ndimage.label(values >= threshold, structure=_EIGHT_CONNECTED)
     regions: list[Region] = []
     if n:
-        index = np.arange(1, n + 1)
-        peaks = np.asarray(ndimage.maximum(values, labels, index), dtype=np.float64)
-        areas = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+        peaks, areas = _region_peaks_and_areas(values, labels, n)
         boxes = ndimage.find_objects(labels)
         tops = np.array([box[0].start for box in boxes])
         lefts = np.array([box[1].start for box in boxes])

@@ -1,11 +1,13 @@
 """Cut an image into overlapping P×P patches and stitch per-patch maps back into one image.
 
-Example: a 1024×1024 image with P = 64 and stride S = 32 is reflect-padded to 1056×1056 (so every
-pixel is covered by the same number of windows, edges included) and cut into 32×32 = 1024 patches::
+Example: a 1024×1024 image with P = 64 and stride S = 32 is reflect-padded by P − S = 32 to 1088×1088
+(so every pixel is covered by the same number of windows, edges included) and cut into 33×33 = 1089
+patches::
 
     layout = plan_tiles(1024, 1024, patch=64, stride=32)
-    patches = extract_patches(image, layout)          # (1024, 64, 64)
-    full = stitch_patches(patch_maps, layout)         # (1024, 1024)
+    patches = extract_patches(image, layout)          # (1089, 64, 64)
+    part = cut_patches(pad_image(image, layout), 64, layout.grid, 128, 256)   # patches 128..255
+    full = stitch_patches(patch_maps, layout)         # (1024, 1024); also from a list of chunks
 
 Overlaps are averaged under a smooth (Hann-like) window, so seams do not show. Stitching the
 patches of an image gives the image back exactly, for any size.
@@ -13,6 +15,7 @@ patches of an image gives the image back exactly, for any size.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 
@@ -36,6 +39,11 @@ class TileLayout:
     def n_patches(self) -> int:
         """Number of patches."""
         return len(self.origins)
+
+    @property
+    def grid(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The distinct patch rows and columns (ys, xs): ``origins`` is their product, row-major."""
+        return tuple(dict.fromkeys(y for y, _ in self.origins)), tuple(dict.fromkeys(x for _, x in self.origins))
 
 
 def _axis_origins(length: int, patch: int, stride: int) -> list[int]:
@@ -67,27 +75,41 @@ def plan_tiles(height: int, width: int, patch: int, stride: int) -> TileLayout:
     return TileLayout(height, width, patch, stride, pad, padded_h, padded_w, origins)
 
 
-def _pad(image: np.ndarray, layout: TileLayout) -> np.ndarray:
+def pad_image(image: np.ndarray, layout: TileLayout) -> np.ndarray:
+    """The padded (Hp, Wp) float32 image that ``layout.origins`` index into (reflect padding)."""
+    if image.shape != (layout.height, layout.width):
+        msg = f"image shape {image.shape} does not match layout {(layout.height, layout.width)}"
+        raise ValueError(msg)
     top = left = layout.pad
     bottom = layout.padded_height - layout.height - top
     right = layout.padded_width - layout.width - left
     mode = "reflect" if min(layout.height, layout.width) > max(top, bottom, left, right) else "symmetric"
     if min(layout.height, layout.width) <= 1:
         mode = "edge"
-    return np.pad(image, ((top, bottom), (left, right)), mode=mode)
+    return np.pad(np.asarray(image, dtype=np.float32), ((top, bottom), (left, right)), mode=mode)
+
+
+def cut_patches(
+    padded: np.ndarray, patch: int, grid: tuple[Sequence[int], Sequence[int]], start: int = 0, stop: int | None = None
+) -> np.ndarray:
+    """Patches ``start``..``stop`` (row-major over ``grid`` = (ys, xs), as in `TileLayout.grid`) of a padded image.
+
+    (Hp, Wp) -> (stop - start, P, P) float32, a new array; ``padded`` may be read-only (zero-copy from Ray's
+    object store), so a scorer can cut its own share of an image.
+    """
+    ys, xs = (np.asarray(axis, dtype=np.intp) for axis in grid)
+    stop = len(ys) * len(xs) if stop is None else stop
+    if not 0 <= start <= stop <= len(ys) * len(xs):
+        msg = f"patch range {start}..{stop} is outside the grid of {len(ys)}×{len(xs)} patches"
+        raise ValueError(msg)
+    index = np.arange(start, stop)
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (patch, patch))  # (Hp-P+1, Wp-P+1, P, P), a view
+    return np.asarray(windows[ys[index // len(xs)], xs[index % len(xs)]], dtype=np.float32)
 
 
 def extract_patches(image: np.ndarray, layout: TileLayout) -> np.ndarray:
     """Cut ``image`` (H, W) into patches (N, P, P), in the order of ``layout.origins``."""
-    if image.shape != (layout.height, layout.width):
-        msg = f"image shape {image.shape} does not match layout {(layout.height, layout.width)}"
-        raise ValueError(msg)
-    padded = _pad(np.asarray(image, dtype=np.float32), layout)
-    p = layout.patch
-    out = np.empty((layout.n_patches, p, p), dtype=np.float32)
-    for i, (y, x) in enumerate(layout.origins):
-        out[i] = padded[y : y + p, x : x + p]
-    return out
+    return cut_patches(pad_image(image, layout), layout.patch, layout.grid)
 
 
 @cache
@@ -97,18 +119,71 @@ def patch_window(patch: int) -> np.ndarray:
     return np.outer(ramp, ramp)
 
 
-def stitch_patches(patch_maps: np.ndarray, layout: TileLayout) -> np.ndarray:
-    """Stitch per-patch maps (N, P, P) into one (H, W) map: a window-weighted mean of overlaps."""
-    p = layout.patch
-    if patch_maps.shape != (layout.n_patches, p, p):
-        msg = f"patch maps have shape {patch_maps.shape}, layout expects {(layout.n_patches, p, p)}"
-        raise ValueError(msg)
-    window = patch_window(p)
+def _is_block_grid(layout: TileLayout) -> bool:
+    """Whether every origin lies on the stride grid and P is a multiple of S (e.g. 1024², P = 64, S = 32)."""
+    ys, xs = layout.grid
+    s = layout.stride
+    return (
+        layout.patch % s == 0
+        and ys == tuple(range(0, len(ys) * s, s))
+        and xs == tuple(range(0, len(xs) * s, s))
+        and layout.padded_height == (len(ys) - 1) * s + layout.patch
+        and layout.padded_width == (len(xs) - 1) * s + layout.patch
+    )
+
+
+def _overlap_add(values: np.ndarray, layout: TileLayout) -> np.ndarray:
+    """Sum (N, P, P) float32 patch values into the padded (Hp, Wp) float64 image, each pixel's terms in patch order.
+
+    On a block grid a patch is k × k blocks of S × S (k = P / S), and block (u, v) of patch (iy, ix) lands on
+    image block (iy + u, ix + v); adding one (u, v) at a time for all patches, u and v descending, gives
+    every pixel its terms in row-major patch order, as the per-patch loop does, so the sums are identical.
+    """
+    p, s = layout.patch, layout.stride
     total = np.zeros((layout.padded_height, layout.padded_width), dtype=np.float64)
-    weight = np.zeros_like(total)
-    for patch_map, (y, x) in zip(patch_maps, layout.origins, strict=True):
-        total[y : y + p, x : x + p] += patch_map * window
-        weight[y : y + p, x : x + p] += window
-    stitched = total / weight
+    if not _is_block_grid(layout):
+        for value, (y, x) in zip(values, layout.origins, strict=True):
+            total[y : y + p, x : x + p] += value
+        return total
+    k = p // s
+    ny, nx = (len(axis) for axis in layout.grid)
+    blocks = values.reshape(ny, nx, k, s, k, s)  # [iy, ix, u, row, v, col]
+    grid = total.reshape(ny + k - 1, s, nx + k - 1, s)  # [block row, row, block col, col], a view of total
+    for u in reversed(range(k)):
+        for v in reversed(range(k)):
+            grid[u : u + ny, :, v : v + nx, :] += blocks[:, :, u, :, v, :].transpose(0, 2, 1, 3)
+    return total
+
+
+@cache
+def _window_weight(height: int, width: int, patch: int, stride: int) -> np.ndarray:
+    """The padded (Hp, Wp) sum of patch windows over a layout (the stitching denominator), read-only."""
+    layout = plan_tiles(height, width, patch, stride)
+    window = patch_window(patch)
+    weight = _overlap_add(np.broadcast_to(window, (layout.n_patches, patch, patch)), layout)
+    weight.flags.writeable = False
+    return weight
+
+
+def stitch_patches(patch_maps: np.ndarray | Sequence[np.ndarray], layout: TileLayout) -> np.ndarray:
+    """Stitch per-patch maps (N, P, P) into one (H, W) map: a window-weighted mean of overlaps.
+
+    ``patch_maps`` may also be the maps in consecutive chunks (n_i, P, P), as scorers return them.
+    """
+    p = layout.patch
+    chunks = [patch_maps] if isinstance(patch_maps, np.ndarray) else list(patch_maps)
+    shapes = {chunk.shape[1:] for chunk in chunks}
+    n = sum(len(chunk) for chunk in chunks)
+    if (n, *shapes) != (layout.n_patches, (p, p)) or any(chunk.ndim != 3 for chunk in chunks):
+        got = chunks[0].shape if len(chunks) == 1 else [chunk.shape for chunk in chunks]
+        msg = f"patch maps have shape {got}, layout expects {(layout.n_patches, p, p)}"
+        raise ValueError(msg)
+    weighted = np.empty((n, p, p), dtype=np.float32)
+    offset = 0
+    for chunk in chunks:  # concatenating and weighting in one pass
+        np.multiply(np.asarray(chunk, dtype=np.float32), patch_window(p), out=weighted[offset : offset + len(chunk)])
+        offset += len(chunk)
+    total = _overlap_add(weighted, layout)
+    stitched = total / _window_weight(layout.height, layout.width, p, layout.stride)
     top = left = layout.pad
     return stitched[top : top + layout.height, left : left + layout.width].astype(np.float32)

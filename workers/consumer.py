@@ -24,6 +24,10 @@ At-least-once delivery, exactly one answer (result or dead letter) per entry, no
    ``stats.backpressure`` counts the refusals.
 7. ``run(stop)`` returns after the jobs in flight finish (graceful drain); after
    ``drain_timeout_s`` their waits are cut short and unfinished entries stay pending.
+8. Where Ray is initialised, jobs, results, dead letters, refusals, latencies per stage and, every
+   ``backlog_every_s``, the group's lag and pending count per line are recorded as Ray metrics
+   (`workers.telemetry`). Log lines about a job carry its ``job_id``, ``line`` and ``entry_id``
+   (`workers.logs`).
 
     consumer = StreamConsumer(redis, store, inspector, StreamNames(), ConsumerConfig(consumer="c1"))
     consumer.run(stop_event)
@@ -31,6 +35,7 @@ At-least-once delivery, exactly one answer (result or dead letter) per entry, no
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -44,15 +49,18 @@ import numpy as np
 import redis
 
 from schemas import DeadLetter, DeadReason, InspectionJob, JobRejected, StreamNames
-from schemas.stream import decode_job_entry
+from schemas.stream import JOB_FIELD, decode_job_entry
 from trainer.imaging import ImageRejected, decode_image
 from trainer.store import ObjectMissing, ObjectStore
+from workers import telemetry
 from workers.group_reader import Entry, GroupReader
 from workers.inspection import Inspector, ScoredImage, ScoringBusy
+from workers.logs import JobLog, job_log
 from workers.maps import map_objects
 from workers.results import build_result
 from workers.retry import Backoff, IntakeLimit, retry_call
 from workers.stream_scripts import COMMIT_DEAD, COMMIT_RESULT
+from workers.telemetry import Stage
 
 log = logging.getLogger("anomap.consumer")
 T = TypeVar("T")
@@ -104,6 +112,8 @@ class ConsumerConfig:
     """Longest wait before a job that Serve refused for backpressure is sent again."""
     drain_timeout_s: float = 60.0
     """After ``stop``: how long jobs in flight may take before their retry waits are cut short."""
+    backlog_every_s: float = 5.0
+    """How often the group's lag and pending count are sampled for the metrics (only where Ray runs)."""
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1:
@@ -163,6 +173,7 @@ class StreamConsumer:
         self._commit_result = client.register_script(COMMIT_RESULT)
         self._commit_dead = client.register_script(COMMIT_DEAD)
         self._streams = [names.jobs(line) for line in config.lines]
+        self._line_of = dict(zip(self._streams, config.lines, strict=True))  # job stream -> its line
         self._in_flight: dict[str, str] = {}  # entry id -> stream
         self._lock = threading.Lock()
         self._abort = threading.Event()  # set when a drain runs out of time: retry waits end
@@ -184,7 +195,7 @@ class StreamConsumer:
     def _backoff(self) -> Backoff:
         return Backoff(self.config.backoff_initial_s, self.config.backoff_max_s, self.config.backoff_jitter)
 
-    def _redis_call(self, what: str, op: Callable[[], T]) -> T:
+    def _redis_call(self, what: str, op: Callable[[], T], jlog: JobLog | None = None) -> T:
         return retry_call(
             op,
             transient=REDIS_TRANSIENT,
@@ -192,9 +203,10 @@ class StreamConsumer:
             abort=self._abort,
             what=what,
             backoff=self._backoff(),
+            log_fields=jlog.fields if jlog is not None else None,
         )
 
-    def _store_call(self, what: str, op: Callable[[], T]) -> T:
+    def _store_call(self, what: str, op: Callable[[], T], jlog: JobLog) -> T:
         return retry_call(
             op,
             transient=(Exception,),  # connection refused, timeouts, 5xx: anything but a missing object
@@ -203,6 +215,7 @@ class StreamConsumer:
             abort=self._abort,
             what=what,
             backoff=self._backoff(),
+            log_fields=jlog.fields,
         )
 
     # ---- processing -------------------------------------------------------------------------
@@ -216,6 +229,8 @@ class StreamConsumer:
         job_id: str | None = None,
         line: str | None = None,
     ) -> Outcome:
+        line = line or self._line_of.get(stream)
+        jlog = job_log(log, job_id, line, entry_id)
         letter = DeadLetter(
             entry_id=entry_id,
             stream=stream,
@@ -237,25 +252,27 @@ class StreamConsumer:
                     self.config.done_ttl_s,
                 ],
             ),
+            jlog,
         )
         if written != 1:  # another consumer answered this entry first
             return Outcome.DUPLICATE
-        log.warning("job %r (entry %s) → dead letter: %s: %s", job_id, entry_id, reason.value, detail[:200])
+        telemetry.dead_letter(line or "unknown", reason.value)
+        jlog.warning("job %r (entry %s) → dead letter: %s: %s", job_id, entry_id, reason.value, detail[:200])
         return Outcome.DEAD
 
-    def _fetch_image(self, job: InspectionJob, inline: bytes | None) -> bytes:
+    def _fetch_image(self, job: InspectionJob, inline: bytes | None, jlog: JobLog) -> bytes:
         if inline is not None:
             return inline
         assert job.image_ref is not None  # decode_job_entry guarantees one of them
         bucket, key = job.image_ref.removeprefix("s3://").split("/", 1)
         try:
             return self._store_call(
-                f"job {job.job_id}: reading {job.image_ref}", lambda: self.store.get_bytes(key, bucket)
+                f"job {job.job_id}: reading {job.image_ref}", lambda: self.store.get_bytes(key, bucket), jlog
             )
         except ObjectMissing as exc:
             raise JobRejected(DeadReason.MISSING_OBJECT, f"{job.image_ref} does not exist", job.job_id) from exc
 
-    def _score(self, job: InspectionJob, image: np.ndarray) -> ScoredImage:
+    def _score(self, job: InspectionJob, image: np.ndarray, jlog: JobLog) -> ScoredImage:
         """Score through the inspector: failures are retried for up to ``score_retry_s``; refusals for
         backpressure are waited out for as long as they last (or until a drain is cut short)."""
         busy = Backoff(self.config.backoff_initial_s, self.config.busy_backoff_max_s, self.config.backoff_jitter)
@@ -271,16 +288,18 @@ class StreamConsumer:
                         abort=self._abort,
                         what=f"job {job.job_id}: scoring",
                         backoff=self._backoff(),
+                        log_fields=jlog.fields,
                     )
                 except ScoringBusy:
                     refusals += 1
                     self.stats.add_backpressure()
+                    telemetry.backpressure(job.line)
                     self.intake.refused()
                     if refusals == 1:
                         with self._lock:
                             self._waiting_for_capacity += 1
                     delay = busy.next_delay()
-                    log.log(
+                    jlog.log(
                         logging.INFO if refusals == 1 else logging.DEBUG,
                         "job %s: Serve is at capacity (refusal %d); trying again in %.2fs, intake limit %d",
                         job.job_id,
@@ -300,15 +319,19 @@ class StreamConsumer:
 
     def process_entry(self, stream: str, entry_id: str, fields: dict[bytes, bytes], deliveries: int) -> Outcome:
         """Handle one delivered entry to its end: a result, a dead letter, or left for retry."""
+        telemetry.job_read(self._line_of.get(stream, "unknown"))
         try:
             job, inline = decode_job_entry(fields)
         except JobRejected as exc:
             return self._dead(stream, entry_id, deliveries, exc.reason, exc.detail, exc.job_id)
-        done = self._redis_call(f"job {job.job_id}: done check", lambda: self.redis.get(self._done_key(job.job_id)))
+        jlog = job_log(log, job.job_id, job.line, entry_id)
+        done = self._redis_call(
+            f"job {job.job_id}: done check", lambda: self.redis.get(self._done_key(job.job_id)), jlog
+        )
         if done is not None:
             if done.decode() == entry_id:
                 self._redis_call(
-                    f"job {job.job_id}: ack", lambda: self.redis.xack(stream, self.names.scorer_group, entry_id)
+                    f"job {job.job_id}: ack", lambda: self.redis.xack(stream, self.names.scorer_group, entry_id), jlog
                 )
                 return Outcome.DUPLICATE
             return self._dead(
@@ -332,23 +355,23 @@ class StreamConsumer:
             )
         started = time.perf_counter()
         try:
-            image = decode_image(self._fetch_image(job, inline))
+            image = decode_image(self._fetch_image(job, inline, jlog))
         except (JobRejected, ImageRejected) as exc:
             return self._dead(stream, entry_id, deliveries, exc.reason, exc.detail, job.job_id, job.line)
         except Exception as exc:  # the store stayed away past store_retry_s
-            log.warning("job %s: reading its image failed, left pending: %r", job.job_id, exc)
+            jlog.warning("job %s: reading its image failed, left pending: %r", job.job_id, exc)
             return Outcome.RETRY
         decoded = time.perf_counter()
         try:
-            scored = self._score(job, image)
+            scored = self._score(job, image, jlog)
         except Exception as exc:  # Serve stayed broken past score_retry_s: leave pending, retry later
-            log.warning("job %s: scoring failed (delivery %d), left pending: %r", job.job_id, deliveries, exc)
+            jlog.warning("job %s: scoring failed (delivery %d), left pending: %r", job.job_id, deliveries, exc)
             return Outcome.RETRY
         scored_at = time.perf_counter()
         try:
-            map_ref, overlay_ref = self._store_map(job, image, scored)
+            map_ref, overlay_ref = self._store_map(job, image, scored, jlog)
         except Exception as exc:  # the store stayed away past store_retry_s
-            log.warning("job %s: storing the map failed, left pending: %r", job.job_id, exc)
+            jlog.warning("job %s: storing the map failed, left pending: %r", job.job_id, exc)
             return Outcome.RETRY
         stored = time.perf_counter()
         result = build_result(
@@ -379,28 +402,49 @@ class StreamConsumer:
                     result.model_dump_json(),
                 ],
             ),
+            jlog,
         )
-        return Outcome.RESULT if written == 1 else Outcome.DUPLICATE
+        if written != 1:
+            return Outcome.DUPLICATE
+        stages = {
+            Stage.DECODE: decoded - started,
+            Stage.SCORE: scored_at - decoded,
+            Stage.WRITE_MAP: stored - scored_at,
+            Stage.WRITE_RESULT: time.perf_counter() - stored,
+        }
+        telemetry.result_written(job.line, result.latency_ms / 1e3, stages)
+        return Outcome.RESULT
 
-    def _store_map(self, job: InspectionJob, image: np.ndarray, scored: ScoredImage) -> tuple[str, str]:
+    def _store_map(self, job: InspectionJob, image: np.ndarray, scored: ScoredImage, jlog: JobLog) -> tuple[str, str]:
         objects = map_objects(job, image, scored)
         for obj in objects:
             self._store_call(
                 f"job {job.job_id}: writing {obj.key}",
                 lambda obj=obj: self.store.put_bytes(obj.key, obj.data, obj.content_type),
+                jlog,
             )
         return self.store.ref(objects[0].key), self.store.ref(objects[1].key)
 
     # ---- the loop ---------------------------------------------------------------------------
+    def _entry_log(self, stream: str, entry_id: str, fields: dict[bytes, bytes]) -> JobLog:
+        """A logger for an entry whose processing failed: with its job's id when the envelope has one."""
+        job_id = line = None
+        try:
+            envelope = json.loads(fields.get(JOB_FIELD, b"{}"))
+            job_id, line = envelope.get("job_id"), envelope.get("line")
+        except (ValueError, AttributeError):  # not JSON, or not an object: the entry is logged by its id
+            pass
+        return job_log(log, job_id, line or self._line_of.get(stream), entry_id)
+
     def _run_one(self, entry: Entry) -> Outcome:
         stream, entry_id, fields, deliveries = entry
         try:
             return self.process_entry(stream, entry_id, fields, deliveries)
         except redis.RedisError as exc:  # Redis stayed away past redis_retry_s
-            log.warning("entry %s: redis error, left pending: %r", entry_id, exc)
+            self._entry_log(stream, entry_id, fields).warning("entry %s: redis error, left pending: %r", entry_id, exc)
             return Outcome.RETRY
         except Exception:  # a bug must not stop the consumer; the entry is retried, then dead-lettered
-            log.exception("entry %s: unexpected error, left pending", entry_id)
+            self._entry_log(stream, entry_id, fields).exception("entry %s: unexpected error, left pending", entry_id)
             return Outcome.RETRY
         finally:
             with self._lock:
@@ -419,6 +463,16 @@ class StreamConsumer:
         if not entries and not self.reader.has_backlog:
             entries = self.reader.read_new(capacity, 20 if busy else self.config.block_ms, skip)
         return entries, last_claim
+
+    def sample_backlog(self) -> None:
+        """Record the group's lag and pending count on each job stream (``anomap_stream_lag``/``_pending``)."""
+        group = self.names.scorer_group
+        for stream, line in self._line_of.items():
+            for info in self.redis.xinfo_groups(stream):
+                name = info["name"]
+                if (name.decode() if isinstance(name, bytes) else name) == group:
+                    lag = info.get("lag")
+                    telemetry.stream_backlog(line, None if lag is None else int(lag), int(info["pending"]))
 
     def _drain(self, futures: set[Future[Outcome]]) -> None:
         if futures:
@@ -445,6 +499,7 @@ class StreamConsumer:
         backoff = self._backoff()
         need_groups = True
         last_claim = 0.0
+        last_backlog = 0.0
         last_keep = time.monotonic()
         keep_every_s = max(self.config.claim_idle_ms / 3000, 0.05)
         futures: set[Future[Outcome]] = set()
@@ -471,6 +526,12 @@ class StreamConsumer:
                     delay = backoff.next_delay()
                     log.warning("consumer %s: redis error (%r); retrying in %.1fs", self.config.consumer, exc, delay)
                     stop.wait(delay)
+                if time.monotonic() - last_backlog > self.config.backlog_every_s and telemetry.enabled():
+                    last_backlog = time.monotonic()
+                    try:
+                        self.sample_backlog()
+                    except redis.RedisError as exc:  # a gap in a gauge; the read loop handles outages
+                        log.debug("consumer %s: sampling the backlog failed: %r", self.config.consumer, exc)
                 if entries:
                     with self._lock:
                         self._in_flight.update((entry[1], entry[0]) for entry in entries)

@@ -33,6 +33,7 @@ from schemas import Settings, StreamNames
 from schemas.ids import LINE_PATTERN
 from trainer.store import ObjectStore
 from workers.consumer import ConsumerConfig, ConsumerStats, StreamConsumer
+from workers.logs import configure_logging
 from workers.serve_app import APP_NAME, ServeInspector
 
 log = logging.getLogger("anomap.consumer_app")
@@ -63,6 +64,7 @@ class StreamConsumers:
         if settings.redis_url is None:
             msg = "REDIS_URL is not set; the stream consumers need it"
             raise ValueError(msg)
+        configure_logging(logging.INFO, logger_name="anomap")  # JSON lines when ANOMAP_LOG_FORMAT=json
         store = ObjectStore.from_settings(settings)
         store.ensure_bucket()
         names = StreamNames(settings.stream_prefix)

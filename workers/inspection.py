@@ -3,13 +3,17 @@
 The same steps serve the Ray Serve app (patch batches spread over `PatchScorer` replicas) and the
 in-process `LocalInspector` (benchmarks, archive re-scoring), so both give identical maps::
 
-    plan = plan_inspection(image, card, chunk_patches=128)   # patches (N, P, P) in chunks
-    patch_maps = [model.score_patches(c) for c in plan.chunks]
+    plan = plan_inspection(image, card, chunk_patches=128)   # padded image + patch ranges of ≤ 128
+    patch_maps = [model.score_patches(c) for c in plan.chunks]   # each range cut out: (n_i, P, P)
     scored = finish_inspection(plan, patch_maps, card)      # ScoredImage with an (H, W) map
+
+The Serve app does not ship the chunks: it puts ``plan.padded`` in Ray's object store once and sends
+each scorer a `PatchRange`, which the scorer cuts out of the (zero-copy) padded image itself.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -18,7 +22,7 @@ import numpy as np
 from schemas import ModelCard
 from trainer.postprocess import MapSummary, summarize_map
 from trainer.scoring import PatchModel, anomaly_map, finish_map
-from trainer.tiling import TileLayout, extract_patches, plan_tiles, stitch_patches
+from trainer.tiling import TileLayout, cut_patches, pad_image, plan_tiles, stitch_patches
 
 
 @dataclass(frozen=True)
@@ -51,26 +55,66 @@ class Inspector(Protocol):
 
 
 @dataclass(frozen=True)
+class PatchRange:
+    """Patches ``start``..``stop`` (row-major) of an image's tile grid: one scorer request's share.
+
+    A few hundred bytes, where the patches themselves are 4 KiB (P = 32) or 16 KiB (P = 64) each: the
+    scorer cuts them out of the padded image (`cut`), which travels once per image instead of 4× over
+    in patches that overlap by half.
+    """
+
+    start: int
+    stop: int
+    patch: int
+    grid: tuple[tuple[int, ...], tuple[int, ...]]
+    """`TileLayout.grid`: the padded image's patch rows and columns."""
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def cut(self, padded: np.ndarray) -> np.ndarray:
+        """This range's patches (n, P, P) float32 of the padded image (Hp, Wp)."""
+        return cut_patches(padded, self.patch, self.grid, self.start, self.stop)
+
+
+@dataclass(frozen=True)
 class InspectionPlan:
-    """An image cut into patch chunks, ready to be scored."""
+    """An image padded for tiling and its patches split into ranges, ready to be scored."""
 
     layout: TileLayout
-    chunks: list[np.ndarray]
+    padded: np.ndarray
+    """(Hp, Wp) float32, the image reflect-padded as `TileLayout` describes."""
+    ranges: list[PatchRange]
+
+    @property
+    def chunks(self) -> list[np.ndarray]:
+        """The patches of each range, (n_i, P, P) float32, cut out now (for scoring in this process)."""
+        return [patch_range.cut(self.padded) for patch_range in self.ranges]
 
 
-def plan_inspection(image: np.ndarray, card: ModelCard, chunk_patches: int) -> InspectionPlan:
-    """Tile ``image`` (H, W) with the card's patch size and stride; chunks of ≤ ``chunk_patches``."""
+def plan_inspection(image: np.ndarray, card: ModelCard, chunk_patches: int, batch_patches: int = 1) -> InspectionPlan:
+    """Pad ``image`` (H, W) for the card's patch size and stride and split its patches into ranges.
+
+    Ranges hold whole forward batches of ``batch_patches`` (at most ``chunk_patches``), as many as fit in
+    ``chunk_patches``, and are as few and as even as that allows; each starts at a multiple of the batch,
+    so scorers run the same forward passes as `LocalInspector` with that batch size. 4225 patches
+    (1024², P = 32, S = 16) in chunks of ≤ 1024 and batches of 128: 34 batches in 5 ranges of
+    768, 896, 896, 896 and 769 patches.
+    """
     if image.ndim != 2:
         msg = f"expected a greyscale (H, W) image, got shape {image.shape}"
         raise ValueError(msg)
-    if chunk_patches < 1:
-        msg = f"chunk_patches must be >= 1, got {chunk_patches}"
+    if chunk_patches < 1 or batch_patches < 1:
+        msg = f"chunk_patches and batch_patches must be >= 1, got {chunk_patches} and {batch_patches}"
         raise ValueError(msg)
     layout = plan_tiles(image.shape[0], image.shape[1], card.patch_size, card.stride)
-    patches = extract_patches(image, layout)
-    n_chunks = -(-layout.n_patches // chunk_patches)
-    chunks = [patches[i * chunk_patches : (i + 1) * chunk_patches] for i in range(n_chunks)]
-    return InspectionPlan(layout, chunks)
+    grid, n = layout.grid, layout.n_patches
+    batch = min(batch_patches, chunk_patches)
+    n_batches = -(-n // batch)
+    n_ranges = -(-n_batches // (chunk_patches // batch))
+    bounds = [min(n, (n_batches * i // n_ranges) * batch) for i in range(n_ranges + 1)]
+    ranges = [PatchRange(start, stop, layout.patch, grid) for start, stop in itertools.pairwise(bounds)]
+    return InspectionPlan(layout, pad_image(image, layout), ranges)
 
 
 def scored_image(
@@ -102,10 +146,10 @@ def finish_inspection(
     pixel_threshold: float | None = None,
     timings_ms: dict[str, float] | None = None,
 ) -> ScoredImage:
-    """Stitch scored chunks (each (n_i, P, P)) into the smoothed map and summarise it."""
-    stitched = stitch_patches(np.concatenate(patch_maps, axis=0), plan.layout)
+    """Stitch scored chunks (each (n_i, P, P), one per range) into the smoothed map and summarise it."""
+    stitched = stitch_patches(patch_maps, plan.layout)
     anomaly_map = finish_map(stitched, card.smoothing_sigma)
-    return scored_image(anomaly_map, card, plan.layout.n_patches, len(plan.chunks), pixel_threshold, timings_ms)
+    return scored_image(anomaly_map, card, plan.layout.n_patches, len(plan.ranges), pixel_threshold, timings_ms)
 
 
 class LocalInspector:

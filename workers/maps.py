@@ -19,6 +19,10 @@ from trainer.imaging import encode_png
 from workers.inspection import ScoredImage
 from workers.overlay import render_overlay
 
+OVERLAY_PNG_LEVEL = 1
+"""zlib level of the overlay PNGs: written for every job, so speed over size (~50 ms and ~0.85 MB for
+1024² against ~70 ms and ~0.7 MB at level 3; the pixels are the same)."""
+
 
 class MapObject(NamedTuple):
     """One object to write for a scored job."""
@@ -51,7 +55,9 @@ def decode_map(data: bytes) -> np.ndarray:
 def map_objects(job: InspectionJob, image: np.ndarray, scored: ScoredImage) -> tuple[MapObject, MapObject]:
     """The (npz map, PNG overlay) objects of a scored job, keyed by `map_keys`."""
     npz_key, png_key = map_keys(job)
-    overlay = encode_png(render_overlay(image, scored.anomaly_map, scored.pixel_threshold))
+    overlay = encode_png(
+        render_overlay(image, scored.anomaly_map, scored.pixel_threshold), compress_level=OVERLAY_PNG_LEVEL
+    )
     return (
         MapObject(npz_key, encode_map(scored.anomaly_map), "application/octet-stream"),
         MapObject(png_key, overlay, "image/png"),

@@ -3,7 +3,8 @@
     overlay = render_overlay(image, anomaly_map, pixel_threshold)   # (H, W, 3) uint8
 
 Below threshold the image shows in grey; above it a red-to-yellow heat is blended in, strongest at
-twice the threshold, and region outlines show where defects were found.
+twice the threshold, and region outlines show where defects were found. Only the pixels above
+threshold (usually a few per cent) are blended; the rest is the grey image, computed once.
 """
 
 from __future__ import annotations
@@ -18,12 +19,16 @@ def render_overlay(image: np.ndarray, anomaly_map: np.ndarray, pixel_threshold: 
         msg = f"image {image.shape} and map {anomaly_map.shape} differ in shape"
         raise ValueError(msg)
     grey = np.clip(image, 0.0, 1.0).astype(np.float32)
-    rgb = np.repeat(grey[..., None], 3, axis=2)
-    heat = np.clip((anomaly_map / pixel_threshold - 1.0), 0.0, 1.0)  # 0 at threshold, 1 at 2× threshold
+    rgb = np.empty((*grey.shape, 3), dtype=np.uint8)
+    rgb[...] = (grey * 255.0 + 0.5).astype(np.uint8)[..., None]  # (H, W) grey into all three channels
     above = anomaly_map >= pixel_threshold
-    alpha = np.where(above, 0.45 + 0.45 * heat, 0.0)[..., None]
-    colour = np.stack([np.ones_like(heat), heat, np.zeros_like(heat)], axis=2)  # red → yellow
-    rgb = rgb * (1.0 - alpha) + colour * alpha
+    if not above.any():
+        return rgb
+    heat = np.clip((anomaly_map[above] / pixel_threshold - 1.0), 0.0, 1.0)  # (K,): 0 at threshold, 1 at 2×
+    alpha = (0.45 + 0.45 * heat)[:, None]  # (K, 1)
+    colour = np.stack([np.ones_like(heat), heat, np.zeros_like(heat)], axis=1)  # (K, 3) red → yellow
+    blended = grey[above][:, None] * (1.0 - alpha) + colour * alpha
+    rgb[above] = (blended * 255.0 + 0.5).astype(np.uint8)
     edge = above & ~ndimage.binary_erosion(above, iterations=1)
-    rgb[edge] = (1.0, 0.0, 0.0)
-    return (rgb * 255.0 + 0.5).astype(np.uint8)
+    rgb[edge] = (255, 0, 0)  # (1, 0, 0) · 255 + 0.5, rounded down
+    return rgb

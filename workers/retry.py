@@ -25,7 +25,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -76,11 +76,13 @@ def retry_call(
     what: str,
     backoff: Backoff | None = None,
     permanent: tuple[type[BaseException], ...] = (),
+    log_fields: Mapping[str, object] | None = None,
 ) -> T:
     """``op()``, retried with backoff while it raises ``transient`` (but not ``permanent``) errors.
 
     Gives up, re-raising the last error, when the next wait would pass ``limit_s`` seconds from the
-    first attempt or when ``abort`` is set.
+    first attempt or when ``abort`` is set. ``log_fields`` go on the log records of the retries
+    (``extra``: a job's id and line, say).
     """
     backoff = backoff or Backoff()
     deadline = time.monotonic() + limit_s
@@ -93,10 +95,12 @@ def retry_call(
         except transient as exc:
             delay = backoff.next_delay()
             if abort.is_set() or time.monotonic() + delay > deadline:
-                log.warning("%s failed after %d attempt(s), giving up: %r", what, attempt, exc)
+                log.warning("%s failed after %d attempt(s), giving up: %r", what, attempt, exc, extra=log_fields)
                 raise
             if attempt == 1 or attempt % 5 == 0:
-                log.warning("%s failed (attempt %d), retrying in %.1fs: %r", what, attempt, delay, exc)
+                log.warning(
+                    "%s failed (attempt %d), retrying in %.1fs: %r", what, attempt, delay, exc, extra=log_fields
+                )
             abort.wait(delay)
             attempt += 1
 

@@ -1,0 +1,38 @@
+"""The overlay blends heat only where the map is at or above threshold and outlines those regions."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from workers.overlay import render_overlay
+
+
+def _blend_every_pixel(image: np.ndarray, anomaly_map: np.ndarray, threshold: float) -> np.ndarray:
+    """The overlay computed for all pixels at once (alpha 0 below threshold): the reference."""
+    grey = np.clip(image, 0.0, 1.0).astype(np.float32)
+    heat = np.clip(anomaly_map / threshold - 1.0, 0.0, 1.0)
+    above = anomaly_map >= threshold
+    alpha = np.where(above, 0.45 + 0.45 * heat, 0.0)[..., None]
+    colour = np.stack([np.ones_like(heat), heat, np.zeros_like(heat)], axis=2)
+    rgb = np.repeat(grey[..., None], 3, axis=2) * (1.0 - alpha) + colour * alpha
+    rgb[above & ~ndimage.binary_erosion(above)] = (1.0, 0.0, 0.0)
+    return (rgb * 255.0 + 0.5).astype(np.uint8)
+
+
+def test_overlay_blends_only_above_threshold_pixels_exactly_like_blending_every_pixel() -> None:
+    rng = np.random.default_rng(0)
+    image = rng.random((96, 80)).astype(np.float32) * 1.2 - 0.1  # some values outside [0, 1]
+    anomaly_map = ndimage.gaussian_filter(rng.random((96, 80)).astype(np.float32), 2)
+    for quantile in (0.0, 0.5, 0.99):
+        threshold = float(np.quantile(anomaly_map, quantile))
+        overlay = render_overlay(image, anomaly_map, threshold)
+        assert overlay.dtype == np.uint8 and overlay.shape == (96, 80, 3)
+        np.testing.assert_array_equal(overlay, _blend_every_pixel(image, anomaly_map, threshold))
+
+
+def test_a_quiet_map_leaves_the_image_grey() -> None:
+    image = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    overlay = render_overlay(image, np.zeros((8, 8), dtype=np.float32), pixel_threshold=0.5)
+    assert (overlay[..., 0] == overlay[..., 1]).all() and (overlay[..., 1] == overlay[..., 2]).all()
+    np.testing.assert_array_equal(overlay[..., 0], (image * 255 + 0.5).astype(np.uint8))
