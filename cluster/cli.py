@@ -281,7 +281,13 @@ def eval_cmd(
 
 @app.command()
 def serve(
-    version: Annotated[str | None, typer.Option(help="Model version (default: the live one).")] = None,
+    version: Annotated[
+        str | None,
+        typer.Option(
+            help="Pin one model version for every line (default: each line's live version, "
+            "re-read every few seconds, so `anomap models promote` swaps models without a restart)."
+        ),
+    ] = None,
     lines: Annotated[str, typer.Option(help="Comma-separated production lines to consume.")] = "default",
     consumers: Annotated[int, typer.Option(min=1, max=64)] = 2,
     replicas: Annotated[
@@ -306,12 +312,12 @@ def serve(
     from workers.logs import configure_logging
 
     registry = ModelRegistry(object_store(settings), settings.model_name)
+    line_ids = tuple(line.strip() for line in lines.split(",") if line.strip())
     try:
-        version = version or registry.live_version()
-        registry.load_card(version)
+        registry.load_card(version or registry.live_version())
+        live = {line: registry.live_version(line) for line in line_ids}
     except ModelNotFound as exc:
         _fail(str(exc))
-    line_ids = tuple(line.strip() for line in lines.split(",") if line.strip())
     try:
         configure_logging(logging.INFO)  # ANOMAP_LOG_FORMAT=json: one JSON object per line
     except ValueError as exc:
@@ -322,7 +328,9 @@ def serve(
     ) as server:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: server.stop.set())
-        console.log(f"serving model {version} on lines {', '.join(line_ids)}; Ctrl-C drains and stops")
+        pointers = ", ".join(f"{line}: {v}" for line, v in live.items())
+        models = f"model {version} (pinned)" if version else f"live models {pointers}"
+        console.log(f"serving lines {', '.join(line_ids)} with {models}; Ctrl-C drains and stops")
         server.wait()
     console.log("drained and stopped")
 
@@ -534,6 +542,23 @@ def demo(
     if summary["results"] != summary["published"] or summary["dead_letters"]:
         err.print("[red]not every job produced a result[/red]")
         raise typer.Exit(1)
+
+
+from cluster.cli_rescore import rescore  # noqa: E402  (archive re-scoring lives in its own module)
+
+app.command()(rescore)
+
+from cluster.cli_confirm import confirm, confirmations_app  # noqa: E402  (confirmations live in their own module)
+from cluster.cli_models import models_app  # noqa: E402
+
+app.command()(confirm)
+app.add_typer(confirmations_app, name="confirmations")
+app.add_typer(models_app, name="models")
+
+from cluster.cli_retrain import datasets_app, retrain  # noqa: E402  (the retraining controller's own module)
+
+app.command()(retrain)
+app.add_typer(datasets_app, name="datasets")
 
 
 def _unreachable(exc: BaseException) -> str | None:

@@ -25,7 +25,8 @@ from workers.serve_app import APP_NAME, ServeInspector, deploy
 
 
 class InspectionServer:
-    """The Serve app for one model version and ``consumers`` consumer threads on ``lines``.
+    """The Serve app (pinned to ``version``, or following each line's live version when it is None) and
+    ``consumers`` consumer threads on ``lines``.
 
     Replica counts, autoscaling and Serve's queue limits come from ``settings.serving``;
     ``scorer_replicas``, when given, fixes the scorer replica count instead. A consumer whose job
@@ -35,7 +36,7 @@ class InspectionServer:
     def __init__(
         self,
         settings: Settings,
-        version: str,
+        version: str | None,
         consumers: int = 2,
         lines: tuple[str, ...] = ("default",),
         scorer_replicas: int | None = None,

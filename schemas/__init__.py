@@ -8,6 +8,7 @@ from schemas.dead_letter import DeadLetter, DeadReason
 from schemas.ids import JOB_ID_PATTERN, LINE_PATTERN, S3Ref, parse_s3_ref
 from schemas.job import InspectionJob
 from schemas.model_card import AbnormalPatchSource, MapMode, ModelCard, ScoreMode, Thresholds
+from schemas.model_event import MODEL_EVENT_FIELD, ModelEvent, ModelEventKind
 from schemas.result import InspectionResult, Region
 from schemas.settings import Settings
 from schemas.stream import JobRejected, StreamNames, decode_job_entry, encode_job_entry
@@ -15,6 +16,7 @@ from schemas.stream import JobRejected, StreamNames, decode_job_entry, encode_jo
 __all__ = [
     "JOB_ID_PATTERN",
     "LINE_PATTERN",
+    "MODEL_EVENT_FIELD",
     "AbnormalPatchSource",
     "Box",
     "Confirmation",
@@ -26,6 +28,8 @@ __all__ = [
     "JobRejected",
     "MapMode",
     "ModelCard",
+    "ModelEvent",
+    "ModelEventKind",
     "Region",
     "S3Ref",
     "ScoreMode",

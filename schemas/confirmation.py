@@ -1,14 +1,25 @@
-"""`Confirmation`: an operator's verdict on a scored job, as sent on ``anomap:confirmations``."""
+"""`Confirmation`: an operator's verdict on a scored job, as sent on ``anomap:confirmations``.
+
+An entry on that stream has one field, ``confirmation``, holding the JSON::
+
+    {"job_id": "cam01-000123", "line": "default", "label": "abnormal",
+     "boxes": [{"x": 10, "y": 20, "width": 30, "height": 8}], "mask_ref": null, "confirmed_by": "ana"}
+
+Boxes and a mask only make sense for an abnormal image; a normal one (a false alarm) carries neither.
+"""
 
 from __future__ import annotations
 
 from enum import StrEnum
 from typing import Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 from schemas.ids import JobId, LineId, S3RefStr
 from schemas.job import utc_now
+
+CONFIRMATION_FIELD = b"confirmation"
+"""The field of an ``anomap:confirmations`` entry that holds the confirmation's JSON."""
 
 
 class ConfirmationLabel(StrEnum):
@@ -42,3 +53,10 @@ class Confirmation(BaseModel):
     mask_ref: S3RefStr | None = None
     confirmed_by: str | None = Field(default=None, max_length=128)
     confirmed_at: AwareDatetime = Field(default_factory=utc_now)
+
+    @model_validator(mode="after")
+    def _marks_only_defects(self) -> Confirmation:
+        if self.label is ConfirmationLabel.NORMAL and (self.boxes or self.mask_ref):
+            msg = "a normal confirmation carries no boxes and no mask_ref; those mark defects (label abnormal)"
+            raise ValueError(msg)
+        return self

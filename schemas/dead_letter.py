@@ -1,4 +1,5 @@
-"""`DeadLetter`: a job that could not be scored, with the reason, as written to ``anomap:dead``."""
+"""`DeadLetter`: a job that could not be scored (or a confirmation that could not be filed), with the
+reason, as written to ``anomap:dead``."""
 
 from __future__ import annotations
 
@@ -34,10 +35,19 @@ class DeadReason(StrEnum):
     """A different entry already produced a result under the same ``job_id``."""
     TOO_MANY_DELIVERIES = "too_many_deliveries"
     SCORING_FAILED = "scoring_failed"
+    UNKNOWN_JOB = "unknown_job"
+    """A confirmation names a job whose scored image cannot be found (never scored, or another line)."""
+    BOX_OUTSIDE_IMAGE = "box_outside_image"
+    """A confirmation's box lies entirely outside the job's image."""
+    MASK_SIZE_MISMATCH = "mask_size_mismatch"
+    """A confirmation's mask is not the size of the job's image."""
+    EMPTY_MASK = "empty_mask"
+    """A confirmation's mask marks no pixel."""
 
 
 class DeadLetter(BaseModel):
-    """A job that produced no result. ``entry_id`` is the original stream entry id."""
+    """A job that produced no result, or a confirmation that was not filed; ``entry_id`` and ``stream``
+    name the original entry (``anomap:jobs[:<line>]`` or ``anomap:confirmations``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -2,6 +2,11 @@
 
 Stored as ``models/<name>/<version>/card.json`` next to ``weights.safetensors``. A threshold is part
 of a model version; results report scores normalised by it (1.0 = at threshold).
+
+A version made by the retraining controller (`workers.retrain`) also carries a `RetrainRecord`:
+what it was fine-tuned from and on, how it and its parent measured on the line's frozen validation
+set, and whether it was promoted and why. Cards written before that field existed load with
+``retraining=None``.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from typing import Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from schemas.ids import ModelName, ModelVersion
+from schemas.ids import LineId, ModelName, ModelVersion
 from schemas.job import utc_now
 
 
@@ -62,6 +67,43 @@ class Thresholds(BaseModel):
     n_calibration_images: int = Field(ge=1)
 
 
+class RetrainDecision(StrEnum):
+    """What the retraining controller did with a candidate version."""
+
+    PROMOTED = "promoted"
+    """It passed every check and is live on its line."""
+    REJECTED = "rejected"
+    """It failed a check; the line's live version stayed."""
+    FAILED = "failed"
+    """The run broke after the version was saved (evaluation or promotion); nothing was promoted."""
+
+
+class RetrainRecord(BaseModel):
+    """How a retrained candidate came about and was judged (``ModelCard.retraining``).
+
+    ``confirmations`` names every confirmed image the candidate was trained on, as
+    ``"abnormal/<job_id>"`` or ``"normal/<job_id>"``: the next run calls a confirmation new when its
+    name is not in its parent's list. ``validation`` holds ``{"candidate": {...}, "parent": {...}}``
+    metrics on the frozen validation set (image_auroc, pixel_auroc, pixel_ap, aupro, as defined);
+    ``confirmed_scores`` the candidate's normalised image scores of the confirmed abnormal images.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    line: LineId
+    decision: RetrainDecision
+    reasons: list[str] = Field(default_factory=list)
+    trigger: str = ""
+    confirmations: list[str] = Field(default_factory=list)
+    new_confirmations: list[str] = Field(default_factory=list)
+    confirmations_digest: str = Field(default="", max_length=128)
+    validation_digest: str = Field(default="", max_length=128)
+    validation: dict[str, dict[str, float]] = Field(default_factory=dict)
+    confirmed_scores: list[float] = Field(default_factory=list)
+    parent_confirmed_scores: list[float] = Field(default_factory=list)
+    policy: dict[str, float | int | str | bool | None] = Field(default_factory=dict)
+
+
 class ModelCard(BaseModel):
     """Everything needed to rebuild, serve and judge one model version."""
 
@@ -93,3 +135,5 @@ class ModelCard(BaseModel):
     # calibration and quality
     thresholds: Thresholds
     metrics: dict[str, float] = Field(default_factory=dict)
+    # retraining (None: trained by hand with `anomap train`)
+    retraining: RetrainRecord | None = None

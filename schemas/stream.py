@@ -69,6 +69,15 @@ class StreamNames:
         """The consumer group that scores jobs."""
         return "scorers"
 
+    @property
+    def dataset_group(self) -> str:
+        """The consumer group that files confirmations into ``datasets/`` in the object store."""
+        return "datasets"
+
+    def done_marker(self, job_id: str) -> str:
+        """The key a consumer sets, to the job's stream entry id, when the job's result is written."""
+        return f"{self.prefix}:done:{job_id}"
+
 
 def encode_job_entry(job: InspectionJob, image: bytes | None = None) -> dict[bytes, bytes]:
     """Fields of a job stream entry: the JSON envelope, plus the image bytes when inline."""

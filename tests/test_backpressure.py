@@ -183,7 +183,7 @@ class RefusingInspector:
         self.refusals: list[tuple[int, int, int]] = []  # (results then, entries read, intake limit)
         self.deadline = time.monotonic() + 30
 
-    def __call__(self, image: np.ndarray, pixel_threshold: float | None = None) -> ScoredImage:
+    def __call__(self, image: np.ndarray, pixel_threshold: float | None = None, line: str = "default") -> ScoredImage:
         assert self.consumer is not None
         if np.array_equal(image, self.busy_image) and time.monotonic() < self.deadline:
             results = int(self.client.xlen(self.names.results()))

@@ -28,6 +28,7 @@ from workers.consumer import ConsumerConfig, Outcome, StreamConsumer
 from workers.maps import decode_map
 from workers.publisher import image_key, publish_job, upload_image
 from workers.results import read_dead_letters, read_results
+from workers.scored_images import scored_image_key
 from workers.serve_app import ServeInspector, deploy
 
 pytestmark = pytest.mark.ray
@@ -81,7 +82,8 @@ def test_published_job_comes_back_as_result_with_map_in_store(
     settings, card = service
     names = StreamNames(settings.stream_prefix)
     job = InspectionJob(job_id="cam01-000001", camera_id="cam01")
-    publish_job(redis_client, names, job, image=small_png(1, (DefectKind.SCRATCH,)))
+    png = small_png(1, (DefectKind.SCRATCH,))
+    publish_job(redis_client, names, job, image=png)
     _wait_for(redis_client, names, 1)
     [(_, result)] = list(read_results(redis_client, names))
     assert result.job_id == job.job_id
@@ -92,6 +94,7 @@ def test_published_job_comes_back_as_result_with_map_in_store(
     assert stored.shape == (SIZE, SIZE)
     assert store.get_bytes(result.overlay_ref.split("/", 3)[3]).startswith(b"\x89PNG")
     assert result.raw_image_score == pytest.approx(float(stored.max()), rel=1e-5)
+    assert store.get_bytes(scored_image_key("default", job.job_id)) == png, "the job's image is kept for confirmations"
     assert redis_client.xpending(names.jobs(), names.scorer_group)["pending"] == 0
 
 

@@ -6,18 +6,43 @@ Layout::
     models/<name>/<version>/card.json             # ModelCard
     models/<name>/live                            # the live version (a pointer object)
     models/<name>/live-<line>                     # optional per-line pointer
+    models/<name>/live-history.json               # every move of the default pointer (ModelEvent list)
+    models/<name>/live-history-<line>.json        # ... of a line's pointer
+
+A line without a pointer of its own follows the default one. Every move of a pointer (`promote`,
+`set_live`, `rollback`) is appended to its history, and `rollback` walks back through it::
+
+    registry.promote("v2", line="press-2", reason="retrained")   # press-2: v1 -> v2
+    registry.rollback("press-2")                                 # press-2: v2 -> v1
+    registry.rollback("press-2")                                 # press-2 follows the default again
+
+History keys end in ``.json`` and line ids hold no dots, so no line's pointer can collide with them.
+The history is read, extended and written back without a lock: two people moving the same pointer at
+the same moment can lose one history entry (the pointer itself is always whatever was written last).
 """
 
 from __future__ import annotations
 
+import json
+import re
 from datetime import UTC, datetime
 
-from schemas import ModelCard
+from pydantic import TypeAdapter
+
+from schemas import LINE_PATTERN, ModelCard, ModelEvent, ModelEventKind
 from trainer.store import ObjectMissing, ObjectStore
+
+MAX_HISTORY = 1000
+"""Events kept per pointer history (the oldest are dropped)."""
+_EVENTS = TypeAdapter(list[ModelEvent])
 
 
 class ModelNotFound(LookupError):
     """No such model version, or no live version yet."""
+
+
+class NothingToRollBack(LookupError):
+    """A pointer's history holds no earlier version to go back to."""
 
 
 def new_version_id(now: datetime | None = None) -> str:
@@ -46,6 +71,18 @@ class ModelRegistry:
         self.store.put_bytes(prefix + "card.json", card.model_dump_json(indent=2).encode(), "application/json")
         return card.version
 
+    def update_card(self, card: ModelCard) -> None:
+        """Rewrite the card of an existing version, its weights untouched (e.g. to record how it was judged).
+
+        Raises `ModelNotFound` if the version does not exist, ValueError if the card is another model's.
+        """
+        if card.name != self.name:
+            msg = f"card is for model {card.name!r}, registry is for {self.name!r}"
+            raise ValueError(msg)
+        self.load_card(card.version)
+        key = self._prefix(card.version) + "card.json"
+        self.store.put_bytes(key, card.model_dump_json(indent=2).encode(), "application/json")
+
     def load_card(self, version: str) -> ModelCard:
         """The card of ``version``."""
         try:
@@ -72,10 +109,119 @@ class ModelRegistry:
     def _pointer_key(self, line: str | None) -> str:
         return f"models/{self.name}/live" if line in (None, "default") else f"models/{self.name}/live-{line}"
 
+    def _history_key(self, line: str | None) -> str:
+        base = f"models/{self.name}/live-history"
+        return f"{base}.json" if line in (None, "default") else f"{base}-{line}.json"
+
     def set_live(self, version: str, line: str | None = None) -> None:
-        """Point the live pointer (of ``line``, or the default) at an existing version."""
+        """Point the live pointer (of ``line``, or the default) at an existing version (see `promote`)."""
+        self.promote(version, line, reason="set_live")
+
+    def own_version(self, line: str | None = None) -> str | None:
+        """The version the pointer of ``line`` itself names (None: it has none, so follows the default)."""
+        try:
+            return self.store.get_bytes(self._pointer_key(line)).decode().strip()
+        except ObjectMissing:
+            return None
+
+    def live_pointers(self) -> dict[str, str]:
+        """Every pointer that exists: ``{"default": version, "<line>": version, ...}``."""
+        pointers: dict[str, str] = {}
+        prefix = f"models/{self.name}/"
+        for key in self.store.list_keys(prefix, recursive=False):
+            leaf = key[len(prefix) :]
+            if leaf == "live":
+                line = "default"
+            elif leaf.startswith("live-") and re.match(LINE_PATTERN, leaf[len("live-") :]):
+                line = leaf[len("live-") :]
+            else:
+                continue
+            version = self.own_version(line)
+            if version is not None:
+                pointers[line] = version
+        return pointers
+
+    def history(self, line: str | None = None) -> list[ModelEvent]:
+        """Every recorded move of the pointer of ``line`` (default: the default pointer), oldest first."""
+        try:
+            raw = self.store.get_bytes(self._history_key(line))
+        except ObjectMissing:
+            return []
+        return _EVENTS.validate_json(raw)
+
+    def _record(self, event: ModelEvent) -> None:
+        events = [*self.history(event.line), event][-MAX_HISTORY:]
+        body = json.dumps([e.model_dump(mode="json") for e in events], indent=1).encode()
+        self.store.put_bytes(self._history_key(event.line), body, "application/json")
+
+    def _point(self, line: str, version: str | None) -> None:
+        if version is None:
+            self.store.delete(self._pointer_key(line))
+        else:
+            self.store.put_bytes(self._pointer_key(line), version.encode(), "text/plain")
+
+    def promote(self, version: str, line: str | None = None, reason: str = "") -> ModelEvent:
+        """Make ``version`` live on ``line`` (default: the default pointer) and record the move.
+
+        Raises `ModelNotFound` if the version does not exist. Promoting the version the pointer already
+        names changes and records nothing (the event's ``changed`` is False).
+        """
         self.load_card(version)
-        self.store.put_bytes(self._pointer_key(line), version.encode(), "text/plain")
+        line = line or "default"
+        previous = self.own_version(line)
+        event = ModelEvent(
+            event=ModelEventKind.PROMOTE, name=self.name, line=line, version=version, previous=previous, reason=reason
+        )
+        if event.changed:
+            self._point(line, version)  # the pointer first: it is what serves; history follows it
+            self._record(event)
+        return event
+
+    def _stack(self, line: str) -> list[str | None]:
+        """What the pointer named over time, as a stack that rollbacks pop (None: no pointer of its own)."""
+        stack: list[str | None] = []
+        for event in self.history(line):
+            if event.event is ModelEventKind.PROMOTE:
+                if not stack or stack[-1] != event.previous:  # it was moved outside the history
+                    stack.append(event.previous)
+                stack.append(event.version)
+            else:
+                if stack and stack[-1] == event.previous:
+                    stack.pop()
+                if not stack or stack[-1] != event.version:
+                    stack.append(event.version)
+        current = self.own_version(line)
+        if not stack or stack[-1] != current:
+            stack.append(current)
+        return stack
+
+    def rollback(self, line: str | None = None, reason: str = "") -> ModelEvent:
+        """Point ``line`` back at the version that was live before the current one; record the move.
+
+        For a line other than the default, "before" may be "no pointer of its own": the pointer is
+        removed and the line follows the default model again. Raises `NothingToRollBack` when the
+        history holds no earlier version.
+        """
+        line = line or "default"
+        stack = self._stack(line)
+        current = stack[-1]
+        target = stack[-2] if len(stack) >= 2 else None
+        if len(stack) < 2 or (target is None and line == "default"):
+            where = "the default line" if line == "default" else f"line {line!r}"
+            if current is not None:
+                now = f"{current} is the first live version recorded"
+            else:
+                now = "no version is live" if line == "default" else "it follows the default line's model"
+            msg = f"nothing to roll back to on {where} of model {self.name!r}: {now}"
+            raise NothingToRollBack(msg)
+        if target is not None:
+            self.load_card(target)
+        event = ModelEvent(
+            event=ModelEventKind.ROLLBACK, name=self.name, line=line, version=target, previous=current, reason=reason
+        )
+        self._point(line, target)
+        self._record(event)
+        return event
 
     def live_version(self, line: str | None = None) -> str:
         """The live version of ``line``, falling back to the default pointer."""

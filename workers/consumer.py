@@ -59,6 +59,7 @@ from workers.logs import JobLog, job_log
 from workers.maps import map_objects
 from workers.results import build_result
 from workers.retry import Backoff, IntakeLimit, retry_call
+from workers.scored_images import kept_image_objects
 from workers.stream_scripts import COMMIT_DEAD, COMMIT_RESULT
 from workers.telemetry import Stage
 
@@ -114,6 +115,8 @@ class ConsumerConfig:
     """After ``stop``: how long jobs in flight may take before their retry waits are cut short."""
     backlog_every_s: float = 5.0
     """How often the group's lag and pending count are sampled for the metrics (only where Ray runs)."""
+    keep_images: bool = True
+    """Keep each scored job's image bytes (``images/<line>/scored/<job_id>``) for confirmations to file."""
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1:
@@ -281,7 +284,7 @@ class StreamConsumer:
             while True:
                 try:
                     scored = retry_call(
-                        lambda: self.inspector(image, job.pixel_threshold),
+                        lambda: self.inspector(image, job.pixel_threshold, job.line),
                         transient=(Exception,),  # a replica died, a timeout: Serve brings replicas back
                         permanent=(ScoringBusy,),
                         limit_s=self.config.score_retry_s,
@@ -355,7 +358,8 @@ class StreamConsumer:
             )
         started = time.perf_counter()
         try:
-            image = decode_image(self._fetch_image(job, inline, jlog))
+            payload = self._fetch_image(job, inline, jlog)
+            image = decode_image(payload)
         except (JobRejected, ImageRejected) as exc:
             return self._dead(stream, entry_id, deliveries, exc.reason, exc.detail, job.job_id, job.line)
         except Exception as exc:  # the store stayed away past store_retry_s
@@ -369,7 +373,7 @@ class StreamConsumer:
             return Outcome.RETRY
         scored_at = time.perf_counter()
         try:
-            map_ref, overlay_ref = self._store_map(job, image, scored, jlog)
+            map_ref, overlay_ref = self._store_map(job, image, payload, scored, jlog)
         except Exception as exc:  # the store stayed away past store_retry_s
             jlog.warning("job %s: storing the map failed, left pending: %r", job.job_id, exc)
             return Outcome.RETRY
@@ -415,9 +419,12 @@ class StreamConsumer:
         telemetry.result_written(job.line, result.latency_ms / 1e3, stages)
         return Outcome.RESULT
 
-    def _store_map(self, job: InspectionJob, image: np.ndarray, scored: ScoredImage, jlog: JobLog) -> tuple[str, str]:
+    def _store_map(
+        self, job: InspectionJob, image: np.ndarray, payload: bytes, scored: ScoredImage, jlog: JobLog
+    ) -> tuple[str, str]:
+        """Write the map and overlay (and keep the job's image bytes); returns the map's and overlay's refs."""
         objects = map_objects(job, image, scored)
-        for obj in objects:
+        for obj in (*objects, *kept_image_objects(job, payload, self.config.keep_images)):
             self._store_call(
                 f"job {job.job_id}: writing {obj.key}",
                 lambda obj=obj: self.store.put_bytes(obj.key, obj.data, obj.content_type),

@@ -25,13 +25,19 @@ Entry = tuple[str, str, dict[bytes, bytes], int]  # (stream, entry id, fields, d
 
 
 class GroupReader:
-    """One consumer's view of the ``scorers`` group on a set of job streams."""
+    """One consumer's view of a consumer group (``scorers`` unless ``group`` says otherwise) on some streams."""
 
     def __init__(
-        self, client: redis.Redis, names: StreamNames, consumer: str, streams: list[str], claim_idle_ms: int
+        self,
+        client: redis.Redis,
+        names: StreamNames,
+        consumer: str,
+        streams: list[str],
+        claim_idle_ms: int,
+        group: str | None = None,
     ) -> None:
         self.redis = client
-        self.group = names.scorer_group
+        self.group = group or names.scorer_group
         self.consumer = consumer
         self.streams = streams
         self.claim_idle_ms = claim_idle_ms

@@ -98,7 +98,7 @@ class HttpGateway:
         except ImageRejected as exc:
             raise HTTPException(422, {"reason": exc.reason.value, "detail": exc.detail}) from exc
         decoded = time.perf_counter()
-        scored = await self.service.inspect.remote(image, pixel_threshold)
+        scored = await self.service.inspect.remote(image, pixel_threshold, line)
         scored_at = time.perf_counter()
         objects = map_objects(job, image, scored)
         for obj in objects:

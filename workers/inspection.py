@@ -49,8 +49,11 @@ class ScoringBusy(Exception):
 class Inspector(Protocol):
     """Anything that scores one (H, W) float32 image in [0, 1]."""
 
-    def __call__(self, image: np.ndarray, pixel_threshold: float | None = None) -> ScoredImage:
-        """Score ``image``; ``pixel_threshold`` overrides the model card's. Raises `ScoringBusy` when full."""
+    def __call__(self, image: np.ndarray, pixel_threshold: float | None = None, line: str = "default") -> ScoredImage:
+        """Score ``image`` with the model of ``line``; ``pixel_threshold`` overrides the model card's.
+
+        Raises `ScoringBusy` when full.
+        """
         ...
 
 
@@ -159,8 +162,8 @@ class LocalInspector:
         self.model = model
         self.chunk_patches = chunk_patches
 
-    def __call__(self, image: np.ndarray, pixel_threshold: float | None = None) -> ScoredImage:
-        """Score ``image`` (H, W) float32 in [0, 1]."""
+    def __call__(self, image: np.ndarray, pixel_threshold: float | None = None, line: str = "default") -> ScoredImage:
+        """Score ``image`` (H, W) float32 in [0, 1] with this inspector's one model (for every ``line``)."""
         card = self.model.card
         n_patches = plan_tiles(image.shape[0], image.shape[1], card.patch_size, card.stride).n_patches
         amap = anomaly_map(image, self.model, batch_size=self.chunk_patches)

@@ -8,8 +8,15 @@ ranges over `PatchScorer` replicas, then stitches the map.
         │      the scorer cuts its patches out of the zero-copy image, forward passes of ≤ 128 on a CPU
         └─ finish_inspection: stitch, smooth, regions      → ScoredImage
 
-Both deployments load the model version named in their configuration from the registry, so every
-result names the version that scored it.
+Which model scores an image: a deployment pinned to a version (``version=...``) always uses it; one
+that follows the registry (``version=None``, what ``anomap serve`` and ``deploy/serve.yaml`` run)
+resolves the live version of the job's line at the start of each image (`LiveVersions`: the line's
+pointer, else the default one, at most ``refresh_s`` old) and sends it with every patch range. The
+scorers hold up to ``MODELS_PER_SCORER`` versions each (``@serve.multiplexed``, keyed by version, so
+lines that share a version share the loaded weights) and Serve routes a range to a replica that has
+its version loaded. A promotion is therefore a hot swap: images already started finish on the old
+version, the next ones of that line use the new one within seconds, and every result names the
+version that scored it.
 
 Sizes and limits come from ``settings.serving`` (`ServingConfig`: ``ANOMAP_SCORER_*`` and
 ``ANOMAP_INGRESS_*``): the scorer replica count or its autoscaling bounds, and each deployment's
@@ -43,6 +50,7 @@ from trainer.store import ObjectStore
 from workers import telemetry
 from workers.http_api import HTTP_APP_NAME, HttpGateway
 from workers.inspection import PatchRange, ScoredImage, ScoringBusy, finish_inspection, plan_inspection
+from workers.live_models import DEFAULT_REFRESH_S, LiveVersions
 from workers.retry import Backoff
 
 APP_NAME = "anomap"
@@ -56,114 +64,177 @@ GPU_FORWARD_PATCHES = 512
 """A GPU scorer's largest forward pass."""
 CHUNK_WAIT_S = 10.0
 """How long the ingress keeps sending a patch range the scorers' queue refused before it refuses the image."""
+MODELS_PER_SCORER = 4
+"""Model versions a scorer replica keeps loaded (least recently used first out): lines' models and a swap's two."""
 
 
 def _count_patches(ranges: list[PatchRange]) -> int:
     return sum(len(patch_range) for patch_range in ranges)
 
 
-def _load(settings: Settings, version: str) -> tuple[ModelCard, bytes]:
-    registry = ModelRegistry(ObjectStore.from_settings(settings), settings.model_name)
-    return registry.load(version)
+def _registry(settings: Settings) -> ModelRegistry:
+    return ModelRegistry(ObjectStore.from_settings(settings), settings.model_name)
+
+
+def _load_model(settings: Settings, version: str) -> PatchModel:
+    card, weights = _registry(settings).load(version)
+    return PatchModel.from_safetensors(card, weights)
 
 
 @serve.deployment(name="PatchScorer", max_ongoing_requests=32)
 class PatchScorer:
     """Scores patch ranges of padded images → residual maps (n, P, P); ranges are batched by patch count.
 
-    A batch runs in forward passes of at most ``forward_patches`` patches, consecutive ranges sharing one
-    when they fit: the in-process path's batch size on a CPU, where merged batches of 512 patches ran
-    ~1.9× slower per patch than 128 (out of cache), and larger ones on a GPU.
+    Each range names its model version; the replica keeps up to ``MODELS_PER_SCORER`` versions loaded
+    (``@serve.multiplexed``), and the version given at construction is loaded before the first request.
+    A batch runs in forward passes of at most ``forward_patches`` patches per version, consecutive ranges
+    sharing one when they fit: the in-process path's batch size on a CPU, where merged batches of 512
+    patches ran ~1.9× slower per patch than 128 (out of cache), and larger ones on a GPU.
     """
 
     def __init__(
-        self, settings: Settings, version: str, torch_threads: int = 1, forward_patches: int = CPU_FORWARD_PATCHES
+        self,
+        settings: Settings,
+        version: str | None,
+        torch_threads: int = 1,
+        forward_patches: int = CPU_FORWARD_PATCHES,
     ) -> None:
         torch.set_num_threads(torch_threads)
-        card, weights = _load(settings, version)
-        self.model = PatchModel.from_safetensors(card, weights)
+        self.settings = settings
         self.forward_patches = forward_patches
-        telemetry.model_serving(card.version, "PatchScorer")
+        preload = version or _registry(settings).live_version()
+        self._preloaded: dict[str, PatchModel] = {preload: _load_model(settings, preload)}
+        telemetry.model_serving(preload, "PatchScorer")
+
+    @serve.multiplexed(max_num_models_per_replica=MODELS_PER_SCORER)
+    async def model(self, version: str) -> PatchModel:
+        """The `PatchModel` of ``version``, loaded from the registry on first use (in a worker thread)."""
+        model = self._preloaded.pop(version, None)
+        if model is None:
+            model = await asyncio.to_thread(_load_model, self.settings, version)
+        telemetry.model_serving(version, "PatchScorer")
+        return model
 
     @serve.batch(max_batch_size=MAX_BATCH_PATCHES, batch_wait_timeout_s=0.002, batch_size_fn=_count_patches)
-    async def score(self, ranges: list[PatchRange], padded: list[np.ndarray]) -> list[np.ndarray]:
-        """Cut each range's patches out of its padded image, score them all (forward passes of at most
-        ``forward_patches``) and return each range's maps (n_i, P, P).
+    async def score(self, ranges: list[PatchRange], padded: list[np.ndarray], versions: list[str]) -> list[np.ndarray]:
+        """Cut each range's patches out of its padded image, score them with the range's model version
+        (forward passes of at most ``forward_patches``) and return each range's maps (n_i, P, P).
 
         ``padded`` arrives as an object-store reference resolved by Ray: read-only and zero-copy on this node.
         """
         chunks = [patch_range.cut(image) for patch_range, image in zip(ranges, padded, strict=True)]
+        telemetry.patch_batch(sum(len(chunk) for chunk in chunks))
+        out: list[np.ndarray | None] = [None] * len(chunks)
+        for version in dict.fromkeys(versions):  # each version once, in arrival order
+            indices = [i for i, v in enumerate(versions) if v == version]
+            model = await self.model(version)
+            for i, maps in zip(indices, self._score_chunks(model, [chunks[i] for i in indices]), strict=True):
+                out[i] = maps
+        return out  # type: ignore[return-value]  # every index was filled above
+
+    def _score_chunks(self, model: PatchModel, chunks: list[np.ndarray]) -> list[np.ndarray]:
+        """Score chunks (n_i, P, P) with one model, consecutive chunks sharing forward passes; maps per chunk."""
         sizes = [len(chunk) for chunk in chunks]
-        telemetry.patch_batch(sum(sizes))
         maps: list[np.ndarray] = []
         group: list[np.ndarray] = []  # consecutive chunks that fit one forward pass together
         for chunk in [*chunks, None]:
             if group and (chunk is None or sum(map(len, group)) + len(chunk) > self.forward_patches):
                 patches = group[0] if len(group) == 1 else np.concatenate(group, axis=0)
-                maps.append(score_in_batches(self.model, patches, self.forward_patches))
+                maps.append(score_in_batches(model, patches, self.forward_patches))
                 group = []
             if chunk is not None:
                 group.append(chunk)
         return np.split(np.concatenate(maps, axis=0), np.cumsum(sizes)[:-1])
 
-    def model_version(self) -> str:
-        """The model version this replica scores with."""
-        return self.model.card.version
-
 
 @serve.deployment(name="InspectionService", max_ongoing_requests=16)
 class InspectionService:
-    """Ingress: one image in, a `ScoredImage` out; its patches are scored across the replicas."""
+    """Ingress: one image in, a `ScoredImage` out; its patches are scored across the replicas.
+
+    ``version`` pins every line to one model version; ``None`` follows the registry's live pointers
+    per line, re-read at most every ``refresh_s`` seconds (see the module docstring).
+    """
 
     def __init__(
         self,
         scorer: DeploymentHandle,
         settings: Settings,
-        version: str,
+        version: str | None,
         chunk_patches: int = CHUNK_PATCHES,
         forward_patches: int = CPU_FORWARD_PATCHES,
+        refresh_s: float = DEFAULT_REFRESH_S,
     ) -> None:
         self.scorer = scorer
-        self.card, _ = _load(settings, version)
+        self.registry = _registry(settings)
+        self.pinned = version
+        self.live = LiveVersions(self.registry.live_version, refresh_s)
         self.chunk_patches = chunk_patches
         self.forward_patches = forward_patches
-        telemetry.model_serving(self.card.version, "InspectionService")
+        self._cards: dict[str, ModelCard] = {}
+        self._scorers: dict[str, DeploymentHandle] = {}
+        first = version or self.registry.live_version()
+        self._cards[first] = self.registry.load_card(first)
+        telemetry.model_serving(first, "InspectionService")
 
-    async def inspect(self, image: np.ndarray, pixel_threshold: float | None = None) -> ScoredImage:
-        """Score an (H, W) float32 image in [0, 1]."""
+    async def inspect(
+        self, image: np.ndarray, pixel_threshold: float | None = None, line: str = "default"
+    ) -> ScoredImage:
+        """Score an (H, W) float32 image in [0, 1] with the live model of ``line`` (or the pinned one)."""
         start = time.perf_counter()
-        plan = plan_inspection(image, self.card, self.chunk_patches, self.forward_patches)
+        version = self.pinned or await self.live.version(line)
+        card = await self._card(version)
+        plan = plan_inspection(image, card, self.chunk_patches, self.forward_patches)
         padded = ray.put(plan.padded)  # once per image; every scorer request names it and a range
         tiled = time.perf_counter()
-        patch_maps = await asyncio.gather(*(self._score_range(patch_range, padded) for patch_range in plan.ranges))
+        scorer = self._scorer(version)
+        patch_maps = await asyncio.gather(
+            *(self._score_range(scorer, patch_range, padded, version) for patch_range in plan.ranges)
+        )
         scored = time.perf_counter()
         timings = {"tile": (tiled - start) * 1e3, "patches": (scored - tiled) * 1e3}
-        result = finish_inspection(plan, list(patch_maps), self.card, pixel_threshold, timings)
+        result = finish_inspection(plan, list(patch_maps), card, pixel_threshold, timings)
         result.timings_ms["stitch"] = (time.perf_counter() - scored) * 1e3
         return result
 
-    async def _score_range(self, patch_range: PatchRange, padded: ray.ObjectRef) -> np.ndarray:
+    async def _card(self, version: str) -> ModelCard:
+        card = self._cards.get(version)
+        if card is None:
+            card = await asyncio.to_thread(self.registry.load_card, version)
+            self._cards[version] = card
+            telemetry.model_serving(version, "InspectionService")
+        return card
+
+    def _scorer(self, version: str) -> DeploymentHandle:
+        """The scorer handle that routes to replicas holding ``version`` (one handle per version, reused)."""
+        handle = self._scorers.get(version)
+        if handle is None:
+            handle = self._scorers[version] = self.scorer.options(multiplexed_model_id=version)
+        return handle
+
+    async def _score_range(
+        self, scorer: DeploymentHandle, patch_range: PatchRange, padded: ray.ObjectRef, version: str
+    ) -> np.ndarray:
         """One patch range through the scorers; refusals for backpressure are retried for up to ``CHUNK_WAIT_S``."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + CHUNK_WAIT_S
         backoff = Backoff(0.005, 0.2, jitter=0.5)
         while True:
             try:
-                return await self.scorer.score.remote(patch_range, padded)
+                return await scorer.score.remote(patch_range, padded, version)
             except BackPressureError:
                 delay = backoff.next_delay()
                 if loop.time() + delay > deadline:
                     raise
                 await asyncio.sleep(delay)
 
-    def model_version(self) -> str:
-        """The model version this ingress stitches for."""
-        return self.card.version
+    async def model_version(self, line: str = "default") -> str:
+        """The model version the next image of ``line`` is scored with."""
+        return self.pinned or await self.live.version(line)
 
 
 def build_app(
     settings: Settings,
-    version: str,
+    version: str | None,
     scorer_replicas: int | None = None,
     scorer_cpus: float = 0.5,
     ingress_cpus: float = 0.25,
@@ -171,7 +242,8 @@ def build_app(
     scorer_gpus: float | None = None,
     forward_patches: int | None = None,
 ) -> serve.Application:
-    """The application graph for model ``version``: ingress bound to the scorer deployment.
+    """The application graph: ingress bound to the scorer deployment, pinned to ``version`` or, with
+    ``None``, following the registry's live version per line (hot swap on promotion).
 
     Replica counts, autoscaling and request limits come from ``settings.serving``; ``scorer_replicas``,
     when given, overrides them with a fixed count (autoscaling off). ``scorer_gpus`` is each scorer
@@ -217,13 +289,14 @@ def build_app(
 
 def deploy(
     settings: Settings,
-    version: str,
+    version: str | None,
     scorer_replicas: int | None = None,
     chunk_patches: int = CHUNK_PATCHES,
     http_port: int | None = None,
     forward_patches: int | None = None,
 ) -> DeploymentHandle:
-    """Start Serve and run the app for ``version``; returns the ingress handle.
+    """Start Serve and run the app pinned to ``version`` (``None``: following the live pointers); returns
+    the ingress handle.
 
     Sizes and limits come from ``settings.serving`` (``scorer_replicas`` overrides as in `build_app`).
     Without ``http_port`` no HTTP proxy runs (callers use handles). With it, the proxy listens on
@@ -264,13 +337,13 @@ class ServeInspector:
         """A handle to the running ``anomap`` app."""
         return cls(serve.get_app_handle(APP_NAME), timeout_s)
 
-    def __call__(self, image: np.ndarray, pixel_threshold: float | None = None) -> ScoredImage:
-        """Score ``image`` through Serve.
+    def __call__(self, image: np.ndarray, pixel_threshold: float | None = None, line: str = "default") -> ScoredImage:
+        """Score ``image`` through Serve with the model of ``line``.
 
         Raises `ScoringBusy` when Serve refused it for backpressure, other errors when the app fails or times out.
         """
         try:
-            response = self.handle.inspect.remote(image, pixel_threshold)
+            response = self.handle.inspect.remote(image, pixel_threshold, line)
             return response.result(timeout_s=self.timeout_s)
         except Exception as exc:
             if is_backpressure(exc):
@@ -282,7 +355,8 @@ class ServeInspector:
 def app_builder(args: Mapping[str, Any]) -> serve.Application:
     """Application builder for ``serve run`` / a Serve config file (``import_path: workers.serve_app:app_builder``).
 
-    ``args``: ``version`` (default: the live version of ``ANOMAP_MODEL_NAME``), ``chunk_patches``,
+    ``args``: ``version`` (pin one version; default: follow the live version of ``ANOMAP_MODEL_NAME`` per
+    line, so promotions swap in without a redeploy), ``chunk_patches``,
     ``forward_patches`` (see `build_app`), and
     any `ServingConfig` field (``scorer_replicas``, ``scorer_min_replicas``, ``scorer_max_replicas``,
     ``scorer_target_ongoing``, ``scorer_max_ongoing``, ``scorer_max_queued``, ``ingress_max_ongoing``,
@@ -297,12 +371,12 @@ def app_builder(args: Mapping[str, Any]) -> serve.Application:
     settings = Settings.from_env()
     overrides = {name: args[name] for name in SERVING_VARIABLES if name in args}
     settings = settings.model_copy(update={"serving": settings.serving.updated(overrides)})
-    registry = ModelRegistry(ObjectStore.from_settings(settings), settings.model_name)
-    version = args.get("version") or registry.live_version()
+    _registry(settings).live_version()  # fail at deploy time, with its message, when nothing is live yet
+    version = args.get("version")
     forward = args.get("forward_patches")
     return build_app(
         settings,
-        str(version),
+        str(version) if version else None,
         chunk_patches=int(args.get("chunk_patches", CHUNK_PATCHES)),
         forward_patches=int(forward) if forward is not None else None,
     )

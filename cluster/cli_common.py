@@ -1,0 +1,45 @@
+"""What the command modules beside `cluster.cli` share: failing with a message, settings, line ids."""
+
+from __future__ import annotations
+
+import re
+from typing import NoReturn
+
+import typer
+from rich.console import Console
+
+from schemas import LINE_PATTERN, Settings
+
+console = Console()
+err = Console(stderr=True)
+
+
+def fail(message: str) -> NoReturn:
+    """Print ``error: message`` on stderr and exit with status 2."""
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def resolved_settings(*, redis: bool = False, s3: bool = False) -> Settings:
+    """Settings from the environment and a running embedded stack; exit 2 naming what is missing."""
+    from cluster.connections import resolve_settings
+
+    try:
+        settings = resolve_settings()
+    except ValueError as exc:
+        fail(str(exc))
+    missing = [
+        name
+        for name, wanted, value in (("REDIS_URL", redis, settings.redis_url), ("S3_ENDPOINT", s3, settings.s3_endpoint))
+        if wanted and value is None
+    ]
+    if missing:
+        fail(f"{', '.join(missing)} not set and no embedded stack is up: run `anomap stack up` first")
+    return settings
+
+
+def checked_line(line: str) -> str:
+    """``line`` if it is a valid line id, else exit 2 saying what one looks like."""
+    if not re.match(LINE_PATTERN, line):
+        fail(f"--line {line!r} is not a line id: lower-case letters, digits, '_' and '-', at most 32")
+    return line

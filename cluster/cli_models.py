@@ -1,0 +1,150 @@
+"""``anomap models``: model versions for people.
+
+anomap models list [--line L] [--json]          # versions, created, parent, γ, metrics; which is live where
+anomap models promote VERSION [--line L]        # make a version live (and announce it on anomap:models)
+anomap models rollback [--line L]               # back to the version live before the current one
+
+A line without a pointer of its own follows the default line's model; `rollback` on such a line,
+after its first promotion, makes it follow the default again.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.table import Table
+
+from cluster.cli_common import checked_line, console, fail, resolved_settings
+from schemas import ModelEvent, Settings, StreamNames
+
+if TYPE_CHECKING:
+    from trainer.registry import ModelRegistry
+
+models_app = typer.Typer(help="Model versions: list them, promote one, roll back.", no_args_is_help=True)
+
+LineOption = Annotated[str, typer.Option(help="Production line (its own pointer; else the default's).")]
+ReasonOption = Annotated[str, typer.Option(help="Why, for the history and the anomap:models event.")]
+
+
+def _registry(settings: Settings) -> ModelRegistry:
+    from cluster.connections import object_store
+    from trainer.registry import ModelRegistry
+
+    return ModelRegistry(object_store(settings), settings.model_name)
+
+
+def _metrics_summary(metrics: dict[str, float], limit: int = 4) -> str:
+    return ", ".join(f"{key}={value:.3f}" for key, value in sorted(metrics.items())[:limit])
+
+
+def versions_document(registry: ModelRegistry, line: str | None) -> dict[str, Any]:
+    """What `list` shows: every version with its card's summary, and the live version per line."""
+    from trainer.registry import ModelNotFound
+
+    pointers = registry.live_pointers()
+    if line is not None:
+        try:
+            live = {line: registry.live_version(line)}
+        except ModelNotFound:
+            live = {}
+    else:
+        live = pointers
+    versions = []
+    for version in registry.versions():
+        card = registry.load_card(version)
+        versions.append(
+            {
+                "version": version,
+                "created_at": card.created_at.isoformat(),
+                "parent_version": card.parent_version,
+                "gamma": card.gamma,
+                "n_abnormal_images": card.n_abnormal_images,
+                "metrics": card.metrics,
+                "live_on": sorted(name for name, live_version in live.items() if live_version == version),
+            }
+        )
+    document: dict[str, Any] = {"model": registry.name, "live": live, "versions": versions}
+    if line is not None:
+        document["follows_default"] = line != "default" and line not in pointers
+    return document
+
+
+@models_app.command("list")
+def list_cmd(
+    line: Annotated[str | None, typer.Option(help="Only show which version is live on this line.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+) -> None:
+    """Model versions, oldest first: created, parent, γ, metrics from the card, and where each is live."""
+    settings = resolved_settings(s3=True)
+    document = versions_document(_registry(settings), None if line is None else checked_line(line))
+    if as_json:
+        print(json.dumps(document), flush=True)
+        return
+    table = Table(title=f"model {document['model']}")
+    for column in ("version", "created", "parent", "γ", "abnormal", "metrics", "live on"):
+        table.add_column(column)
+    for row in document["versions"]:
+        live_on = ", ".join(row["live_on"])
+        if live_on and document.get("follows_default"):
+            live_on += " (via default)"
+        table.add_row(
+            row["version"],
+            row["created_at"][:19].replace("T", " "),
+            row["parent_version"] or "-",
+            f"{row['gamma']:g}",
+            str(row["n_abnormal_images"]),
+            _metrics_summary(row["metrics"]) or "-",
+            live_on,
+        )
+    console.print(table)
+    if not document["live"]:
+        console.print("no version is live yet" + (f" on line {line}" if line else ""))
+
+
+def _print_event(event: ModelEvent, default_version: str | None) -> None:
+    def shown(version: str | None) -> str:
+        return version if version is not None else f"the default line's model ({default_version or 'none'})"
+
+    moved = f"{shown(event.previous)} → {shown(event.version)}"
+    console.print(f"{event.event.value}: model {event.name} on line {event.line}: {moved}", highlight=False)
+
+
+def _move(line: str, version: str | None, reason: str) -> None:
+    settings = resolved_settings(redis=True, s3=True)
+    checked_line(line)
+    from cluster.connections import redis_client
+    from trainer.registry import ModelNotFound, NothingToRollBack
+    from workers.model_events import promote_model, rollback_model
+
+    registry = _registry(settings)
+    client = redis_client(settings)
+    names = StreamNames(settings.stream_prefix)
+    try:
+        if version is not None:
+            event = promote_model(registry, client, names, version, line, reason)
+        else:
+            event = rollback_model(registry, client, names, line, reason)
+    except (ModelNotFound, NothingToRollBack) as exc:
+        fail(str(exc))
+    if not event.changed:
+        console.print(f"{version} is already live on line {line}; nothing changed", highlight=False)
+        return
+    _print_event(event, registry.own_version("default"))
+
+
+@models_app.command("promote")
+def promote_cmd(
+    version: Annotated[str, typer.Argument(help="The version to make live (see `anomap models list`).")],
+    line: LineOption = "default",
+    reason: ReasonOption = "promoted by hand",
+) -> None:
+    """Make VERSION live on a line, record it in the pointer's history and announce it on anomap:models."""
+    _move(line, version, reason)
+
+
+@models_app.command("rollback")
+def rollback_cmd(line: LineOption = "default", reason: ReasonOption = "rolled back by hand") -> None:
+    """Point a line back at the version that was live before the current one (exit 2 if there is none)."""
+    _move(line, None, reason)

@@ -1,0 +1,207 @@
+"""Operators' confirmations on ``anomap:confirmations``: publishing them, and filing them into ``datasets/``.
+
+    publish_confirmation(client, names, Confirmation(job_id="cam01-7", label="abnormal", boxes=[box]))
+    stats = ingest_confirmations(client, store, names, IngestConfig(consumer="ingest-1"))   # --once
+    ingest_confirmations(client, store, names, config, stop=stop_event)                     # until stop
+
+`ingest_confirmations` reads the stream as a member of the ``datasets`` consumer group (its own
+pending entries first, then entries idle too long in others', then new ones) and gives each entry
+exactly one answer:
+
+- filed: the image (and mask) are written by `workers.datasets.file_confirmation`, *then* the entry
+  is acknowledged; filing is idempotent, so a redelivered entry writes nothing new;
+- dead letter on ``anomap:dead`` with a `DeadReason` (``invalid_json``, ``invalid_schema``,
+  ``unknown_job``, ``box_outside_image``, ``mask_size_mismatch``, ``empty_mask``, ``missing_object``,
+  ``too_many_deliveries``, ...), written and acknowledged in one Lua script;
+- left pending when the store or Redis is away (any other error): tried again on the next run, or
+  reclaimed after ``claim_idle_ms`` by another reader. Nothing is acknowledged before it is written,
+  and no entry can crash the reader.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from dataclasses import dataclass
+from enum import StrEnum
+
+import redis
+from pydantic import ValidationError
+
+from schemas import LINE_PATTERN, Confirmation, DeadLetter, DeadReason, StreamNames
+from schemas.confirmation import CONFIRMATION_FIELD
+from trainer.store import ObjectStore
+from workers.datasets import ConfirmationRejected, file_confirmation
+from workers.group_reader import Entry, GroupReader
+from workers.stream_scripts import COMMIT_DEAD
+
+log = logging.getLogger("anomap.confirmations")
+
+CONFIRMATIONS_MAXLEN = 100_000
+MAX_CONFIRMATION_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """How one reader of the ``datasets`` group reads and gives up."""
+
+    consumer: str = "ingest-1"
+    batch: int = 16
+    block_ms: int = 500
+    claim_idle_ms: int = 60_000
+    max_deliveries: int = 5
+    dead_maxlen: int = 100_000
+    settled_ttl_s: int = 7 * 24 * 3600
+
+
+class Filed(StrEnum):
+    """What happened to one confirmation entry."""
+
+    WRITTEN = "written"
+    """Objects in ``datasets/`` were written or removed."""
+    UNCHANGED = "unchanged"
+    """Everything was already in place (a repeated confirmation or a redelivery)."""
+    DEAD = "dead"
+    RETRY = "retry"
+    """Left pending: the store or Redis failed; it is tried again later."""
+
+
+def publish_confirmation(
+    client: redis.Redis, names: StreamNames, confirmation: Confirmation, maxlen: int = CONFIRMATIONS_MAXLEN
+) -> str:
+    """Add a confirmation to ``anomap:confirmations``; returns the entry id."""
+    fields = {CONFIRMATION_FIELD: confirmation.model_dump_json().encode()}
+    entry_id = client.xadd(names.confirmations, fields, maxlen=maxlen, approximate=True)
+    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+
+def _peek(raw: bytes | None) -> tuple[str | None, str | None]:
+    """The job id and line of a confirmation's JSON as sent, if they can be read (for dead letters)."""
+    try:
+        payload = json.loads(raw or b"")
+    except (ValueError, UnicodeDecodeError):
+        return None, None
+    if not isinstance(payload, dict):
+        return None, None
+    job_id, line = payload.get("job_id"), payload.get("line")
+    return (job_id[:128] if isinstance(job_id, str) else None), (line if isinstance(line, str) else None)
+
+
+def decode_confirmation_entry(fields: dict[bytes, bytes]) -> Confirmation:
+    """Validate an entry's fields; raises `ConfirmationRejected` naming the problem."""
+    if set(fields) != {CONFIRMATION_FIELD}:
+        names = sorted(k.decode(errors="replace")[:40] for k in fields)
+        raise ConfirmationRejected(DeadReason.INVALID_ENTRY, f"entry fields {names}; expected only 'confirmation'")
+    raw = fields[CONFIRMATION_FIELD]
+    if len(raw) > MAX_CONFIRMATION_BYTES:
+        msg = f"confirmation is {len(raw)} bytes; at most {MAX_CONFIRMATION_BYTES} are allowed"
+        raise ConfirmationRejected(DeadReason.PAYLOAD_TOO_LARGE, msg)
+    try:
+        payload = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfirmationRejected(DeadReason.INVALID_JSON, f"confirmation is not JSON: {exc}") from exc
+    try:
+        return Confirmation.model_validate(payload)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'confirmation'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfirmationRejected(DeadReason.INVALID_SCHEMA, problems[:1500]) from exc
+
+
+class ConfirmationIngester:
+    """One member of the ``datasets`` group on ``anomap:confirmations``."""
+
+    def __init__(self, client: redis.Redis, store: ObjectStore, names: StreamNames, config: IngestConfig) -> None:
+        self.redis = client
+        self.store = store
+        self.names = names
+        self.config = config
+        self.stream = names.confirmations
+        self.reader = GroupReader(
+            client, names, config.consumer, [self.stream], config.claim_idle_ms, group=names.dataset_group
+        )
+        self._commit_dead = client.register_script(COMMIT_DEAD)
+        self.counts: dict[Filed, int] = dict.fromkeys(Filed, 0)
+
+    def _dead(self, entry: Entry, reason: DeadReason, detail: str, job_id: str | None, line: str | None) -> Filed:
+        _, entry_id, _, deliveries = entry
+        letter = DeadLetter(
+            entry_id=entry_id,
+            stream=self.stream,
+            job_id=job_id,
+            line=line if line is not None and re.match(LINE_PATTERN, line) else None,
+            reason=reason,
+            detail=detail[:2000],
+            delivery_count=max(deliveries, 1),
+        )
+        settled = f"{self.names.prefix}:settled:{self.stream}:{entry_id}"
+        self._commit_dead(
+            keys=[self.names.dead, self.stream, settled],
+            args=[
+                entry_id,
+                self.reader.group,
+                self.config.dead_maxlen,
+                letter.model_dump_json(),
+                self.config.settled_ttl_s,
+            ],
+        )
+        log.warning("confirmation %s (job %r) → dead letter: %s: %s", entry_id, job_id, reason.value, detail[:200])
+        return Filed.DEAD
+
+    def process(self, entry: Entry) -> Filed:
+        """File one entry to its end: written or unchanged (then acknowledged), dead, or left pending."""
+        _, entry_id, fields, deliveries = entry
+        job_id, line = _peek(fields.get(CONFIRMATION_FIELD))
+        try:
+            try:
+                confirmation = decode_confirmation_entry(fields)
+                if deliveries > self.config.max_deliveries:
+                    detail = f"delivered {deliveries} times (limit {self.config.max_deliveries}) without being filed"
+                    raise ConfirmationRejected(DeadReason.TOO_MANY_DELIVERIES, detail)
+                filed = file_confirmation(self.redis, self.store, self.names, confirmation)
+            except ConfirmationRejected as exc:
+                return self._dead(entry, exc.reason, exc.detail, job_id, line)
+            self.redis.xack(self.stream, self.reader.group, entry_id)
+        except Exception as exc:  # the store or Redis away, or a bug: leave it pending, never crash
+            log.warning("confirmation %s (job %r): not filed, left pending: %r", entry_id, job_id, exc)
+            return Filed.RETRY
+        if filed.changed:
+            log.info("confirmation %s: job %s filed as %s", entry_id, confirmation.job_id, confirmation.label.value)
+        return Filed.WRITTEN if filed.changed else Filed.UNCHANGED
+
+    def _take(self, block_ms: int) -> list[Entry]:
+        if self.reader.has_backlog:
+            entries = self.reader.own_pending(self.config.batch, ())
+            if entries or self.reader.has_backlog:
+                return entries
+        return self.reader.claim(self.config.batch, ()) or self.reader.read_new(self.config.batch, block_ms, ())
+
+    def run(self, stop: threading.Event | None = None) -> dict[Filed, int]:
+        """File entries until none is left (``stop`` None: one pass, as ``--once``) or ``stop`` is set."""
+        self.reader.ensure_groups()
+        self.reader.start()
+        while stop is None or not stop.is_set():
+            entries = self._take(self.config.block_ms if stop is not None else 1)
+            if not entries and stop is None and not self.reader.has_backlog:
+                break
+            for entry in entries:
+                outcome = self.process(entry)
+                self.counts[outcome] += 1
+        return self.counts
+
+
+def ingest_confirmations(
+    client: redis.Redis,
+    store: ObjectStore,
+    names: StreamNames,
+    config: IngestConfig | None = None,
+    stop: threading.Event | None = None,
+) -> dict[Filed, int]:
+    """File confirmations into ``datasets/``: all that are waiting (``stop`` None) or until ``stop`` is set.
+
+    Returns how many entries were written, unchanged, dead-lettered and left pending.
+    """
+    return ConfirmationIngester(client, store, names, config or IngestConfig()).run(stop)

@@ -1,0 +1,104 @@
+"""The scoring actor of archive re-scoring: a Ray Data callable class (`workers.rescore` runs it).
+
+    ImageRescorer(settings, version, source, run_id)(batch)   # batch: a pyarrow table of images to score
+    # -> a MANIFEST_SCHEMA table, one row per image: ok (maps stored), bad (reason), or error (retry later)
+
+Per image: read the bytes (`ArchiveSource.read`), decode them with the consumers' bounded decoder
+(`decode_image`: a bad image gets the dead-letter reason the service gives), score with
+`LocalInspector` (the Serve path's maps, bit for bit at the same forward batch), then store the
+``.npz`` map and the PNG overlay exactly as the consumers encode them.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import pyarrow as pa
+import torch
+
+from schemas import DeadReason, Settings
+from trainer.imaging import ImageRejected, decode_image, encode_png
+from trainer.registry import ModelRegistry
+from trainer.scoring import PatchModel
+from trainer.store import ObjectMissing, ObjectStore
+from workers.archive import ArchiveImage, ArchiveSource
+from workers.inspection import LocalInspector
+from workers.maps import OVERLAY_PNG_LEVEL, encode_map
+from workers.overlay import render_overlay
+from workers.rescore_manifest import RowStatus, bad_row, ok_row, rows_table
+from workers.retry import retry_call
+
+STORE_RETRY_S = 30.0
+"""How long an actor retries a read or write the store refuses before it gives the image up (error row)."""
+
+
+class ImageRescorer:
+    """Ray Data callable class: loads the model once per actor, then scores batches of archive images.
+
+    A batch is a table of `ArchiveImage` fields plus ``map_key`` / ``overlay_key``; the result is one
+    `MANIFEST_SCHEMA` row per image.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        version: str,
+        source: ArchiveSource,
+        run_id: str,
+        torch_threads: int = 1,
+        forward_patches: int = 128,
+    ) -> None:
+        torch.set_num_threads(torch_threads)
+        self.store = ObjectStore.from_settings(settings)
+        card, weights = ModelRegistry(self.store, settings.model_name).load(version)
+        self.inspector = LocalInspector(PatchModel.from_safetensors(card, weights), forward_patches)
+        self.source, self.version, self.run_id = source, version, run_id
+        self._abort = threading.Event()
+
+    def _store(self, what: str, op: Callable[[], Any], permanent: tuple[type[Exception], ...] = ()) -> Any:
+        return retry_call(
+            op, transient=(Exception,), permanent=permanent, limit_s=STORE_RETRY_S, abort=self._abort, what=what
+        )
+
+    def score(self, item: dict[str, Any]) -> dict[str, Any]:
+        """Read, decode, score and store one image → its manifest row (status ok, bad or error)."""
+        image = ArchiveImage(item["image"], item["relative"], item["size"])
+
+        def bad(reason: DeadReason, detail: str, status: RowStatus = RowStatus.BAD) -> dict[str, Any]:
+            now = datetime.now(UTC)
+            return bad_row(image.image, image.relative, reason, detail, self.version, self.run_id, now, status)
+
+        gone = (OSError,) if self.source.root is not None else (ObjectMissing,)  # not worth a retry
+        try:
+            data = self._store(f"reading {image.image}", lambda: self.source.read(self.store, image), gone)
+        except gone as exc:
+            return bad(DeadReason.MISSING_OBJECT, f"cannot read {image.image}: {exc}")
+        except Exception as exc:  # the store stayed away: try again in the next run
+            return bad(DeadReason.MISSING_OBJECT, f"reading failed: {exc!r}", RowStatus.ERROR)
+        try:
+            pixels = decode_image(data)  # (H, W) float32 in [0, 1]
+        except ImageRejected as exc:
+            return bad(exc.reason, exc.detail)
+        try:
+            scored = self.inspector(pixels)
+        except Exception as exc:
+            return bad(DeadReason.SCORING_FAILED, f"scoring failed: {exc!r}")
+        npz = encode_map(scored.anomaly_map)
+        overlay = render_overlay(pixels, scored.anomaly_map, scored.pixel_threshold)  # (H, W, 3) uint8
+        png = encode_png(overlay, compress_level=OVERLAY_PNG_LEVEL)
+        try:
+            self._store(f"writing {item['map_key']}", lambda: self.store.put_bytes(item["map_key"], npz))
+            self._store(
+                f"writing {item['overlay_key']}", lambda: self.store.put_bytes(item["overlay_key"], png, "image/png")
+            )
+        except Exception as exc:
+            return bad(DeadReason.SCORING_FAILED, f"storing the map failed: {exc!r}", RowStatus.ERROR)
+        at = datetime.now(UTC)
+        return ok_row(image.image, image.relative, scored, item["map_key"], item["overlay_key"], self.run_id, at)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """Score every image of ``batch`` → a `MANIFEST_SCHEMA` table, one row per image."""
+        return rows_table([self.score(item) for item in batch.to_pylist()])

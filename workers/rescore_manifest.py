@@ -1,0 +1,230 @@
+"""Archive re-scoring, the pure part: object keys, manifest rows and their Parquet schema (no I/O).
+
+Everything a re-scoring run writes lives under one prefix per model version, in the settings' bucket::
+
+    rescore/<version>/maps/<source>/<relative path>.npz      float32 (H, W) map, array "map" (`encode_map`)
+    rescore/<version>/maps/<source>/<relative path>.png      RGB overlay for people
+    rescore/<version>/manifest/part-<run>-<seq>.parquet      one row per image (`MANIFEST_SCHEMA`)
+
+``<source>`` tells archives apart (``lot7-3f9c2a1b``: the source's last name and a digest of its
+URI), so two folders that both hold ``a.png`` never share a map. The relative path keeps its suffix
+(``a.png`` and ``a.jpg`` are two images) and is made of safe key segments only::
+
+    >>> map_stem("v1", "lot7-3f9c2a1b", "day 1/img.png")      # unsafe characters: replaced, + digest
+    'rescore/v1/maps/lot7-3f9c2a1b/day_1/img.png-becd0962'
+    >>> safe_relative("../etc/passwd")
+    Traceback (most recent call last):
+    ValueError: unsafe relative path '../etc/passwd': segment '..' (no empty, '.' or '..' segments)
+
+A manifest row's ``status`` is ``ok`` (scored: scores, regions and map keys set) or ``bad`` (the image
+cannot be scored: ``reason`` is the dead-letter reason code the service would give, ``detail`` what
+was wrong). Rows a scoring actor returns as ``error`` (the object store stayed away) are not written,
+so a re-run scores those images again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+import pyarrow as pa
+
+from schemas import DeadReason, Region
+from schemas.ids import MODEL_VERSION_PATTERN
+from trainer.progress import format_eta
+from workers.inspection import ScoredImage
+
+RESCORE_PREFIX = "rescore"
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
+_SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.=-]{0,200}$")
+_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9_.=-]")
+MAX_RELATIVE_LENGTH = 800
+"""Longest relative path (characters) that still leaves room for the prefix in a 1024-byte key."""
+
+
+class RowStatus(StrEnum):
+    """What became of one image. ``ERROR`` rows never reach the manifest (the image is tried again)."""
+
+    OK = "ok"
+    BAD = "bad"
+    ERROR = "error"
+
+
+REGION_TYPE = pa.struct(
+    [
+        ("x", pa.int32()),
+        ("y", pa.int32()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("area", pa.int64()),
+        ("peak_score", pa.float64()),
+    ]
+)
+MANIFEST_SCHEMA = pa.schema(
+    [
+        pa.field("image", pa.string(), nullable=False),  # s3://bucket/key or an absolute local path
+        pa.field("relative_path", pa.string(), nullable=False),  # below the source, as listed
+        pa.field("status", pa.string(), nullable=False),  # RowStatus: ok | bad
+        pa.field("reason", pa.string()),  # DeadReason value when bad, else null
+        pa.field("detail", pa.string()),  # what was wrong, when bad
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("image_score", pa.float64()),  # normalised: 1.0 = the card's image threshold
+        pa.field("raw_image_score", pa.float64()),  # max of the map, raw units
+        pa.field("is_anomalous", pa.bool_()),
+        pa.field("pixel_threshold", pa.float64()),
+        pa.field("regions", pa.list_(REGION_TYPE)),  # strongest first, at most MAX_REGIONS
+        pa.field("regions_truncated", pa.bool_()),
+        pa.field("map_key", pa.string()),  # key of the .npz in the settings' bucket
+        pa.field("overlay_key", pa.string()),
+        pa.field("model_version", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("scored_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ]
+)
+
+
+def check_version(version: str) -> str:
+    """``version`` if it is a valid model version id (it becomes part of every key), else ValueError."""
+    if not re.match(MODEL_VERSION_PATTERN, version):
+        msg = f"invalid model version {version[:80]!r}; expected letters, digits, '_' and '-'"
+        raise ValueError(msg)
+    return version
+
+
+def version_prefix(version: str) -> str:
+    """``rescore/<version>/``."""
+    return f"{RESCORE_PREFIX}/{check_version(version)}/"
+
+
+def manifest_prefix(version: str) -> str:
+    """Where the manifest parts of ``version`` live: ``rescore/<version>/manifest/``."""
+    return f"{version_prefix(version)}manifest/"
+
+
+def part_key(version: str, run_id: str, seq: int) -> str:
+    """The key of one manifest part: ``rescore/<version>/manifest/part-<run_id>-<seq:05d>.parquet``."""
+    return f"{manifest_prefix(version)}part-{run_id}-{seq:05d}.parquet"
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def source_tag(source_uri: str) -> str:
+    """A key segment naming an archive: its last path name, made safe, and a digest of the whole URI."""
+    name = source_uri.rstrip("/").rsplit("/", 1)[-1]
+    slug = _UNSAFE_CHARS.sub("_", name).strip("._")[:40] or "source"
+    return f"{slug}-{_digest(source_uri)}"
+
+
+def safe_relative(relative: str) -> str:
+    """``relative`` as safe key segments: unsafe characters become ``_`` (plus a digest of the original,
+    so two names never meet). Raises ValueError on an empty, absolute, too long or traversing path."""
+    if not relative or relative.startswith("/") or len(relative) > MAX_RELATIVE_LENGTH:
+        msg = f"unsafe relative path {relative[:120]!r} (expected 1..{MAX_RELATIVE_LENGTH} chars, not absolute)"
+        raise ValueError(msg)
+    segments = relative.split("/")
+    for segment in segments:
+        if segment in {"", ".", ".."}:
+            msg = f"unsafe relative path {relative[:120]!r}: segment {segment!r} (no empty, '.' or '..' segments)"
+            raise ValueError(msg)
+    safe = [_UNSAFE_CHARS.sub("_", s) for s in segments]
+    safe = ["_" + s[1:] if s.startswith(".") else s for s in safe]
+    safe = [s if len(s) <= 180 else f"{s[:170]}-{_digest(s)}" for s in safe]
+    if safe != segments:
+        safe[-1] = f"{safe[-1]}-{_digest(relative)}"
+    if not all(_SAFE_SEGMENT.match(s) for s in safe):  # cannot happen after the replacements above
+        msg = f"unsafe relative path {relative[:120]!r}"
+        raise ValueError(msg)
+    return "/".join(safe)
+
+
+def map_stem(version: str, tag: str, relative: str) -> str:
+    """``rescore/<version>/maps/<tag>/<safe relative path>``: add ``.npz`` / ``.png`` for the two objects."""
+    if not _SAFE_SEGMENT.match(tag):
+        msg = f"invalid source tag {tag!r}"
+        raise ValueError(msg)
+    return f"{version_prefix(version)}maps/{tag}/{safe_relative(relative)}"
+
+
+def is_image_name(name: str) -> bool:
+    """Whether a file or key name has one of the accepted image suffixes (case-insensitive)."""
+    dot = name.rfind(".")
+    return dot > name.rfind("/") and name[dot:].lower() in IMAGE_SUFFIXES
+
+
+def region_dicts(regions: Sequence[Region]) -> list[dict[str, Any]]:
+    """Regions as dicts of `REGION_TYPE`'s fields."""
+    return [r.model_dump(include={"x", "y", "width", "height", "area", "peak_score"}) for r in regions]
+
+
+def bad_row(
+    image: str,
+    relative: str,
+    reason: DeadReason,
+    detail: str,
+    version: str,
+    run_id: str,
+    at: datetime,
+    status: RowStatus = RowStatus.BAD,
+) -> dict[str, Any]:
+    """A manifest row for an image that was not scored (``status`` ERROR: not kept in the manifest)."""
+    return {
+        "image": image,
+        "relative_path": relative,
+        "status": str(status),
+        "reason": str(reason),
+        "detail": detail[:2000],
+        "model_version": version,
+        "run_id": run_id,
+        "scored_at": at,
+    }
+
+
+def rows_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
+    """Manifest rows as a table of `MANIFEST_SCHEMA` (missing fields are null)."""
+    return pa.Table.from_pylist(list(rows), schema=MANIFEST_SCHEMA)
+
+
+def progress_line(done: int, total: int, bad: int, elapsed_s: float) -> str:
+    """``'120/500 images (24 %), 1.20 images/s, ETA 5 min 17 s, 3 bad'`` (rate since the run started)."""
+    rate = done / elapsed_s if elapsed_s > 0 and done > 0 else 0.0
+    speed = f", {rate:.2f} images/s, ETA {format_eta((total - done) / rate)}" if rate > 0 else ""
+    return f"{done}/{total} images ({100 * done / max(total, 1):.0f} %){speed}, {bad} bad"
+
+
+def ok_row(
+    image: str,
+    relative: str,
+    scored: ScoredImage,
+    map_key: str,
+    overlay_key: str,
+    run_id: str,
+    at: datetime,
+) -> dict[str, Any]:
+    """The manifest row of a scored image (its (H, W) map stored under ``map_key``)."""
+    summary = scored.summary
+    height, width = scored.anomaly_map.shape
+    return {
+        "image": image,
+        "relative_path": relative,
+        "status": str(RowStatus.OK),
+        "width": width,
+        "height": height,
+        "image_score": summary.image_score,
+        "raw_image_score": summary.raw_image_score,
+        "is_anomalous": summary.is_anomalous,
+        "pixel_threshold": scored.pixel_threshold,
+        "regions": region_dicts(summary.regions),
+        "regions_truncated": summary.regions_truncated,
+        "map_key": map_key,
+        "overlay_key": overlay_key,
+        "model_version": scored.model_version,
+        "run_id": run_id,
+        "scored_at": at,
+    }

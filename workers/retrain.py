@@ -1,0 +1,389 @@
+"""The retraining controller: fine-tune a line's live model on the confirmed images, promote it only if it holds up.
+
+    outcome = retrain_once(client, registry, names, storage, line="press-2", policy=RetrainPolicy())
+    outcome.status, outcome.reason     # "promoted", "no validation metric regressed and ..."
+    outcome.candidate_version          # "v20261130-101500-000000" (its card holds a RetrainRecord)
+    watch_retraining(client, registry, names, storage, ["press-2"], policy, interval_s=300, stop=event)
+
+One run (`retrain_once`), for one line:
+
+1. file pending confirmations (`ingest_confirmations`, one pass);
+2. the parent is the line's live version; a confirmation (``abnormal/<job_id>``, ``normal/<job_id>``)
+   is *new* when the parent's card (``retraining.confirmations``) does not list it — a version trained
+   by hand lists none;
+3. `decide_trigger` (``workers.retrain_policy``): K new ones, the period, ``force``; a parent already
+   fine-tuned on exactly these confirmations (recorded in ``retrain/<model>/<line>/state.json``) is
+   not tried again;
+4. fine-tune the parent on Ray Train (`train_model_version`, ``init_weights`` = the parent's weights):
+   normal = ``train/good`` + confirmed normal, abnormal = every confirmed abnormal image with its mask
+   (none: the trainer mines patches), calibration = ``validation/good`` (see `workers.retrain_data`);
+5. evaluate candidate and parent on the frozen validation set, and both on the confirmed abnormal images;
+6. `judge`: promote (as `promote_model`: pointer, history, a ``promote`` event on ``anomap:models``)
+   or reject (a ``rejected`` event; the pointer stays). The candidate's card records everything:
+   ``parent_version``, ``data_digest`` (keys and bytes of what it was trained on), ``metrics``
+   (``validation_*``, ``parent_validation_*``, ``confirmed_above_share``) and a `RetrainRecord`
+   (decision, each check, the confirmations used, the policy).
+
+A run that raises anywhere leaves the live pointer as it was: promotion is the last step. A candidate
+already saved is then marked ``failed`` in its card (best effort). One run per line at a time, guarded
+by a Redis lock (``<prefix>:retrain:lock:<line>``): a second one is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+import redis
+
+from schemas import ModelCard, ModelEvent, ModelEventKind, StreamNames
+from schemas.model_card import RetrainDecision, RetrainRecord
+from trainer.evaluation import evaluate
+from trainer.model_io import weights_from_bytes
+from trainer.pipeline import train_model_version
+from trainer.postprocess import image_score
+from trainer.registry import ModelRegistry
+from trainer.scoring import PatchModel, anomaly_map
+from trainer.store import CheckpointStorage
+from workers.confirmations import IngestConfig, ingest_confirmations
+from workers.model_events import publish_model_event
+from workers.retrain_data import (
+    ConfirmedListing,
+    RetrainData,
+    ValidationSet,
+    list_confirmed,
+    load_training_data,
+    load_validation_set,
+)
+from workers.retrain_policy import RetrainPolicy, Verdict, decide_trigger, finetune_config, judge
+from workers.retrain_state import LineLock, RetrainAttempt, load_state, record_attempt
+
+log = logging.getLogger("anomap.retrain")
+
+Progress = Callable[[str], None]
+
+
+class RetrainStatus(StrEnum):
+    """What one `retrain_once` did."""
+
+    PROMOTED = "promoted"
+    REJECTED = "rejected"
+    SKIPPED = "skipped"
+
+
+@dataclass
+class RetrainOutcome:
+    """What `retrain_once` did for a line, for the CLI and the end-to-end test."""
+
+    status: RetrainStatus
+    line: str
+    reason: str
+    parent_version: str
+    candidate_version: str | None = None
+    new_confirmations: list[str] = field(default_factory=list)
+    checks: list[str] = field(default_factory=list)
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    """``{"candidate": {...}, "parent": {...}}`` on the validation set."""
+    confirmed_scores: dict[str, list[float]] = field(default_factory=dict)
+    """``{"candidate": [...], "parent": [...]}``: normalised image scores of the confirmed abnormal images."""
+    warnings: list[str] = field(default_factory=list)
+    event: ModelEvent | None = None
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (``anomap retrain --json``)."""
+        return {
+            "status": self.status.value,
+            "line": self.line,
+            "reason": self.reason,
+            "parent_version": self.parent_version,
+            "candidate_version": self.candidate_version,
+            "new_confirmations": self.new_confirmations,
+            "checks": self.checks,
+            "metrics": self.metrics,
+            "confirmed_scores": self.confirmed_scores,
+            "warnings": self.warnings,
+            "event": None if self.event is None else self.event.model_dump(mode="json"),
+            "seconds": round(self.seconds, 2),
+        }
+
+    def lines(self) -> list[str]:
+        """The outcome for people, a few lines."""
+        head = f"{self.status.value}: line {self.line}"
+        if self.candidate_version:
+            head += f": {self.candidate_version} (parent {self.parent_version})"
+        else:
+            head += f" (live {self.parent_version})"
+        out = [f"{head}: {self.reason}", *(f"  - {check}" for check in self.checks)]
+        if self.metrics:
+            out.append("  validation metrics: " + json.dumps(self.metrics, sort_keys=True))
+        if self.confirmed_scores:
+            out.append("  confirmed abnormal, normalised scores: " + json.dumps(self.confirmed_scores))
+        return out + [f"  warning: {warning}" for warning in self.warnings]
+
+
+def normalised_scores(model: PatchModel, images: Sequence[np.ndarray]) -> list[float]:
+    """Image scores of (H, W) images under ``model``, divided by its card's image threshold (1.0 = at threshold)."""
+    threshold = model.card.thresholds.image
+    return [round(image_score(anomaly_map(image, model)) / threshold, 4) for image in images]
+
+
+def _validation_metrics(model: PatchModel, validation: ValidationSet) -> dict[str, float]:
+    return {name: round(value, 6) for name, value in evaluate(model, validation).metrics.items()}
+
+
+def _flat_metrics(metrics: dict[str, dict[str, float]], scores: dict[str, list[float]]) -> dict[str, float]:
+    """Flat card metrics: ``validation_*``, ``parent_validation_*``, ``[parent_]confirmed_above_share``."""
+    flat = {f"validation_{k}": v for k, v in metrics["candidate"].items()}
+    flat |= {f"parent_validation_{k}": v for k, v in metrics["parent"].items()}
+    for prefix, values in (("", scores["candidate"]), ("parent_", scores["parent"])):
+        if values:
+            flat[f"{prefix}confirmed_above_share"] = float(np.mean([s >= 1.0 for s in values]))
+    return flat
+
+
+@dataclass(frozen=True)
+class _Run:
+    """Everything one triggered run of one line works with."""
+
+    client: redis.Redis
+    registry: ModelRegistry
+    names: StreamNames
+    storage: CheckpointStorage | str
+    line: str
+    policy: RetrainPolicy
+    say: Progress
+    parent: ModelCard
+    listing: ConfirmedListing
+    new: list[str]
+    trigger: str
+
+    def fine_tune(self) -> tuple[ModelCard, RetrainData, ValidationSet, bytes]:
+        """Load the data, fine-tune the parent on Ray Train; the candidate (not live), data and parent weights."""
+        store = self.registry.store
+        validation = load_validation_set(store, self.line, min_side=self.parent.patch_size)
+        data = load_training_data(store, self.line, self.listing, min_side=self.parent.patch_size)
+        for warning in [*validation.warnings, *data.warnings]:
+            self.say(f"warning: {warning}")
+        cfg = finetune_config(self.parent, self.policy, has_abnormal=bool(data.abnormal))
+        _, parent_weights = self.registry.load(self.parent.version)
+        self.say(
+            f"fine-tuning on {len(data.normal)} normal and {len(data.abnormal)} abnormal images, γ = {cfg.gamma}, "
+            f"{cfg.gan_steps} + {cfg.encoder_steps} steps; calibrating on {len(validation.good)} validation normals"
+        )
+        card = train_model_version(
+            cfg,
+            data.normal,
+            data.abnormal,
+            data.abnormal_masks,
+            validation.good,
+            self.registry,
+            self.registry.name,
+            data.data_digest,
+            self.storage,
+            parent_version=self.parent.version,
+            progress=self.say,
+            init_weights=weights_from_bytes(parent_weights),
+        )
+        return card, data, validation, parent_weights
+
+    def measure(
+        self, card: ModelCard, data: RetrainData, validation: ValidationSet, parent_weights: bytes
+    ) -> tuple[dict[str, dict[str, float]], dict[str, list[float]]]:
+        """Validation metrics and confirmed-image scores of candidate and parent (keys ``candidate``, ``parent``)."""
+        models = {
+            "candidate": PatchModel.from_safetensors(card, self.registry.load(card.version)[1]),
+            "parent": PatchModel.from_safetensors(self.parent, parent_weights),
+        }
+        self.say(f"evaluating {card.version} and {self.parent.version} on {len(validation.test_images)} images")
+        metrics = {role: _validation_metrics(model, validation) for role, model in models.items()}
+        scores = {role: normalised_scores(model, data.abnormal) for role, model in models.items()}
+        return metrics, scores
+
+    def settle(self, card: ModelCard, record: RetrainRecord, verdict: Verdict) -> ModelEvent:
+        """Write the judged card, then move the pointer (promoted) or build the ``rejected`` event."""
+        self.registry.update_card(card.model_copy(update={"retraining": record}))
+        reason = f"retrain ({self.trigger}): {verdict.summary}"[:500]
+        if verdict.promote:
+            # The commit point. As `promote_model`, but the event is published by the caller: once the
+            # pointer has moved, a failure to announce it must not mark the live version as failed.
+            return self.registry.promote(card.version, self.line, reason)
+        return ModelEvent(
+            event=ModelEventKind.REJECTED,
+            name=self.registry.name,
+            line=self.line,
+            version=card.version,
+            previous=self.registry.own_version(self.line),
+            reason=reason,
+        )
+
+    def execute(self, outcome: RetrainOutcome) -> RetrainOutcome:
+        """Fine-tune, measure, judge, settle; a failure after the candidate was saved marks it failed."""
+        card, data, validation, parent_weights = self.fine_tune()
+        outcome.candidate_version = card.version
+        outcome.warnings = [*validation.warnings, *data.warnings]
+        digest = self.listing.digest()
+        record = RetrainRecord(
+            line=self.line,
+            decision=RetrainDecision.FAILED,
+            trigger=self.trigger,
+            confirmations=self.listing.names,
+            new_confirmations=self.new,
+            confirmations_digest=digest,
+            validation_digest=validation.digest,
+            policy=self.policy.model_dump(mode="json"),
+        )
+        try:
+            metrics, scores = self.measure(card, data, validation, parent_weights)
+            verdict = judge(self.policy, metrics["candidate"], metrics["parent"], scores["candidate"])
+            decision = RetrainDecision.PROMOTED if verdict.promote else RetrainDecision.REJECTED
+            judged = record.model_copy(
+                update={
+                    "decision": decision,
+                    "reasons": verdict.reasons,
+                    "validation": metrics,
+                    "confirmed_scores": scores["candidate"],
+                    "parent_confirmed_scores": scores["parent"],
+                }
+            )
+            card = card.model_copy(update={"metrics": card.metrics | _flat_metrics(metrics, scores)})
+            event = self.settle(card, judged, verdict)
+        except BaseException as exc:
+            self._mark_failed(card, record, exc)
+            raise
+        if event.changed or event.event is ModelEventKind.REJECTED:
+            publish_model_event(self.client, self.names, event)
+        attempt = RetrainAttempt(
+            parent=self.parent.version, confirmations_digest=digest, candidate=card.version, decision=decision
+        )
+        record_attempt(self.registry, self.line, attempt)
+        outcome.status = RetrainStatus.PROMOTED if verdict.promote else RetrainStatus.REJECTED
+        outcome.reason, outcome.checks, outcome.event = verdict.summary, verdict.reasons, event
+        outcome.metrics, outcome.confirmed_scores = metrics, scores
+        return outcome
+
+    def _mark_failed(self, card: ModelCard, record: RetrainRecord, exc: BaseException) -> None:
+        """Best effort: the card says the run broke, and the attempt does not block a retry."""
+        failed = record.model_copy(update={"decision": RetrainDecision.FAILED, "reasons": [repr(exc)[:1000]]})
+        attempt = RetrainAttempt(
+            parent=self.parent.version,
+            confirmations_digest=record.confirmations_digest,
+            candidate=card.version,
+            decision=RetrainDecision.FAILED,
+        )
+        try:
+            if self.registry.own_version(self.line) == card.version:  # the pointer moved; the history write broke
+                log.warning("%s is live on line %r although its run raised: %r", card.version, self.line, exc)
+                return
+            self.registry.update_card(card.model_copy(update={"retraining": failed}))
+            record_attempt(self.registry, self.line, attempt)
+        except Exception as inner:
+            log.warning("could not mark %s as failed: %r", card.version, inner)
+
+
+def retrain_once(
+    client: redis.Redis,
+    registry: ModelRegistry,
+    names: StreamNames,
+    storage: CheckpointStorage | str,
+    line: str = "default",
+    policy: RetrainPolicy | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+    now: datetime | None = None,
+    ingest: IngestConfig | None = None,
+) -> RetrainOutcome:
+    """One retraining decision (and, when triggered, run) for ``line``; see the module docstring.
+
+    Args:
+        storage: where Ray Train keeps the fine-tune's checkpoints (`CheckpointStorage` or a local path).
+        force: retrain whatever the counts and the history.
+        progress: called with one-line status messages (default: the ``anomap.retrain`` logger).
+        now: the time the period is measured to (default: now, UTC).
+        ingest: how confirmations are filed first (default: consumer ``retrain`` of the ``datasets`` group).
+
+    Needs a Ray connection when it trains. Raises on any failure, the live pointer untouched:
+    `ModelNotFound` (no live version), `RetrainDataError` (no training or validation data),
+    `ObjectMissing` (data removed during the run), Ray Train's errors, connection errors.
+    """
+    policy = policy or RetrainPolicy()
+    say = progress or (lambda message: log.info("%s", message))
+    started = time.monotonic()
+    store = registry.store
+    counts = ingest_confirmations(client, store, names, ingest or IngestConfig(consumer="retrain", block_ms=10))
+    if filed := {outcome.value: n for outcome, n in counts.items() if n}:
+        say(f"confirmations filed: {filed}")
+    parent = registry.load_card(registry.live_version(line))
+    listing = list_confirmed(store, line)
+    used = set(parent.retraining.confirmations) if parent.retraining else set()
+    new = sorted(set(listing.names) - used)
+    tried = load_state(registry, line).tried(parent.version, listing.digest())
+    trigger = decide_trigger(
+        policy,
+        new,
+        parent.created_at,
+        now or datetime.now(UTC),
+        force,
+        None if tried is None else f"{tried.candidate} was {tried.decision.value}",
+    )
+    outcome = RetrainOutcome(RetrainStatus.SKIPPED, line, trigger.reason, parent.version, new_confirmations=new)
+    lock = LineLock(client, names, line)
+    if trigger.run and not lock.acquire():
+        outcome.reason = f"another retraining of line {line!r} is running (lock {lock.key})"
+    elif trigger.run:
+        try:
+            say(f"line {line}: retraining {registry.name}/{parent.version}: {trigger.reason}")
+            run = _Run(client, registry, names, storage, line, policy, say, parent, listing, new, trigger.reason)
+            run.execute(outcome)
+        finally:
+            lock.release()
+    outcome.seconds = time.monotonic() - started
+    say(f"line {line}: {outcome.status.value}: {outcome.reason}")
+    return outcome
+
+
+def watch_retraining(
+    client: redis.Redis,
+    registry: ModelRegistry,
+    names: StreamNames,
+    storage: CheckpointStorage | str,
+    lines: Sequence[str],
+    policy: RetrainPolicy,
+    interval_s: float,
+    stop: threading.Event,
+    report: Callable[[RetrainOutcome], None] | None = None,
+    progress: Progress | None = None,
+) -> int:
+    """Run `retrain_once` for every line, then wait ``interval_s``, until ``stop`` is set; returns the rounds run.
+
+    A line whose run raises is logged (with the traceback) and the loop goes on; ``stop`` is checked
+    between lines and while waiting, so a signal ends the loop after the run in progress.
+    """
+    if interval_s <= 0:
+        msg = f"interval_s must be > 0, got {interval_s}"
+        raise ValueError(msg)
+    rounds = 0
+    while not stop.is_set():
+        for line in lines:
+            if stop.is_set():
+                break
+            try:
+                outcome = retrain_once(client, registry, names, storage, line, policy, progress=progress)
+            except Exception:
+                log.exception(
+                    "retraining line %r failed; its live model is unchanged; next try in %g s", line, interval_s
+                )
+                continue
+            if report is not None:
+                report(outcome)
+        rounds += 1
+        stop.wait(interval_s)
+    return rounds
