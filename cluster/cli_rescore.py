@@ -37,9 +37,12 @@ def rescore(
         int | None, typer.Option(min=1, max=256, help="torch threads per actor (default: its CPUs, >= 1).")
     ] = None,
     forward_patches: Annotated[int, typer.Option(min=1, help="Patches per forward pass (Serve's CPU batch).")] = 128,
+    overlays: Annotated[
+        str, typer.Option(help="PNG overlays for: all | anomalous (images at or above the threshold) | none.")
+    ] = "anomalous",
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
 ) -> None:
-    """Re-score an archive: a map and an overlay per image and a Parquet manifest row (bad images too).
+    """Re-score an archive: a map per image (an overlay for anomalous ones) and a Parquet manifest row (bad too).
 
     Resumable: images already in the version's manifest (ok or bad) are skipped.
     """
@@ -49,8 +52,13 @@ def rescore(
     from workers.archive import ArchiveSource, SourceError
     from workers.rescore import RescoreOptions, RescoreProgress
     from workers.rescore import rescore as run_rescore
-    from workers.rescore_manifest import check_version
+    from workers.rescore_manifest import OverlayPolicy, check_version
 
+    try:
+        overlay_policy = OverlayPolicy(overlays)
+    except ValueError:
+        _fail(f"--overlays must be one of {', '.join(p.value for p in OverlayPolicy)}, got {overlays!r}")
+        raise  # unreachable
     try:
         settings = resolve_settings()
         store = ObjectStore.from_settings(settings)
@@ -67,6 +75,7 @@ def rescore(
         gpus_per_actor=gpus_per_actor,
         torch_threads=torch_threads,
         forward_patches=forward_patches,
+        overlays=overlay_policy,
     )
     bar = Progress(
         TextColumn(f"rescoring with {version}"),

@@ -33,6 +33,7 @@ from workers.inspection import LocalInspector
 from workers.maps import decode_map
 from workers.rescore import ManifestWriter, RescoreOptions, RescoreSummary, plan_items, rescore, scored_images
 from workers.rescore_manifest import (
+    OverlayPolicy,
     RowStatus,
     bad_row,
     manifest_prefix,
@@ -118,9 +119,14 @@ def test_folder_rescore_writes_a_row_and_maps_for_every_image(
         assert row["model_version"] == card.version and row["reason"] is None
         assert (row["width"], row["height"]) == (SIZE, SIZE)
         assert row["image_score"] == pytest.approx(row["raw_image_score"] / card.thresholds.image)
-        assert store.exists(row["map_key"]) and store.exists(row["overlay_key"])
+        assert store.exists(row["map_key"])
+        if row["is_anomalous"]:  # overlays only for images a person would open (OverlayPolicy.ANOMALOUS)
+            assert store.exists(row["overlay_key"])
+        else:
+            assert row["overlay_key"] is None
         assert row["map_key"].startswith(f"rescore/{card.version}/maps/")
     assert any(row["regions"] for row in ok)
+    assert any(row["is_anomalous"] for row in ok) and not all(row["is_anomalous"] for row in ok)
     assert {"x", "y", "width", "height", "area", "peak_score"} <= set(next(r for r in ok if r["regions"])["regions"][0])
 
 
@@ -285,3 +291,11 @@ def test_s3_source_parsing_and_progress_line() -> None:
 def _no_stray_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # the CLI joins the in-process test cluster
     yield
+
+
+def test_overlay_policy_says_which_images_get_an_overlay() -> None:
+    assert OverlayPolicy("all").wants(False) and OverlayPolicy("all").wants(True)
+    assert OverlayPolicy("anomalous").wants(True) and not OverlayPolicy("anomalous").wants(False)
+    assert not OverlayPolicy("none").wants(True)
+    with pytest.raises(ValueError, match="'some'"):
+        OverlayPolicy("some")

@@ -35,6 +35,7 @@ from trainer.store import ObjectStore
 from workers.archive import ArchiveImage, ArchiveSource
 from workers.rescore_actor import ImageRescorer
 from workers.rescore_manifest import (
+    OverlayPolicy,
     RowStatus,
     bad_row,
     check_version,
@@ -61,6 +62,8 @@ class RescoreOptions:
     torch_threads: int | None = None
     forward_patches: int = 128
     """Patches per forward pass: the Serve path's CPU batch (`workers.serve_app.CPU_FORWARD_PATCHES`)."""
+    overlays: OverlayPolicy = OverlayPolicy.ANOMALOUS
+    """Which images get a PNG overlay besides their map (default: those at or above the image threshold)."""
     batch_images: int = 1
     max_file_bytes: int = 256 * 1024 * 1024
     flush_rows: int = 500
@@ -233,7 +236,15 @@ def rescore(
             context.print_on_execution_start = False
             dataset = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_BLOCKS)).map_batches(
                 ImageRescorer,
-                fn_constructor_args=(settings, version, archive, run_id, threads, options.forward_patches),
+                fn_constructor_args=(
+                    settings,
+                    version,
+                    archive,
+                    run_id,
+                    threads,
+                    options.forward_patches,
+                    options.overlays,
+                ),
                 batch_size=options.batch_images,
                 batch_format="pyarrow",
                 compute=ray.data.ActorPoolStrategy(size=summary.concurrency),

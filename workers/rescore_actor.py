@@ -6,7 +6,8 @@
 Per image: read the bytes (`ArchiveSource.read`), decode them with the consumers' bounded decoder
 (`decode_image`: a bad image gets the dead-letter reason the service gives), score with
 `LocalInspector` (the Serve path's maps, bit for bit at the same forward batch), then store the
-``.npz`` map and the PNG overlay exactly as the consumers encode them.
+``.npz`` map and (by `OverlayPolicy`: by default for anomalous images only) the PNG overlay, exactly
+as the consumers encode them.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from workers.archive import ArchiveImage, ArchiveSource
 from workers.inspection import LocalInspector
 from workers.maps import OVERLAY_PNG_LEVEL, encode_map
 from workers.overlay import render_overlay
-from workers.rescore_manifest import RowStatus, bad_row, ok_row, rows_table
+from workers.rescore_manifest import OverlayPolicy, RowStatus, bad_row, ok_row, rows_table
 from workers.retry import retry_call
 
 STORE_RETRY_S = 30.0
@@ -50,8 +51,10 @@ class ImageRescorer:
         run_id: str,
         torch_threads: int = 1,
         forward_patches: int = 128,
+        overlays: OverlayPolicy = OverlayPolicy.ANOMALOUS,
     ) -> None:
         torch.set_num_threads(torch_threads)
+        self.overlays = OverlayPolicy(overlays)
         self.store = ObjectStore.from_settings(settings)
         card, weights = ModelRegistry(self.store, settings.model_name).load(version)
         self.inspector = LocalInspector(PatchModel.from_safetensors(card, weights), forward_patches)
@@ -87,17 +90,17 @@ class ImageRescorer:
         except Exception as exc:
             return bad(DeadReason.SCORING_FAILED, f"scoring failed: {exc!r}")
         npz = encode_map(scored.anomaly_map)
-        overlay = render_overlay(pixels, scored.anomaly_map, scored.pixel_threshold)  # (H, W, 3) uint8
-        png = encode_png(overlay, compress_level=OVERLAY_PNG_LEVEL)
+        overlay_key = item["overlay_key"] if self.overlays.wants(scored.summary.is_anomalous) else None
         try:
             self._store(f"writing {item['map_key']}", lambda: self.store.put_bytes(item["map_key"], npz))
-            self._store(
-                f"writing {item['overlay_key']}", lambda: self.store.put_bytes(item["overlay_key"], png, "image/png")
-            )
+            if overlay_key is not None:
+                overlay = render_overlay(pixels, scored.anomaly_map, scored.pixel_threshold)  # (H, W, 3) uint8
+                png = encode_png(overlay, compress_level=OVERLAY_PNG_LEVEL)
+                self._store(f"writing {overlay_key}", lambda: self.store.put_bytes(overlay_key, png, "image/png"))
         except Exception as exc:
             return bad(DeadReason.SCORING_FAILED, f"storing the map failed: {exc!r}", RowStatus.ERROR)
         at = datetime.now(UTC)
-        return ok_row(image.image, image.relative, scored, item["map_key"], item["overlay_key"], self.run_id, at)
+        return ok_row(image.image, image.relative, scored, item["map_key"], overlay_key, self.run_id, at)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Score every image of ``batch`` → a `MANIFEST_SCHEMA` table, one row per image."""

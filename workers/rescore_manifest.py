@@ -46,6 +46,19 @@ MAX_RELATIVE_LENGTH = 800
 """Longest relative path (characters) that still leaves room for the prefix in a 1024-byte key."""
 
 
+class OverlayPolicy(StrEnum):
+    """Which images get a PNG overlay: in an archive most images are normal and nobody looks at theirs."""
+
+    ALL = "all"
+    ANOMALOUS = "anomalous"
+    """Only images whose image score reaches the threshold (``is_anomalous``): the ones a person opens."""
+    NONE = "none"
+
+    def wants(self, is_anomalous: bool) -> bool:
+        """Whether an image with this verdict gets an overlay."""
+        return self is OverlayPolicy.ALL or (self is OverlayPolicy.ANOMALOUS and is_anomalous)
+
+
 class RowStatus(StrEnum):
     """What became of one image. ``ERROR`` rows never reach the manifest (the image is tried again)."""
 
@@ -203,11 +216,11 @@ def ok_row(
     relative: str,
     scored: ScoredImage,
     map_key: str,
-    overlay_key: str,
+    overlay_key: str | None,
     run_id: str,
     at: datetime,
 ) -> dict[str, Any]:
-    """The manifest row of a scored image (its (H, W) map stored under ``map_key``)."""
+    """The manifest row of a scored image (its (H, W) map stored under ``map_key``; no overlay: None)."""
     summary = scored.summary
     height, width = scored.anomaly_map.shape
     return {
