@@ -221,7 +221,11 @@ def train(
         progress=console.log,
     )
     if live:
-        registry.set_live(card.version)
+        from cluster.connections import redis_client
+        from workers.model_events import promote_model
+
+        names = StreamNames(settings.stream_prefix)
+        promote_model(registry, redis_client(settings), names, card.version, None, "trained by `anomap train`")
     console.print_json(card.model_dump_json())
 
 

@@ -62,6 +62,9 @@ def versions_document(registry: ModelRegistry, line: str | None) -> dict[str, An
                 "gamma": card.gamma,
                 "n_abnormal_images": card.n_abnormal_images,
                 "metrics": card.metrics,
+                "retrained": None
+                if card.retraining is None
+                else {"line": card.retraining.line, "decision": str(card.retraining.decision)},
                 "live_on": sorted(name for name, live_version in live.items() if live_version == version),
             }
         )
@@ -76,14 +79,14 @@ def list_cmd(
     line: Annotated[str | None, typer.Option(help="Only show which version is live on this line.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
 ) -> None:
-    """Model versions, oldest first: created, parent, γ, metrics from the card, and where each is live."""
+    """Model versions, oldest first: created, parent, γ, the retraining decision, metrics, and where each is live."""
     settings = resolved_settings(s3=True)
     document = versions_document(_registry(settings), None if line is None else checked_line(line))
     if as_json:
         print(json.dumps(document), flush=True)
         return
     table = Table(title=f"model {document['model']}")
-    for column in ("version", "created", "parent", "γ", "abnormal", "metrics", "live on"):
+    for column in ("version", "created", "parent", "γ", "abnormal", "retrained", "metrics", "live on"):
         table.add_column(column)
     for row in document["versions"]:
         live_on = ", ".join(row["live_on"])
@@ -95,6 +98,7 @@ def list_cmd(
             row["parent_version"] or "-",
             f"{row['gamma']:g}",
             str(row["n_abnormal_images"]),
+            f"{row['retrained']['decision']} ({row['retrained']['line']})" if row["retrained"] else "-",
             _metrics_summary(row["metrics"]) or "-",
             live_on,
         )

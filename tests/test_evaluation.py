@@ -13,8 +13,9 @@ import torch
 from typer.testing import CliRunner
 
 from cluster.cli import app
+from cluster.connections import redis_from_url
 from cluster.eval_report import gallery_cases, write_eval_report
-from schemas import AbnormalPatchSource, ModelCard, Settings
+from schemas import AbnormalPatchSource, ModelCard, ModelEventKind, Settings, StreamNames
 from trainer.config import TrainConfig
 from trainer.evaluation import EvaluationResult, evaluate, pr_curve, roc_curve
 from trainer.folder_dataset import DatasetPart, FolderDataset, load_dataset
@@ -25,6 +26,7 @@ from trainer.registry import ModelRegistry
 from trainer.scoring import PatchModel
 from trainer.store import ObjectStore
 from trainer.synthetic import DefectKind, make_dataset, write_dataset_folder
+from workers.model_events import read_model_events
 
 runner = CliRunner()
 
@@ -207,6 +209,9 @@ def test_train_on_a_folder_then_eval_the_live_version(
     assert trained.exit_code == 0, trained.output
     version = ModelRegistry(s3_env, "metal").live_version()
     card = ModelRegistry(s3_env, "metal").load_card(version)
+    client = redis_from_url(stack_settings.redis_url.get_secret_value())
+    events = [event for _, event in read_model_events(client, StreamNames(stack_settings.stream_prefix))]
+    assert (events[-1].event, events[-1].version) == (ModelEventKind.PROMOTE, version), "promotions are announced"
     assert card.data_digest == load_dataset(root, DatasetPart.TRAIN).data_digest
     assert (
         card.abnormal_patch_source == AbnormalPatchSource.MASK and card.n_train_images == 2

@@ -360,6 +360,10 @@ def test_a_promoted_candidate_is_live_recorded_and_announced_and_a_second_run_do
     assert (again["status"], again["parent_version"]) == ("skipped", candidate)
     assert again["reason"] == "no new confirmations since the live version was trained"
     assert line_registry.versions() == versions and len(_events(redis_client)) == 1
+    listed = runner.invoke(app, ["models", "list", "--json"])
+    assert listed.exit_code == 0, listed.output
+    rows = {row["version"]: row for row in json.loads(listed.stdout)["versions"]}
+    assert rows[candidate]["retrained"] == {"line": LINE, "decision": "promoted"} and rows[parent]["retrained"] is None
 
 
 def test_a_run_whose_data_vanishes_after_listing_fails_and_leaves_the_live_version(

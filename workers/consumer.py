@@ -117,6 +117,9 @@ class ConsumerConfig:
     """How often the group's lag and pending count are sampled for the metrics (only where Ray runs)."""
     keep_images: bool = True
     """Keep each scored job's image bytes (``images/<line>/scored/<job_id>``) for confirmations to file."""
+    forget_idle_ms: int = 3_600_000
+    """Group members holding nothing and idle this long are deleted (crashed processes); 0: never."""
+    forget_every_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1:
@@ -124,6 +127,9 @@ class ConsumerConfig:
             raise ValueError(msg)
         if self.claim_idle_ms < 1:
             msg = f"claim_idle_ms must be >= 1, got {self.claim_idle_ms}"
+            raise ValueError(msg)
+        if self.forget_idle_ms < 0:
+            msg = f"forget_idle_ms must be >= 0 (0: never), got {self.forget_idle_ms}"
             raise ValueError(msg)
         if not 0 < self.backoff_initial_s <= min(self.backoff_max_s, self.busy_backoff_max_s):
             msg = (
@@ -481,6 +487,16 @@ class StreamConsumer:
                     lag = info.get("lag")
                     telemetry.stream_backlog(line, None if lag is None else int(lag), int(info["pending"]))
 
+    def _forget_dead(self) -> None:
+        """Delete dead group members (`GroupReader.forget_dead`); a Redis error only postpones it."""
+        try:
+            forgotten = self.reader.forget_dead(self.config.forget_idle_ms)
+        except redis.RedisError as exc:
+            log.debug("consumer %s: forgetting dead consumers failed: %r", self.config.consumer, exc)
+            return
+        if forgotten:
+            log.info("consumer %s: removed idle consumers %s (nothing pending)", self.config.consumer, forgotten)
+
     def _drain(self, futures: set[Future[Outcome]]) -> None:
         if futures:
             log.info("consumer %s: draining %d job(s) in flight", self.config.consumer, len(futures))
@@ -507,6 +523,7 @@ class StreamConsumer:
         need_groups = True
         last_claim = 0.0
         last_backlog = 0.0
+        last_forget = 0.0
         last_keep = time.monotonic()
         keep_every_s = max(self.config.claim_idle_ms / 3000, 0.05)
         futures: set[Future[Outcome]] = set()
@@ -533,6 +550,9 @@ class StreamConsumer:
                     delay = backoff.next_delay()
                     log.warning("consumer %s: redis error (%r); retrying in %.1fs", self.config.consumer, exc, delay)
                     stop.wait(delay)
+                if self.config.forget_idle_ms and time.monotonic() - last_forget > self.config.forget_every_s:
+                    last_forget = time.monotonic()
+                    self._forget_dead()
                 if time.monotonic() - last_backlog > self.config.backlog_every_s and telemetry.enabled():
                     last_backlog = time.monotonic()
                     try:

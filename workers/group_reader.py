@@ -10,7 +10,11 @@ Three sources, in the order a consumer should use them:
 Each returns ``(stream, entry id, fields, delivery count)`` tuples and skips ids in ``skip`` (the
 entries in flight). Entries trimmed away while pending are acknowledged: nothing is left to score.
 `keep_claimed` resets the idle time of entries in flight (``XCLAIM … JUSTID``, no delivery
-counted) so that no other consumer reclaims them while they wait out an outage.
+counted) so that no other consumer reclaims them while they wait out an outage. `forget_dead`
+removes group members that hold nothing and have not even tried to read for a long time (crashed
+processes: every consumer's name carries its process id, so each restart adds one)::
+
+    reader.forget_dead(idle_ms=3_600_000)  # ["host-4711-0"]: XGROUP DELCONSUMER, pending 0 only
 """
 
 from __future__ import annotations
@@ -126,6 +130,25 @@ class GroupReader:
             name = stream.decode() if isinstance(stream, bytes) else stream
             entries.extend(self._entries(name, items, fresh=True, skip=skip))
         return entries
+
+    def forget_dead(self, idle_ms: int) -> list[str]:
+        """Delete the group's other consumers that have no pending entries and were idle over ``idle_ms``.
+
+        ``idle`` is the time since a consumer last tried to read: a live one reads every few hundred
+        milliseconds, even when there is nothing to read. A consumer with pending entries is never
+        deleted (its entries are reclaimed by `claim` first), and one that comes back after being
+        forgotten is recreated by its next read. Returns the names deleted (once per stream).
+        """
+        forgotten: list[str] = []
+        for stream in self.streams:
+            for info in self.redis.xinfo_consumers(stream, self.group):
+                raw = info["name"]
+                name = raw.decode() if isinstance(raw, bytes) else str(raw)
+                if name == self.consumer or int(info["pending"]) > 0 or int(info["idle"]) <= idle_ms:
+                    continue
+                if self.redis.xgroup_delconsumer(stream, self.group, name) == 0:  # still nothing pending
+                    forgotten.append(name)
+        return forgotten
 
     def keep_claimed(self, in_flight: Mapping[str, str]) -> None:
         """Reset the idle time of the entries in flight (``{entry id: stream}``)."""
