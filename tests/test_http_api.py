@@ -20,7 +20,7 @@ from schemas.stream import MAX_INLINE_IMAGE_BYTES
 from trainer.store import ObjectStore
 from trainer.synthetic import DefectKind
 from workers.maps import decode_map
-from workers.serve_app import deploy
+from workers.serve_app import ServeHttpConflict, deploy
 
 pytestmark = pytest.mark.ray
 
@@ -84,3 +84,13 @@ def test_openapi_schema_documents_the_endpoint(http_service: tuple[str, Settings
     operation = schema["paths"]["/v1/inspect"]["post"]
     assert "image/png" in operation["requestBody"]["content"]
     assert "InspectionResult" in json.dumps(operation["responses"]["200"])
+
+
+def test_asking_for_another_http_port_while_serve_runs_is_an_error(
+    http_service: tuple[str, Settings, ModelCard],
+) -> None:
+    url, settings, card = http_service
+    running = int(url.rsplit(":", 1)[1])
+    with pytest.raises(ServeHttpConflict, match=f"HTTP on 127.0.0.1:{running}; its HTTP options cannot change"):
+        deploy(settings, card.version, scorer_replicas=1, chunk_patches=32, http_port=free_port())
+    assert _post(f"{url}/v1/inspect", small_png(3))[0] == 200, "the running app is untouched"

@@ -307,6 +307,7 @@ def deploy(
         serve.start(proxy_location="Disabled")
     else:
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": http_port})
+        _check_http_port(http_port)
     app = build_app(
         settings, version, scorer_replicas=scorer_replicas, chunk_patches=chunk_patches, forward_patches=forward_patches
     )
@@ -314,6 +315,32 @@ def deploy(
     if http_port is not None:
         serve.run(HttpGateway.bind(settings, APP_NAME), name=HTTP_APP_NAME, route_prefix="/")
     return handle
+
+
+class ServeHttpConflict(RuntimeError):
+    """Serve already runs on this Ray cluster with other HTTP options, which cannot change while it runs."""
+
+
+def _check_http_port(http_port: int) -> None:
+    """Raise `ServeHttpConflict` when the running Serve instance does not listen on ``http_port``.
+
+    ``serve.start`` keeps an existing instance's HTTP options and only logs that the new ones are
+    ignored; a caller asking for a port must hear that it will not get it.
+    """
+    from ray.serve.context import _get_global_client  # Ray 2.60: the only way to read the live HTTP options
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    config = getattr(client, "http_config", None)
+    if config is None:
+        return
+    has_proxy = bool(serve.status().proxies)
+    if config.port != http_port or not has_proxy:
+        where = f"HTTP on {config.host}:{config.port}" if has_proxy else "no HTTP proxy"
+        msg = (
+            f"Serve already runs on this Ray cluster with {where}; its HTTP options cannot change while it runs. "
+            f"Use that port, or stop Serve first (`serve shutdown`, or `anomap stack down` and up)."
+        )
+        raise ServeHttpConflict(msg)
 
 
 def is_backpressure(exc: BaseException) -> bool:
