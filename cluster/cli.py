@@ -327,15 +327,20 @@ def serve(
     except ValueError as exc:
         _fail(str(exc))
     connect_ray(settings)
-    with InspectionServer(
-        settings, version, consumers=consumers, lines=line_ids, scorer_replicas=replicas, http_port=http_port
-    ) as server:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: server.stop.set())
-        pointers = ", ".join(f"{line}: {v}" for line, v in live.items())
-        models = f"model {version} (pinned)" if version else f"live models {pointers}"
-        console.log(f"serving lines {', '.join(line_ids)} with {models}; Ctrl-C drains and stops")
-        server.wait()
+    from workers.serve_app import ServeHttpConflict
+
+    try:
+        with InspectionServer(
+            settings, version, consumers=consumers, lines=line_ids, scorer_replicas=replicas, http_port=http_port
+        ) as server:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: server.stop.set())
+            pointers = ", ".join(f"{line}: {v}" for line, v in live.items())
+            models = f"model {version} (pinned)" if version else f"live models {pointers}"
+            console.log(f"serving lines {', '.join(line_ids)} with {models}; Ctrl-C drains and stops")
+            server.wait()
+    except ServeHttpConflict as exc:  # raised by deploy, before anything runs
+        _fail(str(exc))
     console.log("drained and stopped")
 
 
