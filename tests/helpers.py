@@ -2,13 +2,17 @@
 
 card = register_small_model(store, "metal")    # untrained nets, calibrated on synthetic metal
 png = small_png(seed=1)                        # a 128×128 synthetic image as PNG bytes
+point_cli_at(monkeypatch, settings, bucket, tmp_path)   # the environment of a shell using these servers
 """
 
 from __future__ import annotations
 
-import numpy as np
+from pathlib import Path
 
-from schemas import ModelCard
+import numpy as np
+import pytest
+
+from schemas import ModelCard, Settings
 from trainer.config import TrainConfig
 from trainer.imaging import encode_png
 from trainer.pipeline import initial_model_version
@@ -30,3 +34,23 @@ def register_small_model(store: ObjectStore, name: str) -> ModelCard:
 def small_png(seed: int, defects: tuple[DefectKind, ...] = ()) -> bytes:
     """A SIZE×SIZE synthetic brushed-metal image (with ``defects``) as PNG bytes."""
     return encode_png(synth_image(seed, SIZE, defects)[0])
+
+
+def point_cli_at(
+    monkeypatch: pytest.MonkeyPatch, settings: Settings, bucket: str, tmp_path: Path, redis: bool = True
+) -> None:
+    """Set the environment a shell would have for ``anomap`` commands on ``settings``' servers and ``bucket``.
+
+    The Redis URL only with ``redis``; Ray, the stream prefix and the model name are left at their defaults.
+    """
+    assert settings.s3_endpoint and settings.s3_access_key and settings.s3_secret_key
+    if redis:
+        assert settings.redis_url
+        monkeypatch.setenv("REDIS_URL", settings.redis_url.get_secret_value())
+    monkeypatch.setenv("S3_ENDPOINT", settings.s3_endpoint)
+    monkeypatch.setenv("S3_ACCESS_KEY", settings.s3_access_key.get_secret_value())
+    monkeypatch.setenv("S3_SECRET_KEY", settings.s3_secret_key.get_secret_value())
+    monkeypatch.setenv("ANOMAP_BUCKET", bucket)
+    monkeypatch.setenv("ANOMAP_STATE_DIR", str(tmp_path / "state"))
+    for name in ("RAY_ADDRESS", "ANOMAP_STREAM_PREFIX", "ANOMAP_MODEL_NAME"):
+        monkeypatch.delenv(name, raising=False)

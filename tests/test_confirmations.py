@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-from helpers import SIZE, register_small_model, small_png
+from helpers import SIZE, point_cli_at, register_small_model, small_png
 from typer.testing import CliRunner
 
 from cluster.cli import app
@@ -174,15 +174,7 @@ def test_without_a_kept_image_the_jobs_stream_entry_is_used(
 
 
 def _env(monkeypatch: pytest.MonkeyPatch, settings: Settings, bucket: str, tmp_path: Path) -> None:
-    assert settings.redis_url and settings.s3_endpoint and settings.s3_access_key and settings.s3_secret_key
-    monkeypatch.setenv("REDIS_URL", settings.redis_url.get_secret_value())
-    monkeypatch.setenv("S3_ENDPOINT", settings.s3_endpoint)
-    monkeypatch.setenv("S3_ACCESS_KEY", settings.s3_access_key.get_secret_value())
-    monkeypatch.setenv("S3_SECRET_KEY", settings.s3_secret_key.get_secret_value())
-    monkeypatch.setenv("ANOMAP_BUCKET", bucket)
-    monkeypatch.setenv("ANOMAP_STATE_DIR", str(tmp_path / "state"))
-    for name in ("RAY_ADDRESS", "ANOMAP_STREAM_PREFIX", "ANOMAP_MODEL_NAME"):
-        monkeypatch.delenv(name, raising=False)
+    point_cli_at(monkeypatch, settings, bucket, tmp_path)
 
 
 def test_scored_job_confirmed_on_the_command_line_lands_in_datasets(

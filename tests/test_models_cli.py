@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from helpers import point_cli_at
 from typer.testing import CliRunner
 
 from cluster.cli import app
@@ -129,16 +130,7 @@ def test_promote_and_rollback_announce_events_and_a_repeat_announces_nothing(
 def cli_env(
     registry: ModelRegistry, stack_settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> ModelRegistry:
-    settings = stack_settings
-    assert settings.redis_url and settings.s3_endpoint and settings.s3_access_key and settings.s3_secret_key
-    monkeypatch.setenv("REDIS_URL", settings.redis_url.get_secret_value())
-    monkeypatch.setenv("S3_ENDPOINT", settings.s3_endpoint)
-    monkeypatch.setenv("S3_ACCESS_KEY", settings.s3_access_key.get_secret_value())
-    monkeypatch.setenv("S3_SECRET_KEY", settings.s3_secret_key.get_secret_value())
-    monkeypatch.setenv("ANOMAP_BUCKET", registry.store.bucket)
-    monkeypatch.setenv("ANOMAP_STATE_DIR", str(tmp_path / "state"))
-    for name in ("RAY_ADDRESS", "ANOMAP_STREAM_PREFIX", "ANOMAP_MODEL_NAME"):
-        monkeypatch.delenv(name, raising=False)
+    point_cli_at(monkeypatch, stack_settings, registry.store.bucket, tmp_path)
     return registry
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import register_small_model
+from helpers import point_cli_at, register_small_model
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -187,12 +187,7 @@ def test_s3_source_through_the_cli_and_a_rerun_skips_it(
         store.put_bytes(f"archive/lot9/cam{i}/{i:03d}.png", _png(100 + i), "image/png")
     store.put_bytes("archive/lot9/broken.png", _png(104)[:200], "image/png")
     store.put_bytes("archive/lot90/elsewhere.png", _png(105), "image/png")  # another prefix: not listed
-    assert settings.s3_endpoint and settings.s3_access_key and settings.s3_secret_key
-    monkeypatch.setenv("S3_ENDPOINT", settings.s3_endpoint)
-    monkeypatch.setenv("S3_ACCESS_KEY", settings.s3_access_key.get_secret_value())
-    monkeypatch.setenv("S3_SECRET_KEY", settings.s3_secret_key.get_secret_value())
-    monkeypatch.setenv("ANOMAP_BUCKET", settings.bucket)
-    monkeypatch.setenv("ANOMAP_STATE_DIR", str(tmp_path / "state"))
+    point_cli_at(monkeypatch, settings, settings.bucket, tmp_path, redis=False)
     args = ["rescore", f"s3://{settings.bucket}/archive/lot9/", "--concurrency", "1", "--cpus-per-actor", "0.5"]
     result = CliRunner().invoke(app, args)  # --model: the live version
     assert result.exit_code == 0, result.output
@@ -209,12 +204,7 @@ def test_unknown_version_and_missing_folder_are_one_line_errors(
     model: tuple[Settings, ModelCard], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     settings, _ = model
-    assert settings.s3_endpoint and settings.s3_access_key and settings.s3_secret_key
-    monkeypatch.setenv("S3_ENDPOINT", settings.s3_endpoint)
-    monkeypatch.setenv("S3_ACCESS_KEY", settings.s3_access_key.get_secret_value())
-    monkeypatch.setenv("S3_SECRET_KEY", settings.s3_secret_key.get_secret_value())
-    monkeypatch.setenv("ANOMAP_BUCKET", settings.bucket)
-    monkeypatch.setenv("ANOMAP_STATE_DIR", str(tmp_path / "state"))
+    point_cli_at(monkeypatch, settings, settings.bucket, tmp_path, redis=False)
     for args, message in (
         (["rescore", str(tmp_path), "--model", "v-nope"], "has no version 'v-nope'"),
         (["rescore", str(tmp_path / "nope")], "is not a folder"),

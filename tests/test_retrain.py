@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
+from helpers import point_cli_at
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
@@ -258,16 +259,7 @@ def test_a_mask_is_recognised_only_beside_its_image(object_store: ObjectStore) -
 def cli_env(
     object_store: ObjectStore, stack_settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    settings = stack_settings
-    assert settings.redis_url and settings.s3_endpoint and settings.s3_access_key and settings.s3_secret_key
-    monkeypatch.setenv("REDIS_URL", settings.redis_url.get_secret_value())
-    monkeypatch.setenv("S3_ENDPOINT", settings.s3_endpoint)
-    monkeypatch.setenv("S3_ACCESS_KEY", settings.s3_access_key.get_secret_value())
-    monkeypatch.setenv("S3_SECRET_KEY", settings.s3_secret_key.get_secret_value())
-    monkeypatch.setenv("ANOMAP_BUCKET", object_store.bucket)
-    monkeypatch.setenv("ANOMAP_STATE_DIR", str(tmp_path / "state"))
-    for name in ("RAY_ADDRESS", "ANOMAP_STREAM_PREFIX", "ANOMAP_MODEL_NAME"):
-        monkeypatch.delenv(name, raising=False)
+    point_cli_at(monkeypatch, stack_settings, object_store.bucket, tmp_path)
 
 
 def test_fewer_than_k_confirmations_skip_and_leave_the_live_version(
