@@ -7,6 +7,9 @@ picked up by the next image of that line within ``refresh_s``::
     live = LiveVersions(registry.live_version, refresh_s=2.0)
     version = await live.version("line-7")   # "v20261130-…"; the line's pointer, else the default one
 
+``on_change(line, old, new)`` is called when a line's version changes (the service retires the old
+version's ``anomap_model_info`` gauge when no line uses it any more).
+
 When the object store cannot be reached, the last version read keeps serving (and a warning is logged)
 rather than failing jobs; a line never resolved before gets the error.
 """
@@ -43,6 +46,7 @@ class LiveVersions:
         resolve: Callable[[str], str],
         refresh_s: float = DEFAULT_REFRESH_S,
         clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[str, str, str], None] | None = None,
     ) -> None:
         if refresh_s < 0:
             msg = f"refresh_s must be >= 0, got {refresh_s}"
@@ -50,6 +54,7 @@ class LiveVersions:
         self._resolve = resolve
         self.refresh_s = refresh_s
         self._clock = clock
+        self._on_change = on_change
         self._entries: dict[str, _Entry] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -86,7 +91,13 @@ class LiveVersions:
                 log.warning("cannot read the live model of line %r (%s); still serving %s", line, exc, previous.version)
                 previous.read_at = self._clock()  # try again after refresh_s, not on every image
                 return previous.version
+            self._entries[line] = _Entry(version, self._clock())
             if previous is not None and previous.version != version:
                 log.info("line %r: live model %s -> %s", line, previous.version, version)
-            self._entries[line] = _Entry(version, self._clock())
+                if self._on_change is not None:
+                    self._on_change(line, previous.version, version)
             return version
+
+    def versions(self) -> set[str]:
+        """Every version some line resolved to last (no I/O)."""
+        return {entry.version for entry in self._entries.values()}

@@ -31,6 +31,7 @@ consumer waits and sends the same job again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -81,6 +82,18 @@ def _load_model(settings: Settings, version: str) -> PatchModel:
     return PatchModel.from_safetensors(card, weights)
 
 
+class _LoadedModel:
+    """A scorer's loaded model version. ``@serve.multiplexed`` calls ``__del__`` when it evicts one
+    (least recently used, past ``MODELS_PER_SCORER``): its ``anomap_model_info`` gauge is retired."""
+
+    def __init__(self, model: PatchModel) -> None:
+        self.model = model
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # also runs at interpreter exit, when metrics may be gone
+            telemetry.model_retired(self.model.card.version, "PatchScorer")
+
+
 @serve.deployment(name="PatchScorer", max_ongoing_requests=32)
 class PatchScorer:
     """Scores patch ranges of padded images → residual maps (n, P, P); ranges are batched by patch count.
@@ -107,13 +120,13 @@ class PatchScorer:
         telemetry.model_serving(preload, "PatchScorer")
 
     @serve.multiplexed(max_num_models_per_replica=MODELS_PER_SCORER)
-    async def model(self, version: str) -> PatchModel:
-        """The `PatchModel` of ``version``, loaded from the registry on first use (in a worker thread)."""
+    async def model(self, version: str) -> _LoadedModel:
+        """The model of ``version``, loaded from the registry on first use (in a worker thread)."""
         model = self._preloaded.pop(version, None)
         if model is None:
             model = await asyncio.to_thread(_load_model, self.settings, version)
         telemetry.model_serving(version, "PatchScorer")
-        return model
+        return _LoadedModel(model)
 
     @serve.batch(max_batch_size=MAX_BATCH_PATCHES, batch_wait_timeout_s=0.002, batch_size_fn=_count_patches)
     async def score(self, ranges: list[PatchRange], padded: list[np.ndarray], versions: list[str]) -> list[np.ndarray]:
@@ -127,8 +140,8 @@ class PatchScorer:
         out: list[np.ndarray | None] = [None] * len(chunks)
         for version in dict.fromkeys(versions):  # each version once, in arrival order
             indices = [i for i, v in enumerate(versions) if v == version]
-            model = await self.model(version)
-            for i, maps in zip(indices, self._score_chunks(model, [chunks[i] for i in indices]), strict=True):
+            loaded = await self.model(version)
+            for i, maps in zip(indices, self._score_chunks(loaded.model, [chunks[i] for i in indices]), strict=True):
                 out[i] = maps
         return out  # type: ignore[return-value]  # every index was filled above
 
@@ -167,7 +180,7 @@ class InspectionService:
         self.scorer = scorer
         self.registry = _registry(settings)
         self.pinned = version
-        self.live = LiveVersions(self.registry.live_version, refresh_s)
+        self.live = LiveVersions(self.registry.live_version, refresh_s, on_change=self._live_changed)
         self.chunk_patches = chunk_patches
         self.forward_patches = forward_patches
         self._cards: dict[str, ModelCard] = {}
@@ -195,6 +208,12 @@ class InspectionService:
         result = finish_inspection(plan, list(patch_maps), card, pixel_threshold, timings)
         result.timings_ms["stitch"] = (time.perf_counter() - scored) * 1e3
         return result
+
+    def _live_changed(self, line: str, old: str, new: str) -> None:
+        """A line's live version moved: ``anomap_model_info`` follows (the old one is retired once unused)."""
+        telemetry.model_serving(new, "InspectionService")
+        if old not in self.live.versions():
+            telemetry.model_retired(old, "InspectionService")
 
     async def _card(self, version: str) -> ModelCard:
         card = self._cards.get(version)

@@ -192,7 +192,7 @@ def patch_batch(patches: int) -> None:
 
 def model_serving(version: str, deployment: str) -> None:
     """A Serve replica of ``deployment`` scores with model ``version``: ``anomap_model_info`` is 1 for it
-    from now until the process ends (set again every ``INFO_REFRESH_S`` by a daemon thread)."""
+    from now until `model_retired` (set again every ``INFO_REFRESH_S`` by a daemon thread)."""
     if _instruments() is None:
         return
     with _registry.lock:
@@ -201,6 +201,16 @@ def model_serving(version: str, deployment: str) -> None:
             _registry.refresher = threading.Thread(target=_refresh_info, name="anomap-model-info", daemon=True)
             _registry.refresher.start()
     _set_model_info()
+
+
+def model_retired(version: str, deployment: str) -> None:
+    """``deployment`` no longer scores with ``version`` in this process (a hot swap, an evicted model):
+    its ``anomap_model_info`` drops to 0 and is no longer refreshed."""
+    if (m := _instruments()) is None:
+        return
+    with _registry.lock:
+        _registry.models.discard((version, deployment))
+    m.model.set(0.0, {"model_version": version, "deployment": deployment})
 
 
 def _set_model_info() -> None:
