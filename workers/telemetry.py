@@ -22,7 +22,7 @@ default)::
 | ``anomap_patch_batch_size`` | histogram | — | patches per ``@serve.batch`` call of a ``PatchScorer`` |
 | ``anomap_stream_lag`` | gauge | line | job entries not yet delivered to the consumer group |
 | ``anomap_stream_pending`` | gauge | line | job entries delivered but not yet acknowledged |
-| ``anomap_model_info`` | gauge (= 1) | model_version, deployment | the model version a Serve replica scores with |
+| ``anomap_model_info`` | gauge (= 1) | model_version, deployment | versions a replica scores with (0: retired) |
 
 Recording is a no-op in a process where Ray is not initialised (a consumer tested without Ray, a
 benchmark): the instruments are made once per process, on the first record after ``ray.init``, and
