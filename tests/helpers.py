@@ -3,10 +3,15 @@
 card = register_small_model(store, "metal")    # untrained nets, calibrated on synthetic metal
 png = small_png(seed=1)                        # a 128×128 synthetic image as PNG bytes
 point_cli_at(monkeypatch, settings, bucket, tmp_path)   # the environment of a shell using these servers
+with small_service(stack_settings, "e2e", scorer_replicas=2) as (settings, card):  # the Serve app, deployed
+    ...
 """
 
 from __future__ import annotations
 
+import contextlib
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -54,3 +59,23 @@ def point_cli_at(
     monkeypatch.setenv("ANOMAP_STATE_DIR", str(tmp_path / "state"))
     for name in ("RAY_ADDRESS", "ANOMAP_STREAM_PREFIX", "ANOMAP_MODEL_NAME"):
         monkeypatch.delenv(name, raising=False)
+
+
+@contextlib.contextmanager
+def small_service(
+    stack_settings: Settings, bucket_prefix: str, scorer_replicas: int
+) -> Iterator[tuple[Settings, ModelCard]]:
+    """The Serve app pinned to a fresh small model version in a bucket of its own; deleted on exit."""
+    from ray import serve
+
+    from workers.serve_app import APP_NAME, deploy
+
+    settings = stack_settings.model_copy(update={"bucket": f"{bucket_prefix}-{uuid.uuid4().hex[:8]}"})
+    store = ObjectStore.from_settings(settings)
+    store.ensure_bucket()
+    card = register_small_model(store, settings.model_name)
+    deploy(settings, card.version, scorer_replicas=scorer_replicas, chunk_patches=32)
+    try:
+        yield settings, card
+    finally:
+        serve.delete(APP_NAME)

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 
 import pytest
 import redis
-from helpers import SIZE, register_small_model, small_png
+from helpers import SIZE, small_png, small_service
 
 from schemas import (
     DeadReason,
@@ -29,22 +28,15 @@ from workers.maps import decode_map
 from workers.publisher import image_key, publish_job, upload_image
 from workers.results import read_dead_letters, read_results
 from workers.scored_images import scored_image_key
-from workers.serve_app import ServeInspector, deploy
+from workers.serve_app import ServeInspector
 
 pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
 def service(stack_settings: Settings, ray_cluster: object) -> Iterator[tuple[Settings, ModelCard]]:
-    settings = stack_settings.model_copy(update={"bucket": f"e2e-{uuid.uuid4().hex[:8]}"})
-    store = ObjectStore.from_settings(settings)
-    store.ensure_bucket()
-    card = register_small_model(store, settings.model_name)
-    deploy(settings, card.version, scorer_replicas=2, chunk_patches=32)
-    yield settings, card
-    from ray import serve
-
-    serve.delete("anomap")
+    with small_service(stack_settings, "e2e", scorer_replicas=2) as deployed:
+        yield deployed
 
 
 @pytest.fixture

@@ -11,13 +11,12 @@ import logging
 import threading
 import time
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 import redis
-from helpers import register_small_model, small_png
+from helpers import small_png, small_service
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.connections import LocalRay
@@ -26,7 +25,7 @@ from trainer.store import ObjectStore
 from trainer.synthetic import DefectKind
 from workers.consumer import ConsumerConfig, StreamConsumer
 from workers.publisher import publish_job
-from workers.serve_app import ServeInspector, deploy
+from workers.serve_app import ServeInspector
 
 pytestmark = pytest.mark.ray
 
@@ -65,15 +64,8 @@ def total(samples: list[Sample], name: str, **labels: str) -> float | None:
 
 @pytest.fixture(scope="module")
 def service(stack_settings: Settings, ray_cluster: str) -> Iterator[tuple[Settings, ModelCard]]:
-    settings = stack_settings.model_copy(update={"bucket": f"tel-{uuid.uuid4().hex[:8]}"})
-    store = ObjectStore.from_settings(settings)
-    store.ensure_bucket()
-    card = register_small_model(store, settings.model_name)
-    deploy(settings, card.version, scorer_replicas=1, chunk_patches=32)
-    yield settings, card
-    from ray import serve
-
-    serve.delete("anomap")
+    with small_service(stack_settings, "tel", scorer_replicas=1) as deployed:
+        yield deployed
 
 
 def test_jobs_results_dead_letters_and_latencies_appear_on_rays_metrics_endpoint(
