@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import tempfile
 import time
@@ -35,6 +34,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import ray
 import torch
+from bench_output import emit_json
 
 from cluster.connections import connect_ray, object_store
 from cluster.stack import EmbeddedStack
@@ -145,11 +145,7 @@ def main() -> None:
     if args.quick:
         args.images = min(args.images, 24)
     result = run(args)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text)
+    emit_json(result, args.json)
 
 
 if __name__ == "__main__":

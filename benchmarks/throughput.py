@@ -30,6 +30,7 @@ import numpy as np
 import ray
 import redis
 import torch
+from bench_output import emit_json
 from ray import serve
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -230,11 +231,7 @@ def main() -> None:
     if args.quick:
         args.images, args.latency_s = min(args.images, 12), min(args.latency_s, 20.0)
     result = run(args)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text)
+    emit_json(result, args.json)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import tempfile
 import time
@@ -32,6 +31,7 @@ from typing import Any
 import numpy as np
 import ray
 import torch
+from bench_output import emit_json
 
 from cluster.connections import LocalRay
 from trainer.config import TrainConfig
@@ -140,11 +140,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=256)
     args = parser.parse_args()
     result = run(args)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text)
+    emit_json(result, args.json)
 
 
 if __name__ == "__main__":
