@@ -86,7 +86,9 @@ def _bring_up(settings: Settings, say: ProgressFn, *, with_ray: bool, die_with_p
         else:
             t0 = begin("valkey")
             password = secrets.token_hex(16)
-            server = start_valkey(data_dir / "valkey", password=password, die_with_parent=die_with_parent)
+            server = start_valkey(  # AOF: queued jobs and pending entries survive a restart of the stack
+                data_dir / "valkey", password=password, appendonly=True, die_with_parent=die_with_parent
+            )
             started.append(server)
             redis_url = SecretStr(valkey_url(server, password))
             components[Component.REDIS] = ComponentState(

@@ -208,6 +208,23 @@ def test_stack_up_serves_all_three_and_stack_down_leaves_no_process(tmp_path: Pa
     assert "nothing to stop" in stack_down(settings)[0]
 
 
+def test_stack_valkey_keeps_queued_jobs_through_stack_down_and_up(tmp_path: Path) -> None:
+    settings = Settings(state_dir=tmp_path / "state", bucket="anomap-aof")
+    stack_up(settings, with_ray=False)
+    try:
+        client = redis_client(resolve_settings(Settings(state_dir=settings.state_dir)))
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
+        entry = client.xadd("anomap:jobs:default", {"job": "queued-before-restart"})
+    finally:
+        stack_down(settings)
+    stack_up(settings, with_ray=False)  # a new password and port, the same data directory
+    try:
+        client = redis_client(resolve_settings(Settings(state_dir=settings.state_dir)))
+        assert client.xrange("anomap:jobs:default") == [(entry, {b"job": b"queued-before-restart"})]
+    finally:
+        stack_down(settings)
+
+
 def test_configured_redis_is_used_and_no_valkey_started(tmp_path: Path, valkey_server: ManagedServer) -> None:
     external = valkey_url(valkey_server)
     settings = Settings(redis_url=SecretStr(external), state_dir=tmp_path / "state", bucket="anomap-ext")
