@@ -48,7 +48,7 @@ from trainer.patches import abnormal_patch_bank, as_unit_float
 from trainer.pipeline import PROVISIONAL_THRESHOLDS, build_card
 from trainer.postprocess import image_score
 from trainer.scoring import PatchModel, anomaly_map
-from trainer.synthetic import SyntheticDataset, make_dataset
+from trainer.synthetic import DefectKind, SyntheticDataset, make_dataset
 from trainer.tiling import extract_patches, plan_tiles
 
 METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
@@ -71,6 +71,8 @@ class Grid:
     n_test_normal: int
     n_test_defect: int
     overrides: tuple[tuple[str, Any], ...] = ()
+    kinds: tuple[DefectKind, ...] = (DefectKind.SCRATCH,)
+    """The defects of the contaminated training images, the abnormal images and the defective test images."""
 
     def config(self, gamma: float, seed: int) -> TrainConfig:
         """The one schedule every run shares; only γ and the seed differ."""
@@ -104,6 +106,7 @@ def dataset(grid: Grid, epsilon: float, seed: int) -> SyntheticDataset:
         n_test_normal=grid.n_test_normal,
         n_test_defect=grid.n_test_defect,
         seed=seed,
+        kinds=grid.kinds,
     )
 
 
@@ -313,11 +316,20 @@ def main() -> None:
     parser.add_argument("--gan-steps", type=int, help="override the schedule (the same for every run)")
     parser.add_argument("--encoder-steps", type=int, help="override the schedule (the same for every run)")
     parser.add_argument("--refine-steps", type=int, help="encoder mode: latent refinement steps at inference")
+    parser.add_argument("--discriminator-head", choices=["global", "dense"], help="override the model (every run)")
+    parser.add_argument("--map-mode", help="override how a patch's map is made (every run; see schemas.MapMode)")
+    parser.add_argument(
+        "--defects", nargs="+", choices=[str(kind) for kind in DefectKind], help="defect kinds (default: scratch)"
+    )
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="training processes at once")
     args = parser.parse_args()
     grid = quick_grid() if args.quick else full_grid(args)
     overrides = {"gan_steps": args.gan_steps, "encoder_steps": args.encoder_steps, "refine_steps": args.refine_steps}
+    overrides |= {"discriminator_head": args.discriminator_head, "map_mode": args.map_mode}
     grid = dataclasses.replace(grid, overrides=tuple((k, v) for k, v in overrides.items() if v is not None))
+    if args.defects:
+        grid = dataclasses.replace(grid, kinds=tuple(DefectKind(kind) for kind in args.defects))
+    grid.config(1.0, 0)  # a bad override fails here, with TrainConfig's message, before any run starts
     runs = grid_runs(grid)
     started = time.monotonic()
     rows: list[dict[str, Any]] = []

@@ -96,7 +96,12 @@ def _measure(args: argparse.Namespace, settings: Settings, folder: Path) -> dict
     load_before = os.getloadavg()[0]
     inprocess_runs = [bench_inprocess(model, images, args.batch)]
 
-    options = RescoreOptions(concurrency=args.actors, cpus_per_actor=args.cpus_per_actor, forward_patches=args.batch)
+    options = RescoreOptions(
+        concurrency=args.actors,
+        cpus_per_actor=args.cpus_per_actor,
+        forward_patches=args.batch,
+        batch_images=args.batch_images,
+    )
     summary = rescore(settings, str(folder), card.version, options)
     finished_at = sorted(  # when each actor had stored each image's map (scored_at), seconds
         ts.timestamp()
@@ -116,6 +121,7 @@ def _measure(args: argparse.Namespace, settings: Settings, folder: Path) -> dict
         "inprocess_threads": args.threads,
         "rescore_actors": summary.concurrency,
         "cpus_per_actor": args.cpus_per_actor,
+        "batch_images": args.batch_images,
         "inprocess_ips": round(inprocess, 4),
         "inprocess_ips_runs": [round(value, 4) for value in inprocess_runs],
         "rescore_ips": round(steady, 4),
@@ -141,6 +147,12 @@ def main() -> None:
     parser.add_argument("--actors", type=int, default=None, help="scoring actors (default: the free CPUs)")
     parser.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs (and torch threads) per actor")
     parser.add_argument("--batch", type=int, default=128, help="patches per forward pass, in both paths")
+    parser.add_argument(
+        "--batch-images",
+        type=int,
+        default=RescoreOptions.batch_images,
+        help="images per actor call; reading, scoring and storing overlap within one (1: one after the other)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.images = min(args.images, 24)
