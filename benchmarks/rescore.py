@@ -1,6 +1,7 @@
 """Archive re-scoring rate (`workers.rescore` on Ray Data) beside the in-process rate, in one run.
 
-    python benchmarks/rescore.py --quick --json /tmp/r.json
+    python benchmarks/rescore.py --json /tmp/r.json            # 48 images, ~3 min: the ratio to report
+    python benchmarks/rescore.py --quick --json /tmp/r.json    # 24 images: a smoke run, reads 0.1-0.2 low
 
 The model and images are those of ``benchmarks/throughput.py`` (the demo architecture, P = 32, S = 16;
 untrained weights, which cost the same; synthetic 1024² brushed metal, every other image scratched),
@@ -17,7 +18,9 @@ so the numbers sit beside its (a):
 maps are stored): the images finished after the first ``actors`` (each actor's first, its warm-up, as
 (a)'s warm-up image), over the time from the ``actors``-th to the last; ``rescore_wall_ips`` counts
 the whole run (listing, actor start-up and model loads included). ``ratio_rescore`` =
-rescore_ips / inprocess_ips. A second run on the same folder must score nothing (``rerun``).
+rescore_ips / inprocess_ips. The actors start a few seconds apart, so the steady window holds
+stretches where one actor works alone at both ends: on 24 images (``--quick``) that costs 0.1-0.2
+of the ratio, on 48 little (docs/benchmarks.md). A second run on the same folder must score nothing (``rerun``).
 ``load_avg_1m`` (before, after) shows whether other jobs shared the machine.
 """
 
@@ -139,7 +142,7 @@ def _measure(args: argparse.Namespace, settings: Settings, folder: Path) -> dict
 def main() -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer images (≤ 3 minutes on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="24 images (≤ 2 minutes on 2 cores); its ratio reads low")
     parser.add_argument("--json", type=Path, help="also write the result here")
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--images", type=int, default=48)
