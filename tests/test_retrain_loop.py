@@ -2,7 +2,7 @@
 
 A model trained on normal images of which 30 % carry unlabelled stains scores most held-out stains below
 its threshold. The stained images an operator confirms (k = 5, with masks) are filed, `retrain_once`
-fine-tunes the live version on Ray Train with them as the discriminator's fakes (γ = 0.7), the
+fine-tunes the live version on Ray Train with them as the discriminator's fakes (γ = 0.3), the
 candidate passes the validation gate and is promoted, and the running service — under a steady stream
 of jobs the whole time — switches to it with no failed job. The held-out stains then score above
 threshold. (What lifts them: the fine-tuned discriminator has learned the confirmed stains as fakes,
@@ -144,13 +144,15 @@ def test_confirmed_defects_retrain_promote_and_swap_under_load(loop_stack, redis
                 confirmation = Confirmation(job_id=job_id, label=ConfirmationLabel.ABNORMAL, mask_ref=mask_ref)
                 publish_confirmation(redis_client, names, confirmation)
 
+            # γ = 0.3: at 0.5 the candidate reached 1.0 on 5 of 5 confirmed images on one CPU (machine B)
+            # and 3 of 5 on another (machine A); at 0.3 on machine A all 5 score 1.21-2.23.
             policy = RetrainPolicy(
-                min_confirmations=K_CONFIRMED, gamma=0.5, gan_steps=600, encoder_steps=300,
+                min_confirmations=K_CONFIRMED, gamma=0.3, gan_steps=600, encoder_steps=300,
                 map_mode=MapMode.RESIDUAL_LOGIT, tolerance=0.1, required_above=0.8,
             )  # fmt: skip
             storage = CheckpointStorage.local(workdir / "train-runs")
             outcome = retrain_once(redis_client, registry, names, storage, policy=policy)
-            assert outcome.status == RetrainStatus.PROMOTED, (outcome.reason, outcome.checks, outcome.metrics)
+            assert outcome.status == RetrainStatus.PROMOTED, (outcome.reason, outcome.confirmed_scores, outcome.checks)
             new = outcome.candidate_version
             assert registry.live_version() == new
             card = registry.load_card(new)
