@@ -117,9 +117,14 @@ def _reap_own_zombie(pid: int, start_ticks: int, wait_s: float = 0.0) -> None:
         if int(fields[1]) != os.getpid() or int(fields[19]) != start_ticks:
             return  # not our child (or a reused PID): nothing of ours to reap
         if fields[0] == "Z":
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)
-            return
+            try:
+                reaped, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if reaped == pid:
+                return
+            # A multi-threaded leader (weed is Go) shows "Z" as soon as its main thread exits, but
+            # cannot be reaped until its last thread has: poll again rather than leave a zombie.
         if time.monotonic() >= deadline:
             return
         time.sleep(0.05)
