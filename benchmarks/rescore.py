@@ -154,7 +154,7 @@ def main() -> None:
         "--batch-images",
         type=int,
         default=RescoreOptions.batch_images,
-        help="images per actor call; reading, scoring and storing overlap within one (1: one after the other)",
+        help="images per actor call, scored one after the other (default: RescoreOptions.batch_images)",
     )
     args = parser.parse_args()
     if args.quick:
