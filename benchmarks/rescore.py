@@ -12,7 +12,7 @@ so the numbers sit beside its (a):
     and after the re-scoring, the faster of the two is the reference (as in throughput.py).
 (r) ``rescore``: the same images as PNG files in a folder, ``rescore()`` with the default actor count
     (the free CPUs of the embedded Ray head, 1 CPU and 1 torch thread each): read, decode, score,
-    write the .npz map and the PNG overlay to SeaweedFS, Parquet manifest.
+    write the .npz map and the JPEG overlay to SeaweedFS, Parquet manifest.
 
 ``rescore_ips`` is the steady rate, from the manifest's ``scored_at`` (set by the actor once an image's
 maps are stored): the images finished after the first ``actors`` (each actor's first, its warm-up, as

@@ -38,7 +38,7 @@ def rescore(
     ] = None,
     forward_patches: Annotated[int, typer.Option(min=1, help="Patches per forward pass (Serve's CPU batch).")] = 128,
     overlays: Annotated[
-        str, typer.Option(help="PNG overlays for: all | anomalous (images at or above the threshold) | none.")
+        str, typer.Option(help="JPEG overlays for: all | anomalous (images at or above the threshold) | none.")
     ] = "anomalous",
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
 ) -> None:

@@ -102,7 +102,7 @@ def _evaluate(
             job_id=job_id,
             camera_id=result.camera_id,
             image=dataset.test_images[i].astype(np.float32) / 255.0,
-            overlay_png=store.get_bytes(result.overlay_ref.split("/", 3)[3]),
+            overlay_jpeg=store.get_bytes(result.overlay_ref.split("/", 3)[3]),
             mask=dataset.test_masks[i],
             image_score=result.image_score,
             is_anomalous=result.is_anomalous,

@@ -1,6 +1,6 @@
 """The demo's visual report: for a few jobs, the image, its overlay and the true mask side by side.
 
-write_report(out_dir, cases, summary)   # out_dir/index.html + out_dir/<job_id>_{image,overlay,mask}.png
+write_report(out_dir, cases, summary)   # out_dir/index.html + <job_id>_{image,mask}.png + <job_id>_overlay.jpg
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from trainer.imaging import encode_png
 
 @dataclass(frozen=True)
 class ReportCase:
-    """One job to show: its image (H, W) in [0, 1], overlay PNG bytes, true mask and result figures."""
+    """One job to show: its image (H, W) in [0, 1], stored overlay (JPEG bytes), true mask and result figures."""
 
     job_id: str
     camera_id: str
     image: np.ndarray
-    overlay_png: bytes
+    overlay_jpeg: bytes
     mask: np.ndarray
     image_score: float
     is_anomalous: bool
@@ -30,20 +30,20 @@ class ReportCase:
 
 
 def write_report(out_dir: Path, cases: list[ReportCase], summary: dict[str, object]) -> Path:
-    """Write ``index.html`` and its PNGs into ``out_dir``; returns the HTML path."""
+    """Write ``index.html`` and its pictures into ``out_dir``; returns the HTML path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for case in cases:
         stem = case.job_id
         (out_dir / f"{stem}_image.png").write_bytes(encode_png(case.image))
-        (out_dir / f"{stem}_overlay.png").write_bytes(case.overlay_png)
+        (out_dir / f"{stem}_overlay.jpg").write_bytes(case.overlay_jpeg)
         (out_dir / f"{stem}_mask.png").write_bytes(encode_png(case.mask.astype(np.uint8) * 255))
         truth = "defect" if case.mask.any() else "normal"
         verdict = "ANOMALOUS" if case.is_anomalous else "ok"
         rows.append(
             f"<tr><td><b>{html.escape(stem)}</b><br>{html.escape(case.camera_id)}<br>truth: {truth}<br>"
             f"verdict: {verdict}<br>score {case.image_score:.2f}<br>{case.n_regions} region(s)</td>"
-            f'<td><img src="{stem}_image.png"></td><td><img src="{stem}_overlay.png"></td>'
+            f'<td><img src="{stem}_image.png"></td><td><img src="{stem}_overlay.jpg"></td>'
             f'<td><img src="{stem}_mask.png"></td></tr>'
         )
     page = f"""<!doctype html>

@@ -48,7 +48,7 @@ class InspectionResult(BaseModel):
     regions: list[Region] = Field(default_factory=list, max_length=MAX_REGIONS)
     regions_truncated: bool = False
     map_ref: S3RefStr = Field(description="float32 anomaly map, raw units, .npz with array 'map'")
-    overlay_ref: S3RefStr = Field(description="PNG overlay for people")
+    overlay_ref: S3RefStr = Field(description="JPEG overlay for people (the .npz map is the lossless record)")
     captured_at: AwareDatetime
     published_at: AwareDatetime
     scored_at: AwareDatetime

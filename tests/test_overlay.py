@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
+import pytest
+from PIL import Image
 from scipy import ndimage
 
-from workers.overlay import render_overlay
+from trainer.synthetic import synth_image
+from workers.overlay import OVERLAY_CONTENT_TYPE, OVERLAY_SUFFIX, encode_overlay, render_overlay
 
 
 def _blend_every_pixel(image: np.ndarray, anomaly_map: np.ndarray, threshold: float) -> np.ndarray:
@@ -36,3 +41,27 @@ def test_a_quiet_map_leaves_the_image_grey() -> None:
     overlay = render_overlay(image, np.zeros((8, 8), dtype=np.float32), pixel_threshold=0.5)
     assert (overlay[..., 0] == overlay[..., 1]).all() and (overlay[..., 1] == overlay[..., 2]).all()
     np.testing.assert_array_equal(overlay[..., 0], (image * 255 + 0.5).astype(np.uint8))
+
+
+def test_encoded_overlay_is_a_jpeg_that_keeps_the_picture_and_the_red_outlines() -> None:
+    image = synth_image(3, 128)[0].astype(np.float32) / 255.0  # brushed metal, what the cameras see
+    anomaly_map = np.zeros((128, 128), dtype=np.float32)
+    anomaly_map[40:60, 30:100] = 1.0  # one region: heat inside, a one-pixel red outline around it
+    overlay = render_overlay(image, anomaly_map, pixel_threshold=0.5)
+    data = encode_overlay(overlay)
+    assert data.startswith(b"\xff\xd8\xff") and OVERLAY_SUFFIX == ".jpg" and OVERLAY_CONTENT_TYPE == "image/jpeg"
+    assert encode_overlay(overlay) == data  # deterministic: a redelivered job rewrites the same bytes
+    back = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
+    assert back.shape == overlay.shape
+    assert np.abs(back - overlay).mean() < 3.0  # of 255: a picture for people, the .npz map is the record
+    outline = (overlay == (255, 0, 0)).all(axis=2)
+    assert outline.sum() > 100
+    red, green = back[outline][:, 0], back[outline][:, 1]
+    assert red.mean() > 200 and green.mean() < 80  # 4:4:4 chroma: one-pixel outlines stay red
+
+
+def test_encode_overlay_rejects_what_is_not_an_rgb_uint8_picture() -> None:
+    with pytest.raises(ValueError, match=r"\(H, W, 3\) uint8"):
+        encode_overlay(np.zeros((8, 8), dtype=np.uint8))
+    with pytest.raises(ValueError, match="dtype float32"):
+        encode_overlay(np.zeros((8, 8, 3), dtype=np.float32))

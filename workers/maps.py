@@ -1,7 +1,7 @@
 """Where anomaly maps live in the object store, and their file formats.
 
     maps/<line>/<yyyy>/<mm>/<dd>/<job_id>.npz   float32 (H, W) map in raw units, array name "map"
-    maps/<line>/<yyyy>/<mm>/<dd>/<job_id>.png   RGB overlay for people
+    maps/<line>/<yyyy>/<mm>/<dd>/<job_id>.jpg   RGB overlay for people (JPEG, see `workers.overlay`)
 
 Keys derive from the job's validated ``line``, ``captured_at`` date and ``job_id`` only, so a
 redelivered job overwrites its own map rather than writing a second one.
@@ -15,13 +15,8 @@ from typing import NamedTuple
 import numpy as np
 
 from schemas import InspectionJob
-from trainer.imaging import encode_png
 from workers.inspection import ScoredImage
-from workers.overlay import render_overlay
-
-OVERLAY_PNG_LEVEL = 1
-"""zlib level of the overlay PNGs: written for every job, so speed over size (~50 ms and ~0.85 MB for
-1024² against ~70 ms and ~0.7 MB at level 3; the pixels are the same)."""
+from workers.overlay import OVERLAY_CONTENT_TYPE, OVERLAY_SUFFIX, encode_overlay, render_overlay
 
 
 class MapObject(NamedTuple):
@@ -33,10 +28,10 @@ class MapObject(NamedTuple):
 
 
 def map_keys(job: InspectionJob) -> tuple[str, str]:
-    """The (npz, png) object keys of a job's anomaly map and overlay."""
+    """The (npz, jpg) object keys of a job's anomaly map and overlay."""
     day = job.captured_at.strftime("%Y/%m/%d")
     stem = f"maps/{job.line}/{day}/{job.job_id}"
-    return f"{stem}.npz", f"{stem}.png"
+    return f"{stem}.npz", f"{stem}{OVERLAY_SUFFIX}"
 
 
 def encode_map(anomaly_map: np.ndarray) -> bytes:
@@ -53,12 +48,10 @@ def decode_map(data: bytes) -> np.ndarray:
 
 
 def map_objects(job: InspectionJob, image: np.ndarray, scored: ScoredImage) -> tuple[MapObject, MapObject]:
-    """The (npz map, PNG overlay) objects of a scored job, keyed by `map_keys`."""
-    npz_key, png_key = map_keys(job)
-    overlay = encode_png(
-        render_overlay(image, scored.anomaly_map, scored.pixel_threshold), compress_level=OVERLAY_PNG_LEVEL
-    )
+    """The (npz map, JPEG overlay) objects of a scored job, keyed by `map_keys`."""
+    npz_key, overlay_key = map_keys(job)
+    overlay = encode_overlay(render_overlay(image, scored.anomaly_map, scored.pixel_threshold))
     return (
         MapObject(npz_key, encode_map(scored.anomaly_map), "application/octet-stream"),
-        MapObject(png_key, overlay, "image/png"),
+        MapObject(overlay_key, overlay, OVERLAY_CONTENT_TYPE),
     )

@@ -1,16 +1,32 @@
 """A picture for people: the inspected image with its anomaly map laid over it.
 
     overlay = render_overlay(image, anomaly_map, pixel_threshold)   # (H, W, 3) uint8
+    data = encode_overlay(overlay)                                  # JPEG bytes, OVERLAY_SUFFIX / _CONTENT_TYPE
 
 Below threshold the image shows in grey; above it a red-to-yellow heat is blended in, strongest at
 twice the threshold, and region outlines show where defects were found. Only the pixels above
 threshold (usually a few per cent) are blended; the rest is the grey image, computed once.
+
+Overlays are stored as JPEG (quality 90, no chroma subsampling, so the one-pixel red outlines stay
+red): the lossless record of a job is its ``.npz`` map, and the overlay is a picture to look at. A
+1024² overlay encodes in ~5 ms to ~0.2 MB, where a PNG took ~55 ms (zlib level 1) and ~0.9 MB: on
+the streaming path that was the largest per-image CPU cost outside the model.
 """
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
+from PIL import Image
 from scipy import ndimage
+
+OVERLAY_SUFFIX = ".jpg"
+"""File suffix of stored overlays."""
+OVERLAY_CONTENT_TYPE = "image/jpeg"
+"""Content type of stored overlays."""
+OVERLAY_JPEG_QUALITY = 90
+"""JPEG quality of overlays: mean absolute error ~1.3 of 255 on brushed metal, outlines kept."""
 
 
 def render_overlay(image: np.ndarray, anomaly_map: np.ndarray, pixel_threshold: float) -> np.ndarray:
@@ -32,3 +48,13 @@ def render_overlay(image: np.ndarray, anomaly_map: np.ndarray, pixel_threshold: 
     edge = above & ~ndimage.binary_erosion(above, iterations=1)
     rgb[edge] = (255, 0, 0)  # (1, 0, 0) · 255 + 0.5, rounded down
     return rgb
+
+
+def encode_overlay(overlay: np.ndarray) -> bytes:
+    """Encode an (H, W, 3) uint8 overlay as JPEG bytes (`OVERLAY_JPEG_QUALITY`, 4:4:4 chroma, deterministic)."""
+    if overlay.ndim != 3 or overlay.shape[2] != 3 or overlay.dtype != np.uint8:
+        msg = f"expected an (H, W, 3) uint8 overlay, got shape {overlay.shape} and dtype {overlay.dtype}"
+        raise ValueError(msg)
+    buffer = io.BytesIO()
+    Image.fromarray(overlay, mode="RGB").save(buffer, format="JPEG", quality=OVERLAY_JPEG_QUALITY, subsampling=0)
+    return buffer.getvalue()

@@ -9,7 +9,7 @@ one block per image up to `MAX_BLOCKS`). ``map_batches`` runs `workers.rescore_a
 callable class, on ``concurrency`` actors: each loads the model once, then per image reads the bytes,
 decodes them with the consumers' bounded decoder (`trainer.imaging.decode_image`, so a bad image gets
 the dead-letter reason the service would give), scores with `LocalInspector` (the maps of the Serve
-path, `workers.inspection`) and writes the ``.npz`` map and PNG overlay. The driver streams the
+path, `workers.inspection`) and writes the ``.npz`` map and JPEG overlay. The driver streams the
 actors' rows back (``iter_batches``), shows progress, and writes them to Parquet manifest parts
 (`workers.rescore_manifest`) every ``flush_rows`` rows or ``flush_s`` seconds and when the run ends,
 so an interrupted run keeps what it finished. A bad image is a manifest row, never an aborted run.
@@ -33,6 +33,7 @@ from schemas import DeadReason, Settings
 from trainer.registry import ModelRegistry
 from trainer.store import ObjectStore
 from workers.archive import ArchiveImage, ArchiveSource
+from workers.overlay import OVERLAY_SUFFIX
 from workers.rescore_actor import ImageRescorer
 from workers.rescore_manifest import (
     OverlayPolicy,
@@ -63,7 +64,7 @@ class RescoreOptions:
     forward_patches: int = 128
     """Patches per forward pass: the Serve path's CPU batch (`workers.serve_app.CPU_FORWARD_PATCHES`)."""
     overlays: OverlayPolicy = OverlayPolicy.ANOMALOUS
-    """Which images get a PNG overlay besides their map (default: those at or above the image threshold)."""
+    """Which images get a JPEG overlay besides their map (default: those at or above the image threshold)."""
     batch_images: int = 1
     max_file_bytes: int = 256 * 1024 * 1024
     flush_rows: int = 500
@@ -185,7 +186,7 @@ def plan_items(
         except ValueError as exc:
             early.append(bad_row(image.image, image.relative, DeadReason.INVALID_ENTRY, str(exc), version, run_id, now))
             continue
-        items.append({**asdict(image), "map_key": f"{stem}.npz", "overlay_key": f"{stem}.png"})
+        items.append({**asdict(image), "map_key": f"{stem}.npz", "overlay_key": f"{stem}{OVERLAY_SUFFIX}"})
     return items, early
 
 

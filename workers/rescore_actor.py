@@ -6,7 +6,7 @@
 Per image: read the bytes (`ArchiveSource.read`), decode them with the consumers' bounded decoder
 (`decode_image`: a bad image gets the dead-letter reason the service gives), score with
 `LocalInspector` (the Serve path's maps, bit for bit at the same forward batch), then store the
-``.npz`` map and (by `OverlayPolicy`: by default for anomalous images only) the PNG overlay, exactly
+``.npz`` map and (by `OverlayPolicy`: by default for anomalous images only) the JPEG overlay, exactly
 as the consumers encode them.
 """
 
@@ -21,14 +21,14 @@ import pyarrow as pa
 import torch
 
 from schemas import DeadReason, Settings
-from trainer.imaging import ImageRejected, decode_image, encode_png
+from trainer.imaging import ImageRejected, decode_image
 from trainer.registry import ModelRegistry
 from trainer.scoring import PatchModel
 from trainer.store import ObjectMissing, ObjectStore
 from workers.archive import ArchiveImage, ArchiveSource
 from workers.inspection import LocalInspector
-from workers.maps import OVERLAY_PNG_LEVEL, encode_map
-from workers.overlay import render_overlay
+from workers.maps import encode_map
+from workers.overlay import OVERLAY_CONTENT_TYPE, encode_overlay, render_overlay
 from workers.rescore_manifest import OverlayPolicy, RowStatus, bad_row, ok_row, rows_table
 from workers.retry import retry_call
 
@@ -95,8 +95,10 @@ class ImageRescorer:
             self._store(f"writing {item['map_key']}", lambda: self.store.put_bytes(item["map_key"], npz))
             if overlay_key is not None:
                 overlay = render_overlay(pixels, scored.anomaly_map, scored.pixel_threshold)  # (H, W, 3) uint8
-                png = encode_png(overlay, compress_level=OVERLAY_PNG_LEVEL)
-                self._store(f"writing {overlay_key}", lambda: self.store.put_bytes(overlay_key, png, "image/png"))
+                jpeg = encode_overlay(overlay)
+                self._store(
+                    f"writing {overlay_key}", lambda: self.store.put_bytes(overlay_key, jpeg, OVERLAY_CONTENT_TYPE)
+                )
         except Exception as exc:
             return bad(DeadReason.SCORING_FAILED, f"storing the map failed: {exc!r}", RowStatus.ERROR)
         at = datetime.now(UTC)

@@ -3,7 +3,7 @@
 Everything a re-scoring run writes lives under one prefix per model version, in the settings' bucket::
 
     rescore/<version>/maps/<source>/<relative path>.npz      float32 (H, W) map, array "map" (`encode_map`)
-    rescore/<version>/maps/<source>/<relative path>.png      RGB overlay for people
+    rescore/<version>/maps/<source>/<relative path>.jpg      RGB overlay for people (JPEG)
     rescore/<version>/manifest/part-<run>-<seq>.parquet      one row per image (`MANIFEST_SCHEMA`)
 
 ``<source>`` tells archives apart (``lot7-3f9c2a1b``: the source's last name and a digest of its
@@ -47,7 +47,7 @@ MAX_RELATIVE_LENGTH = 800
 
 
 class OverlayPolicy(StrEnum):
-    """Which images get a PNG overlay: in an archive most images are normal and nobody looks at theirs."""
+    """Which images get an overlay: in an archive most images are normal and nobody looks at theirs."""
 
     ALL = "all"
     ANOMALOUS = "anomalous"
