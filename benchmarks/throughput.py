@@ -94,7 +94,7 @@ def bench_serve(images: list[np.ndarray], in_flight: int) -> float:
     return rate(len(images), time.perf_counter() - start)
 
 
-def _publish_and_wait(
+def publish_and_wait(
     client: redis.Redis, names: StreamNames, pngs: list[bytes], interval_s: float, tag: str, timeout_s: float = 600
 ) -> tuple[float, list[float]]:
     """Publish ``pngs`` (every ``interval_s``; 0 = all at once); wait for their results."""
@@ -114,6 +114,35 @@ def _publish_and_wait(
                 cursor = entry_id.decode()
                 latencies.append(json.loads(fields[b"result"])["latency_ms"])
     return time.perf_counter() - start, latencies
+
+
+def start_consumers(
+    settings: Settings, names: StreamNames, consumers: int, in_flight: int
+) -> tuple[threading.Event, list[threading.Thread]]:
+    """Run ``consumers`` `StreamConsumer` threads on ``LINE`` against the Serve app, ``in_flight`` jobs in all."""
+    store = object_store(settings)
+    stop = threading.Event()
+    threads = []
+    for i in range(consumers):
+        consumer = StreamConsumer(
+            redis_client(settings),
+            store,
+            ServeInspector.connect(),
+            names,
+            ConsumerConfig(consumer=f"bench-{i}", lines=(LINE,), max_in_flight=max(1, in_flight // consumers)),
+        )
+        consumer.ensure_groups()
+        thread = threading.Thread(target=consumer.run, args=(stop,), daemon=True)
+        thread.start()
+        threads.append(thread)
+    return stop, threads
+
+
+def stop_consumers(stop: threading.Event, threads: list[threading.Thread]) -> None:
+    """Stop the threads of `start_consumers` (each drains what it holds)."""
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=120)
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -159,34 +188,19 @@ def _measure(args: argparse.Namespace, cfg: TrainConfig, settings: Settings) -> 
 
     names = StreamNames(settings.stream_prefix)
     client = redis_client(settings)
-    stop = threading.Event()
-    threads = []
-    for i in range(args.consumers):
-        consumer = StreamConsumer(
-            redis_client(settings),
-            store,
-            ServeInspector.connect(),
-            names,
-            ConsumerConfig(consumer=f"bench-{i}", lines=(LINE,), max_in_flight=args.in_flight // args.consumers),
-        )
-        consumer.ensure_groups()
-        thread = threading.Thread(target=consumer.run, args=(stop,), daemon=True)
-        thread.start()
-        threads.append(thread)
+    stop, threads = start_consumers(settings, names, args.consumers, args.in_flight)
     try:
-        _publish_and_wait(client, names, pngs[:1], 0, "warm")
-        seconds, _ = _publish_and_wait(client, names, pngs, 0, "burst")
+        publish_and_wait(client, names, pngs[:1], 0, "warm")
+        seconds, _ = publish_and_wait(client, names, pngs, 0, "burst")
         stream_ips = rate(len(pngs), seconds)
         latency = {}
         for share in (0.5, 0.9):
             n = max(4, round(stream_ips * share * args.latency_s))
             jobs = [pngs[i % len(pngs)] for i in range(n)]
-            _, lat = _publish_and_wait(client, names, jobs, 1.0 / (stream_ips * share), f"open{int(share * 100)}")
+            _, lat = publish_and_wait(client, names, jobs, 1.0 / (stream_ips * share), f"open{int(share * 100)}")
             latency[f"at_{int(share * 100)}pct"] = {"offered_ips": round(stream_ips * share, 3), **percentiles(lat)}
     finally:
-        stop.set()
-        for thread in threads:
-            thread.join(timeout=120)
+        stop_consumers(stop, threads)
     serve.delete(APP_NAME)  # (a) again, with nothing of Serve running: the machine's speed drifts
     inprocess_runs.append(bench_inprocess(model, images, args.batch))
     inprocess = max(inprocess_runs)  # the faster of the two: ratios are not flattered by a slow moment
