@@ -30,7 +30,7 @@ from trainer.store import ObjectStore
 from trainer.synthetic import DefectKind, synth_image
 from workers.archive import ArchiveImage, ArchiveSource
 from workers.inspection import LocalInspector
-from workers.maps import decode_map
+from workers.maps import decode_map, encode_map
 from workers.rescore import ManifestWriter, RescoreOptions, RescoreSummary, plan_items, rescore, scored_images
 from workers.rescore_manifest import (
     OverlayPolicy,
@@ -173,7 +173,8 @@ def test_maps_equal_the_in_process_inspector(
     finally:
         torch.set_num_threads(threads)
     for relative, local in scored.items():
-        np.testing.assert_array_equal(decode_map(store.get_bytes(rows[relative]["map_key"])), local.anomaly_map)
+        stored = decode_map(store.get_bytes(rows[relative]["map_key"]))
+        np.testing.assert_array_equal(stored, decode_map(encode_map(local.anomaly_map)))  # as stored: float16
         assert rows[relative]["raw_image_score"] == local.summary.raw_image_score
         assert rows[relative]["regions"] == region_dicts(local.summary.regions)
 

@@ -2,7 +2,7 @@
 
 Everything a re-scoring run writes lives under one prefix per model version, in the settings' bucket::
 
-    rescore/<version>/maps/<source>/<relative path>.npz      float32 (H, W) map, array "map" (`encode_map`)
+    rescore/<version>/maps/<source>/<relative path>.npz      float16 (H, W) map, array "map" (`encode_map`)
     rescore/<version>/maps/<source>/<relative path>.jpg      RGB overlay for people (JPEG)
     rescore/<version>/manifest/part-<run>-<seq>.parquet      one row per image (`MANIFEST_SCHEMA`)
 
