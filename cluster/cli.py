@@ -569,6 +569,10 @@ from cluster.cli_retrain import datasets_app, retrain  # noqa: E402  (the retrai
 app.command()(retrain)
 app.add_typer(datasets_app, name="datasets")
 
+from cluster.cli_retention import retention  # noqa: E402  (object-store expiry rules)
+
+app.command()(retention)
+
 
 def _unreachable(exc: BaseException) -> str | None:
     """A one-line message when ``exc`` means a service could not be reached, else None."""

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from minio import Minio
 from minio.error import S3Error
+from minio.lifecycleconfig import LifecycleConfig
 
 from schemas import Settings
 
@@ -112,6 +113,22 @@ class ObjectStore:
     def delete(self, key: str) -> None:
         """Remove ``key`` (no error if absent)."""
         self.client.remove_object(self.bucket, key)
+
+    def lifecycle(self) -> LifecycleConfig | None:
+        """The bucket's lifecycle configuration (expiry rules), None when it has none."""
+        try:
+            return self.client.get_bucket_lifecycle(self.bucket)
+        except S3Error as exc:
+            if exc.code == "NoSuchLifecycleConfiguration":  # some stores answer so instead of an empty body
+                return None
+            raise
+
+    def set_lifecycle(self, config: LifecycleConfig | None) -> None:
+        """Replace the bucket's lifecycle configuration; None deletes it."""
+        if config is None:
+            self.client.delete_bucket_lifecycle(self.bucket)
+        else:
+            self.client.set_bucket_lifecycle(self.bucket, config)
 
 
 def s3_filesystem(settings: Settings, *, connect_timeout: float = 5.0) -> pyarrow.fs.S3FileSystem:
