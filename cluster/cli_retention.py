@@ -14,6 +14,7 @@ import json
 from typing import Annotated
 
 import typer
+from minio.error import S3Error
 from rich.table import Table
 
 from cluster.cli_common import console, fail, resolved_settings
@@ -44,6 +45,8 @@ def retention(
         rules = expiry_rules(store.lifecycle())
     except ValueError as exc:
         fail(str(exc))
+    except S3Error as exc:  # e.g. a store without lifecycle support, or keys without the permission
+        fail(f"the object store refused the bucket's lifecycle configuration: {exc.code}: {exc.message}")
     if json_out:
         console.print_json(json.dumps({"bucket": settings.bucket, "rules": [_rule_dict(rule) for rule in rules]}))
         return
