@@ -150,7 +150,7 @@ def stand_in_answerer(client: redis.Redis, line: str, seen: list[InspectionJob])
                         pixel_threshold=1.0,
                         image_threshold=1.0,
                         map_ref="s3://anomap-test/maps/x.npz",
-                        overlay_ref="s3://anomap-test/overlays/x.png",
+                        overlay_ref="s3://anomap-test/overlays/x.jpg",
                         captured_at=job.captured_at,
                         published_at=job.published_at,
                         scored_at=now,

@@ -40,7 +40,7 @@ def _result(job_id: str, latency_ms: float, version: str) -> InspectionResult:
         pixel_threshold=0.2,
         image_threshold=0.2,
         map_ref="s3://anomap/maps/default/x.npz",
-        overlay_ref="s3://anomap/maps/default/x.png",
+        overlay_ref="s3://anomap/maps/default/x.jpg",
         captured_at=now - timedelta(milliseconds=latency_ms),
         published_at=now - timedelta(milliseconds=latency_ms),
         scored_at=now,
