@@ -27,19 +27,24 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import ray
 import torch
 from bench_output import emit_json
-from ray import serve
-from throughput import bench_inprocess, bench_serve, publish_and_wait, rate, start_consumers, stop_consumers
+from throughput import (
+    add_path_arguments,
+    bench_inprocess,
+    bench_serve,
+    on_embedded_stack,
+    publish_and_wait,
+    rate,
+    start_consumers,
+    stop_consumers,
+)
 
-from cluster.connections import connect_ray, object_store, redis_client
-from cluster.stack import EmbeddedStack
+from cluster.connections import object_store, redis_client
 from schemas import Settings, StreamNames
 from trainer.config import TrainConfig
 from trainer.imaging import encode_png
@@ -187,28 +192,10 @@ def measure(args: argparse.Namespace, settings: Settings) -> dict[str, object]:
 def main() -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", type=Path, help="also write the result here")
-    parser.add_argument("--size", type=int, default=1024)
-    parser.add_argument("--images", type=int, default=12)
-    parser.add_argument("--replicas", type=int, default=2)
-    parser.add_argument("--in-flight", type=int, default=4)
-    parser.add_argument("--consumers", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads for the in-process run")
-    parser.add_argument("--batch", type=int, default=128, help="patches per forward pass, in every path")
-    parser.add_argument("--chunk", type=int, default=1024, help="patches per scorer request (Serve)")
+    add_path_arguments(parser, images=12)
     parser.add_argument("--idle-s", type=float, default=10.0, help="seconds of the idle phase")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="anomap-bench-") as tmp:
-        stack = EmbeddedStack(Settings(state_dir=Path(tmp)))
-        with stack:
-            settings = stack.settings
-            assert settings is not None
-            connect_ray(settings)
-            try:
-                result = measure(args, settings)
-            finally:
-                serve.shutdown()
-                ray.shutdown()
+    result = on_embedded_stack(lambda settings: measure(args, settings))
     emit_json(result, args.json)
 
 

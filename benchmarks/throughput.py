@@ -23,6 +23,7 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -152,9 +153,8 @@ def percentiles(values: list[float]) -> dict[str, float]:
     return {f"p{q}": round(float(np.percentile(values, q)), 1) for q in (50, 95, 99)}
 
 
-def run(args: argparse.Namespace) -> dict[str, object]:
-    """Bring up a stack in a temp folder, measure (a), (b), (c) and latency; tear down."""
-    cfg = TrainConfig.demo()
+def on_embedded_stack(measure: Callable[[Settings], dict[str, object]]) -> dict[str, object]:
+    """Bring up an embedded stack in a temp folder, connect Ray, run ``measure`` on its settings; tear down."""
     with tempfile.TemporaryDirectory(prefix="anomap-bench-") as tmp:
         stack = EmbeddedStack(Settings(state_dir=Path(tmp)))
         with stack:
@@ -162,10 +162,28 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             assert settings is not None
             connect_ray(settings)
             try:
-                return _measure(args, cfg, settings)
+                return measure(settings)
             finally:
                 serve.shutdown()
                 ray.shutdown()
+
+
+def add_path_arguments(parser: argparse.ArgumentParser, images: int) -> None:
+    """The options every inspection-path benchmark shares (image size and count, Serve and consumer sizes)."""
+    parser.add_argument("--json", type=Path, help="also write the result here")
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--images", type=int, default=images)
+    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--consumers", type=int, default=2)
+    parser.add_argument("--in-flight", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for the in-process run")
+    parser.add_argument("--batch", type=int, default=128, help="patches per forward pass, in every path")
+    parser.add_argument("--chunk", type=int, default=CHUNK_PATCHES, help="patches per scorer request (Serve)")
+
+
+def run(args: argparse.Namespace) -> dict[str, object]:
+    """Measure (a), (b), (c) and latency on an embedded stack."""
+    return on_embedded_stack(lambda settings: _measure(args, TrainConfig.demo(), settings))
 
 
 def _measure(args: argparse.Namespace, cfg: TrainConfig, settings: Settings) -> dict[str, object]:
@@ -231,15 +249,7 @@ def main() -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer images and a shorter latency run")
-    parser.add_argument("--json", type=Path, help="also write the result here")
-    parser.add_argument("--size", type=int, default=1024)
-    parser.add_argument("--images", type=int, default=24)
-    parser.add_argument("--replicas", type=int, default=2)
-    parser.add_argument("--consumers", type=int, default=2)
-    parser.add_argument("--in-flight", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads for the in-process run")
-    parser.add_argument("--batch", type=int, default=128, help="patches per forward pass, in every path")
-    parser.add_argument("--chunk", type=int, default=CHUNK_PATCHES, help="patches per scorer request (Serve)")
+    add_path_arguments(parser, images=24)
     parser.add_argument("--latency-s", type=float, default=40.0, help="seconds of open-loop load per level")
     args = parser.parse_args()
     if args.quick:
