@@ -58,11 +58,6 @@ class LiveVersions:
         self._entries: dict[str, _Entry] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
-    def cached(self, line: str) -> str | None:
-        """The version last read for ``line`` (None if never read); no I/O."""
-        entry = self._entries.get(line)
-        return entry.version if entry else None
-
     def _fresh(self, line: str) -> str | None:
         entry = self._entries.get(line)
         if entry is not None and self._clock() - entry.read_at < self.refresh_s:
