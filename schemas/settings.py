@@ -23,7 +23,8 @@ How the Serve app is sized and how much it queues (`ServingConfig`, ``settings.s
 | ``ANOMAP_SCORER_TARGET_ONGOING`` | the autoscaler's target of patch chunks in progress per replica | ``8`` |
 | ``ANOMAP_SCORER_MAX_ONGOING`` | patch chunks one scorer replica works on at once | ``32`` |
 | ``ANOMAP_SCORER_MAX_QUEUED`` | chunks waiting per caller for a scorer, ``-1``: no limit | ``-1`` |
-| ``ANOMAP_INGRESS_MAX_ONGOING`` | images the ``InspectionService`` works on at once | ``16`` |
+| ``ANOMAP_INGRESS_REPLICAS`` | ``InspectionService`` replicas (each stitches on one core: ~7 images/s) | ``1`` |
+| ``ANOMAP_INGRESS_MAX_ONGOING`` | images one ``InspectionService`` replica works on at once | ``16`` |
 | ``ANOMAP_INGRESS_MAX_QUEUED`` | images waiting per caller for the ingress, ``-1``: no limit | ``64`` |
 
 A call over a ``MAX_QUEUED`` limit is refused at once (Serve's ``BackPressureError``): stream
@@ -50,6 +51,7 @@ SERVING_VARIABLES = {
     "scorer_target_ongoing": "ANOMAP_SCORER_TARGET_ONGOING",
     "scorer_max_ongoing": "ANOMAP_SCORER_MAX_ONGOING",
     "scorer_max_queued": "ANOMAP_SCORER_MAX_QUEUED",
+    "ingress_replicas": "ANOMAP_INGRESS_REPLICAS",
     "ingress_max_ongoing": "ANOMAP_INGRESS_MAX_ONGOING",
     "ingress_max_queued": "ANOMAP_INGRESS_MAX_QUEUED",
 }
@@ -70,6 +72,7 @@ class ServingConfig(BaseModel):
     scorer_target_ongoing: float = 8.0
     scorer_max_ongoing: int = 32
     scorer_max_queued: int = -1
+    ingress_replicas: int = 1
     ingress_max_ongoing: int = 16
     ingress_max_queued: int = 64
 
@@ -80,7 +83,13 @@ class ServingConfig(BaseModel):
 
         problems = [
             f"{name(field)} must be >= 1, got {getattr(self, field)}"
-            for field in ("scorer_replicas", "scorer_min_replicas", "scorer_max_ongoing", "ingress_max_ongoing")
+            for field in (
+                "scorer_replicas",
+                "scorer_min_replicas",
+                "scorer_max_ongoing",
+                "ingress_replicas",
+                "ingress_max_ongoing",
+            )
             if getattr(self, field) < 1
         ]
         problems += [

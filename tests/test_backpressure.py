@@ -60,12 +60,13 @@ def test_serving_limits_and_autoscaling_come_from_the_environment() -> None:
             "ANOMAP_SCORER_MAX_QUEUED": "100",
             "ANOMAP_INGRESS_MAX_ONGOING": "3",
             "ANOMAP_INGRESS_MAX_QUEUED": "-1",
+            "ANOMAP_INGRESS_REPLICAS": "3",
         }
     ).serving
     assert serving.autoscaling
     assert serving.scorer_autoscaling_config() == {"min_replicas": 2, "max_replicas": 6, "target_ongoing_requests": 4}
     assert (serving.scorer_max_ongoing, serving.scorer_max_queued) == (12, 100)
-    assert (serving.ingress_max_ongoing, serving.ingress_max_queued) == (3, -1)
+    assert (serving.ingress_replicas, serving.ingress_max_ongoing, serving.ingress_max_queued) == (3, 3, -1)
 
 
 @pytest.mark.parametrize(
@@ -74,6 +75,7 @@ def test_serving_limits_and_autoscaling_come_from_the_environment() -> None:
         ({"ANOMAP_SCORER_MAX_QUEUED": "0"}, r"scorer_max_queued \(ANOMAP_SCORER_MAX_QUEUED\) must be -1 \(no limit\)"),
         ({"ANOMAP_INGRESS_MAX_QUEUED": "-5"}, r"ANOMAP_INGRESS_MAX_QUEUED\) must be -1 \(no limit\) or >= 1, got -5"),
         ({"ANOMAP_INGRESS_MAX_ONGOING": "0"}, r"ANOMAP_INGRESS_MAX_ONGOING\) must be >= 1, got 0"),
+        ({"ANOMAP_INGRESS_REPLICAS": "0"}, r"ingress_replicas \(ANOMAP_INGRESS_REPLICAS\) must be >= 1, got 0"),
         ({"ANOMAP_SCORER_REPLICAS": "0"}, r"ANOMAP_SCORER_REPLICAS\) must be >= 1"),
         ({"ANOMAP_SCORER_TARGET_ONGOING": "0"}, r"ANOMAP_SCORER_TARGET_ONGOING\) must be > 0"),
         (
@@ -92,12 +94,14 @@ def test_the_app_graph_carries_the_configured_limits_and_autoscaling() -> None:
     env = {"ANOMAP_SCORER_MAX_REPLICAS": "4", "ANOMAP_SCORER_MAX_QUEUED": "50", "ANOMAP_INGRESS_MAX_QUEUED": "7"}
     ingress = build_app(Settings.from_env(env), "v1")._bound_deployment  # Ray 2.60 internals: what serve.run gets
     scorer = ingress.init_args[0]._bound_deployment
-    assert (ingress.max_ongoing_requests, ingress.max_queued_requests) == (16, 7)
+    assert (ingress.max_ongoing_requests, ingress.max_queued_requests, ingress.num_replicas) == (16, 7, 1)
     assert (scorer.max_ongoing_requests, scorer.max_queued_requests) == (32, 50)
     autoscaling = scorer._deployment_config.autoscaling_config
     assert (autoscaling.min_replicas, autoscaling.max_replicas, autoscaling.target_ongoing_requests) == (1, 4, 8)
     fixed = build_app(Settings.from_env(env), "v1", scorer_replicas=3)._bound_deployment.init_args[0]._bound_deployment
     assert fixed.num_replicas == 3 and fixed._deployment_config.autoscaling_config is None
+    wide = build_app(Settings.from_env({"ANOMAP_INGRESS_REPLICAS": "4"}), "v1")._bound_deployment
+    assert wide.num_replicas == 4
 
 
 def test_serve_yaml_args_are_valid_serving_options_and_unknown_ones_are_refused() -> None:

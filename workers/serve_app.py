@@ -301,6 +301,7 @@ def build_app(
     ).bind(settings, version, forward_patches=forward_patches)
     return InspectionService.options(
         ray_actor_options={"num_cpus": ingress_cpus},
+        num_replicas=serving.ingress_replicas,
         max_ongoing_requests=serving.ingress_max_ongoing,
         max_queued_requests=serving.ingress_max_queued,
     ).bind(scorer, settings, version, chunk_patches, forward_patches)
@@ -405,9 +406,10 @@ def app_builder(args: Mapping[str, Any]) -> serve.Application:
     line, so promotions swap in without a redeploy), ``chunk_patches``,
     ``forward_patches`` (see `build_app`), and
     any `ServingConfig` field (``scorer_replicas``, ``scorer_min_replicas``, ``scorer_max_replicas``,
-    ``scorer_target_ongoing``, ``scorer_max_ongoing``, ``scorer_max_queued``, ``ingress_max_ongoing``,
-    ``ingress_max_queued``), which override the ``ANOMAP_SCORER_*`` / ``ANOMAP_INGRESS_*`` environment.
-    Connection settings come from the environment (`Settings.from_env`). Unknown args are an error.
+    ``scorer_target_ongoing``, ``scorer_max_ongoing``, ``scorer_max_queued``, ``ingress_replicas``,
+    ``ingress_max_ongoing``, ``ingress_max_queued``), which override the ``ANOMAP_SCORER_*`` /
+    ``ANOMAP_INGRESS_*`` environment. Connection settings come from the environment (`Settings.from_env`).
+    Unknown args are an error.
     """
     known = {"version", "chunk_patches", "forward_patches", *SERVING_VARIABLES}
     unknown = sorted(set(args) - known)
