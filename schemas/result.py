@@ -47,8 +47,10 @@ class InspectionResult(BaseModel):
     image_threshold: float
     regions: list[Region] = Field(default_factory=list, max_length=MAX_REGIONS)
     regions_truncated: bool = False
-    map_ref: S3RefStr = Field(description="float32 anomaly map, raw units, .npz with array 'map'")
-    overlay_ref: S3RefStr = Field(description="JPEG overlay for people (the .npz map is the lossless record)")
+    map_ref: S3RefStr = Field(
+        description="anomaly map, raw units, .npz with array 'map' (float16; float32 where a value does not fit)"
+    )
+    overlay_ref: S3RefStr = Field(description="JPEG overlay for people (the .npz map holds the numbers)")
     captured_at: AwareDatetime
     published_at: AwareDatetime
     scored_at: AwareDatetime

@@ -8,7 +8,7 @@ twice the threshold, and region outlines show where defects were found. Only the
 threshold (usually a few per cent) are blended; the rest is the grey image, computed once.
 
 Overlays are stored as JPEG (quality 90, no chroma subsampling, so the one-pixel red outlines stay
-red): the lossless record of a job is its ``.npz`` map, and the overlay is a picture to look at. A
+red): the numbers of a job are in its ``.npz`` map, and the overlay is a picture to look at. A
 1024² overlay encodes in ~5 ms to ~0.2 MB, where a PNG took ~55 ms (zlib level 1) and ~0.9 MB: on
 the streaming path that was the largest per-image CPU cost outside the model.
 """
