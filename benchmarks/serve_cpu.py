@@ -35,6 +35,7 @@ import torch
 from bench_output import emit_json
 from throughput import (
     add_path_arguments,
+    bench_images_and_model,
     bench_inprocess,
     bench_serve,
     on_embedded_stack,
@@ -44,14 +45,10 @@ from throughput import (
     stop_consumers,
 )
 
-from cluster.connections import object_store, redis_client
+from cluster.connections import redis_client
 from schemas import Settings, StreamNames
-from trainer.config import TrainConfig
 from trainer.imaging import encode_png
-from trainer.pipeline import initial_model_version
-from trainer.registry import ModelRegistry
 from trainer.scoring import PatchModel, score_in_batches
-from trainer.synthetic import DefectKind, synth_image
 from workers.inspection import plan_inspection
 from workers.serve_app import deploy
 
@@ -115,13 +112,8 @@ def forward_seconds_per_image(model: PatchModel, image: np.ndarray, batch: int, 
 
 
 def measure(args: argparse.Namespace, settings: Settings) -> dict[str, object]:
-    """The three phases on a running stack; CPU-seconds per image by role, and the rates."""
-    registry = ModelRegistry(object_store(settings), settings.model_name)
-    raw = [synth_image(seed, args.size, (DefectKind.SCRATCH,) if seed % 2 else ())[0] for seed in range(args.images)]
-    images = [image.astype(np.float32) / 255.0 for image in raw]
-    card = initial_model_version(registry, TrainConfig.demo(), images[:2])
-    _, weights = registry.load(card.version)
-    model = PatchModel.from_safetensors(card, weights)
+    """The four phases on a running stack; CPU-seconds per image by role, and the rates."""
+    raw, images, model = bench_images_and_model(settings, args.size, args.images)
 
     torch.set_num_threads(1)
     forward_1thread = forward_seconds_per_image(model, images[0], args.batch)
@@ -131,7 +123,8 @@ def measure(args: argparse.Namespace, settings: Settings) -> dict[str, object]:
     inprocess_ips = bench_inprocess(model, images, args.batch)
     inprocess = {"seconds": time.perf_counter() - start, "cpu": cpu_by_role(before, cpu_snapshot())}
 
-    deploy(settings, card.version, scorer_replicas=args.replicas, chunk_patches=args.chunk, forward_patches=args.batch)
+    version = model.card.version
+    deploy(settings, version, scorer_replicas=args.replicas, chunk_patches=args.chunk, forward_patches=args.batch)
     bench_serve(images[:2], args.in_flight)  # every replica has run once
     time.sleep(2.0)
     before = cpu_snapshot()

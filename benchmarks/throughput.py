@@ -183,19 +183,28 @@ def add_path_arguments(parser: argparse.ArgumentParser, images: int) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, object]:
     """Measure (a), (b), (c) and latency on an embedded stack."""
-    return on_embedded_stack(lambda settings: _measure(args, TrainConfig.demo(), settings))
+    return on_embedded_stack(lambda settings: _measure(args, settings))
 
 
-def _measure(args: argparse.Namespace, cfg: TrainConfig, settings: Settings) -> dict[str, object]:
-    store = object_store(settings)
-    registry = ModelRegistry(store, settings.model_name)
-    raw = [synth_image(seed, args.size, (DefectKind.SCRATCH,) if seed % 2 else ())[0] for seed in range(args.images)]
+def bench_images_and_model(
+    settings: Settings, size: int, n_images: int
+) -> tuple[list[np.ndarray], list[np.ndarray], PatchModel]:
+    """``n_images`` synthetic images (every other one scratched) as uint8 and as float32 in [0, 1], and
+    the demo architecture's untrained model, registered as a version in the settings' store (its weights
+    cost the same to run as trained ones)."""
+    registry = ModelRegistry(object_store(settings), settings.model_name)
+    raw = [synth_image(seed, size, (DefectKind.SCRATCH,) if seed % 2 else ())[0] for seed in range(n_images)]
     images = [image.astype(np.float32) / 255.0 for image in raw]
-    pngs = [encode_png(image) for image in raw]
-    card = initial_model_version(registry, cfg, images[:2])
+    card = initial_model_version(registry, TrainConfig.demo(), images[:2])
     _, weights = registry.load(card.version)
+    return raw, images, PatchModel.from_safetensors(card, weights)
+
+
+def _measure(args: argparse.Namespace, settings: Settings) -> dict[str, object]:
+    raw, images, model = bench_images_and_model(settings, args.size, args.images)
+    card = model.card
+    pngs = [encode_png(image) for image in raw]
     torch.set_num_threads(args.threads)
-    model = PatchModel.from_safetensors(card, weights)
     flops = flops_per_image(model, images[0])
     gflops = matmul_gflops()
     load_before = os.getloadavg()[0]

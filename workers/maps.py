@@ -22,7 +22,7 @@ import numpy as np
 
 from schemas import InspectionJob
 from workers.inspection import ScoredImage
-from workers.overlay import OVERLAY_CONTENT_TYPE, OVERLAY_SUFFIX, encode_overlay, render_overlay
+from workers.overlay import OVERLAY_CONTENT_TYPE, OVERLAY_SUFFIX, overlay_jpeg
 
 
 class MapObject(NamedTuple):
@@ -64,7 +64,7 @@ def decode_map(data: bytes) -> np.ndarray:
 def map_objects(job: InspectionJob, image: np.ndarray, scored: ScoredImage) -> tuple[MapObject, MapObject]:
     """The (npz map, JPEG overlay) objects of a scored job, keyed by `map_keys`."""
     npz_key, overlay_key = map_keys(job)
-    overlay = encode_overlay(render_overlay(image, scored.anomaly_map, scored.pixel_threshold))
+    overlay = overlay_jpeg(image, scored.anomaly_map, scored.pixel_threshold)
     return (
         MapObject(npz_key, encode_map(scored.anomaly_map), "application/octet-stream"),
         MapObject(overlay_key, overlay, OVERLAY_CONTENT_TYPE),

@@ -2,6 +2,7 @@
 
     overlay = render_overlay(image, anomaly_map, pixel_threshold)   # (H, W, 3) uint8
     data = encode_overlay(overlay)                                  # JPEG bytes, OVERLAY_SUFFIX / _CONTENT_TYPE
+    data = overlay_jpeg(image, anomaly_map, pixel_threshold)       # both: what the consumers and re-scoring store
 
 Below threshold the image shows in grey; above it a red-to-yellow heat is blended in, strongest at
 twice the threshold, and region outlines show where defects were found. Only the pixels above
@@ -58,3 +59,8 @@ def encode_overlay(overlay: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(overlay, mode="RGB").save(buffer, format="JPEG", quality=OVERLAY_JPEG_QUALITY, subsampling=0)
     return buffer.getvalue()
+
+
+def overlay_jpeg(image: np.ndarray, anomaly_map: np.ndarray, pixel_threshold: float) -> bytes:
+    """The stored overlay of an (H, W) image and its map: `render_overlay` encoded by `encode_overlay`."""
+    return encode_overlay(render_overlay(image, anomaly_map, pixel_threshold))

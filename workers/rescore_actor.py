@@ -28,7 +28,7 @@ from trainer.store import ObjectMissing, ObjectStore
 from workers.archive import ArchiveImage, ArchiveSource
 from workers.inspection import LocalInspector
 from workers.maps import encode_map
-from workers.overlay import OVERLAY_CONTENT_TYPE, encode_overlay, render_overlay
+from workers.overlay import OVERLAY_CONTENT_TYPE, overlay_jpeg
 from workers.rescore_manifest import OverlayPolicy, RowStatus, bad_row, ok_row, rows_table
 from workers.retry import retry_call
 
@@ -94,8 +94,7 @@ class ImageRescorer:
         try:
             self._store(f"writing {item['map_key']}", lambda: self.store.put_bytes(item["map_key"], npz))
             if overlay_key is not None:
-                overlay = render_overlay(pixels, scored.anomaly_map, scored.pixel_threshold)  # (H, W, 3) uint8
-                jpeg = encode_overlay(overlay)
+                jpeg = overlay_jpeg(pixels, scored.anomaly_map, scored.pixel_threshold)
                 self._store(
                     f"writing {overlay_key}", lambda: self.store.put_bytes(overlay_key, jpeg, OVERLAY_CONTENT_TYPE)
                 )
