@@ -44,7 +44,7 @@ from schemas import AbnormalPatchSource, ModelCard, ScoreMode
 from trainer.config import TrainConfig
 from trainer.gan import train_in_process
 from trainer.metrics import aupro, image_auroc, pixel_auroc, pixel_average_precision
-from trainer.patches import abnormal_patch_bank, as_unit_float
+from trainer.patches import abnormal_patch_bank, as_unit_float, patch_contamination
 from trainer.pipeline import PROVISIONAL_THRESHOLDS, build_card
 from trainer.postprocess import image_score
 from trainer.scoring import PatchModel, anomaly_map
@@ -73,6 +73,8 @@ class Grid:
     overrides: tuple[tuple[str, Any], ...] = ()
     kinds: tuple[DefectKind, ...] = (DefectKind.SCRATCH,)
     """The defects of the contaminated training images, the abnormal images and the defective test images."""
+    contamination_density: int = 1
+    """Draws of each kind per contaminated training image (`make_dataset`): > 1 contaminates more patches."""
 
     def config(self, gamma: float, seed: int) -> TrainConfig:
         """The one schedule every run shares; only γ and the seed differ."""
@@ -107,6 +109,7 @@ def dataset(grid: Grid, epsilon: float, seed: int) -> SyntheticDataset:
         n_test_defect=grid.n_test_defect,
         seed=seed,
         kinds=grid.kinds,
+        contamination_density=grid.contamination_density,
     )
 
 
@@ -149,6 +152,7 @@ def train_and_score(grid: Grid, run: Run, keep_weights: Path | None = None) -> d
     maps = [anomaly_map(image, model) for image in data.test_images]
     score_s = (time.perf_counter() - started) / len(maps)
     out: dict[str, Any] = asdict(run) | evaluate(maps, data)
+    out["patch_contamination"] = round(patch_contamination(data.train_masks, cfg.patch_size), 4)
     bank_size = 0 if bank is None else len(bank)
     return out | {"train_s": round(train_s, 1), "encoder_s_per_image": round(score_s, 3), "bank": bank_size}
 
@@ -316,19 +320,30 @@ def main() -> None:
     parser.add_argument("--gan-steps", type=int, help="override the schedule (the same for every run)")
     parser.add_argument("--encoder-steps", type=int, help="override the schedule (the same for every run)")
     parser.add_argument("--refine-steps", type=int, help="encoder mode: latent refinement steps at inference")
+    parser.add_argument("--base-channels", type=int, help="override the networks' width (every run; demo: 16)")
     parser.add_argument("--discriminator-head", choices=["global", "dense"], help="override the model (every run)")
     parser.add_argument("--map-mode", help="override how a patch's map is made (every run; see schemas.MapMode)")
     parser.add_argument(
         "--defects", nargs="+", choices=[str(kind) for kind in DefectKind], help="defect kinds (default: scratch)"
     )
+    parser.add_argument(
+        "--contamination-density",
+        type=int,
+        default=1,
+        help="defect draws per contaminated training image (8: ~75 %% of its 256² patches touch one, 1: ~25 %%)",
+    )
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="training processes at once")
     args = parser.parse_args()
+    if args.contamination_density < 1:
+        parser.error(f"--contamination-density must be >= 1, got {args.contamination_density}")
     grid = quick_grid() if args.quick else full_grid(args)
     overrides = {"gan_steps": args.gan_steps, "encoder_steps": args.encoder_steps, "refine_steps": args.refine_steps}
     overrides |= {"discriminator_head": args.discriminator_head, "map_mode": args.map_mode}
+    overrides |= {"base_channels": args.base_channels}
     grid = dataclasses.replace(grid, overrides=tuple((k, v) for k, v in overrides.items() if v is not None))
     if args.defects:
         grid = dataclasses.replace(grid, kinds=tuple(DefectKind(kind) for kind in args.defects))
+    grid = dataclasses.replace(grid, contamination_density=args.contamination_density)
     grid.config(1.0, 0)  # a bad override fails here, with TrainConfig's message, before any run starts
     runs = grid_runs(grid)
     started = time.monotonic()

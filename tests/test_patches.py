@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from schemas import AbnormalPatchSource
-from trainer.patches import abnormal_patch_bank, augment, grid_patches, sample_patches
+from trainer.patches import abnormal_patch_bank, augment, grid_patches, patch_contamination, sample_patches
 
 
 def _image(seed: int, h: int = 96, w: int = 80) -> np.ndarray:
@@ -144,3 +144,27 @@ def test_augment_turns_masks_with_their_patches_and_shifts_only_the_image() -> N
     shift = out[:, 0] - out[:, 1]
     assert np.allclose(shift, shift[:, :1, :1], atol=1e-6)  # the same transform, plus a constant per patch
     assert np.abs(shift[:, 0, 0]).max() > 0
+
+
+def _touching_share_brute_force(mask: np.ndarray, patch: int) -> float:
+    h, w = mask.shape
+    hits = [mask[y : y + patch, x : x + patch].any() for y in range(h - patch + 1) for x in range(w - patch + 1)]
+    return float(np.mean(hits))
+
+
+def test_patch_contamination_is_the_share_of_crops_touching_a_defect() -> None:
+    rng = np.random.default_rng(5)
+    masks = [np.zeros((20, 24), dtype=bool), rng.random((20, 24)) > 0.995, np.zeros((20, 24), dtype=bool)]
+    masks[2][3, 17] = True  # one pixel: 4 rows (0–3) × 7 columns (10–16) of the 13 × 17 positions for P = 8
+    expected = np.mean([_touching_share_brute_force(m, 8) for m in masks])
+    assert patch_contamination(masks, 8) == pytest.approx(expected)
+    assert _touching_share_brute_force(masks[2], 8) == pytest.approx(4 * 7 / (13 * 17))
+    assert patch_contamination([np.zeros((16, 16), dtype=bool)], 8) == 0.0
+    assert patch_contamination([np.ones((16, 16), dtype=bool)], 8) == 1.0
+
+
+def test_patch_contamination_rejects_no_masks_and_masks_smaller_than_a_patch() -> None:
+    with pytest.raises(ValueError, match="at least one mask"):
+        patch_contamination([], 8)
+    with pytest.raises(ValueError, match="smaller than one 8×8 patch"):
+        patch_contamination([np.zeros((4, 16), dtype=bool)], 8)

@@ -109,6 +109,35 @@ def test_dataset_is_deterministic_and_digest_follows_parameters() -> None:
     assert _small_dataset(seed=4).digest() != a.digest()
 
 
+def test_contamination_density_adds_defects_to_the_contaminated_images_only() -> None:
+    sparse = make_dataset(size=SIZE, n_train=6, contamination=0.5, n_abnormal=1, n_test_normal=1, n_test_defect=1)
+    dense = make_dataset(
+        size=SIZE, n_train=6, contamination=0.5, n_abnormal=1, n_test_normal=1, n_test_defect=1, contamination_density=6
+    )
+    assert dense.train_contaminated == sparse.train_contaminated
+    for dirty, a, b, mask_a, mask_b in zip(
+        sparse.train_contaminated,
+        sparse.train_normal,
+        dense.train_normal,
+        sparse.train_masks,
+        dense.train_masks,
+        strict=True,
+    ):
+        if dirty:
+            assert mask_b.sum() > mask_a.sum()
+        else:
+            np.testing.assert_array_equal(a, b)
+    same = zip(sparse.abnormal + sparse.test_images, dense.abnormal + dense.test_images, strict=True)
+    assert all(np.array_equal(a, b) for a, b in same)  # only the contaminated training images change
+    assert dense.digest() != sparse.digest()
+    pinned = make_dataset(
+        size=64, n_train=4, contamination=0.5, n_abnormal=1, n_calibration=1, n_test_normal=1, n_test_defect=1, seed=3
+    )
+    assert pinned.digest() == "a31e18c537d39612"  # the digest from before contamination_density existed
+    with pytest.raises(ValueError, match="contamination_density"):
+        make_dataset(size=SIZE, contamination_density=0)
+
+
 def test_contamination_must_be_a_fraction() -> None:
     with pytest.raises(ValueError, match="contamination"):
         make_dataset(size=SIZE, contamination=1.5)

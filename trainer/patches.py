@@ -67,6 +67,26 @@ def sample_patches(images: Sequence[np.ndarray], n: int, patch: int, rng: np.ran
     return out
 
 
+def patch_contamination(masks: Sequence[np.ndarray], patch: int) -> float:
+    """The share of the crops `sample_patches` draws that touch a defect: masks (H, W) bool, one per image.
+
+    Each image is equally likely, then each P×P position inside it (as in `sample_patches`), so this is
+    the fraction of the GAN's training samples that carry (part of) a defect: the paper's ε, measured
+    on patches. 0.0 for all-False masks.
+    """
+    if not masks:
+        msg = "patch_contamination needs at least one mask"
+        raise ValueError(msg)
+    shares = []
+    for mask in masks:
+        _check_fits(mask, patch)
+        # summed-area table: the defect pixels inside every P×P window, all windows at once
+        table = np.pad(np.asarray(mask, dtype=bool).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+        inside = table[patch:, patch:] - table[:-patch, patch:] - table[patch:, :-patch] + table[:-patch, :-patch]
+        shares.append(float(np.mean(inside > 0)))
+    return float(np.mean(shares))
+
+
 def _grid(length: int, patch: int, stride: int) -> list[int]:
     """Patch origins along one axis, inside the image (no padding), the last one flush with the edge."""
     last = length - patch
