@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trainer.tiling import cut_patches, extract_patches, pad_image, plan_tiles, stitch_patches
+from trainer.tiling import (
+    _is_block_grid,
+    _overlap_add,
+    cut_patches,
+    extract_patches,
+    pad_image,
+    plan_tiles,
+    stitch_patches,
+)
 
 
 @pytest.mark.parametrize(
@@ -61,3 +69,26 @@ def test_stitching_chunks_of_maps_equals_stitching_them_all_at_once(
     np.testing.assert_array_equal(stitch_patches(chunks, layout), stitch_patches(maps, layout))
     with pytest.raises(ValueError, match="layout expects"):
         stitch_patches(chunks[1:], layout)  # the first three missing
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "patch", "stride"), [(256, 192, 32, 16), (64, 96, 32, 8), (48, 48, 16, 16)]
+)
+def test_block_grid_overlap_add_sums_each_pixel_exactly_as_the_per_patch_loop(
+    height: int, width: int, patch: int, stride: int
+) -> None:
+    layout = plan_tiles(height, width, patch, stride)
+    assert _is_block_grid(layout)
+    values = np.random.default_rng(4).random((layout.n_patches, patch, patch), dtype=np.float32) * 3.3
+    loop = np.zeros((layout.padded_height, layout.padded_width), dtype=np.float64)
+    for value, (y, x) in zip(values, layout.origins, strict=True):
+        loop[y : y + patch, x : x + patch] += value
+    np.testing.assert_array_equal(_overlap_add(values, layout), loop)  # bit for bit, not approximately
+
+
+def test_plans_are_cached_and_immutable() -> None:
+    layout = plan_tiles(1024, 1024, 32, 16)
+    assert plan_tiles(1024, 1024, 32, 16) is layout
+    assert layout.grid is layout.grid and len(layout.grid[0]) * len(layout.grid[1]) == layout.n_patches == 4225
+    with pytest.raises(AttributeError):
+        layout.patch = 64  # type: ignore[misc]
