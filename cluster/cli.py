@@ -132,7 +132,9 @@ def train(
         int, typer.Option(help="Synthetic confirmed abnormal images given to the discriminator.")
     ] = 4,
     gamma: Annotated[float, typer.Option(help="Noisy-AnoGAN γ in (0, 1]; 1 is plain AnoGAN.")] = 0.9,
-    schedule: Annotated[str, typer.Option(help="Training schedule: demo or tiny.")] = "demo",
+    schedule: Annotated[
+        str, typer.Option(help="Training schedule: demo, wide (2× the width: better maps, ~2.3× the time) or tiny.")
+    ] = "demo",
     workers: Annotated[
         int | None, typer.Option(min=1, max=256, help="Ray Train workers (default: the schedule's, 2).")
     ] = None,
@@ -166,7 +168,7 @@ def train(
         _fail(f"--contamination must be in [0, 1), got {contamination}")
     from trainer.config import TrainConfig
 
-    schedules = {"demo": TrainConfig.demo, "tiny": TrainConfig.tiny}
+    schedules = {"demo": TrainConfig.demo, "wide": TrainConfig.wide, "tiny": TrainConfig.tiny}
     if schedule not in schedules:
         _fail(f"--schedule must be one of {sorted(schedules)}, got {schedule!r}")
     overrides: dict[str, object] = {"use_gpu": gpu} if workers is None else {"use_gpu": gpu, "num_workers": workers}

@@ -52,6 +52,13 @@ def test_presets_are_valid_and_tiny_is_small() -> None:
     assert TrainConfig().patch_size == 64 and TrainConfig().gamma == 1.0
 
 
+def test_wide_is_the_demo_with_twice_the_width_and_takes_overrides() -> None:
+    wide, demo = TrainConfig.wide(gamma=0.9), TrainConfig.demo(gamma=0.9)
+    assert wide.base_channels == 2 * demo.base_channels == 32
+    assert wide.replace(base_channels=demo.base_channels) == demo
+    assert TrainConfig.wide(base_channels=64, seed=3).base_channels == 64
+
+
 def test_search_settings_reach_the_scorer_through_the_card() -> None:
     from schemas import AbnormalPatchSource, ScoreMode
     from trainer.pipeline import PROVISIONAL_THRESHOLDS, build_card
