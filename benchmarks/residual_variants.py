@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     grid = Grid(
         size=args.size,
         epsilons=(args.epsilon,),
-        ks=(5,),
+        ks=(args.k,),
         gammas=(0.9,),
         seeds=(args.seed,),
         n_train=20,
@@ -155,6 +155,8 @@ def main() -> None:
     parser.add_argument("--set", type=_override, nargs="*", default=[], help="TrainConfig overrides FIELD=VALUE")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    if args.gamma < 1 and args.k < 1:
+        parser.error(f"--gamma {args.gamma} < 1 needs --k >= 1 confirmed abnormal images, got {args.k}")
     args.overrides = dict(args.set)
     emit_json(run(args), args.json)
 

@@ -151,7 +151,7 @@ def _overlap_add(values: np.ndarray, layout: TileLayout) -> np.ndarray:
     k = p // s
     ny, nx = (len(axis) for axis in layout.grid)
     # [u, v, iy, row, ix, col] in one strided copy, so that every add below reads rows of nx·S contiguous
-    # values and writes contiguous runs of total: ~2× faster than adding the strided views directly
+    # values and writes contiguous runs of total: ~15 % faster than adding the strided views directly
     blocks = np.ascontiguousarray(values.reshape(ny, nx, k, s, k, s).transpose(2, 4, 0, 3, 1, 5))
     for u in reversed(range(k)):
         for v in reversed(range(k)):
