@@ -173,11 +173,23 @@ class ManagedServer(BaseModel):
             _reap_own_zombie(self.pid, self.start_ticks)
 
     def is_running(self) -> bool:
-        """Whether ``pid`` is alive and still the process that was started (not a reused PID)."""
+        """Whether ``pid`` is alive and still the process that was started (not a reused PID).
+
+        For a child of this process the answer is its `Popen`'s (an unreaped child's PID cannot be
+        reused). Known only from the state file, the process must have the start time and carry the
+        marker in its command line; a server that rewrites its title (valkey does, at start-up) can
+        show an empty one for a moment, so a missing marker is read twice more before it counts.
+        """
         self._reap()
+        if self._popen is not None:
+            return self._popen.returncode is None
         if proc_start_ticks(self.pid) != self.start_ticks:
             return False
-        return self.marker in proc_cmdline(self.pid)
+        for _ in range(3):
+            if self.marker in proc_cmdline(self.pid):
+                return True
+            time.sleep(0.01)
+        return False
 
     def _pid_taken_by_other(self) -> bool:
         return proc_start_ticks(self.pid) is not None and not self.is_running()

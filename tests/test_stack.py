@@ -87,6 +87,17 @@ def test_stop_kills_a_server_that_ignores_sigterm_and_its_children(tmp_path: Pat
     assert _alive(family) == []
 
 
+def test_a_child_whose_command_line_lacks_the_marker_is_running_until_it_exits(tmp_path: Path) -> None:
+    # valkey rewrites its title at start-up; a readiness wait that misread that as "exited" retried on
+    # a new port and left the first valkey running on the same data directory (seen with `stack up`)
+    server = launch("retitled", ["sleep", "30"], data_dir=tmp_path, marker="not-in-the-cmdline", endpoint="-")
+    assert server.is_running()
+    assert "stopped" in server.stop(timeout=5)
+    assert not server.is_running()
+    from_state = ManagedServer.model_validate(server.model_dump())  # known only from the state file
+    assert not from_state.is_running()
+
+
 def test_stop_leaves_a_reused_pid_alone(tmp_path: Path) -> None:
     me = ManagedServer(
         name="impostor",
