@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 from bench_output import emit_json
-from quality import Grid, bench_config, card_for, dataset, evaluate
+from quality import bench_config, card_for, dataset, evaluate, quick_grid
 from scipy.ndimage import gaussian_filter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -80,15 +80,12 @@ def reconstruct(model: PatchModel, patches: np.ndarray, batch: int = 256) -> np.
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train the one run, then score every variant on its test images."""
     torch.set_num_threads(args.threads)
-    grid = Grid(
+    grid = dataclasses.replace(  # the --quick grid's data sizes, narrowed to this one run
+        quick_grid(),
         size=args.size,
         epsilons=(args.epsilon,),
         ks=(args.k,),
-        gammas=(0.9,),
         seeds=(args.seed,),
-        n_train=20,
-        n_test_normal=4,
-        n_test_defect=8,
         overrides=tuple(args.overrides.items()),
         contamination_density=args.contamination_density,
     )
@@ -135,11 +132,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _override(text: str) -> tuple[str, Any]:
     """``name=value`` for a `TrainConfig` field, the value parsed as that field's type."""
     name, sep, value = text.partition("=")
-    fields = {f.name: f for f in dataclasses.fields(bench_config())}
-    if not sep or name not in fields:
+    config = bench_config()
+    if not sep or name not in {f.name for f in dataclasses.fields(config)}:
         msg = f"expected FIELD=VALUE with a TrainConfig field, got {text!r}"
         raise argparse.ArgumentTypeError(msg)
-    current = getattr(bench_config(), name)
+    current = getattr(config, name)
+    if isinstance(current, bool):  # bool("false") would be True
+        return name, value.lower() in {"1", "true", "yes"}
     return name, value if isinstance(current, str) else type(current)(value)
 
 
