@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
 from trainer.tiling import (
+    MapBand,
     _is_block_grid,
     _overlap_add,
     cut_patches,
     extract_patches,
+    map_band,
     pad_image,
     plan_tiles,
+    stitch_bands,
     stitch_patches,
 )
 
@@ -84,6 +89,57 @@ def test_block_grid_overlap_add_sums_each_pixel_exactly_as_the_per_patch_loop(
     for value, (y, x) in zip(values, layout.origins, strict=True):
         loop[y : y + patch, x : x + patch] += value
     np.testing.assert_array_equal(_overlap_add(values, layout), loop)  # bit for bit, not approximately
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "patch", "stride", "cuts"),
+    [
+        (256, 192, 32, 16, [0, 13, 100, 101, 200]),  # block grid; ranges start and end inside grid rows
+        (130, 67, 32, 24, [0, 5, 6, 17]),  # not a block grid: the per-patch loop
+        (1024, 1024, 32, 16, [0, 768, 1664, 2560, 3456]),  # the Serve app's five ranges
+        (40, 40, 16, 16, [0]),  # one range, no overlap
+    ],
+)
+def test_stitching_the_bands_of_ranges_gives_the_map_of_stitching_their_patches(
+    height: int, width: int, patch: int, stride: int, cuts: list[int]
+) -> None:
+    layout = plan_tiles(height, width, patch, stride)
+    maps = np.random.default_rng(3).random((layout.n_patches, patch, patch), dtype=np.float32) * 2.5
+    bounds = [*cuts, layout.n_patches]
+    bands = [
+        map_band(maps[start:stop], patch, stride, layout.grid, layout.padded_width, start)
+        for start, stop in itertools.pairwise(bounds)
+    ]
+    assert all(band.values.dtype == np.float32 and band.values.shape[1] == layout.padded_width for band in bands)
+    assert sum(band.values.size for band in bands) < maps.size or len(bands) == 1  # fewer bytes than the maps
+    np.testing.assert_allclose(stitch_bands(bands, layout), stitch_patches(maps, layout), rtol=2e-6, atol=1e-7)
+    np.testing.assert_allclose(stitch_bands(bands[::-1], layout), stitch_patches(maps, layout), rtol=2e-6, atol=1e-7)
+
+
+def test_a_band_covers_only_the_grid_rows_its_range_touches() -> None:
+    layout = plan_tiles(256, 256, 32, 16)  # 17 × 17 patches on a 288² padded image
+    maps = np.ones((20, 32, 32), dtype=np.float32)
+    band = map_band(maps, 32, 16, layout.grid, layout.padded_width, 30)  # patches 30..49: grid rows 1 and 2
+    assert band.top == 16 and band.values.shape == (48, 288) and band.n_patches == 20
+    # padded rows 16..31 are reached only by grid row 1, where the range holds the last four patches (x >= 208)
+    assert band.values[:16, :208].max() == 0 and band.values[:16, 208:].min() > 0
+    assert band.values[16:32, :256].min() > 0  # row 2: patches 34..49, all but the last column
+
+
+def test_stitching_bands_refuses_a_missing_or_misplaced_band() -> None:
+    layout = plan_tiles(64, 64, 16, 8)
+    maps = np.zeros((layout.n_patches, 16, 16), dtype=np.float32)
+    half = layout.n_patches // 2
+    bands = [map_band(maps[:half], 16, 8, layout.grid, layout.padded_width, 0)]
+    with pytest.raises(ValueError, match="the bands hold"):
+        stitch_bands(bands, layout)
+    with pytest.raises(ValueError, match="outside the grid"):
+        map_band(maps, 16, 8, layout.grid, layout.padded_width, 1)
+    with pytest.raises(ValueError, match="expected"):
+        map_band(maps[:, :8], 16, 8, layout.grid, layout.padded_width, 0)
+    narrow = MapBand(0, np.zeros((layout.padded_height, layout.padded_width - 8), dtype=np.float32), layout.n_patches)
+    with pytest.raises(ValueError, match="does not fit"):
+        stitch_bands([narrow], layout)
 
 
 def test_plans_are_cached_and_immutable() -> None:

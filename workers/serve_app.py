@@ -5,8 +5,9 @@ ranges over `PatchScorer` replicas, then stitches the map.
         ├─ plan_inspection: pad; 4225 patches of 32² for a 1024² image at stride 16, in 5 ranges of ≤ 1024
         ├─ ray.put(padded image)                          once: 4.4 MB, where the patches would be 17 MB
         ├─ PatchScorer.score(range, padded) × 5, in parallel   @serve.batch groups ranges by patch count;
-        │      the scorer cuts its patches out of the zero-copy image, forward passes of ≤ 128 on a CPU
-        └─ finish_inspection: stitch, smooth, regions      → ScoredImage
+        │      the scorer cuts its patches out of the zero-copy image, forward passes of ≤ 128 on a CPU,
+        │      and returns its range's `MapBand`: ~1 MB of windowed sums, where its maps are ~3.5 MB
+        └─ finish_inspection: add the bands, smooth, regions  → ScoredImage
 
 Which model scores an image: a deployment pinned to a version (``version=...``) always uses it; one
 that follows the registry (``version=None``, what ``anomap serve`` and ``deploy/serve.yaml`` run)
@@ -48,6 +49,7 @@ from schemas.settings import SERVING_VARIABLES
 from trainer.registry import ModelRegistry
 from trainer.scoring import PatchModel, score_in_batches
 from trainer.store import ObjectStore
+from trainer.tiling import MapBand
 from workers import telemetry
 from workers.http_api import HTTP_APP_NAME, HttpGateway
 from workers.inspection import PatchRange, ScoredImage, ScoringBusy, finish_inspection, plan_inspection
@@ -96,7 +98,7 @@ class _LoadedModel:
 
 @serve.deployment(name="PatchScorer", max_ongoing_requests=32)
 class PatchScorer:
-    """Scores patch ranges of padded images → residual maps (n, P, P); ranges are batched by patch count.
+    """Scores patch ranges of padded images → each range's map band; ranges are batched by patch count.
 
     Each range names its model version; the replica keeps up to ``MODELS_PER_SCORER`` versions loaded
     (``@serve.multiplexed``), and the version given at construction is loaded before the first request.
@@ -129,20 +131,21 @@ class PatchScorer:
         return _LoadedModel(model)
 
     @serve.batch(max_batch_size=MAX_BATCH_PATCHES, batch_wait_timeout_s=0.002, batch_size_fn=_count_patches)
-    async def score(self, ranges: list[PatchRange], padded: list[np.ndarray], versions: list[str]) -> list[np.ndarray]:
+    async def score(self, ranges: list[PatchRange], padded: list[np.ndarray], versions: list[str]) -> list[MapBand]:
         """Cut each range's patches out of its padded image, score them with the range's model version
-        (forward passes of at most ``forward_patches``) and return each range's maps (n_i, P, P).
+        (forward passes of at most ``forward_patches``) and return each range's `MapBand` (its maps
+        (n_i, P, P) window-weighted and summed over the rows they touch, for the ingress to add up).
 
         ``padded`` arrives as an object-store reference resolved by Ray: read-only and zero-copy on this node.
         """
         chunks = [patch_range.cut(image) for patch_range, image in zip(ranges, padded, strict=True)]
         telemetry.patch_batch(sum(len(chunk) for chunk in chunks))
-        out: list[np.ndarray | None] = [None] * len(chunks)
+        out: list[MapBand | None] = [None] * len(chunks)
         for version in dict.fromkeys(versions):  # each version once, in arrival order
             indices = [i for i, v in enumerate(versions) if v == version]
             loaded = await self.model(version)
             for i, maps in zip(indices, self._score_chunks(loaded.model, [chunks[i] for i in indices]), strict=True):
-                out[i] = maps
+                out[i] = ranges[i].band(maps)
         return out  # type: ignore[return-value]  # every index was filled above
 
     def _score_chunks(self, model: PatchModel, chunks: list[np.ndarray]) -> list[np.ndarray]:
@@ -200,12 +203,12 @@ class InspectionService:
         padded = ray.put(plan.padded)  # once per image; every scorer request names it and a range
         tiled = time.perf_counter()
         scorer = self._scorer(version)
-        patch_maps = await asyncio.gather(
+        bands = await asyncio.gather(
             *(self._score_range(scorer, patch_range, padded, version) for patch_range in plan.ranges)
         )
         scored = time.perf_counter()
         timings = {"tile": (tiled - start) * 1e3, "patches": (scored - tiled) * 1e3}
-        result = finish_inspection(plan, list(patch_maps), card, pixel_threshold, timings)
+        result = finish_inspection(plan, list(bands), card, pixel_threshold, timings)
         result.timings_ms["stitch"] = (time.perf_counter() - scored) * 1e3
         return result
 
@@ -232,7 +235,7 @@ class InspectionService:
 
     async def _score_range(
         self, scorer: DeploymentHandle, patch_range: PatchRange, padded: ray.ObjectRef, version: str
-    ) -> np.ndarray:
+    ) -> MapBand:
         """One patch range through the scorers; refusals for backpressure are retried for up to ``CHUNK_WAIT_S``."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + CHUNK_WAIT_S
