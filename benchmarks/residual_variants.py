@@ -15,7 +15,9 @@ Variants (each then smoothed with the card's σ, as the product does):
 - ``highpass_3`` / ``highpass_6``: the signed stitch minus its Gaussian blur (σ 3 or 6 px), then | · |:
   slow reconstruction errors removed, 1–2 px grooves kept;
 - ``ssim``: 1 − SSIM(x, G(E(x))) per patch (σ = 1.5 windows), stitched;
-- ``ssim_x_residual``: the product of the two stitched maps.
+- ``ssim_x_residual``: the product of the two stitched maps;
+- ``ssim_residual``: |x − G(E(x))| × (1 − SSIM) per patch, then stitched: the product's
+  ``MapMode.SSIM_RESIDUAL`` (`trainer.patch_filters.ssim_dissimilarity`, as a scorer computes it).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from schemas import AbnormalPatchSource
 from trainer.gan import train_in_process
+from trainer.patch_filters import ssim_dissimilarity as patch_ssim_dissimilarity
 from trainer.patches import abnormal_patch_bank, as_unit_float, patch_contamination
 from trainer.scoring import PatchModel
 from trainer.tiling import TileLayout, extract_patches, plan_tiles, stitch_patches
@@ -62,6 +65,8 @@ def variant_maps(patches: np.ndarray, reconstructions: np.ndarray, layout: TileL
     absolute = stitch_patches(np.abs(residual), layout)
     signed = stitch_patches(residual, layout)
     ssim = stitch_patches(ssim_dissimilarity(patches, reconstructions), layout)
+    x, rec = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[:, None] for a in (patches, reconstructions))
+    patch_ssim = patch_ssim_dissimilarity(x, rec)[:, 0].numpy()
     return {
         "residual": absolute,
         "signed_stitch": np.abs(signed),
@@ -69,6 +74,7 @@ def variant_maps(patches: np.ndarray, reconstructions: np.ndarray, layout: TileL
         "highpass_6": np.abs(signed - gaussian_filter(signed, 6, mode="reflect")),
         "ssim": ssim,
         "ssim_x_residual": ssim * absolute,
+        "ssim_residual": stitch_patches(np.abs(residual) * patch_ssim, layout),
     }
 
 

@@ -139,6 +139,13 @@ def train(
         int | None, typer.Option(min=1, max=256, help="Ray Train workers (default: the schedule's, 2).")
     ] = None,
     gpu: Annotated[bool, typer.Option("--gpu/--no-gpu", help="One GPU per Ray Train worker.")] = False,
+    map_mode: Annotated[
+        str | None,
+        typer.Option(
+            help="What the anomaly map measures (schemas.MapMode; default: the schedule's, ssim_residual; "
+            "residual saves ~5 % of the CPU scoring time, with worse maps)."
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option()] = 0,
     live: Annotated[bool, typer.Option(help="Make the new version live.")] = True,
     storage_path: Annotated[
@@ -172,6 +179,8 @@ def train(
     if schedule not in schedules:
         _fail(f"--schedule must be one of {sorted(schedules)}, got {schedule!r}")
     overrides: dict[str, object] = {"use_gpu": gpu} if workers is None else {"use_gpu": gpu, "num_workers": workers}
+    if map_mode is not None:
+        overrides["map_mode"] = map_mode
     try:
         config = schedules[schedule](gamma=gamma, seed=seed, **overrides)
     except ValueError as exc:

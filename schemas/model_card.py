@@ -53,6 +53,8 @@ class MapMode(StrEnum):
     """−log D(x) per cell of a dense discriminator, up-sampled: the discriminator's own "fake" score."""
     RESIDUAL_LOGIT = "residual+logit"
     """The product of ``residual`` and ``logit``."""
+    SSIM_RESIDUAL = "ssim_residual"
+    """|x − G(E(x))| × (1 − SSIM(x, G(E(x)))) per pixel: the residual where the local structure differs too."""
 
 
 class Thresholds(BaseModel):

@@ -35,6 +35,8 @@ def test_stack_help_lists_up_down_status() -> None:
         (["train", "--no-synthetic"], "give exactly one of --synthetic or --data DIR"),
         (["train", "--synthetic", "--data", "."], "give exactly one of --synthetic or --data DIR"),
         (["train", "--data", "no/such/folder"], "no/such/folder is not a folder; expected ROOT/train/good"),
+        (["train", "--map-mode", "sharpest"], "map_mode must be one of ['residual', "),
+        (["train", "--map-mode", "logit"], "map_mode 'logit' needs discriminator_head='dense'"),
     ],
 )
 def test_bad_arguments_name_the_problem(args: list[str], message: str) -> None:

@@ -12,6 +12,7 @@ from schemas import AbnormalPatchSource, ModelCard, ScoreMode, Thresholds
 from schemas.model_card import MapMode
 from trainer.model_io import weights_to_bytes
 from trainer.networks import DiscriminatorHead, build_networks
+from trainer.patch_filters import ssim_dissimilarity
 from trainer.scoring import LatentOptions, PatchModel, anomaly_map, finish_map
 
 
@@ -237,3 +238,13 @@ def test_with_a_contrast_gain_the_score_is_still_the_residual_in_intensity_units
     np.testing.assert_allclose(model.score_patches(patches), np.abs(patches - rec), atol=1e-5)
     # tanh output / gain + the patch mean
     np.testing.assert_allclose(rec.mean((1, 2)), patches.mean((1, 2)), atol=1.0 / 8)
+
+
+def test_ssim_residual_is_the_residual_weighted_by_structural_dissimilarity() -> None:
+    weights = _weights()
+    patches = np.random.default_rng(8).random((3, 32, 32), dtype=np.float32)
+    ssim_residual = PatchModel.from_safetensors(_card(map_mode=MapMode.SSIM_RESIDUAL), weights, device="cpu")
+    residual = PatchModel.from_safetensors(_card(), weights, device="cpu").score_patches(patches)
+    rec = ssim_residual.reconstruct(patches)
+    dissimilar = ssim_dissimilarity(torch.from_numpy(patches)[:, None], torch.from_numpy(rec)[:, None])[:, 0].numpy()
+    np.testing.assert_allclose(ssim_residual.score_patches(patches), residual * dissimilar, rtol=1e-4, atol=1e-6)

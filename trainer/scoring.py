@@ -34,6 +34,7 @@ from schemas.model_card import MapMode
 from trainer.latent_search import DEFAULT_LAMBDA, DEFAULT_LR, DEFAULT_STEPS, check_search_arguments, search_latent
 from trainer.model_io import sub_state, weights_from_bytes
 from trainer.networks import Discriminator, DiscriminatorHead, Encoder, Generator
+from trainer.patch_filters import gaussian_blur, ssim_dissimilarity
 from trainer.patches import as_unit_float
 from trainer.tiling import extract_patches, plan_tiles, stitch_patches
 
@@ -112,23 +113,6 @@ class LatentOptions:
 
 def _needs_discriminator(card: ModelCard, latent: LatentOptions) -> bool:
     return card.map_mode in _NEEDS_DISCRIMINATOR or (latent.searches and latent.lam > 0)
-
-
-def _gaussian_kernel(sigma: float) -> torch.Tensor:
-    radius = max(1, round(3 * sigma))
-    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    return k / k.sum()  # (2r + 1,)
-
-
-def _smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (B, 1, P, P), reflect-padded: (B, 1, P, P)."""
-    if sigma <= 0:
-        return x
-    k = _gaussian_kernel(sigma).to(x)
-    r = (len(k) - 1) // 2
-    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
-    return F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
 
 
 def _upsample(cells: torch.Tensor, size: int) -> torch.Tensor:
@@ -266,10 +250,11 @@ class PatchModel:
 
     def score_patches(self, patches: np.ndarray) -> np.ndarray:
         """The card's pixel map (`MapMode`) of patches (N, P, P) in [0, 1] -> (N, P, P) float32 >= 0, one batch."""
-        x = self._to_tensor(patches)
+        unit = self._intensities(patches)
+        x = self._network_units(unit)
         rec = self._reconstruct(x)
         with torch.inference_mode(), self._autocast():
-            maps = self._maps(x, rec)
+            maps = self._maps(x, rec, unit)
         return maps.float().squeeze(1).cpu().numpy()
 
     def _reconstruct(self, x: torch.Tensor) -> torch.Tensor:
@@ -291,14 +276,17 @@ class PatchModel:
             )
         return result.reconstruction.float()
 
-    def _maps(self, x: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
-        """x and its reconstruction (N, 1, P, P) in network units -> (N, 1, P, P) map of the card's mode."""
+    def _maps(self, x: torch.Tensor, rec: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+        """x and its reconstruction (N, 1, P, P) in network units, x in [0, 1] (``unit``) -> (N, 1, P, P) map
+        of the card's mode."""
         mode, p = self._card.map_mode, self.patch_size
         residual = (x - rec) / self._units  # signed, [0, 1] intensity units
         if mode == MapMode.RESIDUAL:
             return residual.abs()
+        if mode == MapMode.SSIM_RESIDUAL:
+            return residual.abs() * ssim_dissimilarity(unit, unit - residual.float())
         if mode == MapMode.SMOOTH_RESIDUAL:
-            return _smooth(residual, self._card.smoothing_sigma).abs()
+            return gaussian_blur(residual, self._card.smoothing_sigma).abs()
         d = self.discriminator
         assert d is not None  # checked in __init__
         if mode == MapMode.FEATURE:
@@ -320,7 +308,8 @@ class PatchModel:
         """Network units per [0, 1] intensity unit."""
         return self.contrast_gain if self.contrast_gain > 0 else 2.0
 
-    def _to_tensor(self, patches: np.ndarray) -> torch.Tensor:
+    def _intensities(self, patches: np.ndarray) -> torch.Tensor:
+        """Patches (N, P, P) in [0, 1] -> (N, 1, P, P) float32 on the model's device, still in [0, 1]."""
         p = self.patch_size
         if patches.ndim != 3 or patches.shape[1:] != (p, p):
             msg = f"expected patches of shape (N, {p}, {p}), got {patches.shape}"
@@ -328,10 +317,16 @@ class PatchModel:
         array = np.ascontiguousarray(patches, dtype=np.float32)
         if not array.flags.writeable:  # e.g. zero-copy from the Ray object store
             array = array.copy()
-        x = torch.from_numpy(array).to(self.device).unsqueeze(1)  # (N, 1, P, P)
+        return torch.from_numpy(array).to(self.device).unsqueeze(1)  # (N, 1, P, P)
+
+    def _network_units(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 1, P, P) in [0, 1] -> what the networks see: [-1, 1], or (x − its patch mean)·gain."""
         if self.contrast_gain > 0:
             return (x - x.mean(dim=(2, 3), keepdim=True)) * self.contrast_gain
         return x * 2.0 - 1.0  # [-1, 1]
+
+    def _to_tensor(self, patches: np.ndarray) -> torch.Tensor:
+        return self._network_units(self._intensities(patches))
 
 
 def finish_map(stitched: np.ndarray, sigma: float) -> np.ndarray:
