@@ -9,7 +9,7 @@ from helpers import SMALL_CONFIG
 from trainer.pipeline import untrained_model
 from trainer.scoring import PatchModel, score_in_batches
 from trainer.synthetic import DefectKind, synth_image
-from workers.inspection import LocalInspector, finish_inspection, plan_inspection
+from workers.inspection import LocalInspector, finish_inspection, plan_inspection, score_ranges
 
 
 def _model() -> PatchModel:
@@ -60,3 +60,32 @@ def test_ranges_are_even_and_never_larger_than_a_chunk() -> None:
     sizes = [len(r) for r in plan_inspection(image, card, chunk_patches=1024, batch_patches=128).ranges]
     assert sizes == [768, 896, 896, 896, 769]
     assert [len(r) for r in plan_inspection(image, card, chunk_patches=100, batch_patches=128).ranges][:2] == [100, 100]
+
+
+@pytest.mark.parametrize("size", [160, 100])  # 160²: block strips, cut and folded in torch; 100²: not, on the host
+def test_scoring_ranges_on_the_device_gives_the_local_map(size: int) -> None:
+    model = _model()
+    image = synth_image(6, size, (DefectKind.SCRATCH,))[0].astype(np.float32) / 255
+    local = LocalInspector(model, chunk_patches=16)(image)
+    plan = plan_inspection(image, model.card, chunk_patches=40, batch_patches=16)
+    assert (plan.ranges[0].strip() is not None) == (size == 160)
+    bands = score_ranges(model, plan.ranges, [plan.padded] * len(plan.ranges), forward_patches=16)
+    sharded = finish_inspection(plan, bands, model.card)
+    np.testing.assert_allclose(local.anomaly_map, sharded.anomaly_map, rtol=2e-6, atol=1e-7)
+
+
+def test_small_ranges_of_several_images_share_forward_passes() -> None:
+    model = _model()
+    images = [synth_image(seed, 64)[0].astype(np.float32) / 255 for seed in (1, 2)]  # 25 patches each
+    plans = [plan_inspection(image, model.card, chunk_patches=1024) for image in images]
+    ranges = [plan.ranges[0] for plan in plans]
+    calls: list[int] = []
+    score = model.score_tensor
+    model.score_tensor = lambda unit: calls.append(len(unit)) or score(unit)  # type: ignore[method-assign]
+    bands = score_ranges(model, ranges, [plan.padded for plan in plans], forward_patches=64)
+    assert calls == [50]  # both images in one forward pass
+    for plan, band, image in zip(plans, bands, images, strict=True):
+        expected = LocalInspector(_model())(image).anomaly_map
+        np.testing.assert_allclose(
+            finish_inspection(plan, [band], model.card).anomaly_map, expected, rtol=1e-5, atol=1e-6
+        )

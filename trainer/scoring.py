@@ -250,12 +250,15 @@ class PatchModel:
 
     def score_patches(self, patches: np.ndarray) -> np.ndarray:
         """The card's pixel map (`MapMode`) of patches (N, P, P) in [0, 1] -> (N, P, P) float32 >= 0, one batch."""
-        unit = self._intensities(patches)
+        return self.score_tensor(self._intensities(patches)).squeeze(1).cpu().numpy()
+
+    def score_tensor(self, unit: torch.Tensor) -> torch.Tensor:
+        """`score_patches` of patches (N, 1, P, P) float32 in [0, 1] already on the model's device -> (N, 1, P, P)
+        float32 there (a GPU scorer keeps its patches and maps on the GPU)."""
         x = self._network_units(unit)
         rec = self._reconstruct(x)
         with torch.inference_mode(), self._autocast():
-            maps = self._maps(x, rec, unit)
-        return maps.float().squeeze(1).cpu().numpy()
+            return self._maps(x, rec, unit).float()
 
     def _reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """G(z*) of x (N, 1, P, P) in network units -> (N, 1, P, P) float32; only the search runs with gradients."""

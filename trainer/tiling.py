@@ -128,7 +128,9 @@ def patch_window(patch: int) -> np.ndarray:
     return np.outer(ramp, ramp)
 
 
-def _is_block(grid: tuple[Sequence[int], Sequence[int]], patch: int, stride: int, shape: tuple[int, int]) -> bool:
+def covers_block_grid(
+    grid: tuple[Sequence[int], Sequence[int]], patch: int, stride: int, shape: tuple[int, int]
+) -> bool:
     """Whether every origin lies on the stride grid from 0, P is a multiple of S and the patches exactly
     cover the (h, w) image (e.g. 1024², P = 64, S = 32)."""
     ys, xs = grid
@@ -142,8 +144,8 @@ def _is_block(grid: tuple[Sequence[int], Sequence[int]], patch: int, stride: int
 
 
 def _is_block_grid(layout: TileLayout) -> bool:
-    """Whether ``layout``'s patches form a block grid of its padded image (see `_is_block`)."""
-    return _is_block(layout.grid, layout.patch, layout.stride, (layout.padded_height, layout.padded_width))
+    """Whether ``layout``'s patches form a block grid of its padded image (see `covers_block_grid`)."""
+    return covers_block_grid(layout.grid, layout.patch, layout.stride, (layout.padded_height, layout.padded_width))
 
 
 def _overlap_add(values: np.ndarray, layout: TileLayout) -> np.ndarray:
@@ -157,7 +159,7 @@ def _overlap_add_grid(
 ) -> np.ndarray:
     """Sum (ny·nx, P, P) values at the origins ``grid`` = (ys, xs) (row-major) into a (h, w) float64 image.
 
-    On a block grid (`_is_block`) a patch is k × k blocks of S × S (k = P / S), and block (u, v) of patch
+    On a block grid (`covers_block_grid`) a patch is k × k blocks of S × S (k = P / S), and block (u, v) of patch
     (iy, ix) lands on image block (iy + u, ix + v); adding one (u, v) at a time for all patches, u and v
     descending, gives every pixel its terms in row-major patch order, as the per-patch loop does, so the
     sums are identical.
@@ -165,7 +167,7 @@ def _overlap_add_grid(
     p, s = patch, stride
     total = np.zeros(shape, dtype=np.float64)
     ys, xs = grid
-    if not _is_block(grid, patch, stride, shape):
+    if not covers_block_grid(grid, patch, stride, shape):
         for value, (y, x) in zip(values, ((y, x) for y in ys for x in xs), strict=True):
             total[y : y + p, x : x + p] += value
         return total
@@ -247,21 +249,31 @@ def map_band(
     1024² image's range of 896 patches (P = 32, S = 16) is a band of 256 × 1056: 1.1 MB, where its
     maps are 3.7 MB.
     """
-    ys, xs = grid
-    n, nx = len(patch_maps), len(xs)
+    n, xs = len(patch_maps), grid[1]
     if patch_maps.ndim != 3 or patch_maps.shape[1:] != (patch, patch) or n < 1:
         msg = f"patch maps have shape {patch_maps.shape}, expected (n >= 1, {patch}, {patch})"
         raise ValueError(msg)
-    if not 0 <= start <= start + n <= len(ys) * nx:
-        msg = f"patch range {start}..{start + n} is outside the grid of {len(ys)}×{nx} patches"
-        raise ValueError(msg)
-    first_row, last_row = start // nx, (start + n - 1) // nx
-    rows = [y - ys[first_row] for y in ys[first_row : last_row + 1]]
-    weighted = np.zeros((len(rows) * nx, patch, patch), dtype=np.float32)
-    offset = start - first_row * nx
+    top, rows, offset = range_rows(grid, start, start + n)
+    weighted = np.zeros((len(rows) * len(xs), patch, patch), dtype=np.float32)
     np.multiply(patch_maps, patch_window(patch), out=weighted[offset : offset + n])
     total = _overlap_add_grid(weighted, (rows, xs), patch, stride, (rows[-1] + patch, padded_width))
-    return MapBand(ys[first_row], total.astype(np.float32), n)
+    return MapBand(top, total.astype(np.float32), n)
+
+
+def range_rows(grid: tuple[Sequence[int], Sequence[int]], start: int, stop: int) -> tuple[int, list[int], int]:
+    """The grid rows that patches ``start`` .. ``stop`` (row-major over ``grid`` = (ys, xs)) touch.
+
+    Returns (top, rows, offset): the first row's padded y, the rows' origins relative to it, and the range's
+    first patch's index among those rows' patches (``start`` − first row × columns).
+    """
+    ys, xs = grid
+    nx = len(xs)
+    if not 0 <= start < stop <= len(ys) * nx:
+        msg = f"patch range {start}..{stop} is outside the grid of {len(ys)}×{nx} patches"
+        raise ValueError(msg)
+    first_row, last_row = start // nx, (stop - 1) // nx
+    top = ys[first_row]
+    return top, [y - top for y in ys[first_row : last_row + 1]], start - first_row * nx
 
 
 def stitch_bands(bands: Sequence[MapBand], layout: TileLayout) -> np.ndarray:

@@ -1,7 +1,7 @@
 """One image through the model: tile → score patch batches → stitch → smooth → summarise.
 
 The same steps serve the Ray Serve app (patch batches spread over `PatchScorer` replicas) and the
-in-process `LocalInspector` (benchmarks, archive re-scoring), so both give identical maps::
+in-process `LocalInspector` (benchmarks, archive re-scoring), so both give the same maps (to float32 rounding)::
 
     plan = plan_inspection(image, card, chunk_patches=128)   # padded image + patch ranges of ≤ 128
     bands = [r.band(model.score_patches(r.cut(plan.padded))) for r in plan.ranges]   # a `MapBand` per range
@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+import torch
 
 from schemas import ModelCard
+from trainer.device_tiling import RangeStrip, cut_strip, fold_strip, range_strip
 from trainer.postprocess import MapSummary, summarize_map
 from trainer.scoring import PatchModel, anomaly_map, finish_map
 from trainer.tiling import MapBand, TileLayout, cut_patches, map_band, pad_image, plan_tiles, stitch_bands
@@ -91,6 +93,10 @@ class PatchRange:
             raise ValueError(msg)
         return map_band(patch_maps, self.patch, self.stride, self.grid, self.padded_width, self.start)
 
+    def strip(self) -> RangeStrip | None:
+        """The padded rows this range touches, when they form a block strip (`trainer.device_tiling`)."""
+        return range_strip(self.patch, self.stride, self.grid, self.padded_width, self.start, self.stop)
+
 
 @dataclass(frozen=True)
 class InspectionPlan:
@@ -137,6 +143,54 @@ def plan_inspection(image: np.ndarray, card: ModelCard, chunk_patches: int, batc
         for start, stop in itertools.pairwise(bounds)
     ]
     return InspectionPlan(layout, pad_image(image, layout), ranges)
+
+
+def score_ranges(
+    model: PatchModel, ranges: list[PatchRange], padded: list[np.ndarray], forward_patches: int
+) -> list[MapBand]:
+    """Score patch ranges of padded images (Hp_i, Wp_i) with one model -> each range's `MapBand`.
+
+    The patches are cut on the model's device (only the rows a range touches travel there) and, on a GPU,
+    the maps are summed into bands there too (`trainer.device_tiling`), so only the bands come back; on a
+    CPU, and for ranges that are no block strip, `PatchRange.band` sums them on the host. Forward passes
+    hold at most ``forward_patches`` patches, consecutive ranges sharing one when they fit, so small
+    images' ranges are batched together; a range of whole forward passes is scored exactly as
+    `trainer.scoring.score_in_batches` would.
+    """
+    if forward_patches < 1:
+        msg = f"forward_patches must be >= 1, got {forward_patches}"
+        raise ValueError(msg)
+    strips = [patch_range.strip() for patch_range in ranges]
+    chunks = [
+        cut_strip(image, strip, model.device)
+        if strip is not None
+        else torch.from_numpy(patch_range.cut(image)).to(model.device)[:, None]
+        for patch_range, strip, image in zip(ranges, strips, padded, strict=True)
+    ]
+    maps = _score_chunks(model, chunks, forward_patches)
+    on_host = model.device.type == "cpu"
+    return [
+        patch_range.band(chunk_maps[:, 0].cpu().numpy()) if on_host or strip is None else fold_strip(chunk_maps, strip)
+        for patch_range, strip, chunk_maps in zip(ranges, strips, maps, strict=True)
+    ]
+
+
+def _score_chunks(model: PatchModel, chunks: list[torch.Tensor], forward_patches: int) -> list[torch.Tensor]:
+    """Maps of chunks (n_i, 1, P, P) on the model's device, in forward passes of <= ``forward_patches`` that
+    consecutive chunks share when they fit together -> maps (n_i, 1, P, P), one per chunk."""
+    sizes = [len(chunk) for chunk in chunks]
+    maps: list[torch.Tensor] = []
+    group: list[torch.Tensor] = []
+    for chunk in [*chunks, None]:
+        if group and (chunk is None or sum(map(len, group)) + len(chunk) > forward_patches):
+            patches = group[0] if len(group) == 1 else torch.cat(group)
+            maps.extend(
+                model.score_tensor(patches[i : i + forward_patches]) for i in range(0, len(patches), forward_patches)
+            )
+            group = []
+        if chunk is not None:
+            group.append(chunk)
+    return list(torch.cat(maps).split(sizes))
 
 
 def scored_image(

@@ -5,8 +5,9 @@ ranges over `PatchScorer` replicas, then stitches the map.
         ├─ plan_inspection: pad; 4225 patches of 32² for a 1024² image at stride 16, in 5 ranges of ≤ 1024
         ├─ ray.put(padded image)                          once: 4.4 MB, where the patches would be 17 MB
         ├─ PatchScorer.score(range, padded) × 5, in parallel   @serve.batch groups ranges by patch count;
-        │      the scorer cuts its patches out of the zero-copy image, forward passes of ≤ 128 on a CPU,
-        │      and returns its range's `MapBand`: ~1 MB of windowed sums, where its maps are ~3.5 MB
+        │      the scorer cuts its patches out of the zero-copy image (on its GPU, from the rows the range
+        │      touches), forward passes of ≤ 128 on a CPU, and returns its range's `MapBand`: ~1 MB of
+        │      windowed sums (summed on the GPU when it has one), where its maps are ~3.5 MB
         └─ finish_inspection: add the bands, smooth, regions  → ScoredImage
 
 Which model scores an image: a deployment pinned to a version (``version=...``) always uses it; one
@@ -47,12 +48,19 @@ from ray.serve.handle import DeploymentHandle
 from schemas import ModelCard, Settings
 from schemas.settings import SERVING_VARIABLES
 from trainer.registry import ModelRegistry
-from trainer.scoring import PatchModel, score_in_batches
+from trainer.scoring import PatchModel
 from trainer.store import ObjectStore
 from trainer.tiling import MapBand
 from workers import telemetry
 from workers.http_api import HTTP_APP_NAME, HttpGateway
-from workers.inspection import PatchRange, ScoredImage, ScoringBusy, finish_inspection, plan_inspection
+from workers.inspection import (
+    PatchRange,
+    ScoredImage,
+    ScoringBusy,
+    finish_inspection,
+    plan_inspection,
+    score_ranges,
+)
 from workers.live_models import DEFAULT_REFRESH_S, LiveVersions
 from workers.retry import Backoff
 
@@ -132,35 +140,23 @@ class PatchScorer:
 
     @serve.batch(max_batch_size=MAX_BATCH_PATCHES, batch_wait_timeout_s=0.002, batch_size_fn=_count_patches)
     async def score(self, ranges: list[PatchRange], padded: list[np.ndarray], versions: list[str]) -> list[MapBand]:
-        """Cut each range's patches out of its padded image, score them with the range's model version
-        (forward passes of at most ``forward_patches``) and return each range's `MapBand` (its maps
-        (n_i, P, P) window-weighted and summed over the rows they touch, for the ingress to add up).
+        """Score each range's patches of its padded image with the range's model version and return each
+        range's `MapBand` (its maps window-weighted and summed over the rows they touch, for the ingress to
+        add up): `score_ranges`, whose forward passes hold at most ``forward_patches``.
 
         ``padded`` arrives as an object-store reference resolved by Ray: read-only and zero-copy on this node.
         """
-        chunks = [patch_range.cut(image) for patch_range, image in zip(ranges, padded, strict=True)]
-        telemetry.patch_batch(sum(len(chunk) for chunk in chunks))
-        out: list[MapBand | None] = [None] * len(chunks)
+        telemetry.patch_batch(_count_patches(ranges))
+        out: list[MapBand | None] = [None] * len(ranges)
         for version in dict.fromkeys(versions):  # each version once, in arrival order
             indices = [i for i, v in enumerate(versions) if v == version]
             loaded = await self.model(version)
-            for i, maps in zip(indices, self._score_chunks(loaded.model, [chunks[i] for i in indices]), strict=True):
-                out[i] = ranges[i].band(maps)
+            bands = score_ranges(
+                loaded.model, [ranges[i] for i in indices], [padded[i] for i in indices], self.forward_patches
+            )
+            for i, band in zip(indices, bands, strict=True):
+                out[i] = band
         return out  # type: ignore[return-value]  # every index was filled above
-
-    def _score_chunks(self, model: PatchModel, chunks: list[np.ndarray]) -> list[np.ndarray]:
-        """Score chunks (n_i, P, P) with one model, consecutive chunks sharing forward passes; maps per chunk."""
-        sizes = [len(chunk) for chunk in chunks]
-        maps: list[np.ndarray] = []
-        group: list[np.ndarray] = []  # consecutive chunks that fit one forward pass together
-        for chunk in [*chunks, None]:
-            if group and (chunk is None or sum(map(len, group)) + len(chunk) > self.forward_patches):
-                patches = group[0] if len(group) == 1 else np.concatenate(group, axis=0)
-                maps.append(score_in_batches(model, patches, self.forward_patches))
-                group = []
-            if chunk is not None:
-                group.append(chunk)
-        return np.split(np.concatenate(maps, axis=0), np.cumsum(sizes)[:-1])
 
 
 @serve.deployment(name="InspectionService", max_ongoing_requests=16)
