@@ -29,6 +29,9 @@ from trainer.postprocess import MapSummary, summarize_map
 from trainer.scoring import PatchModel, anomaly_map, finish_map
 from trainer.tiling import MapBand, TileLayout, cut_patches, map_band, pad_image, plan_tiles, stitch_bands
 
+CHUNK_PATCHES = 1024
+"""Default largest scorer request: a 1024² image is 5 requests at P = 32, S = 16, and 2 at P = 64, S = 32."""
+
 
 @dataclass(frozen=True)
 class ScoredImage:

@@ -54,6 +54,7 @@ from trainer.tiling import MapBand
 from workers import telemetry
 from workers.http_api import HTTP_APP_NAME, HttpGateway
 from workers.inspection import (
+    CHUNK_PATCHES,
     PatchRange,
     ScoredImage,
     ScoringBusy,
@@ -67,8 +68,6 @@ from workers.retry import Backoff
 APP_NAME = "anomap"
 MAX_BATCH_PATCHES = 2048
 """The most patches a scorer takes in one ``@serve.batch`` (one request, or several merged)."""
-CHUNK_PATCHES = 1024
-"""Default largest scorer request: a 1024² image is 5 requests at P = 32, S = 16, and 2 at P = 64, S = 32."""
 CPU_FORWARD_PATCHES = 128
 """A CPU scorer's largest forward pass (see `score_in_batches`): small batches stay in cache."""
 GPU_FORWARD_PATCHES = 512
