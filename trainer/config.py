@@ -236,7 +236,8 @@ class TrainConfig:
 
         Maps are ``ssim_residual`` (the residual weighted by 1 − SSIM): in all six runs at 256² (demo seeds
         0–3, base 32 seeds 0–1, `benchmarks/residual_variants.py`) it beat the plain residual on pixel AP
-        (+.003 to +.088, mean +.024), for ~0.06 CPU-s more per 1024² image (4–5 % of this model).
+        (+.003 to +.088, mean +.024), and at 1024² (seeds 0–2, `benchmarks/quality.py`) it gave 1.8–2.1× the
+        residual's pixel AP on every run, for ~0.06 CPU-s more per 1024² image (4–5 % of this model).
         """
         values: dict[str, Any] = {
             "patch_size": 32,
