@@ -143,11 +143,6 @@ def covers_block_grid(
     )
 
 
-def _is_block_grid(layout: TileLayout) -> bool:
-    """Whether ``layout``'s patches form a block grid of its padded image (see `covers_block_grid`)."""
-    return covers_block_grid(layout.grid, layout.patch, layout.stride, (layout.padded_height, layout.padded_width))
-
-
 def _overlap_add(values: np.ndarray, layout: TileLayout) -> np.ndarray:
     """Sum (N, P, P) float32 patch values into the padded (Hp, Wp) float64 image, each pixel's terms in patch order."""
     shape = (layout.padded_height, layout.padded_width)
