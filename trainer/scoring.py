@@ -240,11 +240,11 @@ class PatchModel:
 
     def reconstruct(self, patches: np.ndarray) -> np.ndarray:
         """G(z*) for patches (N, P, P) in [0, 1] -> (N, P, P) float32 in [0, 1]; z* as in `latent`."""
-        x = self._to_tensor(patches)
-        rec = self._reconstruct(x)  # (N, 1, P, P), network units
+        unit = self._intensities(patches)
+        rec = self._reconstruct(self._network_units(unit))  # (N, 1, P, P), network units
         with torch.inference_mode():
             if self.contrast_gain > 0:
-                mean = torch.from_numpy(np.asarray(patches, dtype=np.float32)).to(self.device).mean((1, 2))
+                mean = unit.mean((1, 2, 3))
                 return (rec.squeeze(1) / self.contrast_gain + mean[:, None, None]).cpu().numpy()
             return ((rec + 1.0) / 2.0).squeeze(1).cpu().numpy()
 
@@ -327,9 +327,6 @@ class PatchModel:
         if self.contrast_gain > 0:
             return (x - x.mean(dim=(2, 3), keepdim=True)) * self.contrast_gain
         return x * 2.0 - 1.0  # [-1, 1]
-
-    def _to_tensor(self, patches: np.ndarray) -> torch.Tensor:
-        return self._network_units(self._intensities(patches))
 
 
 def finish_map(stitched: np.ndarray, sigma: float) -> np.ndarray:
