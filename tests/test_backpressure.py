@@ -38,11 +38,22 @@ from trainer.scoring import PatchModel
 from trainer.store import ObjectStore
 from trainer.synthetic import synth_image
 from workers.consumer import ConsumerConfig, Outcome, StreamConsumer
-from workers.inspection import LocalInspector, ScoredImage, ScoringBusy
+from workers.inspection import CHUNK_PATCHES, LocalInspector, ScoredImage, ScoringBusy
 from workers.publisher import publish_job
 from workers.results import read_dead_letters, read_results
 from workers.retry import Backoff, IntakeLimit
-from workers.serve_app import APP_NAME, ServeInspector, app_builder, build_app, deploy, is_backpressure
+from workers.serve_app import (
+    APP_NAME,
+    CPU_FORWARD_PATCHES,
+    GPU_CHUNK_PATCHES,
+    GPU_FORWARD_PATCHES,
+    MAX_BATCH_PATCHES,
+    ServeInspector,
+    app_builder,
+    build_app,
+    deploy,
+    is_backpressure,
+)
 
 SERVE_YAML = Path(__file__).parents[1] / "deploy" / "serve.yaml"
 
@@ -104,9 +115,25 @@ def test_the_app_graph_carries_the_configured_limits_and_autoscaling() -> None:
     assert wide.num_replicas == 4
 
 
+@pytest.mark.parametrize(
+    ("gpus", "chunk", "forward"),
+    [(0.0, CHUNK_PATCHES, CPU_FORWARD_PATCHES), (0.5, GPU_CHUNK_PATCHES, GPU_FORWARD_PATCHES)],
+)
+def test_request_and_forward_sizes_follow_the_scorers_device(gpus: float, chunk: int, forward: int) -> None:
+    ingress = build_app(Settings.from_env({}), "v1", scorer_gpus=gpus)._bound_deployment
+    scorer = ingress.init_args[0]._bound_deployment
+    assert ingress.init_args[3:5] == (chunk, forward)  # (scorer, settings, version, chunk, forward)
+    assert scorer.init_kwargs["forward_patches"] == forward
+    assert scorer.ray_actor_options.get("num_gpus", 0.0) == gpus
+    explicit = build_app(Settings.from_env({}), "v1", scorer_gpus=gpus, chunk_patches=64, forward_patches=32)
+    assert explicit._bound_deployment.init_args[3:5] == (64, 32)
+    for bad in (0, MAX_BATCH_PATCHES + 1):
+        with pytest.raises(ValueError, match=rf"chunk_patches must be in 1\.\.{MAX_BATCH_PATCHES}.*got {bad}"):
+            build_app(Settings.from_env({}), "v1", scorer_gpus=gpus, chunk_patches=bad)
+
+
 def test_serve_yaml_args_are_valid_serving_options_and_unknown_ones_are_refused() -> None:
     args = dict(yaml.safe_load(SERVE_YAML.read_text())["applications"][0]["args"])
-    args.pop("chunk_patches")
     assert ServingConfig().updated(args).scorer_replicas == 2  # strings are parsed, as Serve passes them
     with pytest.raises(ValueError, match=r"unknown serving option\(s\) \['scorer_max_queue'\]"):
         ServingConfig().updated({"scorer_max_queue": "1"})

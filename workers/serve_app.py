@@ -70,8 +70,11 @@ MAX_BATCH_PATCHES = 2048
 """The most patches a scorer takes in one ``@serve.batch`` (one request, or several merged)."""
 CPU_FORWARD_PATCHES = 128
 """A CPU scorer's largest forward pass (see `score_in_batches`): small batches stay in cache."""
-GPU_FORWARD_PATCHES = 512
-"""A GPU scorer's largest forward pass."""
+GPU_FORWARD_PATCHES = 2048
+"""A GPU scorer's largest forward pass: on an H200 the demo model ran 59, 98, 132 and 225 images/s in
+passes of 512, 1024, 2048 and 4225 patches (launch-bound; docs/benchmarks.md, seventh session)."""
+GPU_CHUNK_PATCHES = MAX_BATCH_PATCHES
+"""A GPU scorer's request size: a 1024² image in three requests, not five (Serve path +16 % on the H200)."""
 CHUNK_WAIT_S = 10.0
 """How long the ingress keeps sending a patch range the scorers' queue refused before it refuses the image."""
 MODELS_PER_SCORER = 4
@@ -111,7 +114,9 @@ class PatchScorer:
     (``@serve.multiplexed``), and the version given at construction is loaded before the first request.
     A batch runs in forward passes of at most ``forward_patches`` patches per version, consecutive ranges
     sharing one when they fit: the in-process path's batch size on a CPU, where merged batches of 512
-    patches ran ~1.9× slower per patch than 128 (out of cache), and larger ones on a GPU.
+    patches ran ~1.9× slower per patch than 128 (out of cache), and larger ones on a GPU. A batch is
+    scored in a worker thread (torch releases the GIL), so the replica keeps taking requests meanwhile
+    and the next batch is ready when one ends.
     """
 
     def __init__(
@@ -150,8 +155,12 @@ class PatchScorer:
         for version in dict.fromkeys(versions):  # each version once, in arrival order
             indices = [i for i, v in enumerate(versions) if v == version]
             loaded = await self.model(version)
-            bands = score_ranges(
-                loaded.model, [ranges[i] for i in indices], [padded[i] for i in indices], self.forward_patches
+            bands = await asyncio.to_thread(  # off the event loop: requests keep arriving while this scores
+                score_ranges,
+                loaded.model,
+                [ranges[i] for i in indices],
+                [padded[i] for i in indices],
+                self.forward_patches,
             )
             for i, band in zip(indices, bands, strict=True):
                 out[i] = band
@@ -255,7 +264,7 @@ def build_app(
     scorer_replicas: int | None = None,
     scorer_cpus: float = 0.5,
     ingress_cpus: float = 0.25,
-    chunk_patches: int = CHUNK_PATCHES,
+    chunk_patches: int | None = None,
     scorer_gpus: float | None = None,
     forward_patches: int | None = None,
 ) -> serve.Application:
@@ -266,12 +275,12 @@ def build_app(
     when given, overrides them with a fixed count (autoscaling off). ``scorer_gpus`` is each scorer
     replica's GPU share (fractions let replicas share a GPU); ``None`` means 0.5 when the Ray cluster
     has GPUs and 0 otherwise. A replica with a GPU scores on CUDA. ``chunk_patches`` caps one scorer
-    request (a range of an image's patches) and ``forward_patches`` one forward pass (``None``:
-    ``GPU_FORWARD_PATCHES`` on a GPU, ``CPU_FORWARD_PATCHES`` on a CPU); requests are made of whole
-    forward passes, as in `plan_inspection`.
+    request (a range of an image's patches) and ``forward_patches`` one forward pass; ``None`` means
+    ``GPU_CHUNK_PATCHES`` / ``GPU_FORWARD_PATCHES`` on a GPU, ``CHUNK_PATCHES`` / ``CPU_FORWARD_PATCHES``
+    on a CPU. Requests are made of whole forward passes, as in `plan_inspection`.
     """
-    if chunk_patches > MAX_BATCH_PATCHES:
-        msg = f"chunk_patches={chunk_patches} exceeds the scorer's batch limit of {MAX_BATCH_PATCHES} patches"
+    if chunk_patches is not None and not 1 <= chunk_patches <= MAX_BATCH_PATCHES:
+        msg = f"chunk_patches must be in 1..{MAX_BATCH_PATCHES} (the scorer's batch limit), got {chunk_patches}"
         raise ValueError(msg)
     if forward_patches is not None and forward_patches < 1:
         msg = f"forward_patches must be >= 1, got {forward_patches}"
@@ -283,6 +292,8 @@ def build_app(
         scorer_gpus = 0.5 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     if forward_patches is None:
         forward_patches = GPU_FORWARD_PATCHES if scorer_gpus > 0 else CPU_FORWARD_PATCHES
+    if chunk_patches is None:
+        chunk_patches = GPU_CHUNK_PATCHES if scorer_gpus > 0 else CHUNK_PATCHES
     actor_options: dict[str, float] = {"num_cpus": scorer_cpus}
     if scorer_gpus > 0:
         actor_options["num_gpus"] = scorer_gpus
@@ -309,7 +320,7 @@ def deploy(
     settings: Settings,
     version: str | None,
     scorer_replicas: int | None = None,
-    chunk_patches: int = CHUNK_PATCHES,
+    chunk_patches: int | None = None,
     http_port: int | None = None,
     forward_patches: int | None = None,
 ) -> DeploymentHandle:
@@ -419,10 +430,10 @@ def app_builder(args: Mapping[str, Any]) -> serve.Application:
     settings = settings.model_copy(update={"serving": settings.serving.updated(overrides)})
     _registry(settings).live_version()  # fail at deploy time, with its message, when nothing is live yet
     version = args.get("version")
-    forward = args.get("forward_patches")
+    chunk, forward = args.get("chunk_patches"), args.get("forward_patches")
     return build_app(
         settings,
         str(version) if version else None,
-        chunk_patches=int(args.get("chunk_patches", CHUNK_PATCHES)),
+        chunk_patches=int(chunk) if chunk is not None else None,
         forward_patches=int(forward) if forward is not None else None,
     )
