@@ -16,7 +16,9 @@ code under test is the scorer's (`workers.inspection.score_ranges`) and the ingr
    runs them: rows to the device, patches cut there, maps summed into bands there, bands back;
 3. ``scorer_host_tiling``: the same ranges cut and summed on the host (what a GPU scorer did before the
    sixth session: (n, P, P) patches up, maps down);
-4. ``ingress``: adding the bands, smoothing and regions on the host CPU (`finish_inspection`).
+4. ``ingress``: adding the bands, smoothing and regions on the host CPU (`finish_inspection`);
+
+and how far the device path's bands are from the host path's on one image (summation order only).
 
 Prints one JSON object (and writes it with ``--json``).
 """
@@ -111,6 +113,8 @@ def measure(model: PatchModel, n_images: int, forward_sizes: list[int], repeats:
             [r.band(score_in_batches(model, r.cut(plan.padded), best_forward)) for r in plan.ranges]
 
     bands = score_ranges(model, plans[0].ranges, [plans[0].padded] * len(plans[0].ranges), best_forward)
+    host_bands = [r.band(score_in_batches(model, r.cut(plans[0].padded), best_forward)) for r in plans[0].ranges]
+    band_diff = max(float(np.abs(a.values - b.values).max()) for a, b in zip(bands, host_bands, strict=True))
     ingress_s = timed(lambda: finish_inspection(plans[0], bands, card), repeats * 4, torch.device("cpu"))
     with FlopCounterMode(display=False) as counter:
         model.score_tensor(patches[:64])
@@ -121,6 +125,8 @@ def measure(model: PatchModel, n_images: int, forward_sizes: list[int], repeats:
         "scorer_ips": round(n_images / timed(scorer, repeats, device), 3),
         "scorer_host_tiling_ips": round(n_images / timed(scorer_host_tiling, repeats, device), 3),
         "ingress_ms_per_image": round(ingress_s * 1e3, 2),
+        "scorer_vs_host_band_max_abs_diff": band_diff,
+        "band_max": max(float(band.values.max()) for band in bands),
         "model_gflop_per_image": round(flops / 1e9, 2),
         "achieved_tflops_forward": round(flops * forward[str(best_forward)] / 1e12, 2),
         "n_patches_per_image": n_patches,

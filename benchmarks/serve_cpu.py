@@ -38,11 +38,13 @@ from throughput import (
     bench_images_and_model,
     bench_inprocess,
     bench_serve,
+    fill_device_sizes,
     on_embedded_stack,
     publish_and_wait,
     rate,
     start_consumers,
     stop_consumers,
+    with_path_options,
 )
 
 from cluster.connections import redis_client
@@ -113,6 +115,7 @@ def forward_seconds_per_image(model: PatchModel, image: np.ndarray, batch: int, 
 
 def measure(args: argparse.Namespace, settings: Settings) -> dict[str, object]:
     """The four phases on a running stack; CPU-seconds per image by role, and the rates."""
+    settings = with_path_options(settings, args)
     raw, images, model = bench_images_and_model(settings, args.size, args.images)
 
     torch.set_num_threads(1)
@@ -187,7 +190,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_path_arguments(parser, images=12)
     parser.add_argument("--idle-s", type=float, default=10.0, help="seconds of the idle phase")
-    args = parser.parse_args()
+    args = fill_device_sizes(parser.parse_args())
     result = on_embedded_stack(lambda settings: measure(args, settings))
     emit_json(result, args.json)
 

@@ -6,8 +6,9 @@
 (b) ``serve``: the Ray Serve app through a handle (ingress + PatchScorer replicas);
 (c) ``stream``: publish → Valkey stream → consumers → Serve → SeaweedFS → results stream.
 
-All three run forward passes of ``--batch`` patches (default 128); the Serve app sends each scorer
-ranges of up to ``--chunk`` patches. (a) runs first and again last, with Serve deleted, and the
+All three run forward passes of ``--batch`` patches; the Serve app sends each scorer ranges of up to
+``--chunk`` patches (defaults: the Serve app's for the device, 128 / 1024 on a CPU and 2048 / 2048 with
+CUDA, where each scorer replica takes 0.5 GPU). (a) runs first and again last, with Serve deleted, and the
 faster of the two is the reference for the ratios (a shared machine's speed drifts during a run).
 Then open-loop latency of (c) at 50 % and 90 % of its measured rate, the model's FLOPs per image
 and the machine's measured matmul rate. Everything runs on an embedded stack in a temporary folder
@@ -47,19 +48,42 @@ from trainer.synthetic import DefectKind, synth_image
 from workers.consumer import ConsumerConfig, StreamConsumer
 from workers.inspection import LocalInspector, plan_inspection
 from workers.publisher import publish_job
-from workers.serve_app import APP_NAME, CHUNK_PATCHES, ServeInspector, deploy
+from workers.serve_app import (
+    APP_NAME,
+    CHUNK_PATCHES,
+    CPU_FORWARD_PATCHES,
+    GPU_CHUNK_PATCHES,
+    GPU_FORWARD_PATCHES,
+    ServeInspector,
+    deploy,
+)
 
 LINE = "bench"
 
 
-def matmul_gflops(n: int = 1024, repeats: int = 10) -> float:
-    """Measured float32 matmul rate of this process's torch (all its threads), in GFLOP/s."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_gflops(device: torch.device, repeats: int = 10) -> float:
+    """Measured matmul rate on ``device``, in GFLOP/s, in the dtype the model runs in there: float32
+    1024² on a CPU (this process's torch threads), bfloat16 8192² on CUDA (the scorers' autocast)."""
+    on_gpu = device.type == "cuda"
+    n, dtype = (8192, torch.bfloat16) if on_gpu else (1024, torch.float32)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+
+    def sync() -> None:
+        if on_gpu:
+            torch.cuda.synchronize(device)
+
     torch.mm(a, b)
+    sync()
     start = time.perf_counter()
     for _ in range(repeats):
         torch.mm(a, b)
+    sync()
     return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or ``cpu``."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def flops_per_image(model: PatchModel, image: np.ndarray) -> float:
@@ -173,12 +197,29 @@ def add_path_arguments(parser: argparse.ArgumentParser, images: int) -> None:
     parser.add_argument("--json", type=Path, help="also write the result here")
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--images", type=int, default=images)
-    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--replicas", type=int, default=2, help="PatchScorer replicas (0.5 GPU each on a GPU)")
+    parser.add_argument("--ingress-replicas", type=int, default=1, help="InspectionService replicas")
     parser.add_argument("--consumers", type=int, default=2)
     parser.add_argument("--in-flight", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2, help="torch threads for the in-process run")
-    parser.add_argument("--batch", type=int, default=128, help="patches per forward pass, in every path")
-    parser.add_argument("--chunk", type=int, default=CHUNK_PATCHES, help="patches per scorer request (Serve)")
+    parser.add_argument("--batch", type=int, help="patches per forward pass, in every path (default: by device)")
+    parser.add_argument("--chunk", type=int, help="patches per scorer request, Serve (default: by device)")
+
+
+def fill_device_sizes(args: argparse.Namespace) -> argparse.Namespace:
+    """``--batch`` and ``--chunk`` left unset take the Serve app's defaults for this machine's device."""
+    on_gpu = torch.cuda.is_available()
+    if args.batch is None:
+        args.batch = GPU_FORWARD_PATCHES if on_gpu else CPU_FORWARD_PATCHES
+    if args.chunk is None:
+        args.chunk = GPU_CHUNK_PATCHES if on_gpu else CHUNK_PATCHES
+    return args
+
+
+def with_path_options(settings: Settings, args: argparse.Namespace) -> Settings:
+    """``settings`` with the serving fields `add_path_arguments` sets (the scorer count goes to `deploy`)."""
+    serving = settings.serving.updated({"ingress_replicas": args.ingress_replicas})
+    return settings.model_copy(update={"serving": serving})
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
@@ -201,12 +242,13 @@ def bench_images_and_model(
 
 
 def _measure(args: argparse.Namespace, settings: Settings) -> dict[str, object]:
+    settings = with_path_options(settings, args)
     raw, images, model = bench_images_and_model(settings, args.size, args.images)
     card = model.card
     pngs = [encode_png(image) for image in raw]
     torch.set_num_threads(args.threads)
     flops = flops_per_image(model, images[0])
-    gflops = matmul_gflops()
+    gflops = matmul_gflops(model.device)
     load_before = os.getloadavg()[0]
     inprocess_runs = [bench_inprocess(model, images, args.batch)]
 
@@ -232,6 +274,11 @@ def _measure(args: argparse.Namespace, settings: Settings) -> dict[str, object]:
     inprocess_runs.append(bench_inprocess(model, images, args.batch))
     inprocess = max(inprocess_runs)  # the faster of the two: ratios are not flattered by a slow moment
     return {
+        "device": device_name(model.device),
+        "ray_gpus": ray.cluster_resources().get("GPU", 0),
+        "ingress_replicas": settings.serving.ingress_replicas,
+        "consumers": args.consumers,
+        "in_flight": args.in_flight,
         "image_size": args.size,
         "images": args.images,
         "patch_size": card.patch_size,
@@ -260,7 +307,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer images and a shorter latency run")
     add_path_arguments(parser, images=24)
     parser.add_argument("--latency-s", type=float, default=40.0, help="seconds of open-loop load per level")
-    args = parser.parse_args()
+    args = fill_device_sizes(parser.parse_args())
     if args.quick:
         args.images, args.latency_s = min(args.images, 12), min(args.latency_s, 20.0)
     result = run(args)
