@@ -116,7 +116,7 @@ def forward_seconds_per_image(model: PatchModel, image: np.ndarray, batch: int, 
 def measure(args: argparse.Namespace, settings: Settings) -> dict[str, object]:
     """The four phases on a running stack; CPU-seconds per image by role, and the rates."""
     settings = with_path_options(settings, args)
-    raw, images, model = bench_images_and_model(settings, args.size, args.images)
+    raw, images, model = bench_images_and_model(settings, args.size, args.images, args.schedule)
 
     torch.set_num_threads(1)
     forward_1thread = forward_seconds_per_image(model, images[0], args.batch)
@@ -159,6 +159,7 @@ def measure(args: argparse.Namespace, settings: Settings) -> dict[str, object]:
         return round(sum(phase["cpu"].values()) / phase["seconds"], 3)  # type: ignore[union-attr,arg-type]
 
     return {
+        "schedule": args.schedule,
         "image_size": args.size,
         "images": len(images),
         "cores": cores,

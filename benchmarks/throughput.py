@@ -195,6 +195,7 @@ def on_embedded_stack(measure: Callable[[Settings], dict[str, object]]) -> dict[
 def add_path_arguments(parser: argparse.ArgumentParser, images: int) -> None:
     """The options every inspection-path benchmark shares (image size and count, Serve and consumer sizes)."""
     parser.add_argument("--json", type=Path, help="also write the result here")
+    parser.add_argument("--schedule", choices=sorted(SCHEDULES), default="demo", help="the model's architecture")
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--images", type=int, default=images)
     parser.add_argument("--replicas", type=int, default=2, help="PatchScorer replicas (0.5 GPU each on a GPU)")
@@ -227,23 +228,32 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     return on_embedded_stack(lambda settings: _measure(args, settings))
 
 
+SCHEDULES: dict[str, Callable[[], TrainConfig]] = {
+    "demo": TrainConfig.demo,
+    "wide": TrainConfig.wide,
+    "tiny": TrainConfig.tiny,
+}
+"""``--schedule``: whose architecture is measured. ``tiny`` (base 4, Z = 8; the same P = 32, S = 16 tiling)
+makes the model cheap, so what the plumbing costs per image stands out."""
+
+
 def bench_images_and_model(
-    settings: Settings, size: int, n_images: int
+    settings: Settings, size: int, n_images: int, schedule: str = "demo"
 ) -> tuple[list[np.ndarray], list[np.ndarray], PatchModel]:
     """``n_images`` synthetic images (every other one scratched) as uint8 and as float32 in [0, 1], and
-    the demo architecture's untrained model, registered as a version in the settings' store (its weights
-    cost the same to run as trained ones)."""
+    the ``schedule``'s untrained model, registered as a version in the settings' store (its weights cost
+    the same to run as trained ones)."""
     registry = ModelRegistry(object_store(settings), settings.model_name)
     raw = [synth_image(seed, size, (DefectKind.SCRATCH,) if seed % 2 else ())[0] for seed in range(n_images)]
     images = [image.astype(np.float32) / 255.0 for image in raw]
-    card = initial_model_version(registry, TrainConfig.demo(), images[:2])
+    card = initial_model_version(registry, SCHEDULES[schedule](), images[:2])
     _, weights = registry.load(card.version)
     return raw, images, PatchModel.from_safetensors(card, weights)
 
 
 def _measure(args: argparse.Namespace, settings: Settings) -> dict[str, object]:
     settings = with_path_options(settings, args)
-    raw, images, model = bench_images_and_model(settings, args.size, args.images)
+    raw, images, model = bench_images_and_model(settings, args.size, args.images, args.schedule)
     card = model.card
     pngs = [encode_png(image) for image in raw]
     torch.set_num_threads(args.threads)
@@ -279,6 +289,7 @@ def _measure(args: argparse.Namespace, settings: Settings) -> dict[str, object]:
         "ingress_replicas": settings.serving.ingress_replicas,
         "consumers": args.consumers,
         "in_flight": args.in_flight,
+        "schedule": args.schedule,
         "image_size": args.size,
         "images": args.images,
         "patch_size": card.patch_size,
