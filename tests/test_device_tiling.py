@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.device_tiling import cut_strip, fold_strip, range_strip
-from trainer.tiling import cut_patches, map_band, pad_image, plan_tiles
+from trainer.device_tiling import cut_strip, fold_strip, range_strip, window_on
+from trainer.tiling import cut_patches, map_band, pad_image, patch_window, plan_tiles
 
 
 @pytest.mark.parametrize(("start", "stop"), [(0, 768), (768, 1664), (3456, 4225), (5, 6), (60, 70)])
@@ -40,3 +40,9 @@ def test_strips_refuse_ranges_and_maps_that_do_not_fit() -> None:
     assert strip is not None
     with pytest.raises(ValueError, match="the strip expects"):
         fold_strip(torch.zeros(3, 1, 32, 32), strip)
+
+
+def test_the_window_is_put_on_the_device_once() -> None:
+    window = window_on(32, torch.device("cpu"))
+    assert window_on(32, torch.device("cpu")) is window
+    assert np.array_equal(window.numpy(), patch_window(32))

@@ -6,7 +6,15 @@ import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter
 
-from trainer.patch_filters import SSIM_C1, SSIM_C2, gaussian_blur, gaussian_kernel, ssim_dissimilarity
+from trainer.patch_filters import (
+    SSIM_C1,
+    SSIM_C2,
+    blur_matrix,
+    blur_matrix_on,
+    gaussian_blur,
+    gaussian_kernel,
+    ssim_dissimilarity,
+)
 
 
 def _scipy_ssim(x: np.ndarray, y: np.ndarray, sigma: float) -> np.ndarray:
@@ -46,3 +54,12 @@ def test_gaussian_blur_keeps_a_constant_and_is_the_identity_at_sigma_zero() -> N
     noise = torch.rand(2, 1, 16, 16)
     assert gaussian_blur(noise, 0.0) is noise
     assert gaussian_blur(noise, 1.5).std() < noise.std()
+
+
+def test_the_blur_matrix_is_made_once_per_device_and_dtype() -> None:
+    """Forward passes reuse one copy on their device (on a GPU a fresh host copy per pass would stall it)."""
+    first = blur_matrix_on(32, 1.5, torch.device("cpu"), torch.float32)
+    assert blur_matrix_on(32, 1.5, torch.device("cpu"), torch.float32) is first
+    assert torch.equal(first, blur_matrix(32, 1.5))
+    halved = blur_matrix_on(32, 1.5, torch.device("cpu"), torch.bfloat16)
+    assert halved.dtype == torch.bfloat16 and halved is not first

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -67,6 +68,13 @@ def cut_strip(padded: np.ndarray, strip: RangeStrip, device: torch.device | str)
     return windows.reshape(-1, 1, p, p)[strip.offset : strip.offset + strip.n_patches]
 
 
+@lru_cache(maxsize=16)
+def window_on(patch: int, device: torch.device) -> torch.Tensor:
+    """`trainer.tiling.patch_window` (P, P) float32 on ``device``, copied there once (a copy from pageable
+    host memory to a GPU waits for the work queued there: one per range would stall the scorer)."""
+    return torch.from_numpy(patch_window(patch)).to(device)
+
+
 def fold_strip(maps: torch.Tensor, strip: RangeStrip) -> MapBand:
     """The range's maps (n, 1, P, P) on any device, window-weighted and summed -> its `MapBand` (on the host).
 
@@ -80,7 +88,7 @@ def fold_strip(maps: torch.Tensor, strip: RangeStrip) -> MapBand:
         msg = f"maps have shape {tuple(maps.shape)}, the strip expects {(strip.n_patches, 1, p, p)}"
         raise ValueError(msg)
     ny, nx, k = strip.n_rows, strip.n_columns, p // s
-    window = torch.from_numpy(patch_window(p)).to(maps.device)
+    window = window_on(p, maps.device)
     weighted = torch.zeros(ny * nx, p, p, dtype=torch.float32, device=maps.device)
     weighted[strip.offset : strip.offset + strip.n_patches] = maps[:, 0].float() * window
     # [u, v, iy, row, ix, col]: block (u, v) of patch (iy, ix) lands on strip block (iy + u, ix + v)

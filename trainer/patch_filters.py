@@ -51,12 +51,19 @@ def blur_matrix(size: int, sigma: float) -> torch.Tensor:
     return matrix
 
 
+@lru_cache(maxsize=32)
+def blur_matrix_on(size: int, sigma: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """`blur_matrix` on ``device`` in ``dtype``, copied there once: a copy from pageable host memory to a
+    GPU waits for the work already queued there, so one per forward pass would stall every pass."""
+    return blur_matrix(size, sigma).to(device=device, dtype=dtype)
+
+
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of (B, 1, P, P), reflect-padded: (B, 1, P, P); σ <= 0 returns ``x``."""
     if sigma <= 0:
         return x
-    rows = blur_matrix(x.shape[-2], sigma).to(x)
-    cols = rows if x.shape[-1] == x.shape[-2] else blur_matrix(x.shape[-1], sigma).to(x)
+    rows = blur_matrix_on(x.shape[-2], sigma, x.device, x.dtype)
+    cols = rows if x.shape[-1] == x.shape[-2] else blur_matrix_on(x.shape[-1], sigma, x.device, x.dtype)
     return rows.T @ x @ cols
 
 
