@@ -46,17 +46,16 @@ from trainer.registry import ModelRegistry
 from trainer.scoring import PatchModel
 from trainer.synthetic import DefectKind, synth_image
 from workers.consumer import ConsumerConfig, StreamConsumer
-from workers.inspection import LocalInspector, plan_inspection
-from workers.publisher import publish_job
-from workers.serve_app import (
-    APP_NAME,
+from workers.inspection import (
     CHUNK_PATCHES,
     CPU_FORWARD_PATCHES,
     GPU_CHUNK_PATCHES,
     GPU_FORWARD_PATCHES,
-    ServeInspector,
-    deploy,
+    LocalInspector,
+    plan_inspection,
 )
+from workers.publisher import publish_job
+from workers.serve_app import APP_NAME, ServeInspector, deploy
 
 LINE = "bench"
 

@@ -38,15 +38,20 @@ from trainer.scoring import PatchModel
 from trainer.store import ObjectStore
 from trainer.synthetic import synth_image
 from workers.consumer import ConsumerConfig, Outcome, StreamConsumer
-from workers.inspection import CHUNK_PATCHES, LocalInspector, ScoredImage, ScoringBusy
+from workers.inspection import (
+    CHUNK_PATCHES,
+    CPU_FORWARD_PATCHES,
+    GPU_CHUNK_PATCHES,
+    GPU_FORWARD_PATCHES,
+    LocalInspector,
+    ScoredImage,
+    ScoringBusy,
+)
 from workers.publisher import publish_job
 from workers.results import read_dead_letters, read_results
 from workers.retry import Backoff, IntakeLimit
 from workers.serve_app import (
     APP_NAME,
-    CPU_FORWARD_PATCHES,
-    GPU_CHUNK_PATCHES,
-    GPU_FORWARD_PATCHES,
     MAX_BATCH_PATCHES,
     ServeInspector,
     app_builder,

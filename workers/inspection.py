@@ -31,6 +31,14 @@ from trainer.tiling import MapBand, TileLayout, cut_patches, map_band, pad_image
 
 CHUNK_PATCHES = 1024
 """Default largest scorer request: a 1024² image is 5 requests at P = 32, S = 16, and 2 at P = 64, S = 32."""
+GPU_CHUNK_PATCHES = 2048
+"""A GPU scorer's default largest request: a 1024² image in three requests, not five (the Serve path ran 16 %
+faster on an H200; docs/benchmarks.md, seventh session). The scorers' batch limit is set to match."""
+CPU_FORWARD_PATCHES = 128
+"""A CPU scorer's largest forward pass (see `score_in_batches`): small batches stay in cache."""
+GPU_FORWARD_PATCHES = 2048
+"""A GPU scorer's largest forward pass: on an H200 the demo model ran 59, 98, 132 and 225 images/s in
+passes of 512, 1024, 2048 and 4225 patches (launch-bound; docs/benchmarks.md, seventh session)."""
 
 
 @dataclass(frozen=True)

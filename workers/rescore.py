@@ -62,7 +62,7 @@ class RescoreOptions:
     gpus_per_actor: float = 0.0
     torch_threads: int | None = None
     forward_patches: int = 128
-    """Patches per forward pass: the Serve path's CPU batch (`workers.serve_app.CPU_FORWARD_PATCHES`)."""
+    """Patches per forward pass: the Serve path's CPU batch (`workers.inspection.CPU_FORWARD_PATCHES`)."""
     overlays: OverlayPolicy = OverlayPolicy.ANOMALOUS
     """Which images get a JPEG overlay besides their map (default: those at or above the image threshold)."""
     batch_images: int = 1

@@ -55,6 +55,9 @@ from workers import telemetry
 from workers.http_api import HTTP_APP_NAME, HttpGateway
 from workers.inspection import (
     CHUNK_PATCHES,
+    CPU_FORWARD_PATCHES,
+    GPU_CHUNK_PATCHES,
+    GPU_FORWARD_PATCHES,
     PatchRange,
     ScoredImage,
     ScoringBusy,
@@ -66,15 +69,9 @@ from workers.live_models import DEFAULT_REFRESH_S, LiveVersions
 from workers.retry import Backoff
 
 APP_NAME = "anomap"
-MAX_BATCH_PATCHES = 2048
-"""The most patches a scorer takes in one ``@serve.batch`` (one request, or several merged)."""
-CPU_FORWARD_PATCHES = 128
-"""A CPU scorer's largest forward pass (see `score_in_batches`): small batches stay in cache."""
-GPU_FORWARD_PATCHES = 2048
-"""A GPU scorer's largest forward pass: on an H200 the demo model ran 59, 98, 132 and 225 images/s in
-passes of 512, 1024, 2048 and 4225 patches (launch-bound; docs/benchmarks.md, seventh session)."""
-GPU_CHUNK_PATCHES = MAX_BATCH_PATCHES
-"""A GPU scorer's request size: a 1024² image in three requests, not five (Serve path +16 % on the H200)."""
+MAX_BATCH_PATCHES = GPU_CHUNK_PATCHES
+"""The most patches a scorer takes in one ``@serve.batch`` (one request, or several merged): one request of
+the largest default size."""
 CHUNK_WAIT_S = 10.0
 """How long the ingress keeps sending a patch range the scorers' queue refused before it refuses the image."""
 MODELS_PER_SCORER = 4
