@@ -13,12 +13,16 @@ code under test is the scorer's (`workers.inspection.score_ranges`) and the ingr
 1. ``forward``: `PatchModel.score_tensor` on patches already on the device, forward passes of each of
    ``--forward`` sizes: the model's rate, the ceiling of every other path;
 2. ``scorer``: `score_ranges` on the image's five ranges of ≤ 1024 patches, as a `PatchScorer` replica
-   runs them: rows to the device, patches cut there, maps summed into bands there, bands back;
+   runs them: rows to the device, patches cut there, maps summed into bands there, bands back (forward
+   passes of the best size from 1.); ``scorer_serve_sizes``: the same at the Serve app's GPU sizes
+   (three ranges of ≤ 2048, passes of ≤ 2048);
 3. ``scorer_host_tiling``: the same ranges cut and summed on the host (what a GPU scorer did before the
    sixth session: (n, P, P) patches up, maps down);
 4. ``ingress``: adding the bands, smoothing and regions on the host CPU (`finish_inspection`);
 
 and how far the device path's bands are from the host path's on one image (summation order only).
+On CUDA, an experiment: ``forward_cuda_graph``, the forward passes of 1. replayed from captured CUDA
+graphs (images/s and the largest difference from the eager maps, or why the capture failed).
 
 Prints one JSON object (and writes it with ``--json``).
 """
@@ -43,7 +47,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from schemas import ModelCard
 from trainer.scoring import PatchModel, score_in_batches
 from trainer.synthetic import DefectKind, synth_image
-from workers.inspection import CHUNK_PATCHES, finish_inspection, plan_inspection, score_ranges
+from workers.inspection import (
+    CHUNK_PATCHES,
+    GPU_CHUNK_PATCHES,
+    GPU_FORWARD_PATCHES,
+    finish_inspection,
+    plan_inspection,
+    score_ranges,
+)
 
 CARD_FILE, WEIGHTS_FILE = "card.json", "weights.safetensors"
 
@@ -83,6 +94,40 @@ def timed(step: Callable[[], Any], repeats: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+def graphed_forward(model: PatchModel, patches: torch.Tensor, size: int, repeats: int) -> dict[str, Any]:
+    """Forward passes of ``size`` patches replayed from one captured CUDA graph (an experiment: the model is
+    launch-bound on a GPU): images/s over ``patches`` (one image's, (n, 1, P, P) on the GPU), and the largest
+    difference from the eager maps; or why it failed (a failure is a finding, not a crash of the check)."""
+    try:
+        return _graphed_forward(model, patches, size, repeats)
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"[:300]}
+
+
+def _graphed_forward(model: PatchModel, patches: torch.Tensor, size: int, repeats: int) -> dict[str, Any]:
+    static_in = patches[:size].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+        for _ in range(3):
+            model.score_tensor(static_in)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = model.score_tensor(static_in)
+
+    def replay_image() -> None:
+        for i in range(0, len(patches), size):
+            chunk = patches[i : i + size]
+            static_in[: len(chunk)].copy_(chunk)  # a short last pass reuses the graph; its tail is ignored
+            graph.replay()
+
+    static_in.copy_(patches[:size])
+    graph.replay()
+    diff = float((static_out - model.score_tensor(patches[:size])).abs().max())
+    return {"ips": round(1 / timed(replay_image, repeats, model.device), 3), "max_abs_diff": diff}
+
+
 def measure(model: PatchModel, n_images: int, forward_sizes: list[int], repeats: int) -> dict[str, Any]:
     """Every rate above on ``n_images`` synthetic 1024² images (every other one scratched)."""
     device, card = model.device, model.card
@@ -112,6 +157,12 @@ def measure(model: PatchModel, n_images: int, forward_sizes: list[int], repeats:
         for plan in plans:
             [r.band(score_in_batches(model, r.cut(plan.padded), best_forward)) for r in plan.ranges]
 
+    serve_plans = [plan_inspection(image, card, GPU_CHUNK_PATCHES, GPU_FORWARD_PATCHES) for image in images]
+
+    def scorer_serve_sizes() -> None:
+        for plan in serve_plans:
+            score_ranges(model, plan.ranges, [plan.padded] * len(plan.ranges), GPU_FORWARD_PATCHES)
+
     bands = score_ranges(model, plans[0].ranges, [plans[0].padded] * len(plans[0].ranges), best_forward)
     host_bands = [r.band(score_in_batches(model, r.cut(plans[0].padded), best_forward)) for r in plans[0].ranges]
     band_diff = max(float(np.abs(a.values - b.values).max()) for a, b in zip(bands, host_bands, strict=True))
@@ -123,6 +174,11 @@ def measure(model: PatchModel, n_images: int, forward_sizes: list[int], repeats:
         "forward_ips": forward,
         "forward_best_batch": best_forward,
         "scorer_ips": round(n_images / timed(scorer, repeats, device), 3),
+        "scorer_serve_sizes_ips": round(n_images / timed(scorer_serve_sizes, repeats, device), 3),
+        "forward_cuda_graph": {
+            str(size): graphed_forward(model, patches, size, repeats) if device.type == "cuda" else "cpu: not run"
+            for size in forward_sizes
+        },
         "scorer_host_tiling_ips": round(n_images / timed(scorer_host_tiling, repeats, device), 3),
         "ingress_ms_per_image": round(ingress_s * 1e3, 2),
         "scorer_vs_host_band_max_abs_diff": band_diff,
