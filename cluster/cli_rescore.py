@@ -36,7 +36,9 @@ def rescore(
     torch_threads: Annotated[
         int | None, typer.Option(min=1, max=256, help="torch threads per actor (default: its CPUs, >= 1).")
     ] = None,
-    forward_patches: Annotated[int, typer.Option(min=1, help="Patches per forward pass (Serve's CPU batch).")] = 128,
+    forward_patches: Annotated[
+        int | None, typer.Option(min=1, help="Patches per forward pass (default: 128, or 2048 with --gpus-per-actor).")
+    ] = None,
     overlays: Annotated[
         str, typer.Option(help="JPEG overlays for: all | anomalous (images at or above the threshold) | none.")
     ] = "anomalous",

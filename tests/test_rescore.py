@@ -29,7 +29,7 @@ from trainer.scoring import PatchModel
 from trainer.store import ObjectStore
 from trainer.synthetic import DefectKind, synth_image
 from workers.archive import ArchiveImage, ArchiveSource
-from workers.inspection import LocalInspector
+from workers.inspection import CPU_FORWARD_PATCHES, GPU_FORWARD_PATCHES, LocalInspector
 from workers.maps import decode_map, encode_map
 from workers.rescore import ManifestWriter, RescoreOptions, RescoreSummary, plan_items, rescore, scored_images
 from workers.rescore_manifest import (
@@ -161,7 +161,7 @@ def test_maps_equal_the_in_process_inspector(
     settings, card = model
     store = ObjectStore.from_settings(settings)
     _, weights = ModelRegistry(store, settings.model_name).load(card.version)
-    inspector = LocalInspector(PatchModel.from_safetensors(card, weights, device="cpu"), OPTIONS.forward_patches)
+    inspector = LocalInspector(PatchModel.from_safetensors(card, weights, device="cpu"), OPTIONS.forward_size)
     rows = {row["relative_path"]: row for row in _manifest(store, card.version)}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the actors: the same forward passes, bit for bit
@@ -290,3 +290,9 @@ def test_overlay_policy_says_which_images_get_an_overlay() -> None:
     assert not OverlayPolicy("none").wants(True)
     with pytest.raises(ValueError, match="'some'"):
         OverlayPolicy("some")
+
+
+def test_forward_passes_follow_the_actors_device_unless_given() -> None:
+    assert RescoreOptions().forward_size == CPU_FORWARD_PATCHES
+    assert RescoreOptions(gpus_per_actor=0.5).forward_size == GPU_FORWARD_PATCHES
+    assert RescoreOptions(gpus_per_actor=0.5, forward_patches=64).forward_size == 64

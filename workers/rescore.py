@@ -33,6 +33,7 @@ from schemas import DeadReason, Settings
 from trainer.registry import ModelRegistry
 from trainer.store import ObjectStore
 from workers.archive import ArchiveImage, ArchiveSource
+from workers.inspection import CPU_FORWARD_PATCHES, GPU_FORWARD_PATCHES
 from workers.overlay import OVERLAY_SUFFIX
 from workers.rescore_actor import ImageRescorer
 from workers.rescore_manifest import (
@@ -61,14 +62,23 @@ class RescoreOptions:
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
     torch_threads: int | None = None
-    forward_patches: int = 128
-    """Patches per forward pass: the Serve path's CPU batch (`workers.inspection.CPU_FORWARD_PATCHES`)."""
+    forward_patches: int | None = None
+    """Patches per forward pass; ``None``: the Serve app's for the actors' device (`forward_size`)."""
     overlays: OverlayPolicy = OverlayPolicy.ANOMALOUS
     """Which images get a JPEG overlay besides their map (default: those at or above the image threshold)."""
     batch_images: int = 1
     max_file_bytes: int = 256 * 1024 * 1024
     flush_rows: int = 500
     flush_s: float = 60.0
+
+    @property
+    def forward_size(self) -> int:
+        """``forward_patches``, else ``GPU_FORWARD_PATCHES`` for actors with a GPU and ``CPU_FORWARD_PATCHES``
+        for the rest (on a GPU the model is launch-bound: on an H200 passes of 512 patches ran it at 45 % of
+        its rate in passes of 2048)."""
+        if self.forward_patches is not None:
+            return self.forward_patches
+        return GPU_FORWARD_PATCHES if self.gpus_per_actor > 0 else CPU_FORWARD_PATCHES
 
 
 class RescoreProgress(NamedTuple):
@@ -243,7 +253,7 @@ def rescore(
                     archive,
                     run_id,
                     threads,
-                    options.forward_patches,
+                    options.forward_size,
                     options.overlays,
                 ),
                 batch_size=options.batch_images,
