@@ -19,6 +19,8 @@ code under test is the scorer's (`workers.inspection.score_ranges`) and the ingr
 3. ``scorer_host_tiling``: the same ranges cut and summed on the host (what a GPU scorer did before the
    sixth session: (n, P, P) patches up, maps down);
 4. ``ingress``: adding the bands, smoothing and regions on the host CPU (`finish_inspection`);
+5. ``inspector_host`` and ``inspector_ranges``: whole images in one process, the two ways `LocalInspector`
+   can take (`trainer.scoring.anomaly_map` on the host; `inspect_in_ranges`, the scorer's way);
 
 and how far the device path's bands are from the host path's on one image (summation order only).
 On CUDA, an experiment: ``forward_cuda_graph``, the forward passes of 1. replayed from captured CUDA
@@ -45,13 +47,14 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from schemas import ModelCard
-from trainer.scoring import PatchModel, score_in_batches
+from trainer.scoring import PatchModel, anomaly_map, score_in_batches
 from trainer.synthetic import DefectKind, synth_image
 from workers.inspection import (
     CHUNK_PATCHES,
     GPU_CHUNK_PATCHES,
     GPU_FORWARD_PATCHES,
     finish_inspection,
+    inspect_in_ranges,
     plan_inspection,
     score_ranges,
 )
@@ -153,6 +156,14 @@ def measure(model: PatchModel, n_images: int, forward_sizes: list[int], repeats:
         for plan in plans:
             score_ranges(model, plan.ranges, [plan.padded] * len(plan.ranges), best_forward)
 
+    def inspector_host() -> None:
+        for image in images:
+            anomaly_map(image, model, best_forward)
+
+    def inspector_ranges() -> None:
+        for image in images:
+            inspect_in_ranges(model, image, best_forward)
+
     def scorer_host_tiling() -> None:
         for plan in plans:
             [r.band(score_in_batches(model, r.cut(plan.padded), best_forward)) for r in plan.ranges]
@@ -180,6 +191,8 @@ def measure(model: PatchModel, n_images: int, forward_sizes: list[int], repeats:
             for size in forward_sizes
         },
         "scorer_host_tiling_ips": round(n_images / timed(scorer_host_tiling, repeats, device), 3),
+        "inspector_host_ips": round(n_images / timed(inspector_host, repeats, device), 3),
+        "inspector_ranges_ips": round(n_images / timed(inspector_ranges, repeats, device), 3),
         "ingress_ms_per_image": round(ingress_s * 1e3, 2),
         "scorer_vs_host_band_max_abs_diff": band_diff,
         "band_max": max(float(band.values.max()) for band in bands),

@@ -9,7 +9,7 @@ from helpers import SMALL_CONFIG
 from trainer.pipeline import untrained_model
 from trainer.scoring import PatchModel, score_in_batches
 from trainer.synthetic import DefectKind, synth_image
-from workers.inspection import LocalInspector, finish_inspection, plan_inspection, score_ranges
+from workers.inspection import LocalInspector, finish_inspection, inspect_in_ranges, plan_inspection, score_ranges
 
 
 def _model() -> PatchModel:
@@ -89,3 +89,14 @@ def test_small_ranges_of_several_images_share_forward_passes() -> None:
         np.testing.assert_allclose(
             finish_inspection(plan, [band], model.card).anomaly_map, expected, rtol=1e-5, atol=1e-6
         )
+
+
+def test_the_range_path_a_gpu_inspector_takes_gives_the_host_paths_map() -> None:
+    """`LocalInspector` scores in ranges on a GPU (`inspect_in_ranges`) and on the host on a CPU: same maps."""
+    model = _model()
+    image = synth_image(3, 96, (DefectKind.SCRATCH,))[0]  # uint8: scaled like the host path scales it
+    host = LocalInspector(model, chunk_patches=16)(image)
+    ranged = inspect_in_ranges(model, image, forward_patches=16)
+    np.testing.assert_allclose(ranged.anomaly_map, host.anomaly_map, rtol=1e-5, atol=1e-6)
+    assert ranged.summary.raw_image_score == pytest.approx(host.summary.raw_image_score, rel=1e-5)
+    assert ranged.n_patches == host.n_patches
