@@ -12,7 +12,7 @@
 # and unpacks `weed` into $STASH. `run-serve` unpacks Ray's site, starts the embedded stack (Valkey,
 # `weed mini` from $STASH, a Ray head that sees the GPU) and writes $OUT/throughput.json
 # (benchmarks/throughput.py: in-process, Serve, stream) and $OUT/serve_cpu.json (CPU-seconds by role).
-# `run` takes about 20 s there, `run-serve` about 3 minutes.
+# `run` took 20 s there (before its later additions: under a minute now), `run-serve` about 3 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STASH=/root/anomap-stash
