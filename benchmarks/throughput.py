@@ -59,6 +59,14 @@ from workers.serve_app import APP_NAME, ServeInspector, deploy
 
 LINE = "bench"
 
+SCHEDULES: dict[str, Callable[[], TrainConfig]] = {
+    "demo": TrainConfig.demo,
+    "wide": TrainConfig.wide,
+    "tiny": TrainConfig.tiny,
+}
+"""``--schedule``: whose architecture is measured. ``tiny`` (base 4, Z = 8; the same P = 32, S = 16 tiling)
+makes the model cheap, so what the plumbing costs per image stands out."""
+
 
 def matmul_gflops(device: torch.device, repeats: int = 10) -> float:
     """Measured matmul rate on ``device``, in GFLOP/s, in the dtype the model runs in there: float32
@@ -225,15 +233,6 @@ def with_path_options(settings: Settings, args: argparse.Namespace) -> Settings:
 def run(args: argparse.Namespace) -> dict[str, object]:
     """Measure (a), (b), (c) and latency on an embedded stack."""
     return on_embedded_stack(lambda settings: _measure(args, settings))
-
-
-SCHEDULES: dict[str, Callable[[], TrainConfig]] = {
-    "demo": TrainConfig.demo,
-    "wide": TrainConfig.wide,
-    "tiny": TrainConfig.tiny,
-}
-"""``--schedule``: whose architecture is measured. ``tiny`` (base 4, Z = 8; the same P = 32, S = 16 tiling)
-makes the model cheap, so what the plumbing costs per image stands out."""
 
 
 def bench_images_and_model(
