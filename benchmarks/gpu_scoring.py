@@ -49,10 +49,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from schemas import ModelCard
 from trainer.scoring import PatchModel, anomaly_map, score_in_batches
 from trainer.synthetic import DefectKind, synth_image
+from trainer.tiling import MapBand
 from workers.inspection import (
     CHUNK_PATCHES,
     GPU_CHUNK_PATCHES,
     GPU_FORWARD_PATCHES,
+    InspectionPlan,
     finish_inspection,
     inspect_in_ranges,
     plan_inspection,
@@ -125,8 +127,7 @@ def _graphed_forward(model: PatchModel, patches: torch.Tensor, size: int, repeat
             static_in[: len(chunk)].copy_(chunk)  # a short last pass reuses the graph; its tail is ignored
             graph.replay()
 
-    static_in.copy_(patches[:size])
-    graph.replay()
+    graph.replay()  # static_in still holds patches[:size]
     diff = float((static_out - model.score_tensor(patches[:size])).abs().max())
     return {"ips": round(1 / timed(replay_image, repeats, model.device), 3), "max_abs_diff": diff}
 
@@ -152,9 +153,12 @@ def measure(model: PatchModel, n_images: int, forward_sizes: list[int], repeats:
         forward[str(size)] = round(1 / seconds, 3)
     best_forward = max(forward_sizes, key=lambda size: forward[str(size)])
 
-    def scorer() -> None:
+    def score_all(plans: list[InspectionPlan], forward_patches: int) -> None:
         for plan in plans:
-            score_ranges(model, plan.ranges, [plan.padded] * len(plan.ranges), best_forward)
+            score_ranges(model, plan.ranges, [plan.padded] * len(plan.ranges), forward_patches)
+
+    def host_bands(plan: InspectionPlan) -> list[MapBand]:
+        return [r.band(score_in_batches(model, r.cut(plan.padded), best_forward)) for r in plan.ranges]
 
     def inspector_host() -> None:
         for image in images:
@@ -166,17 +170,11 @@ def measure(model: PatchModel, n_images: int, forward_sizes: list[int], repeats:
 
     def scorer_host_tiling() -> None:
         for plan in plans:
-            [r.band(score_in_batches(model, r.cut(plan.padded), best_forward)) for r in plan.ranges]
+            host_bands(plan)
 
     serve_plans = [plan_inspection(image, card, GPU_CHUNK_PATCHES, GPU_FORWARD_PATCHES) for image in images]
-
-    def scorer_serve_sizes() -> None:
-        for plan in serve_plans:
-            score_ranges(model, plan.ranges, [plan.padded] * len(plan.ranges), GPU_FORWARD_PATCHES)
-
     bands = score_ranges(model, plans[0].ranges, [plans[0].padded] * len(plans[0].ranges), best_forward)
-    host_bands = [r.band(score_in_batches(model, r.cut(plans[0].padded), best_forward)) for r in plans[0].ranges]
-    band_diff = max(float(np.abs(a.values - b.values).max()) for a, b in zip(bands, host_bands, strict=True))
+    band_diff = max(float(np.abs(a.values - b.values).max()) for a, b in zip(bands, host_bands(plans[0]), strict=True))
     ingress_s = timed(lambda: finish_inspection(plans[0], bands, card), repeats * 4, torch.device("cpu"))
     with FlopCounterMode(display=False) as counter:
         model.score_tensor(patches[:64])
@@ -184,8 +182,10 @@ def measure(model: PatchModel, n_images: int, forward_sizes: list[int], repeats:
     return {
         "forward_ips": forward,
         "forward_best_batch": best_forward,
-        "scorer_ips": round(n_images / timed(scorer, repeats, device), 3),
-        "scorer_serve_sizes_ips": round(n_images / timed(scorer_serve_sizes, repeats, device), 3),
+        "scorer_ips": round(n_images / timed(lambda: score_all(plans, best_forward), repeats, device), 3),
+        "scorer_serve_sizes_ips": round(
+            n_images / timed(lambda: score_all(serve_plans, GPU_FORWARD_PATCHES), repeats, device), 3
+        ),
         "forward_cuda_graph": {
             str(size): graphed_forward(model, patches, size, repeats) if device.type == "cuda" else "cpu: not run"
             for size in forward_sizes

@@ -46,14 +46,7 @@ from trainer.registry import ModelRegistry
 from trainer.scoring import PatchModel
 from trainer.synthetic import DefectKind, synth_image
 from workers.consumer import ConsumerConfig, StreamConsumer
-from workers.inspection import (
-    CHUNK_PATCHES,
-    CPU_FORWARD_PATCHES,
-    GPU_CHUNK_PATCHES,
-    GPU_FORWARD_PATCHES,
-    LocalInspector,
-    plan_inspection,
-)
+from workers.inspection import LocalInspector, default_sizes, plan_inspection
 from workers.publisher import publish_job
 from workers.serve_app import APP_NAME, ServeInspector, deploy
 
@@ -216,11 +209,9 @@ def add_path_arguments(parser: argparse.ArgumentParser, images: int) -> None:
 
 def fill_device_sizes(args: argparse.Namespace) -> argparse.Namespace:
     """``--batch`` and ``--chunk`` left unset take the Serve app's defaults for this machine's device."""
-    on_gpu = torch.cuda.is_available()
-    if args.batch is None:
-        args.batch = GPU_FORWARD_PATCHES if on_gpu else CPU_FORWARD_PATCHES
-    if args.chunk is None:
-        args.chunk = GPU_CHUNK_PATCHES if on_gpu else CHUNK_PATCHES
+    chunk, forward = default_sizes(on_gpu=torch.cuda.is_available())
+    args.batch = forward if args.batch is None else args.batch
+    args.chunk = chunk if args.chunk is None else args.chunk
     return args
 
 

@@ -42,6 +42,11 @@ GPU_FORWARD_PATCHES = 2048
 passes of 512, 1024, 2048 and 4225 patches (launch-bound; docs/benchmarks.md, seventh session)."""
 
 
+def default_sizes(on_gpu: bool) -> tuple[int, int]:
+    """(chunk_patches, forward_patches): a scorer's largest request and forward pass on a GPU or a CPU."""
+    return (GPU_CHUNK_PATCHES, GPU_FORWARD_PATCHES) if on_gpu else (CHUNK_PATCHES, CPU_FORWARD_PATCHES)
+
+
 @dataclass(frozen=True)
 class ScoredImage:
     """What scoring one image returns: the raw (H, W) float32 map and its summary."""

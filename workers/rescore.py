@@ -33,7 +33,7 @@ from schemas import DeadReason, Settings
 from trainer.registry import ModelRegistry
 from trainer.store import ObjectStore
 from workers.archive import ArchiveImage, ArchiveSource
-from workers.inspection import CPU_FORWARD_PATCHES, GPU_FORWARD_PATCHES
+from workers.inspection import default_sizes
 from workers.overlay import OVERLAY_SUFFIX
 from workers.rescore_actor import ImageRescorer
 from workers.rescore_manifest import (
@@ -78,7 +78,7 @@ class RescoreOptions:
         its rate in passes of 2048)."""
         if self.forward_patches is not None:
             return self.forward_patches
-        return GPU_FORWARD_PATCHES if self.gpus_per_actor > 0 else CPU_FORWARD_PATCHES
+        return default_sizes(on_gpu=self.gpus_per_actor > 0)[1]
 
 
 class RescoreProgress(NamedTuple):

@@ -57,10 +57,10 @@ from workers.inspection import (
     CHUNK_PATCHES,
     CPU_FORWARD_PATCHES,
     GPU_CHUNK_PATCHES,
-    GPU_FORWARD_PATCHES,
     PatchRange,
     ScoredImage,
     ScoringBusy,
+    default_sizes,
     finish_inspection,
     plan_inspection,
     score_ranges,
@@ -287,10 +287,9 @@ def build_app(
         serving = serving.updated({"scorer_replicas": scorer_replicas, "scorer_max_replicas": None})
     if scorer_gpus is None:
         scorer_gpus = 0.5 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    if forward_patches is None:
-        forward_patches = GPU_FORWARD_PATCHES if scorer_gpus > 0 else CPU_FORWARD_PATCHES
-    if chunk_patches is None:
-        chunk_patches = GPU_CHUNK_PATCHES if scorer_gpus > 0 else CHUNK_PATCHES
+    default_chunk, default_forward = default_sizes(scorer_gpus > 0)
+    forward_patches = default_forward if forward_patches is None else forward_patches
+    chunk_patches = default_chunk if chunk_patches is None else chunk_patches
     actor_options: dict[str, float] = {"num_cpus": scorer_cpus}
     if scorer_gpus > 0:
         actor_options["num_gpus"] = scorer_gpus
