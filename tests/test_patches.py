@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from schemas import AbnormalPatchSource
+from schemas.model_card import MapMode
 from trainer.patches import abnormal_patch_bank, augment, grid_patches, patch_contamination, sample_patches
+from trainer.pipeline import mining_map_mode
 
 
 def _image(seed: int, h: int = 96, w: int = 80) -> np.ndarray:
@@ -75,6 +77,21 @@ def test_unmasked_image_with_scorer_gives_its_top_patches() -> None:
     assert source == AbnormalPatchSource.MINED
     assert len(bank) == 2
     assert all(patch.max() == 1.0 for patch in bank)  # both contain the scratch
+
+
+@pytest.mark.parametrize(
+    ("mode", "mined_by"),
+    [
+        (MapMode.RESIDUAL, MapMode.RESIDUAL),
+        (MapMode.SMOOTH_RESIDUAL, MapMode.SMOOTH_RESIDUAL),
+        (MapMode.SSIM_RESIDUAL, MapMode.SSIM_RESIDUAL),  # the demo's map: mined by the map it will be scored by
+        (MapMode.FEATURE, MapMode.RESIDUAL),  # the warm-up's discriminator has never seen a defect
+        (MapMode.LOGIT, MapMode.RESIDUAL),
+        (MapMode.RESIDUAL_LOGIT, MapMode.RESIDUAL),
+    ],
+)
+def test_mining_uses_the_models_map_unless_it_reads_the_discriminator(mode: MapMode, mined_by: MapMode) -> None:
+    assert mining_map_mode(str(mode)) is mined_by
 
 
 def test_mixed_sources_report_the_weakest() -> None:

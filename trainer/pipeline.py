@@ -32,7 +32,7 @@ from trainer.model_io import weights_to_bytes
 from trainer.patches import abnormal_patch_bank
 from trainer.progress import ProgressWatch
 from trainer.registry import ModelRegistry, new_version_id
-from trainer.scoring import PatchModel, anomaly_map
+from trainer.scoring import DISCRIMINATOR_MAP_MODES, PatchModel, anomaly_map
 from trainer.store import CheckpointStorage
 
 Progress = Callable[[str], None]
@@ -76,6 +76,14 @@ def build_card(
         thresholds=thresholds,
         metrics=metrics or {},
     )
+
+
+def mining_map_mode(map_mode: str) -> MapMode:
+    """The map a γ = 1 warm-up mines unmasked abnormal images by: the model's own map mode when it comes
+    from the generator and encoder alone, the plain residual when it reads the discriminator (a γ = 1
+    discriminator has never been shown a defect)."""
+    mode = MapMode(map_mode)
+    return MapMode.RESIDUAL if mode in DISCRIMINATOR_MAP_MODES else mode
 
 
 def _patch_scorer(model: PatchModel, batch_size: int = 256) -> Callable[[np.ndarray], np.ndarray]:
@@ -144,7 +152,7 @@ def train_model_version(
             warm_gan = max(1, round(cfg.gan_steps * cfg.warmup_fraction))
             warm_cfg = cfg.replace(
                 gamma=1.0,
-                map_mode=str(MapMode.RESIDUAL),  # a γ = 1 discriminator knows nothing of defects: mine by residual
+                map_mode=str(mining_map_mode(cfg.map_mode)),
                 gan_steps=warm_gan,
                 encoder_steps=max(1, round(cfg.encoder_steps * cfg.warmup_fraction)),
             )

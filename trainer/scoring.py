@@ -38,7 +38,8 @@ from trainer.patch_filters import gaussian_blur, ssim_dissimilarity
 from trainer.patches import as_unit_float
 from trainer.tiling import extract_patches, plan_tiles, stitch_patches
 
-_NEEDS_DISCRIMINATOR = frozenset({MapMode.FEATURE, MapMode.LOGIT, MapMode.RESIDUAL_LOGIT})
+DISCRIMINATOR_MAP_MODES = frozenset({MapMode.FEATURE, MapMode.LOGIT, MapMode.RESIDUAL_LOGIT})
+"""Map modes that read the discriminator (the others need only G and E)."""
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ class LatentOptions:
 
 
 def _needs_discriminator(card: ModelCard, latent: LatentOptions) -> bool:
-    return card.map_mode in _NEEDS_DISCRIMINATOR or (latent.searches and latent.lam > 0)
+    return card.map_mode in DISCRIMINATOR_MAP_MODES or (latent.searches and latent.lam > 0)
 
 
 def _upsample(cells: torch.Tensor, size: int) -> torch.Tensor:
@@ -145,7 +146,7 @@ class PatchModel:
         refine_steps: int | None = None,
     ) -> None:
         latent = LatentOptions.for_card(card, score_mode, search_steps, refine_steps)
-        if card.map_mode in _NEEDS_DISCRIMINATOR and discriminator is None:
+        if card.map_mode in DISCRIMINATOR_MAP_MODES and discriminator is None:
             msg = f"map mode {card.map_mode!r} needs the discriminator; build with from_state/from_safetensors"
             raise ValueError(msg)
         if _needs_discriminator(card, latent) and discriminator is None:
