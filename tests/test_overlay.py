@@ -36,6 +36,24 @@ def test_overlay_blends_only_above_threshold_pixels_exactly_like_blending_every_
         np.testing.assert_array_equal(overlay, _blend_every_pixel(image, anomaly_map, threshold))
 
 
+@pytest.mark.parametrize(
+    "blobs",
+    [
+        [(40, 50, 30, 45)],  # one region well inside: outlines drawn within its bounding box
+        [(0, 6, 0, 9), (90, 96, 70, 80)],  # regions in opposite corners, touching the image's edges
+        [(0, 96, 39, 41)],  # a band from the top edge to the bottom one
+    ],
+)
+def test_localised_regions_are_blended_and_outlined_like_the_reference(blobs: list[tuple[int, int, int, int]]) -> None:
+    rng = np.random.default_rng(1)
+    image = rng.random((96, 80)).astype(np.float32)
+    anomaly_map = rng.random((96, 80)).astype(np.float32) * 0.5
+    for y0, y1, x0, x1 in blobs:
+        anomaly_map[y0:y1, x0:x1] += 1.0
+    overlay = render_overlay(image, anomaly_map, 1.0)
+    np.testing.assert_array_equal(overlay, _blend_every_pixel(image, anomaly_map, 1.0))
+
+
 def test_a_quiet_map_leaves_the_image_grey() -> None:
     image = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
     overlay = render_overlay(image, np.zeros((8, 8), dtype=np.float32), pixel_threshold=0.5)

@@ -6,12 +6,13 @@
 
 Below threshold the image shows in grey; above it a red-to-yellow heat is blended in, strongest at
 twice the threshold, and region outlines show where defects were found. Only the pixels above
-threshold (usually a few per cent) are blended; the rest is the grey image, computed once.
+threshold (usually a few per cent) are blended, found once by their flat positions, and outlines are
+traced inside those pixels' bounding box; the rest is the grey image, computed once.
 
 Overlays are stored as JPEG (quality 90, no chroma subsampling, so the one-pixel red outlines stay
 red): the numbers of a job are in its ``.npz`` map, and the overlay is a picture to look at. A
-1024² overlay encodes in ~5 ms to ~0.2 MB, where a PNG took ~55 ms (zlib level 1) and ~0.9 MB: on
-the streaming path that was the largest per-image CPU cost outside the model.
+1024² overlay renders in ~6 ms and encodes in ~5 ms to ~0.2 MB, where a PNG took ~55 ms (zlib level
+1) and ~0.9 MB: on the streaming path that was the largest per-image CPU cost outside the model.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import io
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
 OVERLAY_SUFFIX = ".jpg"
 """File suffix of stored overlays."""
@@ -35,20 +35,46 @@ def render_overlay(image: np.ndarray, anomaly_map: np.ndarray, pixel_threshold: 
     if image.shape != anomaly_map.shape:
         msg = f"image {image.shape} and map {anomaly_map.shape} differ in shape"
         raise ValueError(msg)
-    grey = np.clip(image, 0.0, 1.0).astype(np.float32)
-    rgb = np.empty((*grey.shape, 3), dtype=np.uint8)
-    rgb[...] = (grey * 255.0 + 0.5).astype(np.uint8)[..., None]  # (H, W) grey into all three channels
+    levels = np.clip(image, 0.0, 1.0).astype(np.float32)  # a new array: scaled in place below
+    levels *= np.float32(255.0)
+    levels += np.float32(0.5)
+    grey = levels.astype(np.uint8)
+    rgb = np.stack([grey, grey, grey], axis=-1)  # (H, W, 3): the grey image in all three channels
     above = anomaly_map >= pixel_threshold
-    if not above.any():
+    box = _bounding_box(above)
+    if box is None:
         return rgb
-    heat = np.clip((anomaly_map[above] / pixel_threshold - 1.0), 0.0, 1.0)  # (K,): 0 at threshold, 1 at 2×
+    index = np.flatnonzero(above)  # (K,) flat positions above threshold: usually a few per cent or less
+    heat = np.clip(anomaly_map.ravel()[index] / pixel_threshold - 1.0, 0.0, 1.0)  # (K,): 0 at threshold, 1 at 2×
     alpha = (0.45 + 0.45 * heat)[:, None]  # (K, 1)
     colour = np.stack([np.ones_like(heat), heat, np.zeros_like(heat)], axis=1)  # (K, 3) red → yellow
-    blended = grey[above][:, None] * (1.0 - alpha) + colour * alpha
-    rgb[above] = (blended * 255.0 + 0.5).astype(np.uint8)
-    edge = above & ~ndimage.binary_erosion(above, iterations=1)
-    rgb[edge] = (255, 0, 0)  # (1, 0, 0) · 255 + 0.5, rounded down
+    pixels = np.clip(image.ravel()[index], 0.0, 1.0).astype(np.float32)
+    blended = pixels[:, None] * (1.0 - alpha) + colour * alpha
+    rgb.reshape(-1, 3)[index] = (blended * 255.0 + 0.5).astype(np.uint8)
+    crop = (slice(box[0], box[1]), slice(box[2], box[3]))  # outlines: within the box around ``above``
+    inside = above[crop]
+    rgb[crop][inside & ~_eroded(inside)] = (255, 0, 0)  # (1, 0, 0) · 255 + 0.5, rounded down
     return rgb
+
+
+def _eroded(mask: np.ndarray) -> np.ndarray:
+    """A (H, W) bool mask eroded once by the 4-neighbour cross, outside counted false: what
+    ``scipy.ndimage.binary_erosion(mask)`` gives, in a third of its time."""
+    padded = np.pad(mask, 1)
+    return mask & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(y0, y1, x0, x1), end exclusive, of a (H, W) mask's true pixels; None when there are none.
+
+    Eroding the box alone gives what eroding the whole mask gives there: around the box the mask is
+    false, as `_eroded` takes beyond the box's edges.
+    """
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
 def encode_overlay(overlay: np.ndarray) -> bytes:
