@@ -8,10 +8,14 @@
 
 All three run forward passes of ``--batch`` patches; the Serve app sends each scorer ranges of up to
 ``--chunk`` patches (defaults: the Serve app's for the device, 128 / 1024 on a CPU and 2048 / 2048 with
-CUDA, where each scorer replica takes 0.5 GPU). (a) runs first and again last, with Serve deleted, and the
-faster of the two is the reference for the ratios (a shared machine's speed drifts during a run).
-Then open-loop latency of (c) at 50 % and 90 % of its measured rate, the model's FLOPs per image
-and the machine's measured matmul rate. Everything runs on an embedded stack in a temporary folder
+CUDA, where each scorer replica takes 0.5 GPU). A shared machine's speed drifts by more than the
+differences measured, so the run is ``--rounds`` rounds (3 by default), each bracketed by (a) with
+nothing of Serve running: (a), deploy, (b), (c), delete, (a), deploy, ... A round's ratio divides its
+(b) or (c) by the mean of the (a) runs before and after it; ``ratio_serve`` and ``ratio_stream`` are
+the medians over rounds, ``*_rounds`` each round's, and ``ratio_*_vs_fastest`` the median rate over
+the fastest (a) of the whole run (the most conservative reading). In the last round, open-loop
+latency of (c) at 50 % and 90 % of its median rate; then the model's FLOPs per image and the
+machine's measured matmul rate. Everything runs on an embedded stack in a temporary folder
 that is torn down at the end. Prints one JSON object (and writes it with ``--json``); its
 ``load_avg_1m`` (before and after) shows whether other jobs shared the machine.
 """
@@ -240,6 +244,32 @@ def bench_images_and_model(
     return raw, images, PatchModel.from_safetensors(card, weights)
 
 
+def bracketed_ratios(rates: list[float], inprocess_runs: list[float]) -> list[float]:
+    """Each round's ratio to the in-process rate around it: ``rates[i]`` was measured between
+    ``inprocess_runs[i]`` and ``inprocess_runs[i + 1]`` and is divided by their mean (a machine whose
+    speed drifts linearly cancels out). Needs one more in-process run than rounds."""
+    if len(inprocess_runs) != len(rates) + 1:
+        msg = f"{len(rates)} rounds need {len(rates) + 1} in-process runs around them, got {len(inprocess_runs)}"
+        raise ValueError(msg)
+    return [
+        rate_ / ((before + after) / 2)
+        for rate_, before, after in zip(rates, inprocess_runs[:-1], inprocess_runs[1:], strict=True)
+    ]
+
+
+def _measure_latency(
+    client: redis.Redis, names: StreamNames, pngs: list[bytes], stream_ips: float, latency_s: float
+) -> dict[str, dict[str, float]]:
+    """Open-loop latency of the stream path at 50 % and 90 % of ``stream_ips``, ``latency_s`` seconds each."""
+    latency = {}
+    for share in (0.5, 0.9):
+        n = max(4, round(stream_ips * share * latency_s))
+        jobs = [pngs[i % len(pngs)] for i in range(n)]
+        _, lat = publish_and_wait(client, names, jobs, 1.0 / (stream_ips * share), f"open{int(share * 100)}")
+        latency[f"at_{int(share * 100)}pct"] = {"offered_ips": round(stream_ips * share, 3), **percentiles(lat)}
+    return latency
+
+
 def _measure(args: argparse.Namespace, settings: Settings) -> dict[str, object]:
     settings = with_path_options(settings, args)
     raw, images, model = bench_images_and_model(settings, args.size, args.images, args.schedule)
@@ -249,29 +279,31 @@ def _measure(args: argparse.Namespace, settings: Settings) -> dict[str, object]:
     flops = flops_per_image(model, images[0])
     gflops = matmul_gflops(model.device)
     load_before = os.getloadavg()[0]
-    inprocess_runs = [bench_inprocess(model, images, args.batch)]
-
-    deploy(settings, card.version, scorer_replicas=args.replicas, chunk_patches=args.chunk, forward_patches=args.batch)
-    serve_ips = bench_serve(images, in_flight=args.in_flight)
-
     names = StreamNames(settings.stream_prefix)
     client = redis_client(settings)
-    stop, threads = start_consumers(settings, names, args.consumers, args.in_flight)
-    try:
-        publish_and_wait(client, names, pngs[:1], 0, "warm")
-        seconds, _ = publish_and_wait(client, names, pngs, 0, "burst")
-        stream_ips = rate(len(pngs), seconds)
-        latency = {}
-        for share in (0.5, 0.9):
-            n = max(4, round(stream_ips * share * args.latency_s))
-            jobs = [pngs[i % len(pngs)] for i in range(n)]
-            _, lat = publish_and_wait(client, names, jobs, 1.0 / (stream_ips * share), f"open{int(share * 100)}")
-            latency[f"at_{int(share * 100)}pct"] = {"offered_ips": round(stream_ips * share, 3), **percentiles(lat)}
-    finally:
-        stop_consumers(stop, threads)
-    serve.delete(APP_NAME)  # (a) again, with nothing of Serve running: the machine's speed drifts
-    inprocess_runs.append(bench_inprocess(model, images, args.batch))
-    inprocess = max(inprocess_runs)  # the faster of the two: ratios are not flattered by a slow moment
+    inprocess_runs = [bench_inprocess(model, images, args.batch)]
+    serve_runs: list[float] = []
+    stream_runs: list[float] = []
+    latency: dict[str, dict[str, float]] = {}
+    for round_ in range(args.rounds):  # (b) and (c) with Serve up, then (a) with Serve deleted: rounds bracketed by (a)
+        deploy(
+            settings, card.version, scorer_replicas=args.replicas, chunk_patches=args.chunk, forward_patches=args.batch
+        )
+        serve_runs.append(bench_serve(images, in_flight=args.in_flight))
+        stop, threads = start_consumers(settings, names, args.consumers, args.in_flight)
+        try:
+            publish_and_wait(client, names, pngs[:1], 0, f"warm{round_}")
+            seconds, _ = publish_and_wait(client, names, pngs, 0, f"burst{round_}")
+            stream_runs.append(rate(len(pngs), seconds))
+            if round_ == args.rounds - 1:
+                latency = _measure_latency(client, names, pngs, float(np.median(stream_runs)), args.latency_s)
+        finally:
+            stop_consumers(stop, threads)
+        serve.delete(APP_NAME)
+        inprocess_runs.append(bench_inprocess(model, images, args.batch))
+    serve_ratios = bracketed_ratios(serve_runs, inprocess_runs)
+    stream_ratios = bracketed_ratios(stream_runs, inprocess_runs)
+    fastest = max(inprocess_runs)
     return {
         "device": device_name(model.device),
         "ray_gpus": ray.cluster_resources().get("GPU", 0),
@@ -281,17 +313,24 @@ def _measure(args: argparse.Namespace, settings: Settings) -> dict[str, object]:
         "schedule": args.schedule,
         "image_size": args.size,
         "images": args.images,
+        "rounds": args.rounds,
         "patch_size": card.patch_size,
         "stride": card.stride,
         "forward_batch": args.batch,
         "chunk_patches": args.chunk,
         "scorer_replicas": args.replicas,
-        "inprocess_ips": round(inprocess, 4),
+        "inprocess_ips": round(float(np.median(inprocess_runs)), 4),
         "inprocess_ips_runs": [round(value, 4) for value in inprocess_runs],
-        "serve_ips": round(serve_ips, 4),
-        "stream_ips": round(stream_ips, 4),
-        "ratio_serve": round(serve_ips / inprocess, 3),
-        "ratio_stream": round(stream_ips / inprocess, 3),
+        "serve_ips": round(float(np.median(serve_runs)), 4),
+        "serve_ips_runs": [round(value, 4) for value in serve_runs],
+        "stream_ips": round(float(np.median(stream_runs)), 4),
+        "stream_ips_runs": [round(value, 4) for value in stream_runs],
+        "ratio_serve": round(float(np.median(serve_ratios)), 3),
+        "ratio_stream": round(float(np.median(stream_ratios)), 3),
+        "ratio_serve_rounds": [round(value, 3) for value in serve_ratios],
+        "ratio_stream_rounds": [round(value, 3) for value in stream_ratios],
+        "ratio_serve_vs_fastest": round(float(np.median(serve_runs)) / fastest, 3),
+        "ratio_stream_vs_fastest": round(float(np.median(stream_runs)) / fastest, 3),
         "latency_ms": latency["at_50pct"],
         "latency_by_load": latency,
         "model_gflop_per_image": round(flops / 1e9, 2),
@@ -307,6 +346,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer images and a shorter latency run")
     add_path_arguments(parser, images=24)
     parser.add_argument("--latency-s", type=float, default=40.0, help="seconds of open-loop load per level")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of (b) and (c), each between two runs of (a)")
     args = fill_device_sizes(parser.parse_args())
     if args.quick:
         args.images, args.latency_s = min(args.images, 12), min(args.latency_s, 20.0)
