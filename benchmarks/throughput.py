@@ -10,14 +10,14 @@ All three run forward passes of ``--batch`` patches; the Serve app sends each sc
 ``--chunk`` patches (defaults: the Serve app's for the device, 128 / 1024 on a CPU and 2048 / 2048 with
 CUDA, where each scorer replica takes 0.5 GPU). A shared machine's speed drifts by more than the
 differences measured, so the run is ``--rounds`` rounds (3 by default), each bracketed by (a) with
-nothing of Serve running: (a), deploy, (b), (c), delete, (a), deploy, ... A round's ratio divides its
-(b) or (c) by the mean of the (a) runs before and after it; ``ratio_serve`` and ``ratio_stream`` are
-the medians over rounds, ``*_rounds`` each round's, and ``ratio_*_vs_fastest`` the median rate over
-the fastest (a) of the whole run (the most conservative reading). In the last round, open-loop
-latency of (c) at 50 % and 90 % of its median rate; then the model's FLOPs per image and the
-machine's measured matmul rate. Everything runs on an embedded stack in a temporary folder
-that is torn down at the end. Prints one JSON object (and writes it with ``--json``); its
-``load_avg_1m`` (before and after) shows whether other jobs shared the machine.
+nothing of Serve running: (a), deploy, (b), (c), Serve shut down and its processes gone, (a), ...
+A round's ratio divides its (b) or (c) by the mean of the (a) runs before and after it;
+``ratio_serve`` and ``ratio_stream`` are the medians over rounds, ``*_rounds`` each round's, and
+``ratio_*_vs_fastest`` the median rate over the fastest (a) of the whole run (the most conservative
+reading). In the last round, open-loop latency of (c) at 50 % and 90 % of its median rate; then the
+model's FLOPs per image and the machine's measured matmul rate. Everything runs on an embedded
+stack in a temporary folder that is torn down at the end. Prints one JSON object (and writes it
+with ``--json``); its ``load_avg_1m`` (before and after) shows whether other jobs shared the machine.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from trainer.synthetic import DefectKind, synth_image
 from workers.consumer import ConsumerConfig, StreamConsumer
 from workers.inspection import LocalInspector, default_sizes, plan_inspection
 from workers.publisher import publish_job
-from workers.serve_app import APP_NAME, ServeInspector, deploy
+from workers.serve_app import ServeInspector, deploy
 
 LINE = "bench"
 
@@ -244,6 +244,30 @@ def bench_images_and_model(
     return raw, images, PatchModel.from_safetensors(card, weights)
 
 
+def serve_processes() -> list[int]:
+    """PIDs of Serve's controller and replica processes on this machine (Linux: from ``/proc``; else none)."""
+    pids = []
+    proc = Path("/proc")
+    for entry in proc.iterdir() if proc.is_dir() else ():
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:  # not a process, or it ended meanwhile
+            continue
+        if b"ServeController" in cmdline or b"ServeReplica" in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def serve_down(timeout_s: float = 60.0) -> None:
+    """Shut Serve down, controller included, and wait until its processes have exited: the next
+    in-process run then has the machine as the first one had it (``serve.delete`` leaves the
+    controller's control loop running, and replicas take a moment to exit)."""
+    serve.shutdown()
+    deadline = time.monotonic() + timeout_s
+    while serve_processes() and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 def bracketed_ratios(rates: list[float], inprocess_runs: list[float]) -> list[float]:
     """Each round's ratio to the in-process rate around it: ``rates[i]`` was measured between
     ``inprocess_runs[i]`` and ``inprocess_runs[i + 1]`` and is divided by their mean (a machine whose
@@ -299,7 +323,7 @@ def _measure(args: argparse.Namespace, settings: Settings) -> dict[str, object]:
                 latency = _measure_latency(client, names, pngs, float(np.median(stream_runs)), args.latency_s)
         finally:
             stop_consumers(stop, threads)
-        serve.delete(APP_NAME)
+        serve_down()
         inprocess_runs.append(bench_inprocess(model, images, args.batch))
     serve_ratios = bracketed_ratios(serve_runs, inprocess_runs)
     stream_ratios = bracketed_ratios(stream_runs, inprocess_runs)
