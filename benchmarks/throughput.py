@@ -309,7 +309,7 @@ def _measure(args: argparse.Namespace, settings: Settings) -> dict[str, object]:
     serve_runs: list[float] = []
     stream_runs: list[float] = []
     latency: dict[str, dict[str, float]] = {}
-    for round_ in range(args.rounds):  # (b) and (c) with Serve up, then (a) with Serve deleted: rounds bracketed by (a)
+    for round_ in range(args.rounds):  # (b) and (c) with Serve up, then (a) with Serve down: rounds bracketed by (a)
         deploy(
             settings, card.version, scorer_replicas=args.replicas, chunk_patches=args.chunk, forward_patches=args.batch
         )
@@ -372,6 +372,8 @@ def main() -> None:
     parser.add_argument("--latency-s", type=float, default=40.0, help="seconds of open-loop load per level")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of (b) and (c), each between two runs of (a)")
     args = fill_device_sizes(parser.parse_args())
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
     if args.quick:
         args.images, args.latency_s = min(args.images, 12), min(args.latency_s, 20.0)
     result = run(args)
