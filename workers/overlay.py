@@ -41,17 +41,16 @@ def render_overlay(image: np.ndarray, anomaly_map: np.ndarray, pixel_threshold: 
     grey = levels.astype(np.uint8)
     rgb = np.stack([grey, grey, grey], axis=-1)  # (H, W, 3): the grey image in all three channels
     above = anomaly_map >= pixel_threshold
-    box = _bounding_box(above)
-    if box is None:
-        return rgb
     index = np.flatnonzero(above)  # (K,) flat positions above threshold: usually a few per cent or less
+    if index.size == 0:
+        return rgb
     heat = np.clip(anomaly_map.ravel()[index] / pixel_threshold - 1.0, 0.0, 1.0)  # (K,): 0 at threshold, 1 at 2×
     alpha = (0.45 + 0.45 * heat)[:, None]  # (K, 1)
     colour = np.stack([np.ones_like(heat), heat, np.zeros_like(heat)], axis=1)  # (K, 3) red → yellow
     pixels = np.clip(image.ravel()[index], 0.0, 1.0).astype(np.float32)
     blended = pixels[:, None] * (1.0 - alpha) + colour * alpha
     rgb.reshape(-1, 3)[index] = (blended * 255.0 + 0.5).astype(np.uint8)
-    crop = (slice(box[0], box[1]), slice(box[2], box[3]))  # outlines: within the box around ``above``
+    crop = _bounding_box(index, above.shape[1])  # outlines: traced within the box around ``above``
     inside = above[crop]
     rgb[crop][inside & ~_eroded(inside)] = (255, 0, 0)  # (1, 0, 0) · 255 + 0.5, rounded down
     return rgb
@@ -64,17 +63,14 @@ def _eroded(mask: np.ndarray) -> np.ndarray:
     return mask & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
 
 
-def _bounding_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
-    """(y0, y1, x0, x1), end exclusive, of a (H, W) mask's true pixels; None when there are none.
+def _bounding_box(index: np.ndarray, width: int) -> tuple[slice, slice]:
+    """The (rows, columns) slices of the box around flat positions ``index`` (K >= 1,) in rows of ``width``.
 
     Eroding the box alone gives what eroding the whole mask gives there: around the box the mask is
     false, as `_eroded` takes beyond the box's edges.
     """
-    rows = np.flatnonzero(mask.any(axis=1))
-    if rows.size == 0:
-        return None
-    cols = np.flatnonzero(mask.any(axis=0))
-    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    rows, cols = np.divmod(index, width)
+    return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols.min()), int(cols.max()) + 1)
 
 
 def encode_overlay(overlay: np.ndarray) -> bytes:
