@@ -13,7 +13,8 @@ objective exactly (trainer/losses.py): that row is reported once, not trained tw
 optimistic for both columns alike only if plain had a choice too, so the chosen γ is printed).
 
 Also measures encoder mode against the paper's latent search (``ScoreMode.SEARCH``) on the same
-weights: seconds per image and, with ``--search-images N``, the metrics of both modes on N test images.
+weights: seconds per image and, with ``--search-images N``, the metrics of both modes on N test images;
+``--compare-refine 5 10`` adds encoder mode refined by that many latent steps from E(x) to the comparison.
 Every training run is its own process with one torch thread; ``--jobs`` run at once.
 """
 
@@ -190,7 +191,14 @@ def summarize(rows: list[dict[str, Any]], grid: Grid) -> list[dict[str, Any]]:
 
 
 def search_comparison(
-    grid: Grid, run: Run, weights: Path, n_images: int, image_size: int, search_steps: int, n_patches: int = 16
+    grid: Grid,
+    run: Run,
+    weights: Path,
+    n_images: int,
+    image_size: int,
+    search_steps: int,
+    n_patches: int = 16,
+    refine: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Encoder mode against latent search on the same weights (``run``'s, saved at ``weights``).
 
@@ -198,6 +206,8 @@ def search_comparison(
     test image and scaled to the image's patch count (the search is per patch: its cost is linear in
     patches). Quality: with ``n_images`` > 1, both modes score that many test images of size
     ``image_size`` (one good, the rest defective; a CPU cannot search whole 1024² images in a benchmark).
+    Each step count in ``refine`` adds encoder mode with that many latent refinement steps from E(x)
+    (``out["refine"][steps]``: its speed, its speedup over the search and, with images, its metrics).
     """
     torch.set_num_threads(1)
     cfg = grid.config(run.gamma, run.seed)
@@ -222,6 +232,15 @@ def search_comparison(
         "search_s_per_image": round(search_s, 1),
         "speedup_encoder_vs_search": round(search_s / encoder_s, 1),
     }
+    refined = {steps: PatchModel.from_state(card, state, device="cpu", refine_steps=steps) for steps in refine}
+    for steps, model in refined.items():
+        started = time.perf_counter()
+        anomaly_map(image, model)
+        refine_s = time.perf_counter() - started
+        out.setdefault("refine", {})[str(steps)] = {
+            "s_per_image": round(refine_s, 3),
+            "speedup_vs_search": round(search_s / refine_s, 1),
+        }
     if n_images > 1:
         small = make_dataset(
             size=image_size,
@@ -237,6 +256,11 @@ def search_comparison(
             started = time.perf_counter()
             out[name] = evaluate([anomaly_map(im, model) for im in small.test_images], small)
             out[name]["s_per_image"] = round((time.perf_counter() - started) / n_images, 2)
+        for steps, model in refined.items():
+            started = time.perf_counter()
+            metrics = evaluate([anomaly_map(im, model) for im in small.test_images], small)
+            metrics["small_s_per_image"] = round((time.perf_counter() - started) / n_images, 2)
+            out["refine"][str(steps)] |= metrics
         out["search_images"] = {"n": n_images, "size": image_size}
     return out
 
@@ -317,6 +341,14 @@ def main() -> None:
     parser.add_argument("--search-steps", type=int, default=500, help="Γ of the latent search (AnoGAN: 500)")
     parser.add_argument("--search-images", type=int, default=0, help="images scored in both modes (0 = speed only)")
     parser.add_argument("--search-size", type=int, default=128, help="their size (the search is slow on a CPU)")
+    parser.add_argument(
+        "--compare-refine",
+        type=int,
+        nargs="*",
+        default=[],
+        metavar="STEPS",
+        help="also compare encoder mode with this many latent refinement steps (each count) against the search",
+    )
     parser.add_argument("--gan-steps", type=int, help="override the schedule (the same for every run)")
     parser.add_argument("--encoder-steps", type=int, help="override the schedule (the same for every run)")
     parser.add_argument("--refine-steps", type=int, help="encoder mode: latent refinement steps at inference")
@@ -334,6 +366,8 @@ def main() -> None:
     )
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="training processes at once")
     args = parser.parse_args()
+    if any(steps < 1 for steps in args.compare_refine):
+        parser.error(f"--compare-refine takes step counts >= 1, got {args.compare_refine}")
     if args.contamination_density < 1:
         parser.error(f"--contamination-density must be >= 1, got {args.contamination_density}")
     grid = quick_grid() if args.quick else full_grid(args)
@@ -356,7 +390,15 @@ def main() -> None:
             rows.append(future.result())
             elapsed = time.monotonic() - started
             print(f"[{i}/{len(runs)}] {json.dumps(rows[-1])}  ({elapsed:.0f} s)", file=sys.stderr, flush=True)
-        search = search_comparison(grid, headline_run, weights, args.search_images, args.search_size, args.search_steps)
+        search = search_comparison(
+            grid,
+            headline_run,
+            weights,
+            args.search_images,
+            args.search_size,
+            args.search_steps,
+            refine=args.compare_refine,
+        )
         print(f"search: {json.dumps(search)}", file=sys.stderr, flush=True)
     table = summarize(rows, grid)
     headline = next((r for r in table if (r["epsilon"], r["k"]) == HEADLINE), table[-1])
