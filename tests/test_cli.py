@@ -37,6 +37,7 @@ def test_stack_help_lists_up_down_status() -> None:
         (["train", "--data", "no/such/folder"], "no/such/folder is not a folder; expected ROOT/train/good"),
         (["train", "--map-mode", "sharpest"], "map_mode must be one of ['residual', "),
         (["train", "--map-mode", "logit"], "map_mode 'logit' needs discriminator_head='dense'"),
+        (["train", "--refine-steps", "-1"], "--refine-steps must be >= 0, got -1"),
     ],
 )
 def test_bad_arguments_name_the_problem(args: list[str], message: str) -> None:
