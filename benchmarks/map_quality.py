@@ -59,7 +59,9 @@ def run_one(cfg: TrainConfig, size: int, data_seed: int, modes: list[MapMode], m
     )
     bank = None
     if cfg.gamma < 1.0:
-        bank, _ = abnormal_patch_bank(data.abnormal, data.abnormal_masks, cfg.patch_size, cfg.stride, with_masks=masked)
+        bank, _ = abnormal_patch_bank(
+            data.abnormal, data.abnormal_masks, cfg.patch_size, cfg.stride, with_masks=masked, detrend=cfg.detrend
+        )
     started = time.monotonic()
     state = train_in_process(cfg, data.train_normal, bank, device="cpu")
     train_s = time.monotonic() - started

@@ -141,7 +141,12 @@ def train_and_score(grid: Grid, run: Run, keep_weights: Path | None = None) -> d
     bank, source = None, AbnormalPatchSource.NONE
     if run.k > 0:
         bank, source = abnormal_patch_bank(
-            data.abnormal[: run.k], data.abnormal_masks[: run.k], cfg.patch_size, cfg.stride, with_masks=True
+            data.abnormal[: run.k],
+            data.abnormal_masks[: run.k],
+            cfg.patch_size,
+            cfg.stride,
+            with_masks=True,
+            detrend=cfg.detrend,
         )
     started = time.perf_counter()
     state = train_in_process(cfg, data.train_normal, bank, device="cpu")
@@ -220,7 +225,7 @@ def search_comparison(
     anomaly_map(image, encoder)
     encoder_s = time.perf_counter() - started
     layout = plan_tiles(image.shape[0], image.shape[1], cfg.patch_size, cfg.stride)
-    patches = extract_patches(as_unit_float(image), layout)
+    patches = extract_patches(cfg.detrend(as_unit_float(image)), layout)
     search.score_patches(patches[:2])  # warm-up: the first Adam step imports torch._dynamo
     started = time.perf_counter()
     search.score_patches(patches[:n_patches])
@@ -356,6 +361,10 @@ def main() -> None:
     parser.add_argument("--discriminator-head", choices=["global", "dense"], help="override the model (every run)")
     parser.add_argument("--map-mode", help="override how a patch's map is made (every run; see schemas.MapMode)")
     parser.add_argument(
+        "--detrend-sigma", type=float, help="override the input flattening along the grain (px; 0 = off; demo: 12)"
+    )
+    parser.add_argument("--detrend-axis", choices=["x", "y", "xy"], help="override the grain's direction (demo: x)")
+    parser.add_argument(
         "--defects", nargs="+", choices=[str(kind) for kind in DefectKind], help="defect kinds (default: scratch)"
     )
     parser.add_argument(
@@ -374,6 +383,7 @@ def main() -> None:
     overrides = {"gan_steps": args.gan_steps, "encoder_steps": args.encoder_steps, "refine_steps": args.refine_steps}
     overrides |= {"discriminator_head": args.discriminator_head, "map_mode": args.map_mode}
     overrides |= {"base_channels": args.base_channels}
+    overrides |= {"detrend_sigma": args.detrend_sigma, "detrend_axis": args.detrend_axis}
     grid = dataclasses.replace(grid, overrides=tuple((k, v) for k, v in overrides.items() if v is not None))
     if args.defects:
         grid = dataclasses.replace(grid, kinds=tuple(DefectKind(kind) for kind in args.defects))

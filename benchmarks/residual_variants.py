@@ -100,7 +100,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     bank, source = None, AbnormalPatchSource.NONE
     if args.gamma < 1:
         bank, source = abnormal_patch_bank(
-            data.abnormal[: args.k], data.abnormal_masks[: args.k], cfg.patch_size, cfg.stride, with_masks=True
+            data.abnormal[: args.k],
+            data.abnormal_masks[: args.k],
+            cfg.patch_size,
+            cfg.stride,
+            with_masks=True,
+            detrend=cfg.detrend,
         )
     started = time.perf_counter()
     state = train_in_process(cfg, data.train_normal, bank, device="cpu")
@@ -113,7 +118,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     maps: dict[str, list[np.ndarray]] = {}
     residuals = []
     for image in data.test_images:
-        unit = as_unit_float(image)
+        unit = cfg.detrend(as_unit_float(image))  # what the model sees (σ = 0: the image itself)
         layout = plan_tiles(unit.shape[0], unit.shape[1], cfg.patch_size, cfg.stride)
         patches = extract_patches(unit, layout)
         reconstructions = reconstruct(model, patches)

@@ -153,6 +153,17 @@ def train(
             "0.015 pixel AUROC of the paper's latent search at ~90x its speed, and cost ~7x the encoder alone."
         ),
     ] = None,
+    detrend_sigma: Annotated[
+        float | None,
+        typer.Option(
+            help="Subtract each image's blur of this many pixels along the grain before the networks see it "
+            "(default: the schedule's, 12; 0 = off). Removes streaks; use 0 or --detrend-axis xy for a "
+            "surface without a grain."
+        ),
+    ] = None,
+    detrend_axis: Annotated[
+        str | None, typer.Option(help="The grain's direction: x (along rows, the default), y or xy (no grain).")
+    ] = None,
     seed: Annotated[int, typer.Option()] = 0,
     live: Annotated[bool, typer.Option(help="Make the new version live.")] = True,
     storage_path: Annotated[
@@ -192,6 +203,10 @@ def train(
         overrides["map_mode"] = map_mode
     if refine_steps is not None:
         overrides["refine_steps"] = refine_steps
+    if detrend_sigma is not None:
+        overrides["detrend_sigma"] = detrend_sigma
+    if detrend_axis is not None:
+        overrides["detrend_axis"] = detrend_axis
     try:
         config = schedules[schedule](gamma=gamma, seed=seed, **overrides)
     except ValueError as exc:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Self
 
 from schemas.model_card import MapMode
+from trainer.detrend import Detrend, DetrendAxis
 from trainer.networks import DiscriminatorHead
 
 
@@ -47,6 +48,11 @@ class TrainConfig:
     """Network input: 0 maps [0, 1] to [-1, 1]; g > 0 feeds (patch − its mean)·g instead, so that a low-contrast
     surface fills the networks' range (aim for g ≈ 0.25 / patch std; 8 for the synthetic metal). 0 keeps the
     old behaviour, where the discriminator barely learns (its loss stays at 2·ln 2)."""
+    detrend_sigma: float = 0.0
+    """σ (pixels) of the blur along the grain subtracted from every image before the networks see it
+    (`trainer.detrend`); 0 = off. Removes streaks a patch GAN cannot reproduce (12 for the synthetic metal)."""
+    detrend_axis: str = "x"
+    """`DetrendAxis` the grain runs along: ``x`` (rows), ``y`` (columns) or ``xy`` (an isotropic blur)."""
     # method (method.md §2, §4)
     gamma: float = 1.0
     """γ in (0, 1]: weight of the generated patches among the discriminator's fakes; 1 = plain AnoGAN."""
@@ -162,6 +168,12 @@ class TrainConfig:
         if not (self.contrast_gain >= 0 and math.isfinite(self.contrast_gain)):
             msg = f"contrast_gain must be a finite number >= 0, got {self.contrast_gain}"
             raise ValueError(msg)
+        if not (self.detrend_sigma >= 0 and math.isfinite(self.detrend_sigma)):
+            msg = f"detrend_sigma must be a finite number >= 0 (pixels), got {self.detrend_sigma}"
+            raise ValueError(msg)
+        if self.detrend_axis not in set(DetrendAxis):
+            msg = f"detrend_axis must be one of {[str(a) for a in DetrendAxis]}, got {self.detrend_axis!r}"
+            raise ValueError(msg)
         if self.refine_steps < 0 or self.search_steps < 0:
             msg = f"refine_steps and search_steps must be >= 0, got {self.refine_steps}, {self.search_steps}"
             raise ValueError(msg)
@@ -201,6 +213,11 @@ class TrainConfig:
         return self.abnormal_batch_size // self.num_workers
 
     @property
+    def detrend(self) -> Detrend:
+        """The input flattening of this run's images (`trainer.detrend`; σ = 0: none)."""
+        return Detrend(self.detrend_sigma, self.detrend_axis)
+
+    @property
     def total_steps(self) -> int:
         """GAN steps plus encoder steps."""
         return self.gan_steps + self.encoder_steps
@@ -238,10 +255,15 @@ class TrainConfig:
         0–3, base 32 seeds 0–1, `benchmarks/residual_variants.py`) it beat the plain residual on pixel AP
         (+.003 to +.088, mean +.024), and at 1024² (seeds 0–2, `benchmarks/quality.py`) it gave 1.8–2.1× the
         residual's pixel AP on every run, for ~0.06 CPU-s more per 1024² image (4–5 % of this model).
+
+        Images are flattened along the brushing (``detrend_sigma`` 12, axis x: `trainer.detrend`): at 1024²
+        (ε = 0.1, seeds 0 and 1, `benchmarks/quality.py`) pixel AP .06 → .26, AUPRO .72 → .85, image AUROC
+        .61 → .91 against the same schedule without it; an isotropic blur (σ 6) gave nothing.
         """
         values: dict[str, Any] = {
             "patch_size": 32,
             "contrast_gain": 8.0,
+            "detrend_sigma": 12.0,
             "stride": 16,
             "latent_dim": 256,
             "base_channels": 16,

@@ -70,7 +70,11 @@ def frozen(module: nn.Module) -> Iterator[None]:
 
 
 class PatchSampler:
-    """Per-worker source of normal and abnormal patch batches, (B, 1, P, P) in [-1, 1]."""
+    """Per-worker source of normal and abnormal patch batches, (B, 1, P, P) in [-1, 1].
+
+    The normal images are flattened here (``cfg.detrend_sigma``, `trainer.detrend`); the abnormal patches
+    come already flattened (`trainer.patches.abnormal_patch_bank` with ``detrend``).
+    """
 
     def __init__(
         self,
@@ -87,7 +91,7 @@ class PatchSampler:
         if abnormal_patches is not None and abnormal_patches.shape[1:] not in ((p, p), (2, p, p)):
             msg = f"abnormal patches must have shape (M, {p}, {p}) or (M, 2, {p}, {p}), got {abnormal_patches.shape}"
             raise ValueError(msg)
-        self.normal_images = list(normal_images)
+        self.normal_images = cfg.detrend.images(list(normal_images))
         self.abnormal = abnormal_patches if abnormal_patches is not None and len(abnormal_patches) else None
         self.cfg = cfg
         self.rank = rank

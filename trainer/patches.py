@@ -127,11 +127,14 @@ def abnormal_patch_bank(
     top_k: int = 8,
     min_overlap: int = 1,
     with_masks: bool = False,
+    detrend: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, AbnormalPatchSource]:
     """The discriminator's abnormal patches from confirmed abnormal images (method.md §3).
 
     Per image: (a) with a non-empty mask (H, W), the grid patches with >= ``min_overlap`` mask pixels;
     (b) without one, if ``score_fn`` is given, its ``top_k`` highest-scoring grid patches; (c) else all.
+    ``detrend`` (the run's `trainer.detrend.Detrend`) flattens each image, (H, W) in [0, 1], before its
+    patches are cut, as the normal images are flattened for training.
 
     Returns:
         bank: (M, P, P) float32 in [0, 1] (M = 0 when there are no images); with ``with_masks``,
@@ -152,7 +155,7 @@ def abnormal_patch_bank(
     chosen_masks: list[np.ndarray] = []
     used: set[AbnormalPatchSource] = set()
     for image, mask in zip(images, masks, strict=True):
-        patches, origins = grid_patches(image, patch, stride)
+        patches, origins = grid_patches(detrend(as_unit_float(image)) if detrend else image, patch, stride)
         if mask is not None and mask.shape != image.shape:
             msg = f"mask shape {mask.shape} does not match its image {image.shape}"
             raise ValueError(msg)

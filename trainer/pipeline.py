@@ -175,6 +175,7 @@ def train_model_version(
             top_k=cfg.mined_patches_per_image,
             min_overlap=cfg.mask_min_overlap,
             with_masks=True,  # (M, 2, P, P): a dense discriminator calls only the masked cells fake
+            detrend=cfg.detrend,
         )
         n_abnormal = len(abnormal_images)
         say(f"abnormal-patch bank: {len(bank)} patches from {n_abnormal} images (source: {source})")

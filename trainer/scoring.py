@@ -31,6 +31,7 @@ from scipy.ndimage import gaussian_filter
 
 from schemas import ModelCard, ScoreMode
 from schemas.model_card import MapMode
+from trainer.detrend import Detrend
 from trainer.latent_search import DEFAULT_LAMBDA, DEFAULT_LR, DEFAULT_STEPS, check_search_arguments, search_latent
 from trainer.model_io import sub_state, weights_from_bytes
 from trainer.networks import Discriminator, DiscriminatorHead, Encoder, Generator
@@ -347,14 +348,15 @@ def finish_map(stitched: np.ndarray, sigma: float) -> np.ndarray:
 def anomaly_map(image: np.ndarray, model: PatchModel, batch_size: int = 256) -> np.ndarray:
     """The smoothed anomaly map of one (H, W) image in [0, 1] (uint8 accepted) -> (H, W) float32 >= 0.
 
-    Tiles with the card's patch size and stride (reflect padding at the borders), scores in batches of
+    Flattens the image as the version was trained (`trainer.detrend`, the card's ``detrend_sigma``), tiles
+    with the card's patch size and stride (reflect padding at the borders), scores in batches of
     ``batch_size`` patches, stitches with a window-weighted mean, then smooths with ``card.smoothing_sigma``.
     """
     if batch_size < 1:
         msg = f"batch_size must be >= 1, got {batch_size}"
         raise ValueError(msg)
-    unit = as_unit_float(image)
     card = model.card
+    unit = Detrend.of(card.train_config)(as_unit_float(image))
     layout = plan_tiles(unit.shape[0], unit.shape[1], card.patch_size, card.stride)
     patches = extract_patches(unit, layout)  # (N, P, P)
     return finish_map(stitch_patches(score_in_batches(model, patches, batch_size), layout), card.smoothing_sigma)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from schemas import ModelCard
+from trainer.detrend import Detrend
 from trainer.device_tiling import RangeStrip, cut_strip, fold_strip, range_strip
 from trainer.patches import as_unit_float
 from trainer.postprocess import MapSummary, summarize_map
@@ -135,7 +136,8 @@ class InspectionPlan:
 
 
 def plan_inspection(image: np.ndarray, card: ModelCard, chunk_patches: int, batch_patches: int = 1) -> InspectionPlan:
-    """Pad ``image`` (H, W) for the card's patch size and stride and split its patches into ranges.
+    """Flatten ``image`` (H, W) in [0, 1] as the card's version was trained (`trainer.detrend`), pad it for the
+    card's patch size and stride and split its patches into ranges.
 
     Ranges hold whole forward batches of ``batch_patches`` (at most ``chunk_patches``), as many as fit in
     ``chunk_patches``, and are as few and as even as that allows; each starts at a multiple of the batch,
@@ -149,6 +151,7 @@ def plan_inspection(image: np.ndarray, card: ModelCard, chunk_patches: int, batc
     if chunk_patches < 1 or batch_patches < 1:
         msg = f"chunk_patches and batch_patches must be >= 1, got {chunk_patches} and {batch_patches}"
         raise ValueError(msg)
+    image = Detrend.of(card.train_config)(image)  # as the version was trained (trainer.detrend)
     layout = plan_tiles(image.shape[0], image.shape[1], card.patch_size, card.stride)
     grid, n = layout.grid, layout.n_patches
     batch = min(batch_patches, chunk_patches)
