@@ -114,6 +114,14 @@ def dataset(grid: Grid, epsilon: float, seed: int) -> SyntheticDataset:
     )
 
 
+def abnormal_bank(data: SyntheticDataset, k: int, cfg: TrainConfig) -> tuple[np.ndarray | None, AbnormalPatchSource]:
+    """The masked patches of the first ``k`` abnormal images, flattened as ``cfg`` trains (None for k = 0)."""
+    if k < 1:
+        return None, AbnormalPatchSource.NONE
+    images, masks = data.abnormal[:k], data.abnormal_masks[:k]
+    return abnormal_patch_bank(images, masks, cfg.patch_size, cfg.stride, with_masks=True, detrend=cfg.detrend)
+
+
 def card_for(cfg: TrainConfig, source: AbnormalPatchSource) -> ModelCard:
     """A model card for scoring in-process (provisional thresholds: the metrics do not use them)."""
     return build_card(cfg, "quality", "v-bench", source, PROVISIONAL_THRESHOLDS, "bench", 0, 0)
@@ -138,16 +146,7 @@ def train_and_score(grid: Grid, run: Run, keep_weights: Path | None = None) -> d
     torch.set_num_threads(1)
     data = dataset(grid, run.epsilon, run.seed)
     cfg = grid.config(run.gamma, run.seed)
-    bank, source = None, AbnormalPatchSource.NONE
-    if run.k > 0:
-        bank, source = abnormal_patch_bank(
-            data.abnormal[: run.k],
-            data.abnormal_masks[: run.k],
-            cfg.patch_size,
-            cfg.stride,
-            with_masks=True,
-            detrend=cfg.detrend,
-        )
+    bank, source = abnormal_bank(data, run.k, cfg)
     started = time.perf_counter()
     state = train_in_process(cfg, data.train_normal, bank, device="cpu")
     train_s = time.perf_counter() - started

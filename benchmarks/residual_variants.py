@@ -32,15 +32,14 @@ from typing import Any
 import numpy as np
 import torch
 from bench_output import emit_json
-from quality import bench_config, card_for, dataset, evaluate, quick_grid
+from quality import abnormal_bank, bench_config, card_for, dataset, evaluate, quick_grid
 from scipy.ndimage import gaussian_filter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from schemas import AbnormalPatchSource
 from trainer.gan import train_in_process
 from trainer.patch_filters import ssim_dissimilarity as patch_ssim_dissimilarity
-from trainer.patches import abnormal_patch_bank, as_unit_float, patch_contamination
+from trainer.patches import as_unit_float, patch_contamination
 from trainer.scoring import PatchModel
 from trainer.tiling import TileLayout, extract_patches, plan_tiles, stitch_patches
 
@@ -97,16 +96,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     data = dataset(grid, args.epsilon, args.seed)
     cfg = grid.config(args.gamma, args.seed)
-    bank, source = None, AbnormalPatchSource.NONE
-    if args.gamma < 1:
-        bank, source = abnormal_patch_bank(
-            data.abnormal[: args.k],
-            data.abnormal_masks[: args.k],
-            cfg.patch_size,
-            cfg.stride,
-            with_masks=True,
-            detrend=cfg.detrend,
-        )
+    bank, source = abnormal_bank(data, args.k if args.gamma < 1 else 0, cfg)
     started = time.perf_counter()
     state = train_in_process(cfg, data.train_normal, bank, device="cpu")
     train_s = time.perf_counter() - started
