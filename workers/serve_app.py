@@ -2,7 +2,8 @@
 ranges over `PatchScorer` replicas, then stitches the map.
 
     InspectionService.inspect(image (H, W) float32)        one call per image
-        ├─ plan_inspection: pad; 4225 patches of 32² for a 1024² image at stride 16, in 5 ranges of ≤ 1024
+        ├─ plan_inspection: flatten along the grain (the card's detrend), pad; 4225 patches of 32² for a
+        │      1024² image at stride 16, in 5 ranges of ≤ 1024
         ├─ ray.put(padded image)                          once: 4.4 MB, where the patches would be 17 MB
         ├─ PatchScorer.score(range, padded) × 5, in parallel   @serve.batch groups ranges by patch count;
         │      the scorer cuts its patches out of the zero-copy image (on its GPU, from the rows the range
