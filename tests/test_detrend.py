@@ -45,6 +45,13 @@ def test_a_flat_image_becomes_the_flat_level_and_sigma_zero_is_the_identity() ->
     assert same is not image
 
 
+def test_8_and_16_bit_images_are_scaled_to_unit_range_first() -> None:
+    image = _streaked()
+    expected = detrend(image, 6.0)
+    np.testing.assert_allclose(detrend(np.round(image * 255).astype(np.uint8), 6.0), expected, atol=3e-3)
+    np.testing.assert_allclose(detrend(np.round(image * 65535).astype(np.uint16), 6.0), expected, atol=1e-4)
+
+
 def test_the_axes_are_transposes_and_xy_is_an_isotropic_blur() -> None:
     image = _streaked(48, 48)
     np.testing.assert_allclose(detrend(image, 4.0, "y"), detrend(image.T, 4.0, "x").T, atol=1e-6)

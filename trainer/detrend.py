@@ -46,7 +46,7 @@ def detrend(unit: np.ndarray, sigma: float, axis: DetrendAxis | str = DetrendAxi
     """``unit`` minus its Gaussian blur of ``sigma`` px along ``axis``, plus `FLAT_LEVEL`.
 
     Args:
-        unit: (H, W) float image in [0, 1].
+        unit: (H, W) float image in [0, 1] (uint8 and uint16 are scaled to it).
         sigma: the blur's σ in pixels; 0 returns a float32 copy of ``unit`` unchanged.
         axis: `DetrendAxis` (``x``, ``y`` or ``xy``).
 
@@ -59,7 +59,7 @@ def detrend(unit: np.ndarray, sigma: float, axis: DetrendAxis | str = DetrendAxi
     if unit.ndim != 2:
         msg = f"expected a greyscale (H, W) image to detrend, got shape {unit.shape}"
         raise ValueError(msg)
-    image = np.asarray(unit, dtype=np.float32)
+    image = as_unit_float(np.asarray(unit))  # uint8 / uint16 scaled to [0, 1], float32
     if sigma == 0:
         return image.copy()
     if axis is DetrendAxis.XY:
@@ -92,14 +92,14 @@ class Detrend:
         return self.sigma > 0
 
     def __call__(self, unit: np.ndarray) -> np.ndarray:
-        """(H, W) in [0, 1] -> (H, W) float32; ``unit`` itself when inactive (no copy)."""
+        """(H, W) in [0, 1] (uint8 / uint16 scaled) -> (H, W) float32; ``unit`` itself when inactive (no copy)."""
         return detrend(unit, self.sigma, self.axis) if self.active else unit
 
     def images(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """Each (H, W) image (uint8, uint16 or float in [0, 1]) flattened; the images themselves when inactive."""
         if not self.active:
             return images
-        return [self(as_unit_float(np.asarray(image))) for image in images]
+        return [self(np.asarray(image)) for image in images]
 
 
 def _axis(axis: DetrendAxis | str) -> DetrendAxis:

@@ -155,7 +155,7 @@ def abnormal_patch_bank(
     chosen_masks: list[np.ndarray] = []
     used: set[AbnormalPatchSource] = set()
     for image, mask in zip(images, masks, strict=True):
-        patches, origins = grid_patches(detrend(as_unit_float(image)) if detrend else image, patch, stride)
+        patches, origins = grid_patches(detrend(image) if detrend else image, patch, stride)
         if mask is not None and mask.shape != image.shape:
             msg = f"mask shape {mask.shape} does not match its image {image.shape}"
             raise ValueError(msg)
