@@ -56,10 +56,7 @@ def detrend(unit: np.ndarray, sigma: float, axis: DetrendAxis | str = DetrendAxi
     """
     axis = _axis(axis)
     _check_sigma(sigma)
-    if unit.ndim != 2:
-        msg = f"expected a greyscale (H, W) image to detrend, got shape {unit.shape}"
-        raise ValueError(msg)
-    image = as_unit_float(np.asarray(unit))  # uint8 / uint16 scaled to [0, 1], float32
+    image = as_unit_float(np.asarray(unit))  # (H, W) only; uint8 / uint16 scaled to [0, 1]; float32
     if sigma == 0:
         return image.copy()
     if axis is DetrendAxis.XY:
