@@ -44,6 +44,7 @@ console = Console()
 err = Console(stderr=True)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+_DETREND_AXES = ("auto", "x", "y", "xy")  # auto: trainer.grain measures it; the rest are trainer.detrend.DetrendAxis
 
 
 def _fail(message: str) -> None:
@@ -157,13 +158,16 @@ def train(
         float | None,
         typer.Option(
             help="Subtract each image's blur of this many pixels along the grain before the networks see it "
-            "(default: the schedule's, 12; 0 = off). Removes streaks; use 0 or --detrend-axis xy for a "
-            "surface without a grain."
+            "(default: the schedule's, 12; 0 = off). Removes the streaks a patch GAN cannot reproduce."
         ),
     ] = None,
     detrend_axis: Annotated[
-        str | None, typer.Option(help="The grain's direction: x (along rows, the default), y or xy (no grain).")
-    ] = None,
+        str,
+        typer.Option(
+            help="The grain's direction: auto (measured on the training images; no grain found = no "
+            "flattening), x (along rows), y, or xy (an isotropic blur)."
+        ),
+    ] = "auto",
     seed: Annotated[int, typer.Option()] = 0,
     live: Annotated[bool, typer.Option(help="Make the new version live.")] = True,
     storage_path: Annotated[
@@ -193,6 +197,8 @@ def train(
         _fail(f"--contamination must be in [0, 1), got {contamination}")
     if refine_steps is not None and refine_steps < 0:
         _fail(f"--refine-steps must be >= 0, got {refine_steps}")
+    if detrend_axis not in _DETREND_AXES:
+        _fail(f"--detrend-axis must be one of {', '.join(_DETREND_AXES)}, got {detrend_axis!r}")
     from trainer.config import TrainConfig
 
     schedules = {"demo": TrainConfig.demo, "wide": TrainConfig.wide, "tiny": TrainConfig.tiny}
@@ -205,7 +211,7 @@ def train(
         overrides["refine_steps"] = refine_steps
     if detrend_sigma is not None:
         overrides["detrend_sigma"] = detrend_sigma
-    if detrend_axis is not None:
+    if detrend_axis != "auto":
         overrides["detrend_axis"] = detrend_axis
     try:
         config = schedules[schedule](gamma=gamma, seed=seed, **overrides)
@@ -221,6 +227,7 @@ def train(
     settings = _settings()
     _require_stack(settings)
     from cluster.connections import connect_ray, object_store
+    from trainer.grain import with_grain
     from trainer.pipeline import train_model_version
     from trainer.registry import ModelRegistry
     from trainer.store import CheckpointStorage
@@ -242,6 +249,11 @@ def train(
         normal, abnormal, calibration = synth.train_normal, synth.abnormal, synth.calibration
         masks = list(synth.abnormal_masks)
         digest = synth.digest()
+    if detrend_axis == "auto":
+        config, grain = with_grain(config, normal)
+        if grain is not None:
+            action = f"flattening {config.detrend_sigma:g} px along {grain.axis}" if grain.axis else "not flattening"
+            console.log(f"{grain.describe()}: {action}")
     connect_ray(settings)
     registry = ModelRegistry(object_store(settings), settings.model_name)
     storage = CheckpointStorage.local(storage_path) if storage_path else CheckpointStorage.object_store(settings)

@@ -39,7 +39,7 @@ def test_stack_help_lists_up_down_status() -> None:
         (["train", "--map-mode", "logit"], "map_mode 'logit' needs discriminator_head='dense'"),
         (["train", "--refine-steps", "-1"], "--refine-steps must be >= 0, got -1"),
         (["train", "--detrend-sigma", "-3"], "detrend_sigma must be a finite number >= 0 (pixels), got -3.0"),
-        (["train", "--detrend-axis", "z"], "detrend_axis must be one of ['x', 'y', 'xy'], got 'z'"),
+        (["train", "--detrend-axis", "z"], "--detrend-axis must be one of auto, x, y, xy, got 'z'"),
     ],
 )
 def test_bad_arguments_name_the_problem(args: list[str], message: str) -> None:

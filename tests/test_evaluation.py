@@ -206,9 +206,10 @@ def test_train_on_a_folder_then_eval_the_live_version(
     data = make_dataset(size=64, n_train=0, n_abnormal=1, n_calibration=0, n_test_normal=0, n_test_defect=0, seed=5)
     write_dataset_folder(data, root)  # adds train/abnormal/000.png with its mask
     flags = ["--schedule", "tiny", "--gamma", "0.9", "--refine-steps", "1"]
-    flags += ["--detrend-sigma", "6", "--detrend-axis", "y"]
+    flags += ["--detrend-sigma", "6"]  # the axis is measured on train/good: brushed along x
     trained = runner.invoke(app, ["train", "--data", str(root), *flags])
     assert trained.exit_code == 0, trained.output
+    assert "grain along x" in trained.output, "the measured grain is reported"
     version = ModelRegistry(s3_env, "metal").live_version()
     card = ModelRegistry(s3_env, "metal").load_card(version)
     client = redis_from_url(stack_settings.redis_url.get_secret_value())
@@ -216,7 +217,7 @@ def test_train_on_a_folder_then_eval_the_live_version(
     assert (events[-1].event, events[-1].version) == (ModelEventKind.PROMOTE, version), "promotions are announced"
     assert card.data_digest == load_dataset(root, DatasetPart.TRAIN).data_digest
     assert card.train_config["refine_steps"] == 1, "the version scores (and was calibrated) with its refinement"
-    assert (card.train_config["detrend_sigma"], card.train_config["detrend_axis"]) == (6.0, "y")
+    assert (card.train_config["detrend_sigma"], card.train_config["detrend_axis"]) == (6.0, "x")
     assert (
         card.abnormal_patch_source == AbnormalPatchSource.MASK and card.n_train_images == 2
     )  # calibration/good exists
