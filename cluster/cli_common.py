@@ -20,8 +20,8 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
-def resolved_settings(*, redis: bool = False, s3: bool = False) -> Settings:
-    """Settings from the environment and a running embedded stack; exit 2 naming what is missing."""
+def resolved_settings(*, redis: bool = False, s3: bool = False, ray: bool = False) -> Settings:
+    """Settings from the environment and a running embedded stack; exit 2 naming what of the wanted is missing."""
     from cluster.connections import resolve_settings
 
     try:
@@ -30,7 +30,11 @@ def resolved_settings(*, redis: bool = False, s3: bool = False) -> Settings:
         fail(str(exc))
     missing = [
         name
-        for name, wanted, value in (("REDIS_URL", redis, settings.redis_url), ("S3_ENDPOINT", s3, settings.s3_endpoint))
+        for name, wanted, value in (
+            ("REDIS_URL", redis, settings.redis_url),
+            ("S3_ENDPOINT", s3, settings.s3_endpoint),
+            ("RAY_ADDRESS", ray, settings.ray_address),
+        )
         if wanted and value is None
     ]
     if missing:
