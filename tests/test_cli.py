@@ -49,13 +49,22 @@ def test_bad_arguments_name_the_problem(args: list[str], message: str) -> None:
     assert "Traceback" not in result.output
 
 
-def test_commands_that_need_a_stack_say_how_to_start_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("args", "missing"),
+    [
+        (["results"], "REDIS_URL, S3_ENDPOINT, RAY_ADDRESS not set"),
+        (["train", "--schedule", "tiny", "--size", "64"], "REDIS_URL, S3_ENDPOINT, RAY_ADDRESS not set"),
+    ],
+)
+def test_commands_that_need_a_stack_say_how_to_start_one(
+    args: list[str], missing: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for name in ("REDIS_URL", "S3_ENDPOINT", "S3_ACCESS_KEY", "S3_SECRET_KEY", "RAY_ADDRESS"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("ANOMAP_STATE_DIR", str(tmp_path / "state"))
-    result = runner.invoke(app, ["results"])
+    result = runner.invoke(app, args)
     assert result.exit_code == 2
-    assert "anomap stack up" in result.output
+    assert missing in result.output and "anomap stack up" in result.output
 
 
 def test_unreachable_redis_is_one_line_not_a_traceback(tmp_path: Path) -> None:
