@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
+from cluster.cli_common import console, err, fail, resolved_settings
 from cluster.cli_train import eval_cmd, train
 from schemas import InspectionJob, Settings, StreamNames
 
@@ -40,39 +40,8 @@ stack_app = typer.Typer(
 app.add_typer(stack_app, name="stack")
 app.command()(train)  # training and evaluation live in cluster.cli_train
 app.command("eval")(eval_cmd)
-console = Console()
-err = Console(stderr=True)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
-
-
-def _fail(message: str) -> None:
-    err.print(f"[red]error:[/red] {message}")
-    raise typer.Exit(2)
-
-
-def _settings() -> Settings:
-    from cluster.connections import resolve_settings
-
-    try:
-        return resolve_settings()
-    except ValueError as exc:
-        _fail(str(exc))
-        raise  # unreachable
-
-
-def _require_stack(settings: Settings) -> None:
-    missing = [
-        name
-        for name, value in (
-            ("REDIS_URL", settings.redis_url),
-            ("S3_ENDPOINT", settings.s3_endpoint),
-            ("RAY_ADDRESS", settings.ray_address),
-        )
-        if value is None
-    ]
-    if missing:
-        _fail(f"{', '.join(missing)} not set and no embedded stack is up: run `anomap stack up` first")
 
 
 @stack_app.command("up")
@@ -126,8 +95,7 @@ def serve(
     ] = None,
 ) -> None:
     """Run the Serve app and stream consumers until interrupted (SIGINT/SIGTERM drain gracefully)."""
-    settings = _settings()
-    _require_stack(settings)
+    settings = resolved_settings(redis=True, s3=True, ray=True)
     from cluster.connections import connect_ray, object_store
     from cluster.serving import InspectionServer
     from trainer.registry import ModelNotFound, ModelRegistry
@@ -139,11 +107,11 @@ def serve(
         registry.load_card(version or registry.live_version())
         live = {line: registry.live_version(line) for line in line_ids}
     except ModelNotFound as exc:
-        _fail(str(exc))
+        fail(str(exc))
     try:
         configure_logging(logging.INFO)  # ANOMAP_LOG_FORMAT=json: one JSON object per line
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     connect_ray(settings)
     from workers.serve_app import ServeHttpConflict
 
@@ -158,7 +126,7 @@ def serve(
             console.log(f"serving lines {', '.join(line_ids)} with {models}; Ctrl-C drains and stops")
             server.wait()
     except ServeHttpConflict as exc:  # raised by deploy, before anything runs
-        _fail(str(exc))
+        fail(str(exc))
     console.log("drained and stopped")
 
 
@@ -170,7 +138,7 @@ def _image_files(paths: list[Path]) -> list[Path]:
         elif path.is_file():
             files.append(path)
         else:
-            _fail(f"{path} is neither a file nor a folder")
+            fail(f"{path} is neither a file nor a folder")
     return files
 
 
@@ -182,8 +150,7 @@ def publish(
     by_reference: Annotated[bool, typer.Option(help="Upload to the object store and send s3:// refs.")] = False,
 ) -> None:
     """Publish images as inspection jobs; prints each job id."""
-    settings = _settings()
-    _require_stack(settings)
+    settings = resolved_settings(redis=True, s3=by_reference)
     from pydantic import ValidationError
 
     from cluster.connections import object_store, redis_client
@@ -191,7 +158,7 @@ def publish(
 
     files = _image_files(paths)
     if not files:
-        _fail("no image files found (looked for " + ", ".join(sorted(IMAGE_SUFFIXES)) + ")")
+        fail("no image files found (looked for " + ", ".join(sorted(IMAGE_SUFFIXES)) + ")")
     client = redis_client(settings)
     names = StreamNames(settings.stream_prefix)
     store = object_store(settings) if by_reference else None
@@ -200,7 +167,7 @@ def publish(
         try:
             job = InspectionJob(job_id=f"{camera}-{run}-{i:05d}", camera_id=camera, line=line)
         except ValidationError as exc:
-            _fail(f"invalid --camera or --line: {exc.errors()[0]['msg']}")
+            fail(f"invalid --camera or --line: {exc.errors()[0]['msg']}")
         data = file.read_bytes()
         if store is not None:
             ref = upload_image(store, image_key(job, file.suffix.lower()), data)
@@ -218,8 +185,7 @@ def results(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON result per line.")] = False,
 ) -> None:
     """Print results (the latest ``count``, or follow new ones)."""
-    settings = _settings()
-    _require_stack(settings)
+    settings = resolved_settings(redis=True)
     from cluster.connections import redis_client
     from workers.results import follow_results, read_results
 
@@ -256,9 +222,7 @@ def status(
 
     Exit status 1 when Redis does not answer (the JSON says why).
     """
-    settings = _settings()
-    if settings.redis_url is None:
-        _fail("REDIS_URL not set and no embedded stack is up: run `anomap stack up` first")
+    settings = resolved_settings(redis=True)
     from rich.live import Live
 
     from cluster.status import StatusOptions, gather_status
@@ -303,11 +267,7 @@ def loadgen(
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the summary as JSON here.")] = None,
 ) -> None:
     """Open-loop load: every camera publishes at --fps for --duration s; prints rates and latencies."""
-    settings = _settings()
-    if settings.redis_url is None or (by_reference and settings.s3_endpoint is None):
-        _fail(
-            "REDIS_URL (and S3_ENDPOINT for --by-reference) not set and no embedded stack is up: run `anomap stack up`"
-        )
+    settings = resolved_settings(redis=True, s3=by_reference)
     from pydantic import ValidationError
     from rich.live import Live
 
@@ -317,10 +277,10 @@ def loadgen(
     try:
         InspectionJob(job_id="loadgen-check", line=line)
     except ValidationError as exc:
-        _fail(f"invalid --line: {exc.errors()[0]['msg']}")
+        fail(f"invalid --line: {exc.errors()[0]['msg']}")
     schedule = publish_schedule(cameras, fps, duration)
     if not schedule[0]:
-        _fail(f"--fps {fps} × --duration {duration} is less than one frame per camera")
+        fail(f"--fps {fps} × --duration {duration} is less than one frame per camera")
     with console.status(f"making {cameras} × {pool} images of {size}² px"):
         pools = camera_images(cameras, size, pool, defect_share)
     store = object_store(settings) if by_reference else None

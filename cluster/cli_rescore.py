@@ -14,15 +14,9 @@ import json
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-err = Console(stderr=True)
-
-
-def _fail(message: str) -> None:
-    err.print(f"[red]error:[/red] {message}", soft_wrap=True)
-    raise typer.Exit(2)
+from cluster.cli_common import err, fail
 
 
 def rescore(
@@ -59,8 +53,7 @@ def rescore(
     try:
         overlay_policy = OverlayPolicy(overlays)
     except ValueError:
-        _fail(f"--overlays must be one of {', '.join(p.value for p in OverlayPolicy)}, got {overlays!r}")
-        raise  # unreachable
+        fail(f"--overlays must be one of {', '.join(p.value for p in OverlayPolicy)}, got {overlays!r}")
     try:
         settings = resolve_settings()
         store = ObjectStore.from_settings(settings)
@@ -69,8 +62,7 @@ def rescore(
         ArchiveSource.parse(source)  # a missing folder or a bad bucket name: said before Ray starts
         connect_ray(settings)
     except (ValueError, MissingEndpoint, ModelNotFound) as exc:
-        _fail(str(exc))
-        raise  # unreachable
+        fail(str(exc))
     options = RescoreOptions(
         concurrency=concurrency,
         cpus_per_actor=cpus_per_actor,
@@ -97,8 +89,7 @@ def rescore(
         with bar:
             summary = run_rescore(settings, source, version, options, progress=show)
     except (SourceError, ModelNotFound, ValueError) as exc:
-        _fail(str(exc))
-        raise  # unreachable
+        fail(str(exc))
     if json_out:
         print(json.dumps(summary.as_dict()), flush=True)
     else:
