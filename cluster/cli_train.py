@@ -22,9 +22,6 @@ from schemas import StreamNames
 if TYPE_CHECKING:
     from trainer.folder_dataset import FolderDataset
 
-DETREND_AXES = ("auto", "x", "y", "xy")
-"""``--detrend-axis``: auto (`trainer.grain` measures it on the training images) or a `trainer.detrend.DetrendAxis`."""
-
 
 def load_folder(data: Path, part: str) -> FolderDataset:
     """Load a dataset folder, printing its warnings; a bad folder is a clear message and exit 2."""
@@ -119,9 +116,12 @@ def train(
         fail(f"--contamination must be in [0, 1), got {contamination}")
     if refine_steps is not None and refine_steps < 0:
         fail(f"--refine-steps must be >= 0, got {refine_steps}")
-    if detrend_axis not in DETREND_AXES:
-        fail(f"--detrend-axis must be one of {', '.join(DETREND_AXES)}, got {detrend_axis!r}")
     from trainer.config import TrainConfig
+    from trainer.detrend import DetrendAxis
+
+    axes = ["auto", *DetrendAxis]  # auto: trainer.grain measures it on the training images
+    if detrend_axis not in axes:
+        fail(f"--detrend-axis must be one of {', '.join(axes)}, got {detrend_axis!r}")
 
     schedules = {"demo": TrainConfig.demo, "wide": TrainConfig.wide, "tiny": TrainConfig.tiny}
     if schedule not in schedules:
