@@ -19,6 +19,9 @@ import typer
 from cluster.cli_common import console, err, fail, resolved_settings
 from schemas import StreamNames
 
+GAUSSIAN_ONLY_SIGMA = 2.0
+"""σ of the maps when ``--line-length 0`` turns the line filter off: the smoothing every version had before it."""
+
 if TYPE_CHECKING:
     from trainer.folder_dataset import FolderDataset
 
@@ -36,6 +39,19 @@ def load_folder(data: Path, part: str) -> FolderDataset:
         err.print(f"[yellow]warning:[/yellow] {warning}")
     console.log(f"loaded {data}: {json.dumps(dataset.summary())}")
     return dataset
+
+
+def map_finish_overrides(line_length: int | None, smoothing_sigma: float | None) -> dict[str, object]:
+    """`TrainConfig` overrides of ``--line-length`` and ``--smoothing-sigma``: turning the line filter off
+    without a σ brings back the Gaussian σ = 2 of the versions before it, not an unsmoothed map."""
+    overrides: dict[str, object] = {}
+    if line_length is not None:
+        overrides["line_length"] = line_length
+        if line_length == 0 and smoothing_sigma is None:
+            overrides["smoothing_sigma"] = GAUSSIAN_ONLY_SIGMA
+    if smoothing_sigma is not None:
+        overrides["smoothing_sigma"] = smoothing_sigma
+    return overrides
 
 
 def train(
@@ -72,6 +88,17 @@ def train(
             help="Latent refinement steps from E(x) every time this model scores (default 0). 5 come within "
             "0.015 pixel AUROC of the paper's latent search at ~90x its speed, and cost ~7x the encoder alone."
         ),
+    ] = None,
+    line_length: Annotated[
+        int | None,
+        typer.Option(
+            help="Finish each map with the line filter: every pixel's largest mean along a segment this many "
+            "pixels long (default: the schedule's, 15). 0 = a Gaussian blur instead (σ 2 unless --smoothing-sigma)."
+        ),
+    ] = None,
+    smoothing_sigma: Annotated[
+        float | None,
+        typer.Option(help="Gaussian σ (pixels) applied to each map before the line filter (default: the schedule's)."),
     ] = None,
     detrend_sigma: Annotated[
         float | None,
@@ -133,6 +160,7 @@ def train(
         overrides["refine_steps"] = refine_steps
     if detrend_sigma is not None:
         overrides["detrend_sigma"] = detrend_sigma
+    overrides |= map_finish_overrides(line_length, smoothing_sigma)
     if detrend_axis != "auto":
         overrides["detrend_axis"] = detrend_axis
     try:

@@ -129,6 +129,8 @@ class ModelCard(BaseModel):
     score_mode: ScoreMode = ScoreMode.ENCODER
     map_mode: MapMode = MapMode.RESIDUAL
     smoothing_sigma: float = Field(ge=0, le=32)
+    line_length: int = Field(default=0, ge=0, le=64)
+    """Pixels of the line filter applied after the smoothing (`trainer.line_filter`); 0 = none (older versions)."""
     # data and training
     data_digest: str = Field(max_length=128)
     n_train_images: int = Field(ge=0)

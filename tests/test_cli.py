@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cluster.cli import app
+from cluster.cli_train import map_finish_overrides
 
 runner = CliRunner()
 
@@ -40,6 +41,7 @@ def test_stack_help_lists_up_down_status() -> None:
         (["train", "--refine-steps", "-1"], "--refine-steps must be >= 0, got -1"),
         (["train", "--detrend-sigma", "-3"], "detrend_sigma must be a finite number >= 0 (pixels), got -3.0"),
         (["train", "--detrend-axis", "z"], "--detrend-axis must be one of auto, x, y, xy, got 'z'"),
+        (["train", "--line-length", "99"], "line_length must be between 0 (off) and 64 pixels, got 99"),
     ],
 )
 def test_bad_arguments_name_the_problem(args: list[str], message: str) -> None:
@@ -47,6 +49,22 @@ def test_bad_arguments_name_the_problem(args: list[str], message: str) -> None:
     assert result.exit_code == 2
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("line_length", "sigma", "expected"),
+    [
+        (None, None, {}),  # the schedule's
+        (21, None, {"line_length": 21}),
+        (0, None, {"line_length": 0, "smoothing_sigma": 2.0}),  # off: the Gaussian maps of before
+        (0, 1.5, {"line_length": 0, "smoothing_sigma": 1.5}),
+        (None, 1.0, {"smoothing_sigma": 1.0}),
+    ],
+)
+def test_map_finish_flags_become_config_overrides(
+    line_length: int | None, sigma: float | None, expected: dict[str, object]
+) -> None:
+    assert map_finish_overrides(line_length, sigma) == expected
 
 
 @pytest.mark.parametrize(

@@ -6,26 +6,35 @@ import numpy as np
 import pytest
 from helpers import SMALL_CONFIG
 
+from trainer.config import TrainConfig
 from trainer.pipeline import untrained_model
-from trainer.scoring import PatchModel, score_in_batches
+from trainer.scoring import PatchModel, finish_map, score_in_batches, stitched_map
 from trainer.synthetic import DefectKind, synth_image
 from workers.inspection import LocalInspector, finish_inspection, inspect_in_ranges, plan_inspection, score_ranges
 
+LINE_FILTERED = SMALL_CONFIG.replace(smoothing_sigma=0.0, line_length=15)
+"""The demo's map finish (no Gaussian, the 15 px line filter) on the small test model."""
 
-def _model() -> PatchModel:
+
+def _model(config: TrainConfig = SMALL_CONFIG) -> PatchModel:
     calibration = [synth_image(seed, 96)[0] for seed in range(2)]
-    card, state = untrained_model(SMALL_CONFIG, calibration, "metal")
+    card, state = untrained_model(config, calibration, "metal")
     return PatchModel.from_state(card, state, device="cpu")
 
 
-def test_local_inspector_matches_the_sharded_serve_steps() -> None:
-    model = _model()
+@pytest.mark.parametrize("config", [SMALL_CONFIG, LINE_FILTERED], ids=["gaussian", "line-filter"])
+def test_local_inspector_matches_the_sharded_serve_steps(config: TrainConfig) -> None:
+    model = _model(config)
     image = synth_image(7, 96, (DefectKind.SCRATCH,))[0].astype(np.float32) / 255
     local = LocalInspector(model, chunk_patches=16)(image)
     plan = plan_inspection(image, model.card, chunk_patches=5)  # other chunking: same result
     sharded = finish_inspection(plan, plan.bands([model.score_patches(c) for c in plan.chunks]), model.card)
     np.testing.assert_allclose(local.anomaly_map, sharded.anomaly_map, rtol=1e-5, atol=1e-6)
-    assert local.summary.raw_image_score == sharded.summary.raw_image_score
+    stitched = stitched_map(image, model)  # the library's path: finished as the card says
+    expected = finish_map(stitched, config.smoothing_sigma, config.line_length)
+    np.testing.assert_allclose(local.anomaly_map, expected, rtol=1e-5, atol=1e-6)
+    assert model.card.line_length == config.line_length
+    assert local.summary.raw_image_score == pytest.approx(sharded.summary.raw_image_score, rel=1e-5)
     assert local.n_patches == sharded.n_patches == plan.layout.n_patches
     assert local.model_version == model.card.version
 

@@ -21,6 +21,7 @@ from typing import Any, Self
 
 from schemas.model_card import MapMode
 from trainer.detrend import Detrend, DetrendAxis
+from trainer.line_filter import MAX_LINE_LENGTH
 from trainer.networks import DiscriminatorHead
 
 
@@ -62,6 +63,8 @@ class TrainConfig:
     """`schemas.model_card.MapMode` of the versions this run makes: what a patch's pixel map measures."""
     smoothing_sigma: float = 2.0
     """Gaussian σ (pixels) applied to the stitched residual map."""
+    line_length: int = 0
+    """Then the line filter (`trainer.line_filter`): each pixel's largest mean along a segment this long; 0 = off."""
     refine_steps: int = 0
     """Encoder mode: Adam steps of the latent loss L(z) from E(x) at inference (0 = the encoder alone)."""
     search_steps: int = 500
@@ -186,6 +189,9 @@ class TrainConfig:
                 f"{self.smoothing_sigma}, {self.brightness_jitter}"
             )
             raise ValueError(msg)
+        if not 0 <= self.line_length <= MAX_LINE_LENGTH:
+            msg = f"line_length must be between 0 (off) and {MAX_LINE_LENGTH} pixels, got {self.line_length}"
+            raise ValueError(msg)
         if not 0.0 < self.warmup_fraction < 1.0:
             msg = f"warmup_fraction must be in (0, 1), got {self.warmup_fraction}"
             raise ValueError(msg)
@@ -259,6 +265,11 @@ class TrainConfig:
         Images are flattened along the brushing (``detrend_sigma`` 12, axis x: `trainer.detrend`): at 1024²
         (ε = 0.1, seeds 0 and 1, `benchmarks/quality.py`) pixel AP .06 → .26, AUPRO .72 → .85, image AUROC
         .61 → .91 against the same schedule without it; an isotropic blur (σ 6) gave nothing.
+
+        Maps are finished with the line filter (15 px, no Gaussian: `trainer.line_filter`): at 1024² (ε = 0.1,
+        k = 5, γ = 0.9, seeds 0–2) pixel AUROC / AP / AUPRO / image AUROC .966 / .279 / .854 / .956 → .972 /
+        .355 / .870 / .972 against a Gaussian σ = 2 on the same reconstructions; on the γ = 0.8 runs spots lost pixel AP
+        (.75 → .56) and cracks gained (.45 → .51).
         """
         values: dict[str, Any] = {
             "patch_size": 32,
@@ -268,6 +279,8 @@ class TrainConfig:
             "latent_dim": 256,
             "base_channels": 16,
             "map_mode": "ssim_residual",
+            "smoothing_sigma": 0.0,
+            "line_length": 15,
             "batch_size": 32,
             "abnormal_batch_size": 16,
             "gan_steps": 1000,

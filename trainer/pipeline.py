@@ -68,6 +68,7 @@ def build_card(
         gamma=cfg.gamma,
         abnormal_patch_source=source,
         smoothing_sigma=cfg.smoothing_sigma,
+        line_length=cfg.line_length,
         map_mode=MapMode(cfg.map_mode),
         data_digest=data_digest,
         n_train_images=n_train,

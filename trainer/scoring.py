@@ -13,7 +13,7 @@ Example (1024×1024 image, P = 64, S = 32 -> 1024 patches)::
 
     model = PatchModel.from_safetensors(card, weights_bytes)       # card: schemas.ModelCard
     maps = model.score_patches(patches)                              # (N, 64, 64) -> (N, 64, 64), >= 0
-    amap = anomaly_map(image, model, batch_size=256)                 # (1024, 1024) float32, smoothed
+    amap = anomaly_map(image, model, batch_size=256)                 # (1024, 1024) float32, finished
 
 `anomaly_map` tiles, scores and stitches in this process; the serving layer splits the same patches
 across replicas and calls `score_patches` and `finish_map` itself.
@@ -33,6 +33,7 @@ from schemas import ModelCard, ScoreMode
 from schemas.model_card import MapMode
 from trainer.detrend import Detrend
 from trainer.latent_search import DEFAULT_LAMBDA, DEFAULT_LR, DEFAULT_STEPS, check_search_arguments, search_latent
+from trainer.line_filter import line_mean_max
 from trainer.model_io import sub_state, weights_from_bytes
 from trainer.networks import Discriminator, DiscriminatorHead, Encoder, Generator
 from trainer.patch_filters import gaussian_blur, ssim_dissimilarity
@@ -331,26 +332,32 @@ class PatchModel:
         return x * 2.0 - 1.0  # [-1, 1]
 
 
-def finish_map(stitched: np.ndarray, sigma: float) -> np.ndarray:
-    """Gaussian-smooth a stitched (H, W) residual map (σ in pixels; 0 = unchanged) -> (H, W) float32."""
+def finish_map(stitched: np.ndarray, sigma: float, line_length: int = 0) -> np.ndarray:
+    """A stitched (H, W) residual map, Gaussian-smoothed with σ px (0 = not), then line-filtered -> (H, W) float32.
+
+    ``line_length`` > 0 replaces each pixel by its largest mean along a segment that long
+    (`trainer.line_filter`); 0 leaves the smoothed map as it is (every version before the filter).
+    """
     if stitched.ndim != 2:
         msg = f"expected a stitched (H, W) map, got shape {stitched.shape}"
         raise ValueError(msg)
-    if sigma < 0:
-        msg = f"smoothing sigma must be >= 0, got {sigma}"
+    if sigma < 0 or line_length < 0:
+        msg = f"smoothing sigma and line length must be >= 0, got {sigma} and {line_length}"
         raise ValueError(msg)
     out = np.asarray(stitched, dtype=np.float32)
-    if sigma == 0:
-        return out.copy()
-    return gaussian_filter(out, sigma=sigma, mode="reflect").astype(np.float32, copy=False)
+    if sigma > 0:
+        out = gaussian_filter(out, sigma=sigma, mode="reflect").astype(np.float32, copy=False)
+    if line_length > 0:
+        return line_mean_max(out, line_length)
+    return out.copy() if out is stitched else out
 
 
-def anomaly_map(image: np.ndarray, model: PatchModel, batch_size: int = 256) -> np.ndarray:
-    """The smoothed anomaly map of one (H, W) image in [0, 1] (uint8 accepted) -> (H, W) float32 >= 0.
+def stitched_map(image: np.ndarray, model: PatchModel, batch_size: int = 256) -> np.ndarray:
+    """The stitched, unfinished map of one (H, W) image in [0, 1] (uint8 accepted) -> (H, W) float32 >= 0.
 
     Flattens the image as the version was trained (`trainer.detrend`, the card's ``detrend_sigma``), tiles
     with the card's patch size and stride (reflect padding at the borders), scores in batches of
-    ``batch_size`` patches, stitches with a window-weighted mean, then smooths with ``card.smoothing_sigma``.
+    ``batch_size`` patches and stitches with a window-weighted mean.
     """
     if batch_size < 1:
         msg = f"batch_size must be >= 1, got {batch_size}"
@@ -359,7 +366,16 @@ def anomaly_map(image: np.ndarray, model: PatchModel, batch_size: int = 256) -> 
     unit = Detrend.of(card.train_config)(as_unit_float(image))
     layout = plan_tiles(unit.shape[0], unit.shape[1], card.patch_size, card.stride)
     patches = extract_patches(unit, layout)  # (N, P, P)
-    return finish_map(stitch_patches(score_in_batches(model, patches, batch_size), layout), card.smoothing_sigma)
+    return stitch_patches(score_in_batches(model, patches, batch_size), layout)
+
+
+def anomaly_map(image: np.ndarray, model: PatchModel, batch_size: int = 256) -> np.ndarray:
+    """The finished anomaly map of one (H, W) image in [0, 1] (uint8 accepted) -> (H, W) float32 >= 0.
+
+    `stitched_map`, then `finish_map` with the card's ``smoothing_sigma`` and ``line_length``.
+    """
+    card = model.card
+    return finish_map(stitched_map(image, model, batch_size), card.smoothing_sigma, card.line_length)
 
 
 def score_in_batches(model: PatchModel, patches: np.ndarray, batch_size: int) -> np.ndarray:

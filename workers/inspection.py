@@ -1,4 +1,4 @@
-"""One image through the model: tile → score patch batches → stitch → smooth → summarise.
+"""One image through the model: tile → score patch batches → stitch → finish (smooth, line filter) → summarise.
 
 The same steps serve the Ray Serve app (patch batches spread over `PatchScorer` replicas) and the
 in-process `LocalInspector` (benchmarks, archive re-scoring), so both give the same maps (to float32 rounding)::
@@ -244,7 +244,7 @@ def finish_inspection(
 ) -> ScoredImage:
     """Stitch the ranges' bands (`PatchRange.band`, one per range) into the smoothed map and summarise it."""
     stitched = stitch_bands(bands, plan.layout)
-    anomaly_map = finish_map(stitched, card.smoothing_sigma)
+    anomaly_map = finish_map(stitched, card.smoothing_sigma, card.line_length)
     return scored_image(anomaly_map, card, plan.layout.n_patches, len(plan.ranges), pixel_threshold, timings_ms)
 
 

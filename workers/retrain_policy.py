@@ -39,7 +39,15 @@ ABOVE_THRESHOLD = 1.0
 """A normalised image score at or above this flags the image."""
 DEFAULT_GAMMA = 0.8
 """γ of a fine-tune whose parent was plain AnoGAN (γ = 1)."""
-_ARCHITECTURE = ("patch_size", "stride", "latent_dim", "base_channels", "spectral_norm", "smoothing_sigma")
+_ARCHITECTURE = (
+    "patch_size",
+    "stride",
+    "latent_dim",
+    "base_channels",
+    "spectral_norm",
+    "smoothing_sigma",
+    "line_length",
+)
 
 
 class RetrainPolicy(BaseModel):

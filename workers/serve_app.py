@@ -9,7 +9,7 @@ ranges over `PatchScorer` replicas, then stitches the map.
         │      the scorer cuts its patches out of the zero-copy image (on its GPU, from the rows the range
         │      touches), forward passes of ≤ 128 on a CPU, and returns its range's `MapBand`: ~1 MB of
         │      windowed sums (summed on the GPU when it has one), where its maps are ~3.5 MB
-        └─ finish_inspection: add the bands, smooth, regions  → ScoredImage
+        └─ finish_inspection: add the bands, finish the map, regions  → ScoredImage
 
 Which model scores an image: a deployment pinned to a version (``version=...``) always uses it; one
 that follows the registry (``version=None``, what ``anomap serve`` and ``deploy/serve.yaml`` run)

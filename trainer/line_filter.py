@@ -1,0 +1,77 @@
+"""The line filter: each pixel of a map becomes its strongest mean along a short straight segment (pure).
+
+Scratches and cracks are thin and long; noise in a residual map is short and speckled. Averaging the
+map along a segment of ``length`` px through each pixel, in each of ``directions`` orientations, and
+keeping the largest of those means, keeps a line's full height wherever the segment lies along it and
+averages noise down in every direction::
+
+    lined = line_mean_max(residual_map, length=15)     # (1024, 1024) float32 -> (1024, 1024) float32
+
+On the flattened synthetic metal at 1024² it lifted pixel AUROC, AUPRO and image AUROC over a Gaussian
+σ = 2 on every seed (docs/benchmarks.md, "The line filter"); round defects narrower than the segment
+(spots) are dimmed by about their width over ``length``.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DIRECTIONS = 12
+"""Orientations 180° / 12 = 15° apart: a segment of 15 px is then never more than ~1 px off a straight line."""
+MAX_LINE_LENGTH = 64
+"""The longest segment a version may ask for (`schemas.ModelCard.line_length`'s bound)."""
+_SAMPLES_PER_PX = 4
+
+
+@lru_cache(maxsize=8)
+def line_kernels(length: int, directions: int = DIRECTIONS) -> np.ndarray:
+    """Mean-along-a-segment kernels, (directions, K, K) float32 with K = ``length`` rounded up to odd.
+
+    Kernel i averages over a segment of ``length`` px through the centre at i·180°/directions from the
+    x axis: each pixel weighs the share of the segment's points (4 per px) nearest to it, so the
+    horizontal and vertical kernels are exact boxes of ``length`` px; every kernel sums to 1.
+    """
+    if length < 1 or directions < 1:
+        msg = f"line length and directions must be >= 1, got {length} and {directions}"
+        raise ValueError(msg)
+    size = length | 1  # odd, so the segment has a centre pixel
+    centre = size // 2
+    samples = _SAMPLES_PER_PX * length
+    t = (np.arange(samples) + 0.5) / samples * length - length / 2  # (S,) evenly along [-L/2, L/2]
+    kernels = np.zeros((directions, size, size), dtype=np.float64)
+    for i in range(directions):
+        angle = math.pi * i / directions
+        y = np.clip(np.rint(centre + t * math.sin(angle)), 0, size - 1).astype(np.int64)
+        x = np.clip(np.rint(centre + t * math.cos(angle)), 0, size - 1).astype(np.int64)
+        np.add.at(kernels[i], (y, x), 1.0 / samples)
+    out = kernels.astype(np.float32)
+    out.flags.writeable = False  # cached: shared by every caller
+    return out
+
+
+def line_mean_max(anomaly_map: np.ndarray, length: int, directions: int = DIRECTIONS) -> np.ndarray:
+    """The largest mean of an (H, W) map along any of ``directions`` segments of ``length`` px -> (H, W) float32.
+
+    Borders mirror the map (without repeating the edge pixel: one bright pixel at an edge counts once, as
+    inside; repeating it would give it half the weight of every segment across the edge, and the
+    maps' maxima on normal images doubled that way). Maps no wider than half a segment repeat their
+    edge pixels instead. ``length`` 1 returns the map unchanged (as float32).
+    """
+    values = np.asarray(anomaly_map, dtype=np.float32)
+    if values.ndim != 2 or values.size == 0:
+        msg = f"expected a non-empty (H, W) map, got shape {values.shape}"
+        raise ValueError(msg)
+    kernels = line_kernels(length, directions)
+    if kernels.shape[-1] == 1:
+        return values.copy()
+    pad = kernels.shape[-1] // 2
+    x = torch.from_numpy(np.ascontiguousarray(values))[None, None]  # (1, 1, H, W)
+    weight = torch.from_numpy(kernels.copy())[:, None]  # (D, 1, K, K)
+    with torch.no_grad():
+        padded = F.pad(x, (pad, pad, pad, pad), mode="reflect" if min(values.shape) > pad else "replicate")
+        return F.conv2d(padded, weight).amax(dim=1)[0].numpy()
