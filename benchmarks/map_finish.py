@@ -1,0 +1,67 @@
+"""What finishing a stitched map costs: the Gaussian of earlier versions against the line filter.
+
+Times `trainer.scoring.finish_map` on a random (size, size) float32 map, the median of ``--repeats``
+calls after one warm-up, on ``--threads`` torch threads (the in-process scorer has 2, a Serve ingress
+replica 1)::
+
+    python benchmarks/map_finish.py --size 1024 --threads 1 --json /tmp/finish.json
+
+Prints JSON: milliseconds per map for each finish (Gaussian σ = 2; the line filter of 15 px, the demo's;
+15 px after a Gaussian σ = 1; 21 px).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from bench_output import emit_json
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trainer.scoring import finish_map
+
+FINISHES = {"gaussian_2": (2.0, 0), "line_15": (0.0, 15), "gaussian_1_line_15": (1.0, 15), "line_21": (0.0, 21)}
+"""name -> (smoothing σ, line length)."""
+
+
+def time_finish(stitched: np.ndarray, sigma: float, line_length: int, repeats: int) -> float:
+    """Median milliseconds of one `finish_map` call on ``stitched`` (H, W) float32."""
+    finish_map(stitched, sigma, line_length)  # warm-up: kernels built and cached
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        finish_map(stitched, sigma, line_length)
+        times.append((time.perf_counter() - started) * 1e3)
+    return statistics.median(times)
+
+
+def run(size: int, threads: int, repeats: int) -> dict[str, Any]:
+    """Every finish of `FINISHES` timed on one random map."""
+    torch.set_num_threads(threads)
+    stitched = np.random.default_rng(0).random((size, size), dtype=np.float32)
+    ms = {name: round(time_finish(stitched, *finish, repeats), 1) for name, finish in FINISHES.items()}
+    return {"size": size, "threads": threads, "repeats": repeats, "ms_per_map": ms}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--json", type=Path, help="also write the result here")
+    args = parser.parse_args()
+    if args.size < 16 or args.threads < 1 or args.repeats < 1:
+        got = f"{args.size}, {args.threads}, {args.repeats}"
+        parser.error(f"need --size >= 16, --threads >= 1 and --repeats >= 1, got {got}")
+    emit_json(run(args.size, args.threads, args.repeats), args.json)
+
+
+if __name__ == "__main__":
+    main()
