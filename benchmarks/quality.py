@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from schemas import AbnormalPatchSource, ModelCard, ScoreMode
 from trainer.config import TrainConfig
 from trainer.gan import train_in_process
+from trainer.line_filter import GAUSSIAN_FINISH_SIGMA
 from trainer.metrics import aupro, image_auroc, pixel_auroc, pixel_average_precision
 from trainer.patches import abnormal_patch_bank, as_unit_float, patch_contamination
 from trainer.pipeline import PROVISIONAL_THRESHOLDS, build_card
@@ -57,8 +58,6 @@ from trainer.tiling import extract_patches, plan_tiles
 METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 HEADLINE = (0.1, 5)
-GAUSSIAN_FINISH = 2.0
-"""σ of the maps before the line filter: every run also reports them, from the same reconstructions."""
 """The (ε, k) of the issue's targets: the top-level ``plain`` / ``noisy`` keys of the JSON."""
 BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
 
@@ -163,8 +162,8 @@ def train_and_score(grid: Grid, run: Run, keep_weights: Path | None = None) -> d
     maps = [finish_map(raw, card.smoothing_sigma, card.line_length) for raw in stitched]
     score_s = (time.perf_counter() - started) / len(maps)
     out: dict[str, Any] = asdict(run) | evaluate(maps, data)
-    if (card.smoothing_sigma, card.line_length) != (GAUSSIAN_FINISH, 0):
-        out["gaussian_finish"] = evaluate([finish_map(raw, GAUSSIAN_FINISH) for raw in stitched], data)
+    if (card.smoothing_sigma, card.line_length) != (GAUSSIAN_FINISH_SIGMA, 0):
+        out["gaussian_finish"] = evaluate([finish_map(raw, GAUSSIAN_FINISH_SIGMA) for raw in stitched], data)
     out["patch_contamination"] = round(patch_contamination(data.train_masks, cfg.patch_size), 4)
     bank_size = 0 if bank is None else len(bank)
     return out | {"train_s": round(train_s, 1), "encoder_s_per_image": round(score_s, 3), "bank": bank_size}

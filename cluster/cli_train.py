@@ -19,9 +19,6 @@ import typer
 from cluster.cli_common import console, err, fail, resolved_settings
 from schemas import StreamNames
 
-GAUSSIAN_ONLY_SIGMA = 2.0
-"""σ of the maps when ``--line-length 0`` turns the line filter off: the smoothing every version had before it."""
-
 if TYPE_CHECKING:
     from trainer.folder_dataset import FolderDataset
 
@@ -44,11 +41,13 @@ def load_folder(data: Path, part: str) -> FolderDataset:
 def map_finish_overrides(line_length: int | None, smoothing_sigma: float | None) -> dict[str, object]:
     """`TrainConfig` overrides of ``--line-length`` and ``--smoothing-sigma``: turning the line filter off
     without a σ brings back the Gaussian σ = 2 of the versions before it, not an unsmoothed map."""
+    from trainer.line_filter import GAUSSIAN_FINISH_SIGMA
+
     overrides: dict[str, object] = {}
     if line_length is not None:
         overrides["line_length"] = line_length
         if line_length == 0 and smoothing_sigma is None:
-            overrides["smoothing_sigma"] = GAUSSIAN_ONLY_SIGMA
+            overrides["smoothing_sigma"] = GAUSSIAN_FINISH_SIGMA
     if smoothing_sigma is not None:
         overrides["smoothing_sigma"] = smoothing_sigma
     return overrides

@@ -21,7 +21,7 @@ from typing import Any, Self
 
 from schemas.model_card import MapMode
 from trainer.detrend import Detrend, DetrendAxis
-from trainer.line_filter import MAX_LINE_LENGTH
+from trainer.line_filter import GAUSSIAN_FINISH_SIGMA, MAX_LINE_LENGTH
 from trainer.networks import DiscriminatorHead
 
 
@@ -61,7 +61,7 @@ class TrainConfig:
     """Weight of the discriminator-feature residual in the encoder loss (f-AnoGAN izi_f)."""
     map_mode: str = "residual"
     """`schemas.model_card.MapMode` of the versions this run makes: what a patch's pixel map measures."""
-    smoothing_sigma: float = 2.0
+    smoothing_sigma: float = GAUSSIAN_FINISH_SIGMA
     """Gaussian σ (pixels) applied to the stitched residual map."""
     line_length: int = 0
     """Then the line filter (`trainer.line_filter`): each pixel's largest mean along a segment this long; 0 = off."""

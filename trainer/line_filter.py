@@ -25,6 +25,8 @@ DIRECTIONS = 12
 """Orientations 180° / 12 = 15° apart: a segment of 15 px is then never more than ~1 px off a straight line."""
 MAX_LINE_LENGTH = 64
 """The longest segment a version may ask for (`schemas.ModelCard.line_length`'s bound)."""
+GAUSSIAN_FINISH_SIGMA = 2.0
+"""The Gaussian σ (px) that finished every map before the line filter, and finishes it when the filter is off."""
 _SAMPLES_PER_PX = 4
 
 
