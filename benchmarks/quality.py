@@ -15,9 +15,11 @@ optimistic for both columns alike only if plain had a choice too, so the chosen 
 Also measures encoder mode against the paper's latent search (``ScoreMode.SEARCH``) on the same
 weights: seconds per image and, with ``--search-images N``, the metrics of both modes on N test images;
 ``--compare-refine 5 10`` adds encoder mode refined by that many latent steps from E(x) to the comparison.
-Every training run is its own process with one torch thread; ``--jobs`` run at once. Maps are finished
-as the card says (the demo: the line filter); each run also reports ``gaussian_finish``, the metrics of
-the same reconstructions finished with a Gaussian σ = 2 as before the line filter.
+Every training run is its own process with one torch thread; ``--jobs`` run at once. Maps are made and
+finished as the card says (the demo: signed residuals, line-filtered); each run also reports the same
+weights' maps made the earlier ways (`COMPARED_MAPS`) where they differ from the card's:
+``gaussian_finish`` (``ssim_residual`` maps, Gaussian σ = 2) and ``line_finish`` (``ssim_residual``, the
+15 px line filter on magnitudes).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from schemas import AbnormalPatchSource, ModelCard, ScoreMode
+from schemas.model_card import MapMode
 from trainer.config import TrainConfig
 from trainer.gan import train_in_process
 from trainer.line_filter import GAUSSIAN_FINISH_SIGMA
@@ -51,11 +54,18 @@ from trainer.metrics import aupro, image_auroc, pixel_auroc, pixel_average_preci
 from trainer.patches import abnormal_patch_bank, as_unit_float, patch_contamination
 from trainer.pipeline import PROVISIONAL_THRESHOLDS, build_card
 from trainer.postprocess import image_score
-from trainer.scoring import PatchModel, anomaly_map, finish_map, stitched_map
+from trainer.scoring import PatchModel, anomaly_map, finish_card_map, stitched_map
 from trainer.synthetic import DefectKind, SyntheticDataset, make_dataset
 from trainer.tiling import extract_patches, plan_tiles
 
 METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
+COMPARED_MAPS: dict[str, dict[str, Any]] = {
+    "gaussian_finish": {"map_mode": MapMode.SSIM_RESIDUAL, "smoothing_sigma": GAUSSIAN_FINISH_SIGMA, "line_length": 0},
+    "line_finish": {"map_mode": MapMode.SSIM_RESIDUAL, "smoothing_sigma": 0.0, "line_length": 15},
+}
+"""Earlier ways to make maps from the same weights, reported beside the card's: ``ssim_residual`` patch maps
+finished with a Gaussian σ = 2 (before the line filter), and with the line filter on magnitudes (before
+signed residuals)."""
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 HEADLINE = (0.1, 5)
 """The (ε, k) of the issue's targets: the top-level ``plain`` / ``noisy`` keys of the JSON."""
@@ -158,15 +168,27 @@ def train_and_score(grid: Grid, run: Run, keep_weights: Path | None = None) -> d
     card = card_for(cfg, source)
     model = PatchModel.from_state(card, state, device="cpu")
     started = time.perf_counter()
-    stitched = [stitched_map(image, model) for image in data.test_images]
-    maps = [finish_map(raw, card.smoothing_sigma, card.line_length) for raw in stitched]
+    maps = [anomaly_map(image, model) for image in data.test_images]
     score_s = (time.perf_counter() - started) / len(maps)
-    out: dict[str, Any] = asdict(run) | evaluate(maps, data)
-    if (card.smoothing_sigma, card.line_length) != (GAUSSIAN_FINISH_SIGMA, 0):
-        out["gaussian_finish"] = evaluate([finish_map(raw, GAUSSIAN_FINISH_SIGMA) for raw in stitched], data)
+    out: dict[str, Any] = asdict(run) | evaluate(maps, data) | compared_maps(card, state, data)
     out["patch_contamination"] = round(patch_contamination(data.train_masks, cfg.patch_size), 4)
     bank_size = 0 if bank is None else len(bank)
     return out | {"train_s": round(train_s, 1), "encoder_s_per_image": round(score_s, 3), "bank": bank_size}
+
+
+def compared_maps(card: ModelCard, state: dict[str, torch.Tensor], data: SyntheticDataset) -> dict[str, Any]:
+    """The metrics of `COMPARED_MAPS` that differ from ``card``'s maps, from the same weights ({name: metrics})."""
+    out: dict[str, Any] = {}
+    stitched: dict[MapMode, list[np.ndarray]] = {}
+    for name, settings in COMPARED_MAPS.items():
+        variant = card.model_copy(update=settings)
+        if all(getattr(variant, key) == getattr(card, key) for key in settings):
+            continue
+        if variant.map_mode not in stitched:
+            model = PatchModel.from_state(variant, state, device="cpu")
+            stitched[variant.map_mode] = [stitched_map(image, model) for image in data.test_images]
+        out[name] = evaluate([finish_card_map(raw, variant) for raw in stitched[variant.map_mode]], data)
+    return out
 
 
 def _spread(values: list[float]) -> dict[str, float]:
@@ -179,14 +201,16 @@ def _spread(values: list[float]) -> dict[str, float]:
     }
 
 
-def _gaussian_finish(rows: list[dict[str, Any]], eps: float, k: int, gamma: float) -> dict[str, Any]:
-    """Mean metrics of the Gaussian-finished maps of plain and of ``gamma``'s runs ({} when no run has them)."""
+def _compared_maps(rows: list[dict[str, Any]], eps: float, k: int, gamma: float) -> dict[str, Any]:
+    """Mean metrics of every `COMPARED_MAPS` variant for plain and for ``gamma``'s runs, as
+    ``plain_<name>`` / ``noisy_<name>`` (absent where no run has that variant)."""
     out: dict[str, Any] = {}
     for side, key in (("plain", (eps, 0, 1.0)), ("noisy", (eps, k if gamma < 1 else 0, gamma))):
         same = [r for r in rows if (r["epsilon"], r["k"], r["gamma"]) == key]
-        finished = [r["gaussian_finish"] for r in same if "gaussian_finish" in r]
-        if finished:
-            out[f"{side}_gaussian_finish"] = {m: round(statistics.fmean(f[m] for f in finished), 4) for m in METRICS}
+        for name in COMPARED_MAPS:
+            finished = [r[name] for r in same if name in r]
+            if finished:
+                out[f"{side}_{name}"] = {m: round(statistics.fmean(f[m] for f in finished), 4) for m in METRICS}
     return out
 
 
@@ -209,7 +233,7 @@ def summarize(rows: list[dict[str, Any]], grid: Grid) -> list[dict[str, Any]]:
                 best_gamma = max(by_gamma, key=lambda g: by_gamma[g]["pixel_ap"]["mean"])
                 noisy = by_gamma[best_gamma]
             row = {"epsilon": eps, "k": k, "gamma": best_gamma, "plain": plain, "noisy": noisy}
-            table.append(row | _gaussian_finish(rows, eps, k, best_gamma))
+            table.append(row | _compared_maps(rows, eps, k, best_gamma))
     return table
 
 

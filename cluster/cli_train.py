@@ -77,8 +77,8 @@ def train(
     map_mode: Annotated[
         str | None,
         typer.Option(
-            help="What the anomaly map measures (schemas.MapMode; default: the schedule's, ssim_residual; "
-            "residual saves ~5 % of the CPU scoring time, with worse maps)."
+            help="What the anomaly map measures (schemas.MapMode; default: the schedule's, signed_residual, "
+            "which the line filter averages before taking its magnitude; ssim_residual was the default before)."
         ),
     ] = None,
     refine_steps: Annotated[
@@ -97,7 +97,10 @@ def train(
     ] = None,
     smoothing_sigma: Annotated[
         float | None,
-        typer.Option(help="Gaussian σ (pixels) applied to each map before the line filter (default: the schedule's)."),
+        typer.Option(
+            help="Gaussian σ (pixels) of each map's finish: before the line filter, or after it on a "
+            "signed_residual map (default: the schedule's, 0.7)."
+        ),
     ] = None,
     detrend_sigma: Annotated[
         float | None,

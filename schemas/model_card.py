@@ -41,7 +41,11 @@ class ScoreMode(StrEnum):
 
 
 class MapMode(StrEnum):
-    """What a patch's pixel map measures (method.md §4); every mode is >= 0, larger = more anomalous."""
+    """What a patch's pixel map measures (method.md §4); larger = more anomalous.
+
+    Every finished map is >= 0. So is every patch map but ``signed_residual``'s, which the finish turns into a
+    magnitude (`trainer.scoring.finish_map`).
+    """
 
     RESIDUAL = "residual"
     """|x − G(E(x))|: the AnoGAN residual."""
@@ -55,6 +59,14 @@ class MapMode(StrEnum):
     """The product of ``residual`` and ``logit``."""
     SSIM_RESIDUAL = "ssim_residual"
     """|x − G(E(x))| × (1 − SSIM(x, G(E(x)))) per pixel: the residual where the local structure differs too."""
+    SIGNED_RESIDUAL = "signed_residual"
+    """x − G(E(x)), signed: stitched as it is, then averaged along lines before its magnitude is taken, so the
+    grain's zero-mean residual cancels where a groove's, one sign along its length, does not."""
+
+    @property
+    def signed(self) -> bool:
+        """Whether patch maps of this mode can be negative (the finish takes their magnitude)."""
+        return self is MapMode.SIGNED_RESIDUAL
 
 
 class Thresholds(BaseModel):
@@ -130,7 +142,8 @@ class ModelCard(BaseModel):
     map_mode: MapMode = MapMode.RESIDUAL
     smoothing_sigma: float = Field(ge=0, le=32)
     line_length: int = Field(default=0, ge=0, le=64)
-    """Pixels of the line filter applied after the smoothing (`trainer.line_filter`); 0 = none (older versions)."""
+    """Pixels of the line filter (`trainer.line_filter`); 0 = none (older versions). `trainer.scoring.finish_map`
+    smooths before it, or after it for a signed ``map_mode``."""
     # data and training
     data_digest: str = Field(max_length=128)
     n_train_images: int = Field(ge=0)

@@ -13,7 +13,9 @@ from trainer.synthetic import DefectKind, synth_image
 from workers.inspection import LocalInspector, finish_inspection, inspect_in_ranges, plan_inspection, score_ranges
 
 LINE_FILTERED = SMALL_CONFIG.replace(smoothing_sigma=0.0, line_length=15)
-"""The demo's map finish (no Gaussian, the 15 px line filter) on the small test model."""
+"""The line filter on magnitudes (no Gaussian, 15 px) on the small test model."""
+SIGNED = SMALL_CONFIG.replace(map_mode="signed_residual", smoothing_sigma=0.7, line_length=15)
+"""The demo's maps (signed residuals, line-filtered, then smoothed) on the small test model."""
 
 
 def _model(config: TrainConfig = SMALL_CONFIG) -> PatchModel:
@@ -22,7 +24,9 @@ def _model(config: TrainConfig = SMALL_CONFIG) -> PatchModel:
     return PatchModel.from_state(card, state, device="cpu")
 
 
-@pytest.mark.parametrize("config", [SMALL_CONFIG, LINE_FILTERED], ids=["gaussian", "line-filter"])
+@pytest.mark.parametrize(
+    "config", [SMALL_CONFIG, LINE_FILTERED, SIGNED], ids=["gaussian", "line-filter", "signed-line-filter"]
+)
 def test_local_inspector_matches_the_sharded_serve_steps(config: TrainConfig) -> None:
     model = _model(config)
     image = synth_image(7, 96, (DefectKind.SCRATCH,))[0].astype(np.float32) / 255
@@ -31,9 +35,10 @@ def test_local_inspector_matches_the_sharded_serve_steps(config: TrainConfig) ->
     sharded = finish_inspection(plan, plan.bands([model.score_patches(c) for c in plan.chunks]), model.card)
     np.testing.assert_allclose(local.anomaly_map, sharded.anomaly_map, rtol=1e-5, atol=1e-6)
     stitched = stitched_map(image, model)  # the library's path: finished as the card says
-    expected = finish_map(stitched, config.smoothing_sigma, config.line_length)
+    expected = finish_map(stitched, config.smoothing_sigma, config.line_length, signed=model.card.map_mode.signed)
     np.testing.assert_allclose(local.anomaly_map, expected, rtol=1e-5, atol=1e-6)
-    assert model.card.line_length == config.line_length
+    assert (model.card.line_length, str(model.card.map_mode)) == (config.line_length, config.map_mode)
+    assert (local.anomaly_map >= 0).all()
     assert local.summary.raw_image_score == pytest.approx(sharded.summary.raw_image_score, rel=1e-5)
     assert local.n_patches == sharded.n_patches == plan.layout.n_patches
     assert local.model_version == model.card.version

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy.ndimage import gaussian_filter
 
 from trainer.config import TrainConfig
 from trainer.line_filter import DIRECTIONS, line_kernels, line_mean_max
@@ -50,6 +51,24 @@ def test_noise_and_points_are_averaged_down() -> None:
     assert 1 / 15 - 1e-6 <= line_mean_max(point, 15).max() <= 0.1 + 1e-6  # one segment pixel's share
 
 
+def test_signed_noise_cancels_where_its_magnitude_does_not() -> None:
+    rng = np.random.default_rng(1)
+    noise = (0.01 * rng.standard_normal((128, 128))).astype(np.float32)  # a grain's residual: zero-mean
+    groove = noise - 0.01 * _line(128, 20.0, width=2.0)  # a dark groove, as deep as the noise σ
+    signed, magnitude = line_mean_max(groove, 15, signed=True), line_mean_max(np.abs(groove), 15)
+    assert (signed >= 0).all()
+    on_line = _line(128, 20.0, width=2.0)[20:108, 20:108] > 0.99
+    background = (_line(128, 20.0, width=12.0) == 0)[20:108, 20:108]
+
+    def contrast(m: np.ndarray) -> float:
+        inner = m[20:108, 20:108]
+        return float((inner[on_line].mean() - inner[background].mean()) / inner[background].std())
+
+    assert contrast(signed) > 2 * contrast(magnitude)  # 3.0 against 1.1 here
+    np.testing.assert_array_equal(line_mean_max(-groove, 15, signed=True), signed)  # bright or dark alike
+    np.testing.assert_array_equal(line_mean_max(groove, 1, signed=True), np.abs(groove))
+
+
 def test_a_bright_pixel_at_the_edge_counts_once() -> None:
     edge = np.zeros((40, 40), dtype=np.float32)
     edge[0, 20] = edge[25, 39] = 1.0
@@ -87,12 +106,23 @@ def test_finish_map_smooths_then_filters() -> None:
     assert unchanged is not line  # a copy: callers may write into it
 
 
+def test_a_signed_map_is_filtered_to_a_magnitude_then_smoothed() -> None:
+    rng = np.random.default_rng(2)
+    signed = rng.standard_normal((48, 48)).astype(np.float32)
+    lined = line_mean_max(signed, 15, signed=True)
+    np.testing.assert_allclose(finish_map(signed, 0.0, 15, signed=True), lined, rtol=1e-6)
+    np.testing.assert_allclose(
+        finish_map(signed, 0.7, 15, signed=True), gaussian_filter(lined, 0.7, mode="reflect"), rtol=1e-5, atol=1e-7
+    )
+    np.testing.assert_array_equal(finish_map(signed, 0.0, 0, signed=True), np.abs(signed))
+
+
 def test_the_demo_finishes_with_the_filter_and_older_cards_read_as_without() -> None:
     from schemas import AbnormalPatchSource, ModelCard
     from trainer.pipeline import PROVISIONAL_THRESHOLDS, build_card
 
     card = build_card(TrainConfig.demo(), "m", "v1", AbnormalPatchSource.NONE, PROVISIONAL_THRESHOLDS, "d", 0, 0)
-    assert (card.line_length, card.smoothing_sigma) == (15, 0.0)
+    assert (card.line_length, card.smoothing_sigma, card.map_mode) == (15, 0.7, "signed_residual")
     older = card.model_dump(mode="json")
     del older["line_length"]  # a version trained before the filter existed
     assert ModelCard.model_validate(older).line_length == 0

@@ -88,6 +88,7 @@ def test_unmasked_image_with_scorer_gives_its_top_patches() -> None:
         (MapMode.FEATURE, MapMode.RESIDUAL),  # the warm-up's discriminator has never seen a defect
         (MapMode.LOGIT, MapMode.RESIDUAL),
         (MapMode.RESIDUAL_LOGIT, MapMode.RESIDUAL),
+        (MapMode.SIGNED_RESIDUAL, MapMode.RESIDUAL),  # patches are ranked by their largest values: magnitudes
     ],
 )
 def test_mining_uses_the_models_map_unless_it_reads_the_discriminator(mode: MapMode, mined_by: MapMode) -> None:

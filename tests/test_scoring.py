@@ -13,7 +13,7 @@ from schemas.model_card import MapMode
 from trainer.model_io import weights_to_bytes
 from trainer.networks import DiscriminatorHead, build_networks
 from trainer.patch_filters import ssim_dissimilarity
-from trainer.scoring import LatentOptions, PatchModel, anomaly_map, finish_map
+from trainer.scoring import LatentOptions, PatchModel, anomaly_map, finish_map, stitched_map
 
 
 def _card(
@@ -191,13 +191,13 @@ def test_read_only_patches_are_scored_without_warnings(model: PatchModel) -> Non
 
 
 @pytest.mark.parametrize("mode", list(MapMode))
-def test_every_map_mode_gives_a_non_negative_map_per_patch(mode: MapMode) -> None:
+def test_every_map_mode_gives_a_non_negative_map_per_patch_but_the_signed_one(mode: MapMode) -> None:
     head = DiscriminatorHead.DENSE
     model = PatchModel.from_safetensors(_card(map_mode=mode, head=head), _weights(head=head), device="cpu")
     patches = np.random.default_rng(3).random((5, 32, 32), dtype=np.float32)
     maps = model.score_patches(patches)
     assert maps.shape == (5, 32, 32) and maps.dtype == np.float32
-    assert np.isfinite(maps).all() and (maps >= 0).all()
+    assert np.isfinite(maps).all() and (maps >= 0).all() != mode.signed
     np.testing.assert_allclose(maps[:2], model.score_patches(patches[:2]), atol=1e-6)  # per patch
 
 
@@ -216,6 +216,24 @@ def test_residual_logit_is_the_product_of_residual_and_logit_maps() -> None:
         for mode in (MapMode.RESIDUAL, MapMode.LOGIT, MapMode.RESIDUAL_LOGIT)
     }
     np.testing.assert_allclose(maps[MapMode.RESIDUAL_LOGIT], maps[MapMode.RESIDUAL] * maps[MapMode.LOGIT], rtol=1e-5)
+
+
+def test_signed_residual_is_the_residual_before_its_magnitude() -> None:
+    weights, patches = _weights(), np.random.default_rng(6).random((3, 32, 32), dtype=np.float32)
+    signed = PatchModel.from_safetensors(_card(map_mode=MapMode.SIGNED_RESIDUAL), weights, device="cpu")
+    plain = PatchModel.from_safetensors(_card(), weights, device="cpu")
+    np.testing.assert_allclose(np.abs(signed.score_patches(patches)), plain.score_patches(patches), rtol=1e-6)
+    np.testing.assert_allclose(signed.score_patches(patches), patches - signed.reconstruct(patches), atol=1e-5)
+
+
+def test_signed_maps_are_finished_as_magnitudes() -> None:
+    weights, image = _weights(), np.random.default_rng(7).random((64, 80), dtype=np.float32)
+    model = PatchModel.from_safetensors(_card(map_mode=MapMode.SIGNED_RESIDUAL), weights, device="cpu")
+    amap = anomaly_map(image, model)
+    assert amap.shape == (64, 80) and (amap >= 0).all()
+    card = model.card
+    expected = finish_map(stitched_map(image, model), card.smoothing_sigma, card.line_length, signed=True)
+    np.testing.assert_allclose(amap, expected, rtol=1e-6)
 
 
 def test_smooth_residual_cancels_pixel_noise() -> None:

@@ -21,7 +21,7 @@ from typing import Any, Self
 
 from schemas.model_card import MapMode
 from trainer.detrend import Detrend, DetrendAxis
-from trainer.line_filter import GAUSSIAN_FINISH_SIGMA, MAX_LINE_LENGTH
+from trainer.line_filter import GAUSSIAN_FINISH_SIGMA, MAX_LINE_LENGTH, SIGNED_FINISH_SIGMA
 from trainer.networks import DiscriminatorHead
 
 
@@ -62,9 +62,11 @@ class TrainConfig:
     map_mode: str = "residual"
     """`schemas.model_card.MapMode` of the versions this run makes: what a patch's pixel map measures."""
     smoothing_sigma: float = GAUSSIAN_FINISH_SIGMA
-    """Gaussian σ (pixels) applied to the stitched residual map."""
+    """Gaussian σ (pixels) of the map's finish: before the line filter, or after it for a signed map
+    (`trainer.scoring.finish_map`)."""
     line_length: int = 0
-    """Then the line filter (`trainer.line_filter`): each pixel's largest mean along a segment this long; 0 = off."""
+    """The line filter (`trainer.line_filter`): each pixel's largest mean (|mean| for a signed map) along a segment
+    this long; 0 = off."""
     refine_steps: int = 0
     """Encoder mode: Adam steps of the latent loss L(z) from E(x) at inference (0 = the encoder alone)."""
     search_steps: int = 500
@@ -257,9 +259,9 @@ class TrainConfig:
         .106 / .71 with 4000: diminishing). The encoder, not the generator, was the bottleneck: 200
         latent-search steps from E(x) cut the residual on normal patches from 0.0129 to 0.0092.
 
-        Maps are ``ssim_residual`` (the residual weighted by 1 − SSIM): in all six runs at 256² (demo seeds
-        0–3, base 32 seeds 0–1, `benchmarks/residual_variants.py`) it beat the plain residual on pixel AP
-        (+.003 to +.088, mean +.024), and at 1024² (seeds 0–2, `benchmarks/quality.py`) it gave 1.8–2.1× the
+        Maps were ``ssim_residual`` (the residual weighted by 1 − SSIM) from the sixth session: in all six runs
+        at 256² (demo seeds 0–3, base 32 seeds 0–1, `benchmarks/residual_variants.py`) it beat the plain residual
+        on pixel AP (+.003 to +.088, mean +.024), and at 1024² (seeds 0–2, `benchmarks/quality.py`) it gave 1.8–2.1× the
         residual's pixel AP on every run, for ~0.06 CPU-s more per 1024² image (4–5 % of this model).
 
         Images are flattened along the brushing (``detrend_sigma`` 12, axis x: `trainer.detrend`): at 1024²
@@ -270,6 +272,11 @@ class TrainConfig:
         k = 5, γ = 0.9, seeds 0–2) pixel AUROC / AP / AUPRO / image AUROC .966 / .279 / .854 / .956 → .972 /
         .355 / .870 / .972 against a Gaussian σ = 2 on the same reconstructions; on the γ = 0.8 runs spots lost pixel AP
         (.75 → .56) and cracks gained (.45 → .51).
+
+        Maps are ``signed_residual``, line-filtered before their magnitude is taken, then smoothed with σ = 0.7
+        (`trainer.scoring.finish_map`): on the same weights (1024², ε = 0.1, k = 5, γ = 0.9, seeds 0–2, machine B)
+        .970 / .351 / .872 / .978 with ``ssim_residual`` and the line filter → .969 / .565 / .859 / .989; pixel AP
+        rose in all 18 runs of the grid (docs/benchmarks.md, "Signed residuals").
         """
         values: dict[str, Any] = {
             "patch_size": 32,
@@ -278,8 +285,8 @@ class TrainConfig:
             "stride": 16,
             "latent_dim": 256,
             "base_channels": 16,
-            "map_mode": "ssim_residual",
-            "smoothing_sigma": 0.0,
+            "map_mode": "signed_residual",
+            "smoothing_sigma": SIGNED_FINISH_SIGMA,
             "line_length": 15,
             "batch_size": 32,
             "abnormal_batch_size": 16,

@@ -82,9 +82,10 @@ def build_card(
 def mining_map_mode(map_mode: str) -> MapMode:
     """The map a γ = 1 warm-up mines unmasked abnormal images by: the model's own map mode when it comes
     from the generator and encoder alone, the plain residual when it reads the discriminator (a γ = 1
-    discriminator has never been shown a defect)."""
+    discriminator has never been shown a defect) or is signed (patches are ranked by their map's largest
+    values, which must be magnitudes)."""
     mode = MapMode(map_mode)
-    return MapMode.RESIDUAL if mode in DISCRIMINATOR_MAP_MODES else mode
+    return MapMode.RESIDUAL if mode in DISCRIMINATOR_MAP_MODES or mode.signed else mode
 
 
 def _patch_scorer(model: PatchModel, batch_size: int = 256) -> Callable[[np.ndarray], np.ndarray]:

@@ -2,7 +2,8 @@
 
 The latent code z* of a patch comes from the encoder (mode ``encoder``, optionally refined by a few steps of
 the AnoGAN loss) or from the paper's latent search (mode ``search``, `trainer.latent_search`); see
-`LatentOptions`. ``residual`` is |x − G(z*)|; ``residual+logit`` multiplies it by −log D(x) of a dense (per 8×8 cell)
+`LatentOptions`. ``residual`` is |x − G(z*)|; ``signed_residual`` is x − G(z*) itself, which `finish_map`
+makes a magnitude; ``residual+logit`` multiplies |x − G(z*)| by −log D(x) of a dense (per 8×8 cell)
 discriminator, which γ < 1 has trained to call the confirmed defects fake; see `schemas.model_card.MapMode`.
 
 Images and patches are float32 in [0, 1] outside this module; the networks see [-1, 1] inside it (or
@@ -252,7 +253,9 @@ class PatchModel:
             return ((rec + 1.0) / 2.0).squeeze(1).cpu().numpy()
 
     def score_patches(self, patches: np.ndarray) -> np.ndarray:
-        """The card's pixel map (`MapMode`) of patches (N, P, P) in [0, 1] -> (N, P, P) float32 >= 0, one batch."""
+        """The card's pixel map (`MapMode`) of patches (N, P, P) in [0, 1] -> (N, P, P) float32, one batch.
+
+        >= 0 in every mode but ``signed_residual`` (`MapMode.signed`)."""
         return self.score_tensor(self._intensities(patches)).squeeze(1).cpu().numpy()
 
     def score_tensor(self, unit: torch.Tensor) -> torch.Tensor:
@@ -289,6 +292,8 @@ class PatchModel:
         residual = (x - rec) / self._units  # signed, [0, 1] intensity units
         if mode == MapMode.RESIDUAL:
             return residual.abs()
+        if mode == MapMode.SIGNED_RESIDUAL:
+            return residual
         if mode == MapMode.SSIM_RESIDUAL:
             return residual.abs() * ssim_dissimilarity(unit, unit - residual.float())
         if mode == MapMode.SMOOTH_RESIDUAL:
@@ -332,11 +337,16 @@ class PatchModel:
         return x * 2.0 - 1.0  # [-1, 1]
 
 
-def finish_map(stitched: np.ndarray, sigma: float, line_length: int = 0) -> np.ndarray:
-    """A stitched (H, W) residual map, Gaussian-smoothed with σ px (0 = not), then line-filtered -> (H, W) float32.
+def finish_map(stitched: np.ndarray, sigma: float, line_length: int = 0, *, signed: bool = False) -> np.ndarray:
+    """A stitched (H, W) map, smoothed and line-filtered -> (H, W) float32 >= 0: what is stored and thresholded.
 
-    ``line_length`` > 0 replaces each pixel by its largest mean along a segment that long
+    A map of magnitudes (every `MapMode` but ``signed_residual``) is Gaussian-smoothed with σ px (0 = not),
+    then, with ``line_length`` > 0, each pixel becomes its largest mean along a segment that long
     (`trainer.line_filter`); 0 leaves the smoothed map as it is (every version before the filter).
+
+    A ``signed`` map (x − G(z*) stitched) first becomes a magnitude: the largest |mean| along a segment
+    (``line_length`` > 0) or |·| (0), so that the grain's residual cancels before it is rectified; the
+    Gaussian then smooths that magnitude, widening a 1 px response to a groove's few pixels.
     """
     if stitched.ndim != 2:
         msg = f"expected a stitched (H, W) map, got shape {stitched.shape}"
@@ -345,15 +355,28 @@ def finish_map(stitched: np.ndarray, sigma: float, line_length: int = 0) -> np.n
         msg = f"smoothing sigma and line length must be >= 0, got {sigma} and {line_length}"
         raise ValueError(msg)
     out = np.asarray(stitched, dtype=np.float32)
+    if signed:
+        out = line_mean_max(out, line_length, signed=True) if line_length > 0 else np.abs(out)
+        return _gaussian(out, sigma) if sigma > 0 else out
     if sigma > 0:
-        out = gaussian_filter(out, sigma=sigma, mode="reflect").astype(np.float32, copy=False)
+        out = _gaussian(out, sigma)
     if line_length > 0:
         return line_mean_max(out, line_length)
     return out.copy() if out is stitched else out
 
 
+def finish_card_map(stitched: np.ndarray, card: ModelCard) -> np.ndarray:
+    """`finish_map` with a version's own settings (``smoothing_sigma``, ``line_length``, its map mode's sign)."""
+    return finish_map(stitched, card.smoothing_sigma, card.line_length, signed=card.map_mode.signed)
+
+
+def _gaussian(values: np.ndarray, sigma: float) -> np.ndarray:
+    return gaussian_filter(values, sigma=sigma, mode="reflect").astype(np.float32, copy=False)
+
+
 def stitched_map(image: np.ndarray, model: PatchModel, batch_size: int = 256) -> np.ndarray:
-    """The stitched, unfinished map of one (H, W) image in [0, 1] (uint8 accepted) -> (H, W) float32 >= 0.
+    """The stitched, unfinished map of one (H, W) image in [0, 1] (uint8 accepted) -> (H, W) float32 (signed in
+    mode ``signed_residual``, else >= 0).
 
     Flattens the image as the version was trained (`trainer.detrend`, the card's ``detrend_sigma``), tiles
     with the card's patch size and stride (reflect padding at the borders), scores in batches of
@@ -372,10 +395,9 @@ def stitched_map(image: np.ndarray, model: PatchModel, batch_size: int = 256) ->
 def anomaly_map(image: np.ndarray, model: PatchModel, batch_size: int = 256) -> np.ndarray:
     """The finished anomaly map of one (H, W) image in [0, 1] (uint8 accepted) -> (H, W) float32 >= 0.
 
-    `stitched_map`, then `finish_map` with the card's ``smoothing_sigma`` and ``line_length``.
+    `stitched_map`, then `finish_card_map`.
     """
-    card = model.card
-    return finish_map(stitched_map(image, model, batch_size), card.smoothing_sigma, card.line_length)
+    return finish_card_map(stitched_map(image, model, batch_size), model.card)
 
 
 def score_in_batches(model: PatchModel, patches: np.ndarray, batch_size: int) -> np.ndarray:

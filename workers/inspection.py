@@ -28,7 +28,7 @@ from trainer.detrend import Detrend
 from trainer.device_tiling import RangeStrip, cut_strip, fold_strip, range_strip
 from trainer.patches import as_unit_float
 from trainer.postprocess import MapSummary, summarize_map
-from trainer.scoring import PatchModel, anomaly_map, finish_map
+from trainer.scoring import PatchModel, anomaly_map, finish_card_map
 from trainer.tiling import MapBand, TileLayout, cut_patches, map_band, pad_image, plan_tiles, stitch_bands
 
 CHUNK_PATCHES = 1024
@@ -244,7 +244,7 @@ def finish_inspection(
 ) -> ScoredImage:
     """Stitch the ranges' bands (`PatchRange.band`, one per range) into the smoothed map and summarise it."""
     stitched = stitch_bands(bands, plan.layout)
-    anomaly_map = finish_map(stitched, card.smoothing_sigma, card.line_length)
+    anomaly_map = finish_card_map(stitched, card)
     return scored_image(anomaly_map, card, plan.layout.n_patches, len(plan.ranges), pixel_threshold, timings_ms)
 
 
