@@ -32,7 +32,8 @@ GAUSSIAN_FINISH_SIGMA = 2.0
 """The Gaussian σ (px) that finished every map before the line filter, and finishes it when the filter is off."""
 SIGNED_FINISH_SIGMA = 0.7
 """The Gaussian σ (px) that smooths a signed map's line-filtered magnitude (`trainer.scoring.finish_map`): it
-widens the 1 px ridge of a groove's response to the groove's width (0.5, 1 and 1.5 px did worse)."""
+widens the 1 px ridge of a groove's response to the groove's width. 0.5 px gave a little more pixel AP for less
+pixel AUROC and AUPRO, 0.85–1.5 px less pixel AP (docs/benchmarks.md, "Signed residuals")."""
 _SAMPLES_PER_PX = 4
 
 
