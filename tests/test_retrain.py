@@ -24,11 +24,11 @@ from typer.testing import CliRunner
 
 from cluster.cli import app
 from schemas import Box, Confirmation, ModelCard, ModelEvent, ModelEventKind, Settings, StreamNames
-from schemas.model_card import AbnormalPatchSource, RetrainDecision
+from schemas.model_card import AbnormalPatchSource, MapMode, RetrainDecision
 from trainer.config import TrainConfig
 from trainer.folder_dataset import DatasetError
 from trainer.imaging import encode_png
-from trainer.pipeline import initial_model_version
+from trainer.pipeline import PROVISIONAL_THRESHOLDS, build_card, initial_model_version
 from trainer.registry import ModelRegistry, new_version_id
 from trainer.store import ObjectMissing, ObjectStore
 from trainer.synthetic import synth_image
@@ -165,6 +165,21 @@ def test_policy_is_validated_and_the_fine_tune_keeps_the_parents_architecture(ob
     assert lower.gamma == 0.6 and lower.lr_g == pytest.approx(PARENT_CONFIG.lr_g / 2)
     with pytest.raises(ValueError, match="discriminator_head='dense'"):
         finetune_config(parent, RetrainPolicy(map_mode="logit"), has_abnormal=True)
+
+
+def test_a_fine_tune_that_changes_the_maps_sign_takes_the_sigma_of_its_own_finish() -> None:
+    signed = build_card(
+        TrainConfig.demo(), "metal", "v1", AbnormalPatchSource.NONE, PROVISIONAL_THRESHOLDS, "d", 0, 0
+    )  # the demo's: signed residuals, line 15, σ 0.7 after it
+    assert (signed.map_mode, signed.smoothing_sigma) == (MapMode.SIGNED_RESIDUAL, 0.7)
+    magnitude = finetune_config(signed, RetrainPolicy(map_mode=MapMode.SSIM_RESIDUAL), has_abnormal=True)
+    assert (magnitude.map_mode, magnitude.smoothing_sigma, magnitude.line_length) == ("ssim_residual", 0.0, 15)
+    same = finetune_config(signed, RetrainPolicy(), has_abnormal=True)
+    assert (same.map_mode, same.smoothing_sigma) == ("signed_residual", 0.7)
+    back = build_card(magnitude, "metal", "v2", AbnormalPatchSource.MASK, PROVISIONAL_THRESHOLDS, "d", 0, 0)
+    assert finetune_config(back, RetrainPolicy(map_mode=MapMode.SIGNED_RESIDUAL), True).smoothing_sigma == 0.7
+    gaussian = signed.model_copy(update={"line_length": 0, "smoothing_sigma": 2.0})  # no line filter: σ is kept
+    assert finetune_config(gaussian, RetrainPolicy(map_mode=MapMode.RESIDUAL), True).smoothing_sigma == 2.0
 
 
 def test_old_cards_load_and_a_rejection_event_moves_no_pointer() -> None:

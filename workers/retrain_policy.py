@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from schemas import ModelCard
 from schemas.model_card import MapMode
 from trainer.config import TrainConfig
+from trainer.line_filter import SIGNED_FINISH_SIGMA
 
 REGRESSION_METRICS = ("image_auroc", "pixel_auroc", "pixel_ap")
 """Validation metrics a candidate may not lose (beyond the tolerance) against its parent."""
@@ -136,17 +137,32 @@ def decide_trigger(
     return Trigger(False, f"{confirmations}, fewer than {policy.min_confirmations}; the period ends in {left}")
 
 
+def finish_sigma(mode: MapMode) -> float:
+    """The Gaussian σ that goes with the line filter for maps of ``mode`` (`trainer.scoring.finish_map`): after
+    the filter on a signed map, `SIGNED_FINISH_SIGMA`; none on a map of magnitudes, as the schedules had it.
+
+    A fine-tune that changes its parent's map mode between the two takes this σ, not its parent's: the
+    parent's σ belongs to the other order of the finish.
+    """
+    return SIGNED_FINISH_SIGMA if mode.signed else 0.0
+
+
 def finetune_config(parent: ModelCard, policy: RetrainPolicy, has_abnormal: bool) -> TrainConfig:
     """The `TrainConfig` of a fine-tune of ``parent``: its architecture and settings, the policy's schedule and γ.
 
-    γ is ``policy.gamma``, else the parent's when below 1, else `DEFAULT_GAMMA`; with no confirmed
+    The map mode is the policy's, else the parent's; where it changes between signed and magnitude maps under
+    the line filter, the map's σ is `finish_sigma`'s. γ is ``policy.gamma``, else the parent's when below 1,
+    else `DEFAULT_GAMMA`; with no confirmed
     abnormal image it is 1 (plain AnoGAN: nothing to push the generator away from). Steps default to
     ``schedule_fraction`` of the parent's (at least 1 each where the parent had any).
     """
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     values: dict[str, object] = {k: v for k, v in parent.train_config.items() if k in known}
     values |= {name: getattr(parent, name) for name in _ARCHITECTURE}
-    values["map_mode"] = str(policy.map_mode or parent.map_mode)
+    mode = MapMode(policy.map_mode or parent.map_mode)
+    values["map_mode"] = str(mode)
+    if mode.signed != parent.map_mode.signed and parent.line_length > 0:
+        values["smoothing_sigma"] = finish_sigma(mode)
     base = TrainConfig(**values)  # type: ignore[arg-type]
 
     def steps(override: int | None, parent_steps: int) -> int:
