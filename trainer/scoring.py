@@ -34,7 +34,7 @@ from schemas import ModelCard, ScoreMode
 from schemas.model_card import MapMode
 from trainer.detrend import Detrend
 from trainer.latent_search import DEFAULT_LAMBDA, DEFAULT_LR, DEFAULT_STEPS, check_search_arguments, search_latent
-from trainer.line_filter import line_mean_max
+from trainer.line_filter import SIGNED_FINISH_SIGMA, line_mean_max
 from trainer.model_io import sub_state, weights_from_bytes
 from trainer.networks import Discriminator, DiscriminatorHead, Encoder, Generator
 from trainer.patch_filters import gaussian_blur, ssim_dissimilarity
@@ -368,6 +368,12 @@ def finish_map(stitched: np.ndarray, sigma: float, line_length: int = 0, *, sign
 def finish_card_map(stitched: np.ndarray, card: ModelCard) -> np.ndarray:
     """`finish_map` with a version's own settings (``smoothing_sigma``, ``line_length``, its map mode's sign)."""
     return finish_map(stitched, card.smoothing_sigma, card.line_length, signed=card.map_mode.signed)
+
+
+def line_finish_sigma(mode: MapMode) -> float:
+    """The Gaussian σ that goes with the line filter for maps of ``mode`` in `finish_map`: after the filter on a
+    signed map, `SIGNED_FINISH_SIGMA`; none before it on a map of magnitudes, as the schedules had it."""
+    return SIGNED_FINISH_SIGMA if mode.signed else 0.0
 
 
 def _gaussian(values: np.ndarray, sigma: float) -> np.ndarray:

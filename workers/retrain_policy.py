@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from schemas import ModelCard
 from schemas.model_card import MapMode
 from trainer.config import TrainConfig
-from trainer.line_filter import SIGNED_FINISH_SIGMA
+from trainer.scoring import line_finish_sigma
 
 REGRESSION_METRICS = ("image_auroc", "pixel_auroc", "pixel_ap")
 """Validation metrics a candidate may not lose (beyond the tolerance) against its parent."""
@@ -137,24 +137,14 @@ def decide_trigger(
     return Trigger(False, f"{confirmations}, fewer than {policy.min_confirmations}; the period ends in {left}")
 
 
-def finish_sigma(mode: MapMode) -> float:
-    """The Gaussian σ that goes with the line filter for maps of ``mode`` (`trainer.scoring.finish_map`): after
-    the filter on a signed map, `SIGNED_FINISH_SIGMA`; none on a map of magnitudes, as the schedules had it.
-
-    A fine-tune that changes its parent's map mode between the two takes this σ, not its parent's: the
-    parent's σ belongs to the other order of the finish.
-    """
-    return SIGNED_FINISH_SIGMA if mode.signed else 0.0
-
-
 def finetune_config(parent: ModelCard, policy: RetrainPolicy, has_abnormal: bool) -> TrainConfig:
     """The `TrainConfig` of a fine-tune of ``parent``: its architecture and settings, the policy's schedule and γ.
 
     The map mode is the policy's, else the parent's; where it changes between signed and magnitude maps under
-    the line filter, the map's σ is `finish_sigma`'s. γ is ``policy.gamma``, else the parent's when below 1,
-    else `DEFAULT_GAMMA`; with no confirmed
-    abnormal image it is 1 (plain AnoGAN: nothing to push the generator away from). Steps default to
-    ``schedule_fraction`` of the parent's (at least 1 each where the parent had any).
+    the line filter, the map's σ is `trainer.scoring.line_finish_sigma`'s (the parent's belongs to the other
+    order of the finish). γ is ``policy.gamma``, else the parent's when below 1, else `DEFAULT_GAMMA`; with no
+    confirmed abnormal image it is 1 (plain AnoGAN: nothing to push the generator away from). Steps default
+    to ``schedule_fraction`` of the parent's (at least 1 each where the parent had any).
     """
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     values: dict[str, object] = {k: v for k, v in parent.train_config.items() if k in known}
@@ -162,7 +152,7 @@ def finetune_config(parent: ModelCard, policy: RetrainPolicy, has_abnormal: bool
     mode = MapMode(policy.map_mode or parent.map_mode)
     values["map_mode"] = str(mode)
     if mode.signed != parent.map_mode.signed and parent.line_length > 0:
-        values["smoothing_sigma"] = finish_sigma(mode)
+        values["smoothing_sigma"] = line_finish_sigma(mode)
     base = TrainConfig(**values)  # type: ignore[arg-type]
 
     def steps(override: int | None, parent_steps: int) -> int:
