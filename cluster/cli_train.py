@@ -38,21 +38,6 @@ def load_folder(data: Path, part: str) -> FolderDataset:
     return dataset
 
 
-def map_finish_overrides(line_length: int | None, smoothing_sigma: float | None) -> dict[str, object]:
-    """`TrainConfig` overrides of ``--line-length`` and ``--smoothing-sigma``: turning the line filter off
-    without a σ brings back the Gaussian σ = 2 of the versions before it, not an unsmoothed map."""
-    from trainer.line_filter import GAUSSIAN_FINISH_SIGMA
-
-    overrides: dict[str, object] = {}
-    if line_length is not None:
-        overrides["line_length"] = line_length
-        if line_length == 0 and smoothing_sigma is None:
-            overrides["smoothing_sigma"] = GAUSSIAN_FINISH_SIGMA
-    if smoothing_sigma is not None:
-        overrides["smoothing_sigma"] = smoothing_sigma
-    return overrides
-
-
 def train(
     synthetic: Annotated[
         bool | None, typer.Option("--synthetic/--no-synthetic", help="Train on generated brushed metal (default).")
@@ -102,6 +87,20 @@ def train(
             "signed_residual map (default: the schedule's, 0.7)."
         ),
     ] = None,
+    short_segment_weight: Annotated[
+        float | None,
+        typer.Option(
+            help="The line filter also takes half-length segments, at this weight (default: the schedule's, 0.6; "
+            "0 = off): they keep a scratch's ends and bends."
+        ),
+    ] = None,
+    blob_radius: Annotated[
+        int | None,
+        typer.Option(
+            help="The line filter also takes each pixel's mean over a disc this many pixels wide (default: the "
+            "schedule's, 3; 0 = off): round spots keep their depth."
+        ),
+    ] = None,
     detrend_sigma: Annotated[
         float | None,
         typer.Option(
@@ -145,7 +144,7 @@ def train(
         fail(f"--contamination must be in [0, 1), got {contamination}")
     if refine_steps is not None and refine_steps < 0:
         fail(f"--refine-steps must be >= 0, got {refine_steps}")
-    from trainer.config import TrainConfig
+    from trainer.config import TrainConfig, map_finish_overrides
     from trainer.detrend import DetrendAxis
 
     axes = ["auto", *DetrendAxis]  # auto: trainer.grain measures it on the training images
@@ -162,7 +161,7 @@ def train(
         overrides["refine_steps"] = refine_steps
     if detrend_sigma is not None:
         overrides["detrend_sigma"] = detrend_sigma
-    overrides |= map_finish_overrides(line_length, smoothing_sigma)
+    overrides |= map_finish_overrides(line_length, smoothing_sigma, short_segment_weight, blob_radius)
     if detrend_axis != "auto":
         overrides["detrend_axis"] = detrend_axis
     try:

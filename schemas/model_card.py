@@ -144,6 +144,10 @@ class ModelCard(BaseModel):
     line_length: int = Field(default=0, ge=0, le=64)
     """Pixels of the line filter (`trainer.line_filter`); 0 = none (older versions). `trainer.scoring.finish_map`
     smooths before it, or after it for a signed ``map_mode``."""
+    short_segment_weight: float = Field(default=0.0, ge=0, le=1)
+    """Weight of the line filter's half-length segments (`trainer.line_filter.segment_mean_max`); 0 = none."""
+    blob_radius: int = Field(default=0, ge=0, le=16)
+    """Pixels of the disc whose mean also counts in the line filter (`trainer.blob_filter`); 0 = none."""
     # data and training
     data_digest: str = Field(max_length=128)
     n_train_images: int = Field(ge=0)

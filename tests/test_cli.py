@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cluster.cli import app
-from cluster.cli_train import map_finish_overrides
+from trainer.config import map_finish_overrides
 
 runner = CliRunner()
 
@@ -42,6 +42,9 @@ def test_stack_help_lists_up_down_status() -> None:
         (["train", "--detrend-sigma", "-3"], "detrend_sigma must be a finite number >= 0 (pixels), got -3.0"),
         (["train", "--detrend-axis", "z"], "--detrend-axis must be one of auto, x, y, xy, got 'z'"),
         (["train", "--line-length", "99"], "line_length must be between 0 (off) and 64 pixels, got 99"),
+        (["train", "--blob-radius", "17"], "blob_radius must be between 0 (off) and 16 pixels, got 17"),
+        (["train", "--short-segment-weight", "1.5"], "short_segment_weight must be between 0 (off) and 1, got 1.5"),
+        (["train", "--line-length", "0", "--blob-radius", "3"], "they need line_length > 0, or 0 themselves"),
     ],
 )
 def test_bad_arguments_name_the_problem(args: list[str], message: str) -> None:
@@ -51,13 +54,16 @@ def test_bad_arguments_name_the_problem(args: list[str], message: str) -> None:
     assert "Traceback" not in result.output
 
 
+NO_SHAPES = {"short_segment_weight": 0.0, "blob_radius": 0}
+
+
 @pytest.mark.parametrize(
     ("line_length", "sigma", "expected"),
     [
         (None, None, {}),  # the schedule's
         (21, None, {"line_length": 21}),
-        (0, None, {"line_length": 0, "smoothing_sigma": 2.0}),  # off: the Gaussian maps of before
-        (0, 1.5, {"line_length": 0, "smoothing_sigma": 1.5}),
+        (0, None, {"line_length": 0, "smoothing_sigma": 2.0, **NO_SHAPES}),  # off: the Gaussian maps of before
+        (0, 1.5, {"line_length": 0, "smoothing_sigma": 1.5, **NO_SHAPES}),
         (None, 1.0, {"smoothing_sigma": 1.0}),
     ],
 )
@@ -65,6 +71,11 @@ def test_map_finish_flags_become_config_overrides(
     line_length: int | None, sigma: float | None, expected: dict[str, object]
 ) -> None:
     assert map_finish_overrides(line_length, sigma) == expected
+
+
+def test_the_line_filters_parts_are_flags_of_their_own() -> None:
+    assert map_finish_overrides(None, None, 0.0, 5) == {"short_segment_weight": 0.0, "blob_radius": 5}
+    assert map_finish_overrides(0, None, None, 3)["blob_radius"] == 3  # given: TrainConfig then refuses it
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,9 @@ from workers.inspection import LocalInspector, finish_inspection, inspect_in_ran
 LINE_FILTERED = SMALL_CONFIG.replace(smoothing_sigma=0.0, line_length=15)
 """The line filter on magnitudes (no Gaussian, 15 px) on the small test model."""
 SIGNED = SMALL_CONFIG.replace(map_mode="signed_residual", smoothing_sigma=0.7, line_length=15)
-"""The demo's maps (signed residuals, line-filtered, then smoothed) on the small test model."""
+"""Signed residuals, line-filtered, then smoothed, on the small test model."""
+SHAPED = SIGNED.replace(short_segment_weight=0.6, blob_radius=3)
+"""The demo's maps: as ``SIGNED``, with half-length segments and discs in the filter."""
 
 
 def _model(config: TrainConfig = SMALL_CONFIG) -> PatchModel:
@@ -25,7 +27,9 @@ def _model(config: TrainConfig = SMALL_CONFIG) -> PatchModel:
 
 
 @pytest.mark.parametrize(
-    "config", [SMALL_CONFIG, LINE_FILTERED, SIGNED], ids=["gaussian", "line-filter", "signed-line-filter"]
+    "config",
+    [SMALL_CONFIG, LINE_FILTERED, SIGNED, SHAPED],
+    ids=["gaussian", "line-filter", "signed-line-filter", "signed-shapes"],
 )
 def test_local_inspector_matches_the_sharded_serve_steps(config: TrainConfig) -> None:
     model = _model(config)
@@ -35,9 +39,20 @@ def test_local_inspector_matches_the_sharded_serve_steps(config: TrainConfig) ->
     sharded = finish_inspection(plan, plan.bands([model.score_patches(c) for c in plan.chunks]), model.card)
     np.testing.assert_allclose(local.anomaly_map, sharded.anomaly_map, rtol=1e-5, atol=1e-6)
     stitched = stitched_map(image, model)  # the library's path: finished as the card says
-    expected = finish_map(stitched, config.smoothing_sigma, config.line_length, signed=model.card.map_mode.signed)
+    expected = finish_map(
+        stitched,
+        config.smoothing_sigma,
+        config.line_length,
+        signed=model.card.map_mode.signed,
+        short_segment_weight=config.short_segment_weight,
+        blob_radius=config.blob_radius,
+    )
     np.testing.assert_allclose(local.anomaly_map, expected, rtol=1e-5, atol=1e-6)
     assert (model.card.line_length, str(model.card.map_mode)) == (config.line_length, config.map_mode)
+    assert (model.card.short_segment_weight, model.card.blob_radius) == (
+        config.short_segment_weight,
+        config.blob_radius,
+    )
     assert (local.anomaly_map >= 0).all()
     assert local.summary.raw_image_score == pytest.approx(sharded.summary.raw_image_score, rel=1e-5)
     assert local.n_patches == sharded.n_patches == plan.layout.n_patches

@@ -92,7 +92,7 @@ def test_bad_arguments_are_named() -> None:
         line_mean_max(np.zeros((2, 3, 4), dtype=np.float32), 15)
     with pytest.raises(ValueError, match=r"line_length must be between 0 \(off\) and 64 pixels, got 65"):
         TrainConfig(line_length=65)
-    with pytest.raises(ValueError, match="smoothing sigma and line length must be >= 0"):
+    with pytest.raises(ValueError, match="smoothing sigma, line length and blob radius must be >= 0"):
         finish_map(np.zeros((8, 8), dtype=np.float32), 0.0, -1)
 
 
@@ -126,3 +126,17 @@ def test_the_demo_finishes_with_the_filter_and_older_cards_read_as_without() -> 
     older = card.model_dump(mode="json")
     del older["line_length"]  # a version trained before the filter existed
     assert ModelCard.model_validate(older).line_length == 0
+
+
+@pytest.mark.parametrize(("length", "signed"), [(15, True), (15, False), (8, True), (21, False)])
+def test_the_tap_sums_are_the_dense_correlation_with_the_kernels(length: int, signed: bool) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    values = np.random.default_rng(4).standard_normal((40, 57)).astype(np.float32)
+    kernels = torch.from_numpy(line_kernels(length).copy())[:, None]  # (D, 1, K, K)
+    pad = kernels.shape[-1] // 2
+    padded = F.pad(torch.from_numpy(values)[None, None], (pad,) * 4, mode="reflect")
+    means = F.conv2d(padded, kernels)[0]  # the reference: a dense convolution, mirrored borders
+    expected = (means.abs() if signed else means).amax(dim=0).numpy()
+    np.testing.assert_allclose(line_mean_max(values, length, signed=signed), expected, rtol=1e-5, atol=1e-6)

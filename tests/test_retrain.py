@@ -176,9 +176,11 @@ def test_a_fine_tune_that_changes_the_maps_sign_takes_the_sigma_of_its_own_finis
     assert (magnitude.map_mode, magnitude.smoothing_sigma, magnitude.line_length) == ("ssim_residual", 0.0, 15)
     same = finetune_config(signed, RetrainPolicy(), has_abnormal=True)
     assert (same.map_mode, same.smoothing_sigma) == ("signed_residual", 0.7)
+    assert (same.short_segment_weight, same.blob_radius) == (0.6, 3)  # the filter's shapes are the parent's
     back = build_card(magnitude, "metal", "v2", AbnormalPatchSource.MASK, PROVISIONAL_THRESHOLDS, "d", 0, 0)
     assert finetune_config(back, RetrainPolicy(map_mode=MapMode.SIGNED_RESIDUAL), True).smoothing_sigma == 0.7
-    gaussian = signed.model_copy(update={"line_length": 0, "smoothing_sigma": 2.0})  # no line filter: σ is kept
+    no_filter = {"line_length": 0, "smoothing_sigma": 2.0, "short_segment_weight": 0.0, "blob_radius": 0}
+    gaussian = signed.model_copy(update=no_filter)  # no line filter: σ is kept
     assert finetune_config(gaussian, RetrainPolicy(map_mode=MapMode.RESIDUAL), True).smoothing_sigma == 2.0
 
 

@@ -47,7 +47,7 @@ SIZE = 128
 K_CONFIRMED = 5
 BASE = TrainConfig.demo(
     gamma=1.0, discriminator_head="dense", gan_steps=400, encoder_steps=500, num_workers=2, seed=0, detrend_sigma=0.0,
-    map_mode="ssim_residual", smoothing_sigma=2.0, line_length=0,
+    map_mode="ssim_residual", smoothing_sigma=2.0, line_length=0, short_segment_weight=0.0, blob_radius=0,
 )  # fmt: skip
 """The noisy line's first model: plain AnoGAN (γ = 1), P = 32, a dense discriminator (a logit per 8×8 cell).
 

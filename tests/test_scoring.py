@@ -13,7 +13,7 @@ from schemas.model_card import MapMode
 from trainer.model_io import weights_to_bytes
 from trainer.networks import DiscriminatorHead, build_networks
 from trainer.patch_filters import ssim_dissimilarity
-from trainer.scoring import LatentOptions, PatchModel, anomaly_map, finish_map, stitched_map
+from trainer.scoring import LatentOptions, PatchModel, anomaly_map, finish_card_map, finish_map, stitched_map
 
 
 def _card(
@@ -234,6 +234,11 @@ def test_signed_maps_are_finished_as_magnitudes() -> None:
     card = model.card
     expected = finish_map(stitched_map(image, model), card.smoothing_sigma, card.line_length, signed=True)
     np.testing.assert_allclose(amap, expected, rtol=1e-6)
+    lined = card.model_copy(update={"line_length": 15, "smoothing_sigma": 0.7})
+    shaped = lined.model_copy(update={"short_segment_weight": 0.6, "blob_radius": 3})
+    stitched = stitched_map(image, model)
+    with_shapes, without = finish_card_map(stitched, shaped), finish_card_map(stitched, lined)
+    assert (with_shapes >= without - 1e-6).all() and (with_shapes > without + 1e-6).any()  # a max over more shapes
 
 
 def test_smooth_residual_cancels_pixel_noise() -> None:

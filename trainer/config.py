@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from typing import Any, Self
 
 from schemas.model_card import MapMode
+from trainer.blob_filter import BLOB_RADIUS, MAX_BLOB_RADIUS
 from trainer.detrend import Detrend, DetrendAxis
-from trainer.line_filter import GAUSSIAN_FINISH_SIGMA, MAX_LINE_LENGTH, SIGNED_FINISH_SIGMA
+from trainer.line_filter import GAUSSIAN_FINISH_SIGMA, MAX_LINE_LENGTH, SHORT_SEGMENT_WEIGHT, SIGNED_FINISH_SIGMA
 from trainer.networks import DiscriminatorHead
 
 
@@ -67,6 +68,12 @@ class TrainConfig:
     line_length: int = 0
     """The line filter (`trainer.line_filter`): each pixel's largest mean (|mean| for a signed map) along a segment
     this long; 0 = off."""
+    short_segment_weight: float = 0.0
+    """The line filter's half-length segments count at this weight (`trainer.line_filter.segment_mean_max`);
+    0 = off. Needs ``line_length`` > 0."""
+    blob_radius: int = 0
+    """The line filter also takes each pixel's mean over a disc this wide (`trainer.blob_filter`), so round
+    spots keep their depth; 0 = off. Needs ``line_length`` > 0."""
     refine_steps: int = 0
     """Encoder mode: Adam steps of the latent loss L(z) from E(x) at inference (0 = the encoder alone)."""
     search_steps: int = 500
@@ -194,6 +201,7 @@ class TrainConfig:
         if not 0 <= self.line_length <= MAX_LINE_LENGTH:
             msg = f"line_length must be between 0 (off) and {MAX_LINE_LENGTH} pixels, got {self.line_length}"
             raise ValueError(msg)
+        self._check_filter_shapes()
         if not 0.0 < self.warmup_fraction < 1.0:
             msg = f"warmup_fraction must be in (0, 1), got {self.warmup_fraction}"
             raise ValueError(msg)
@@ -233,6 +241,20 @@ class TrainConfig:
     def replace(self, **changes: Any) -> Self:
         """A validated copy with ``changes`` applied."""
         return dataclasses.replace(self, **changes)
+
+    def _check_filter_shapes(self) -> None:
+        if not 0.0 <= self.short_segment_weight <= 1.0:
+            msg = f"short_segment_weight must be between 0 (off) and 1, got {self.short_segment_weight}"
+            raise ValueError(msg)
+        if not 0 <= self.blob_radius <= MAX_BLOB_RADIUS:
+            msg = f"blob_radius must be between 0 (off) and {MAX_BLOB_RADIUS} pixels, got {self.blob_radius}"
+            raise ValueError(msg)
+        if self.line_length == 0 and (self.short_segment_weight > 0 or self.blob_radius > 0):
+            msg = (
+                f"short_segment_weight ({self.short_segment_weight}) and blob_radius ({self.blob_radius}) are "
+                "parts of the line filter: they need line_length > 0, or 0 themselves"
+            )
+            raise ValueError(msg)
 
     def to_card_dict(self) -> dict[str, float | int | str | bool | None]:
         """Every field as a flat dict (for ``ModelCard.train_config``)."""
@@ -288,6 +310,8 @@ class TrainConfig:
             "map_mode": "signed_residual",
             "smoothing_sigma": SIGNED_FINISH_SIGMA,
             "line_length": 15,
+            "short_segment_weight": SHORT_SEGMENT_WEIGHT,
+            "blob_radius": BLOB_RADIUS,
             "batch_size": 32,
             "abnormal_batch_size": 16,
             "gan_steps": 1000,
@@ -331,3 +355,25 @@ class TrainConfig:
         }
         values.update(overrides)
         return cls(**values)
+
+
+def map_finish_overrides(
+    line_length: int | None,
+    smoothing_sigma: float | None,
+    short_segment_weight: float | None = None,
+    blob_radius: int | None = None,
+) -> dict[str, object]:
+    """`TrainConfig` overrides of the map's finish, from ``anomap train``'s flags (None = not given).
+
+    Turning the line filter off (``line_length`` 0) turns off its parts too (half-length segments, discs)
+    where they are not given, and brings back the Gaussian σ = 2 of the versions before the filter, not
+    an unsmoothed map, where σ is not given.
+    """
+    overrides: dict[str, object] = {}
+    if line_length is not None:
+        overrides["line_length"] = line_length
+        if line_length == 0:
+            overrides |= {"smoothing_sigma": GAUSSIAN_FINISH_SIGMA, "short_segment_weight": 0.0, "blob_radius": 0}
+    given = {"smoothing_sigma": smoothing_sigma, "short_segment_weight": short_segment_weight}
+    given |= {"blob_radius": blob_radius}
+    return overrides | {name: value for name, value in given.items() if value is not None}

@@ -69,6 +69,8 @@ def build_card(
         abnormal_patch_source=source,
         smoothing_sigma=cfg.smoothing_sigma,
         line_length=cfg.line_length,
+        short_segment_weight=cfg.short_segment_weight,
+        blob_radius=cfg.blob_radius,
         map_mode=MapMode(cfg.map_mode),
         data_digest=data_digest,
         n_train_images=n_train,

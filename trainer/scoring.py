@@ -32,9 +32,10 @@ from scipy.ndimage import gaussian_filter
 
 from schemas import ModelCard, ScoreMode
 from schemas.model_card import MapMode
+from trainer.blob_filter import disc_mean
 from trainer.detrend import Detrend
 from trainer.latent_search import DEFAULT_LAMBDA, DEFAULT_LR, DEFAULT_STEPS, check_search_arguments, search_latent
-from trainer.line_filter import SIGNED_FINISH_SIGMA, line_mean_max
+from trainer.line_filter import SIGNED_FINISH_SIGMA, segment_mean_max
 from trainer.model_io import sub_state, weights_from_bytes
 from trainer.networks import Discriminator, DiscriminatorHead, Encoder, Generator
 from trainer.patch_filters import gaussian_blur, ssim_dissimilarity
@@ -337,37 +338,63 @@ class PatchModel:
         return x * 2.0 - 1.0  # [-1, 1]
 
 
-def finish_map(stitched: np.ndarray, sigma: float, line_length: int = 0, *, signed: bool = False) -> np.ndarray:
-    """A stitched (H, W) map, smoothed and line-filtered -> (H, W) float32 >= 0: what is stored and thresholded.
+def finish_map(
+    stitched: np.ndarray,
+    sigma: float,
+    line_length: int = 0,
+    *,
+    signed: bool = False,
+    short_segment_weight: float = 0.0,
+    blob_radius: int = 0,
+) -> np.ndarray:
+    """A stitched (H, W) map, smoothed and filtered -> (H, W) float32 >= 0: what is stored and thresholded.
+
+    The filter, with ``line_length`` > 0, makes each pixel its largest mean along a segment that long
+    (`trainer.line_filter`), or ``short_segment_weight`` × its largest along a half-length one, or, with
+    ``blob_radius`` > 0, its mean over a disc that wide (`trainer.blob_filter`): whichever is largest. With
+    ``line_length`` 0 there is no filter (every version before it).
 
     A map of magnitudes (every `MapMode` but ``signed_residual``) is Gaussian-smoothed with σ px (0 = not),
-    then, with ``line_length`` > 0, each pixel becomes its largest mean along a segment that long
-    (`trainer.line_filter`); 0 leaves the smoothed map as it is (every version before the filter).
+    then filtered.
 
-    A ``signed`` map (x − G(z*) stitched) first becomes a magnitude: the largest |mean| along a segment
-    (``line_length`` > 0) or |·| (0), so that the grain's residual cancels before it is rectified; the
-    Gaussian then smooths that magnitude, widening a 1 px response to a groove's few pixels.
+    A ``signed`` map (x − G(z*) stitched) is filtered first, each mean's magnitude counting, or made |·| where
+    there is no filter, so that the grain's residual cancels before it is rectified; the Gaussian then smooths
+    that magnitude, widening a 1 px response to a groove's few pixels.
     """
     if stitched.ndim != 2:
         msg = f"expected a stitched (H, W) map, got shape {stitched.shape}"
         raise ValueError(msg)
-    if sigma < 0 or line_length < 0:
-        msg = f"smoothing sigma and line length must be >= 0, got {sigma} and {line_length}"
+    if sigma < 0 or line_length < 0 or blob_radius < 0:
+        msg = f"smoothing sigma, line length and blob radius must be >= 0, got {sigma}, {line_length}, {blob_radius}"
         raise ValueError(msg)
     out = np.asarray(stitched, dtype=np.float32)
+
+    def shapes(values: np.ndarray) -> np.ndarray:
+        lined = segment_mean_max(values, line_length, short_weight=short_segment_weight, signed=signed)
+        if blob_radius > 0:
+            np.maximum(lined, disc_mean(values, blob_radius, signed=signed), out=lined)
+        return lined
+
     if signed:
-        out = line_mean_max(out, line_length, signed=True) if line_length > 0 else np.abs(out)
+        out = shapes(out) if line_length > 0 else np.abs(out)
         return _gaussian(out, sigma) if sigma > 0 else out
     if sigma > 0:
         out = _gaussian(out, sigma)
     if line_length > 0:
-        return line_mean_max(out, line_length)
+        return shapes(out)
     return out.copy() if out is stitched else out
 
 
 def finish_card_map(stitched: np.ndarray, card: ModelCard) -> np.ndarray:
-    """`finish_map` with a version's own settings (``smoothing_sigma``, ``line_length``, its map mode's sign)."""
-    return finish_map(stitched, card.smoothing_sigma, card.line_length, signed=card.map_mode.signed)
+    """`finish_map` with a version's own settings (``smoothing_sigma``, the filter's, its map mode's sign)."""
+    return finish_map(
+        stitched,
+        card.smoothing_sigma,
+        card.line_length,
+        signed=card.map_mode.signed,
+        short_segment_weight=card.short_segment_weight,
+        blob_radius=card.blob_radius,
+    )
 
 
 def line_finish_sigma(mode: MapMode) -> float:

@@ -48,6 +48,8 @@ _ARCHITECTURE = (
     "spectral_norm",
     "smoothing_sigma",
     "line_length",
+    "short_segment_weight",
+    "blob_radius",
 )
 
 
