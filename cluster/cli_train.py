@@ -91,7 +91,7 @@ def train(
         float | None,
         typer.Option(
             help="The line filter also takes half-length segments, at this weight (default: the schedule's, 0.6; "
-            "0 = off): they keep a scratch's ends and bends."
+            "0 = off): they keep a scratch whose residual comes and goes along it."
         ),
     ] = None,
     blob_radius: Annotated[
