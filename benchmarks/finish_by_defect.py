@@ -32,8 +32,7 @@ from quality import METRICS, Grid, Run, abnormal_bank, card_for, dataset, evalua
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer.gan import train_in_process
-from trainer.line_filter import SIGNED_FINISH_SIGMA
-from trainer.scoring import PatchModel, finish_map, stitched_map
+from trainer.scoring import PatchModel, finish_card_map, stitched_map
 from trainer.synthetic import DefectKind, SyntheticDataset, make_dataset
 
 FINISHES: dict[str, dict[str, Any]] = {
@@ -42,8 +41,8 @@ FINISHES: dict[str, dict[str, Any]] = {
     "segments_15_7_disc_3": {"short_segment_weight": 0.6, "blob_radius": 3},
     "segments_15_7_disc_2": {"short_segment_weight": 0.6, "blob_radius": 2},
 }
-"""name -> the filter's shapes, each on 15 px segments of the signed map, then a Gaussian σ = 0.7 (the demo's
-finish is ``segments_15_7_disc_3``; ``segments_15`` the thirteenth session's)."""
+"""name -> the filter's shapes, put on the run's card (the demo's: 15 px segments of the signed map, then a
+Gaussian σ = 0.7). The demo's finish is ``segments_15_7_disc_3``; ``segments_15`` the thirteenth session's."""
 EXTRA_KINDS = (DefectKind.SPOT, DefectKind.CRACK, DefectKind.STAIN)
 RUN = Run(epsilon=0.1, k=5, gamma=0.9, seed=0)
 """The headline run of `benchmarks/quality.py` (its seed is replaced by each of ``--seeds``)."""
@@ -66,7 +65,8 @@ def score_seed(seed: int, size: int, per_kind: int) -> dict[str, Any]:
     cfg = grid.config(RUN.gamma, seed)
     bank, source = abnormal_bank(data, RUN.k, cfg)
     state = train_in_process(cfg, data.train_normal, bank, device="cpu")
-    model = PatchModel.from_state(card_for(cfg, source), state, device="cpu")
+    card = card_for(cfg, source)
+    model = PatchModel.from_state(card, state, device="cpu")
     good = [i for i, label in enumerate(data.test_labels) if label == "good"]
     sets: dict[str, tuple[list[np.ndarray], list[np.ndarray], list[str]]] = {
         str(DefectKind.SCRATCH): (
@@ -89,7 +89,8 @@ def score_seed(seed: int, size: int, per_kind: int) -> dict[str, Any]:
     for name, shapes in FINISHES.items():
         out[name] = {}
         for kind, (maps, masks, labels) in sets.items():
-            finished = [finish_map(m, SIGNED_FINISH_SIGMA, 15, signed=True, **shapes) for m in maps]
+            variant = card.model_copy(update=shapes)
+            finished = [finish_card_map(m, variant) for m in maps]
             out[name][kind] = evaluate_maps(finished, masks, labels)
     return {"seed": seed, "finishes": out}
 

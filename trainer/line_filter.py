@@ -142,11 +142,12 @@ def _segment_means(
     values: np.ndarray, length: int, short: int, directions: int, signed: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The largest mean (|mean| if ``signed``) over ``length`` px segments and over ``short`` px ones (None for 0)."""
+    taps = segment_taps(length, short, directions)  # first: it checks the lengths
     padded = padded_map(values, (length | 1) // 2)
     best_long: torch.Tensor | None = None
     best_short: torch.Tensor | None = None
     with torch.no_grad():
-        for inner, outer in segment_taps(length, short, directions):
+        for inner, outer in taps:
             total = tap_sum(padded, inner, values.shape, torch.zeros(values.shape))
             if short:
                 mean = total / (_SAMPLES_PER_PX * short)
@@ -171,17 +172,11 @@ def line_mean_max(
     Borders mirror the map (without repeating the edge pixel: one bright pixel at an edge counts once, as
     inside; repeating it would give it half the weight of every segment across the edge, and the
     maps' maxima on normal images doubled that way). Maps no wider than half a segment repeat their
-    edge pixels instead. ``length`` 1 returns the map unchanged (as float32). The means are the
+    edge pixels instead. ``length`` 1 returns the map (its magnitude if ``signed``) as float32. The means are the
     correlation with `line_kernels`, summed over each kernel's few pixels (`segment_taps`): 20–35 %
     faster than a dense convolution.
     """
-    values = as_map(anomaly_map)
-    if length < 1 or directions < 1:
-        msg = f"line length and directions must be >= 1, got {length} and {directions}"
-        raise ValueError(msg)
-    if length == 1:
-        return np.abs(values) if signed else values.copy()
-    return _segment_means(values, length, 0, directions, signed)[0].numpy()
+    return _segment_means(as_map(anomaly_map), length, 0, directions, signed)[0].numpy()
 
 
 def short_segment(length: int) -> int:
