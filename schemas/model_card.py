@@ -14,7 +14,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 from schemas.ids import LineId, ModelName, ModelVersion
 from schemas.job import utc_now
@@ -158,3 +158,13 @@ class ModelCard(BaseModel):
     metrics: dict[str, float] = Field(default_factory=dict)
     # retraining (None: trained by hand with `anomap train`)
     retraining: RetrainRecord | None = None
+
+    @model_validator(mode="after")
+    def _filter_shapes_need_the_line_filter(self) -> ModelCard:
+        if self.line_length == 0 and (self.short_segment_weight > 0 or self.blob_radius > 0):
+            msg = (
+                f"short_segment_weight ({self.short_segment_weight}) and blob_radius ({self.blob_radius}) are parts "
+                "of the line filter: a card with line_length 0 must have both 0"
+            )
+            raise ValueError(msg)
+        return self

@@ -254,6 +254,14 @@ def test_a_card_without_map_mode_scores_the_residual() -> None:
     assert ModelCard.model_validate(raw).map_mode == MapMode.RESIDUAL
 
 
+@pytest.mark.parametrize("shapes", [{"short_segment_weight": 0.6}, {"blob_radius": 3}])
+def test_a_card_with_filter_shapes_but_no_line_filter_is_refused(shapes: dict) -> None:
+    raw = _card().model_dump(mode="json") | shapes
+    with pytest.raises(ValueError, match="parts of the line filter"):
+        ModelCard.model_validate(raw)
+    assert ModelCard.model_validate(raw | {"line_length": 15}).line_length == 15
+
+
 def test_with_a_contrast_gain_the_score_is_still_the_residual_in_intensity_units() -> None:
     model = PatchModel.from_safetensors(_card(contrast_gain=8.0), _weights(), device="cpu")
     patches = np.random.default_rng(6).random((3, 32, 32), dtype=np.float32) * 0.1 + 0.45
