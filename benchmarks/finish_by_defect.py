@@ -88,8 +88,8 @@ def score_seed(seed: int, size: int, per_kind: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, shapes in FINISHES.items():
         out[name] = {}
+        variant = card.model_copy(update=shapes)
         for kind, (maps, masks, labels) in sets.items():
-            variant = card.model_copy(update=shapes)
             finished = [finish_card_map(m, variant) for m in maps]
             out[name][kind] = evaluate_maps(finished, masks, labels)
     return {"seed": seed, "finishes": out}

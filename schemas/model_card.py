@@ -118,6 +118,21 @@ class RetrainRecord(BaseModel):
     policy: dict[str, float | int | str | bool | None] = Field(default_factory=dict)
 
 
+def filter_shapes_problem(line_length: int, short_segment_weight: float, blob_radius: int) -> str | None:
+    """Why the line filter's extra shapes cannot go with this ``line_length`` (None when they can).
+
+    The short segments and the disc are parts of the line filter (`trainer.scoring.finish_map`): with
+    ``line_length`` 0 there is no filter, so both must be 0 too. `ModelCard` and `trainer.config.TrainConfig`
+    both check this.
+    """
+    if line_length == 0 and (short_segment_weight > 0 or blob_radius > 0):
+        return (
+            f"short_segment_weight ({short_segment_weight}) and blob_radius ({blob_radius}) are "
+            "parts of the line filter: they need line_length > 0, or 0 themselves"
+        )
+    return None
+
+
 class ModelCard(BaseModel):
     """Everything needed to rebuild, serve and judge one model version."""
 
@@ -161,10 +176,7 @@ class ModelCard(BaseModel):
 
     @model_validator(mode="after")
     def _filter_shapes_need_the_line_filter(self) -> ModelCard:
-        if self.line_length == 0 and (self.short_segment_weight > 0 or self.blob_radius > 0):
-            msg = (
-                f"short_segment_weight ({self.short_segment_weight}) and blob_radius ({self.blob_radius}) are parts "
-                "of the line filter: a card with line_length 0 must have both 0"
-            )
-            raise ValueError(msg)
+        problem = filter_shapes_problem(self.line_length, self.short_segment_weight, self.blob_radius)
+        if problem:
+            raise ValueError(problem)
         return self

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Self
 
-from schemas.model_card import MapMode
+from schemas.model_card import MapMode, filter_shapes_problem
 from trainer.blob_filter import BLOB_RADIUS, MAX_BLOB_RADIUS
 from trainer.detrend import Detrend, DetrendAxis
 from trainer.line_filter import GAUSSIAN_FINISH_SIGMA, MAX_LINE_LENGTH, SHORT_SEGMENT_WEIGHT, SIGNED_FINISH_SIGMA
@@ -249,12 +249,9 @@ class TrainConfig:
         if not 0 <= self.blob_radius <= MAX_BLOB_RADIUS:
             msg = f"blob_radius must be between 0 (off) and {MAX_BLOB_RADIUS} pixels, got {self.blob_radius}"
             raise ValueError(msg)
-        if self.line_length == 0 and (self.short_segment_weight > 0 or self.blob_radius > 0):
-            msg = (
-                f"short_segment_weight ({self.short_segment_weight}) and blob_radius ({self.blob_radius}) are "
-                "parts of the line filter: they need line_length > 0, or 0 themselves"
-            )
-            raise ValueError(msg)
+        problem = filter_shapes_problem(self.line_length, self.short_segment_weight, self.blob_radius)
+        if problem:
+            raise ValueError(problem)
 
     def to_card_dict(self) -> dict[str, float | int | str | bool | None]:
         """Every field as a flat dict (for ``ModelCard.train_config``)."""
