@@ -97,7 +97,7 @@ def serve(
     """Run the Serve app and stream consumers until interrupted (SIGINT/SIGTERM drain gracefully)."""
     settings = resolved_settings(redis=True, s3=True, ray=True)
     from cluster.connections import connect_ray, object_store
-    from cluster.serving import InspectionServer
+    from cluster.serving import ConsumerDied, InspectionServer
     from trainer.registry import ModelNotFound, ModelRegistry
     from workers.logs import configure_logging
 
@@ -127,6 +127,8 @@ def serve(
             server.wait()
     except ServeHttpConflict as exc:  # raised by deploy, before anything runs
         fail(str(exc))
+    except ConsumerDied as exc:  # the rest drained; exit non-zero so that a supervisor starts a fresh process
+        fail(f"{exc}; the others drained and stopped, and its pending jobs are reclaimed at the next start")
     console.log("drained and stopped")
 
 

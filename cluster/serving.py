@@ -24,6 +24,10 @@ from workers.http_api import HTTP_APP_NAME
 from workers.serve_app import APP_NAME, ServeInspector, deploy
 
 
+class ConsumerDied(RuntimeError):
+    """A consumer thread of `InspectionServer` ended while the server was meant to run."""
+
+
 class InspectionServer:
     """The Serve app (pinned to ``version``, or following each line's live version when it is None) and
     ``consumers`` consumer threads on ``lines``.
@@ -78,9 +82,18 @@ class InspectionServer:
         return self
 
     def wait(self) -> None:
-        """Block until `stop` is set (by a signal handler, say)."""
+        """Block until `stop` is set (by a signal handler, say).
+
+        Raises `ConsumerDied` when a consumer thread ended on its own (a bug: a consumer answers or leaves
+        pending every entry and survives outages): rather than serve on with fewer consumers, the process
+        should exit non-zero so that its supervisor restarts it; the dead thread's entries stay pending and
+        are reclaimed.
+        """
         while not self.stop.wait(1.0):
-            pass
+            dead = [thread.name for thread in self._threads if not thread.is_alive()]
+            if dead:
+                msg = f"consumer thread(s) {', '.join(dead)} ended unexpectedly (the traceback is in the log above)"
+                raise ConsumerDied(msg)
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

@@ -13,6 +13,10 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from schemas.ids import CameraId, JobId, LineId, S3RefStr
 
+MIN_PIXEL_THRESHOLD = 1e-6
+"""The smallest pixel-threshold override: maps are residuals of order 0.01–1, so a smaller one would only
+make every pixel anomalous, and one near 0 makes the regions' normalised peaks overflow to infinity."""
+
 
 def utc_now() -> datetime:
     """The current time, timezone-aware in UTC."""
@@ -35,5 +39,5 @@ class InspectionJob(BaseModel):
     captured_at: AwareDatetime = Field(default_factory=utc_now)
     published_at: AwareDatetime = Field(default_factory=utc_now)
     image_ref: S3RefStr | None = None
-    pixel_threshold: float | None = Field(default=None, gt=0, le=1e6)
+    pixel_threshold: float | None = Field(default=None, ge=MIN_PIXEL_THRESHOLD, le=1e6)
     """Override of the model card's pixel threshold for this job (raw map units)."""

@@ -10,19 +10,22 @@ A job entry on ``anomap:jobs[:<line>]`` has the fields::
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from pydantic import ValidationError
 
 from schemas.dead_letter import DeadReason
+from schemas.envelope import parse_json, peek_ids
 from schemas.job import InspectionJob
 
 JOB_FIELD = b"job"
 IMAGE_FIELD = b"image"
 MAX_ENVELOPE_BYTES = 16 * 1024
 MAX_INLINE_IMAGE_BYTES = 16 * 1024 * 1024
+MAX_REFERENCED_IMAGE_BYTES = 128 * 1024 * 1024
+"""The largest object an ``image_ref`` may name: 4096² pixels (the decoder's limit) of 16-bit RGB stored
+uncompressed are 96 MiB; a larger object is refused (``payload_too_large``) before it is read whole."""
 
 
 class JobRejected(Exception):
@@ -78,6 +81,19 @@ class StreamNames:
         """The key a consumer sets, to the job's stream entry id, when the job's result is written."""
         return f"{self.prefix}:done:{job_id}"
 
+    def owner_marker(self, job_id: str) -> str:
+        """The key a consumer sets, to ``"<stream> <entry id>"``, while it scores the job: a second entry with
+        the same ``job_id`` in flight at the same time is turned away instead of scored twice."""
+        return f"{self.prefix}:owner:{job_id}"
+
+    def settled_marker(self, stream: str, entry_id: str) -> str:
+        """The key set when an entry is answered (``result`` or ``dead``): one answer per entry."""
+        return f"{self.prefix}:settled:{stream}:{entry_id}"
+
+    def failure_marker(self, stream: str, entry_id: str) -> str:
+        """The key that keeps why an entry's last try failed, for the dead letter if none succeeds."""
+        return f"{self.prefix}:failure:{stream}:{entry_id}"
+
 
 def encode_job_entry(job: InspectionJob, image: bytes | None = None) -> dict[bytes, bytes]:
     """Fields of a job stream entry: the JSON envelope, plus the image bytes when inline."""
@@ -91,14 +107,6 @@ def encode_job_entry(job: InspectionJob, image: bytes | None = None) -> dict[byt
     if image is not None:
         fields[IMAGE_FIELD] = image
     return fields
-
-
-def _peek_job_id(raw: bytes) -> str | None:
-    try:
-        value = json.loads(raw).get("job_id")
-    except (ValueError, AttributeError):
-        return None
-    return value[:128] if isinstance(value, str) else None
 
 
 def decode_job_entry(fields: Mapping[bytes, bytes]) -> tuple[InspectionJob, bytes | None]:
@@ -119,11 +127,11 @@ def decode_job_entry(fields: Mapping[bytes, bytes]) -> tuple[InspectionJob, byte
             DeadReason.PAYLOAD_TOO_LARGE,
             f"job envelope is {len(raw)} bytes; at most {MAX_ENVELOPE_BYTES} are allowed",
         )
-    job_id = _peek_job_id(raw)
     try:
-        payload = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        payload = parse_json(raw)
+    except ValueError as exc:  # not UTF-8 or not JSON (UnicodeDecodeError is a ValueError), or nested too deeply
         raise JobRejected(DeadReason.INVALID_JSON, f"job field is not JSON: {exc}") from exc
+    job_id, _ = peek_ids(payload)
     try:
         job = InspectionJob.model_validate(payload)
     except ValidationError as exc:

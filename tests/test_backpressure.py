@@ -37,6 +37,7 @@ from trainer.pipeline import untrained_model
 from trainer.scoring import PatchModel
 from trainer.store import ObjectStore
 from trainer.synthetic import synth_image
+from workers.backpressure import is_backpressure
 from workers.consumer import ConsumerConfig, Outcome, StreamConsumer
 from workers.inspection import (
     CHUNK_PATCHES,
@@ -57,7 +58,6 @@ from workers.serve_app import (
     app_builder,
     build_app,
     deploy,
-    is_backpressure,
 )
 
 SERVE_YAML = Path(__file__).parents[1] / "deploy" / "serve.yaml"

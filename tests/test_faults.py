@@ -180,6 +180,10 @@ def bad_entries(settings: Settings, good: bytes) -> dict[str, tuple[dict[bytes, 
             DeadReason.PAYLOAD_TOO_LARGE,
         ),
         "invalid-json": ({b"job": b'{"job_id": "bad-json", ', b"image": good}, DeadReason.INVALID_JSON),
+        # 5 KB of brackets: json.loads raises RecursionError, which once ended the consumer's thread
+        "nested-json": ({b"job": b"[" * 5000, b"image": good}, DeadReason.INVALID_JSON),
+        # a lone surrogate no text can carry: the dead letter once failed to build, and the entry was retried forever
+        "surrogate-job-id": ({b"job": b'{"job_id": "bad\\ud800"}', b"image": good}, DeadReason.INVALID_SCHEMA),
         "no-job-field": ({b"image": good}, DeadReason.INVALID_ENTRY),
         "unknown-field": ({b"job": _job("bad-extra"), b"image": good, b"exec": b"rm -rf /"}, DeadReason.INVALID_ENTRY),
         "missing-job-id": ({b"job": b'{"camera_id": "cam01"}', b"image": good}, DeadReason.INVALID_SCHEMA),

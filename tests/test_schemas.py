@@ -8,6 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from schemas import (
+    DeadLetter,
     DeadReason,
     InspectionJob,
     JobRejected,
@@ -16,6 +17,7 @@ from schemas import (
     encode_job_entry,
     parse_s3_ref,
 )
+from schemas.envelope import peek_ids, peek_raw_ids
 from schemas.stream import MAX_INLINE_IMAGE_BYTES
 
 
@@ -81,6 +83,9 @@ def test_reference_entry_round_trips() -> None:
         ({b"job": b'{"job_id": "j1"}', b"image": b""}, DeadReason.EMPTY_IMAGE),
         ({b"job": b'{"job_id": "j1"}', b"image": b"x" * (MAX_INLINE_IMAGE_BYTES + 1)}, DeadReason.PAYLOAD_TOO_LARGE),
         ({b"job": b"x" * 20000}, DeadReason.PAYLOAD_TOO_LARGE),
+        ({b"job": b"[" * 5000, b"image": b"x"}, DeadReason.INVALID_JSON),  # json.loads: RecursionError
+        ({b"job": b'{"job_id": "j1", "camera_id": ' + b"[" * 3000 + b"]" * 3000 + b"}"}, DeadReason.INVALID_JSON),
+        ({b"job": b"\xff\xfe{}", b"image": b"x"}, DeadReason.INVALID_JSON),
     ],
 )
 def test_bad_entries_are_rejected_with_a_reason(fields: dict[bytes, bytes], reason: DeadReason) -> None:
@@ -95,6 +100,31 @@ def test_schema_violation_keeps_the_job_id_for_the_dead_letter() -> None:
         decode_job_entry({b"job": b'{"job_id": "cam01-7", "line": "NOT VALID"}', b"image": b"x"})
     assert caught.value.job_id == "cam01-7"
     assert "line" in caught.value.detail
+
+
+def test_a_job_id_no_text_can_carry_is_kept_escaped_for_the_dead_letter() -> None:
+    with pytest.raises(JobRejected) as caught:  # a lone surrogate, and a newline that would forge log lines
+        decode_job_entry({b"job": b'{"job_id": "cam\\ud800\\nx"}', b"image": b"x"})
+    assert caught.value.reason is DeadReason.INVALID_SCHEMA
+    assert caught.value.job_id == "cam\\ud800\\nx"  # escaped: printable, and UTF-8 can carry it
+    DeadLetter(
+        entry_id="1-0", stream="s", job_id=caught.value.job_id, reason=caught.value.reason, detail="d", delivery_count=1
+    )
+
+
+def test_peeked_ids_are_printable_and_lines_valid() -> None:
+    assert peek_raw_ids(b'{"job_id": "cam01-1", "line": "press-2"}') == ("cam01-1", "press-2")
+    assert peek_raw_ids(b'{"job_id": "x" , "line": "../etc"}') == ("x", None)
+    assert peek_raw_ids(b'{"job_id": ' + b"[" * 5000) == (None, None)
+    assert peek_raw_ids(b"[1, 2]") == (None, None)
+    assert peek_raw_ids(None) == (None, None)
+    assert peek_ids({"job_id": "a" * 300})[0] == "a" * 128
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1e-308, 1e-7, 2e6])
+def test_pixel_threshold_outside_its_range_is_refused(threshold: float) -> None:
+    with pytest.raises(ValidationError, match="pixel_threshold"):
+        InspectionJob(job_id="j1", pixel_threshold=threshold)
 
 
 def test_stream_names_per_line() -> None:

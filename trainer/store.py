@@ -36,10 +36,21 @@ DEFAULT_S3_REGION = "us-east-1"
 """Region requests are signed for when ``S3_REGION`` is unset (MinIO's and SeaweedFS's default)."""
 
 _MISSING_CODES = {"NoSuchKey", "NoSuchObject", "NoSuchBucket", "ResourceNotFound"}
+_READ_CHUNK = 1 << 20
+"""Bytes per read of a bounded `ObjectStore.get_bytes`."""
 
 
 class ObjectMissing(KeyError):
     """The object (or its bucket) does not exist."""
+
+
+class ObjectTooLarge(ValueError):
+    """The object is larger than the reader allows (``size``: its bytes as declared, or the bytes read when
+    the limit was passed)."""
+
+    def __init__(self, ref: str, size: int, limit: int) -> None:
+        super().__init__(f"{ref} is {size} bytes; at most {limit} are allowed")
+        self.ref, self.size, self.limit = ref, size, limit
 
 
 class ObjectStore:
@@ -81,16 +92,28 @@ class ObjectStore:
         """Write ``data`` under ``key`` (overwrites)."""
         self.client.put_object(self.bucket, key, io.BytesIO(data), len(data), content_type=content_type)
 
-    def get_bytes(self, key: str, bucket: str | None = None) -> bytes:
-        """Read a whole object; raises `ObjectMissing` if it does not exist."""
+    def get_bytes(self, key: str, bucket: str | None = None, max_bytes: int | None = None) -> bytes:
+        """Read a whole object; raises `ObjectMissing` if it does not exist, and `ObjectTooLarge` if it holds
+        more than ``max_bytes`` (checked against its declared length before reading, and while reading)."""
+        ref = f"s3://{bucket or self.bucket}/{key}"
         try:
             response = self.client.get_object(bucket or self.bucket, key)
         except S3Error as exc:
             if exc.code in _MISSING_CODES:
-                raise ObjectMissing(f"s3://{bucket or self.bucket}/{key}") from exc
+                raise ObjectMissing(ref) from exc
             raise
         try:
-            return response.read()
+            if max_bytes is None:
+                return response.read()
+            declared = response.headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+                raise ObjectTooLarge(ref, int(declared), max_bytes)
+            data = bytearray()
+            for chunk in response.stream(_READ_CHUNK):
+                data.extend(chunk)
+                if len(data) > max_bytes:
+                    raise ObjectTooLarge(ref, len(data), max_bytes)
+            return bytes(data)
         finally:
             response.close()
             response.release_conn()

@@ -20,9 +20,7 @@ exactly one answer:
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 import threading
 from dataclasses import dataclass
 from enum import StrEnum
@@ -30,8 +28,9 @@ from enum import StrEnum
 import redis
 from pydantic import ValidationError
 
-from schemas import LINE_PATTERN, Confirmation, DeadLetter, DeadReason, StreamNames
+from schemas import Confirmation, DeadLetter, DeadReason, StreamNames
 from schemas.confirmation import CONFIRMATION_FIELD
+from schemas.envelope import parse_json, peek_raw_ids
 from trainer.store import ObjectStore
 from workers.datasets import ConfirmationRejected, file_confirmation
 from workers.group_reader import Entry, GroupReader
@@ -77,18 +76,6 @@ def publish_confirmation(
     return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
 
-def _peek(raw: bytes | None) -> tuple[str | None, str | None]:
-    """The job id and line of a confirmation's JSON as sent, if they can be read (for dead letters)."""
-    try:
-        payload = json.loads(raw or b"")
-    except (ValueError, UnicodeDecodeError):
-        return None, None
-    if not isinstance(payload, dict):
-        return None, None
-    job_id, line = payload.get("job_id"), payload.get("line")
-    return (job_id[:128] if isinstance(job_id, str) else None), (line if isinstance(line, str) else None)
-
-
 def decode_confirmation_entry(fields: dict[bytes, bytes]) -> Confirmation:
     """Validate an entry's fields; raises `ConfirmationRejected` naming the problem."""
     if set(fields) != {CONFIRMATION_FIELD}:
@@ -99,8 +86,8 @@ def decode_confirmation_entry(fields: dict[bytes, bytes]) -> Confirmation:
         msg = f"confirmation is {len(raw)} bytes; at most {MAX_CONFIRMATION_BYTES} are allowed"
         raise ConfirmationRejected(DeadReason.PAYLOAD_TOO_LARGE, msg)
     try:
-        payload = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        payload = parse_json(raw)
+    except ValueError as exc:  # not UTF-8 or not JSON, or nested too deeply
         raise ConfirmationRejected(DeadReason.INVALID_JSON, f"confirmation is not JSON: {exc}") from exc
     try:
         return Confirmation.model_validate(payload)
@@ -132,7 +119,7 @@ class ConfirmationIngester:
             entry_id=entry_id,
             stream=self.stream,
             job_id=job_id,
-            line=line if line is not None and re.match(LINE_PATTERN, line) else None,
+            line=line,
             reason=reason,
             detail=detail[:2000],
             delivery_count=max(deliveries, 1),
@@ -154,13 +141,16 @@ class ConfirmationIngester:
     def process(self, entry: Entry) -> Filed:
         """File one entry to its end: written or unchanged (then acknowledged), dead, or left pending."""
         _, entry_id, fields, deliveries = entry
-        job_id, line = _peek(fields.get(CONFIRMATION_FIELD))
+        job_id, line = peek_raw_ids(fields.get(CONFIRMATION_FIELD))
         try:
             try:
-                confirmation = decode_confirmation_entry(fields)
-                if deliveries > self.config.max_deliveries:
+                if not fields:
+                    detail = "the entry was trimmed from its stream (MAXLEN) or deleted while pending"
+                    raise ConfirmationRejected(DeadReason.TRIMMED, detail)
+                if deliveries > self.config.max_deliveries:  # first: no failure may repeat forever
                     detail = f"delivered {deliveries} times (limit {self.config.max_deliveries}) without being filed"
                     raise ConfirmationRejected(DeadReason.TOO_MANY_DELIVERIES, detail)
+                confirmation = decode_confirmation_entry(fields)
                 filed = file_confirmation(self.redis, self.store, self.names, confirmation)
             except ConfirmationRejected as exc:
                 return self._dead(entry, exc.reason, exc.detail, job_id, line)

@@ -35,7 +35,6 @@ At-least-once delivery, exactly one answer (result or dead letter) per entry, no
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -47,23 +46,26 @@ import numpy as np
 import redis
 
 from schemas import DeadLetter, DeadReason, InspectionJob, JobRejected, StreamNames
+from schemas.envelope import peek_raw_ids, printable
 from schemas.stream import JOB_FIELD, decode_job_entry
 from trainer.imaging import ImageRejected, decode_image
-from trainer.store import ObjectMissing, ObjectStore
+from trainer.store import ObjectMissing, ObjectStore, ObjectTooLarge
 from workers import telemetry
 from workers.consumer_config import REDIS_TRANSIENT, ConsumerConfig, ConsumerStats, Outcome
-from workers.group_reader import Entry, GroupReader
+from workers.group_reader import Entry, EntryKey, GroupReader
 from workers.inspection import Inspector, ScoredImage, ScoringBusy
 from workers.logs import JobLog, job_log
 from workers.maps import map_objects
 from workers.results import build_result
 from workers.retry import Backoff, IntakeLimit, retry_call
 from workers.scored_images import kept_image_objects
-from workers.stream_scripts import COMMIT_DEAD, COMMIT_RESULT
+from workers.stream_scripts import COMMIT_DEAD, COMMIT_RESULT, DONE_BY_ANOTHER_ENTRY
 from workers.telemetry import Stage
 
 log = logging.getLogger("anomap.consumer")
 T = TypeVar("T")
+FAILURE_CHARS = 500
+"""The most characters of an error a failure marker (and so a dead letter's detail) keeps."""
 
 __all__ = ["REDIS_TRANSIENT", "ConsumerConfig", "ConsumerStats", "Outcome", "StreamConsumer"]
 
@@ -89,7 +91,7 @@ class StreamConsumer:
         self._commit_dead = client.register_script(COMMIT_DEAD)
         self._streams = [names.jobs(line) for line in config.lines]
         self._line_of = dict(zip(self._streams, config.lines, strict=True))  # job stream -> its line
-        self._in_flight: dict[str, str] = {}  # entry id -> stream
+        self._in_flight: set[EntryKey] = set()
         self._lock = threading.Lock()
         self._abort = threading.Event()  # set when a drain runs out of time: retry waits end
         self._waiting_for_capacity = 0  # jobs refused for backpressure, not yet accepted; under _lock
@@ -100,11 +102,9 @@ class StreamConsumer:
         """Create the consumer group on every job stream (and the stream) if missing."""
         self.reader.ensure_groups()
 
-    def _done_key(self, job_id: str) -> str:
-        return f"{self.names.prefix}:done:{job_id}"
-
-    def _settled_key(self, stream: str, entry_id: str) -> str:
-        return f"{self.names.prefix}:settled:{stream}:{entry_id}"
+    def _owner(self, stream: str, entry_id: str) -> str:
+        """This entry's value in its job's owner marker."""
+        return f"{stream} {entry_id}"
 
     # ---- retrying ---------------------------------------------------------------------------
     def _backoff(self) -> Backoff:
@@ -124,8 +124,8 @@ class StreamConsumer:
     def _store_call(self, what: str, op: Callable[[], T], jlog: JobLog) -> T:
         return retry_call(
             op,
-            transient=(Exception,),  # connection refused, timeouts, 5xx: anything but a missing object
-            permanent=(ObjectMissing,),
+            transient=(Exception,),  # connection refused, timeouts, 5xx: anything but a missing or oversized object
+            permanent=(ObjectMissing, ObjectTooLarge),
             limit_s=self.config.store_retry_s,
             abort=self._abort,
             what=what,
@@ -145,6 +145,7 @@ class StreamConsumer:
         line: str | None = None,
     ) -> Outcome:
         line = line or self._line_of.get(stream)
+        job_id = printable(job_id) if job_id is not None else None
         jlog = job_log(log, job_id, line, entry_id)
         letter = DeadLetter(
             entry_id=entry_id,
@@ -155,19 +156,19 @@ class StreamConsumer:
             detail=detail[:2000],
             delivery_count=max(deliveries, 1),
         )
+        keys = [self.names.dead, stream, self.names.settled_marker(stream, entry_id)]
+        args: list[str | int] = [
+            entry_id,
+            self.names.scorer_group,
+            self.config.dead_maxlen,
+            letter.model_dump_json(),
+            self.config.done_ttl_s,
+        ]
+        if job_id is not None:  # release the job's owner marker if this entry holds it
+            keys.append(self.names.owner_marker(job_id))
+            args.append(self._owner(stream, entry_id))
         written = self._redis_call(
-            f"dead-lettering entry {entry_id}",
-            lambda: self._commit_dead(
-                keys=[self.names.dead, stream, self._settled_key(stream, entry_id)],
-                args=[
-                    entry_id,
-                    self.names.scorer_group,
-                    self.config.dead_maxlen,
-                    letter.model_dump_json(),
-                    self.config.done_ttl_s,
-                ],
-            ),
-            jlog,
+            f"dead-lettering entry {entry_id}", lambda: self._commit_dead(keys=keys, args=args), jlog
         )
         if written != 1:  # another consumer answered this entry first
             return Outcome.DUPLICATE
@@ -182,10 +183,14 @@ class StreamConsumer:
         bucket, key = job.image_ref.removeprefix("s3://").split("/", 1)
         try:
             return self._store_call(
-                f"job {job.job_id}: reading {job.image_ref}", lambda: self.store.get_bytes(key, bucket), jlog
+                f"job {job.job_id}: reading {job.image_ref}",
+                lambda: self.store.get_bytes(key, bucket, max_bytes=self.config.max_image_ref_bytes),
+                jlog,
             )
         except ObjectMissing as exc:
             raise JobRejected(DeadReason.MISSING_OBJECT, f"{job.image_ref} does not exist", job.job_id) from exc
+        except ObjectTooLarge as exc:
+            raise JobRejected(DeadReason.PAYLOAD_TOO_LARGE, str(exc), job.job_id) from exc
 
     def _score(self, job: InspectionJob, image: np.ndarray, jlog: JobLog) -> ScoredImage:
         """Score through the inspector: failures are retried for up to ``score_retry_s``; refusals for
@@ -235,39 +240,53 @@ class StreamConsumer:
     def process_entry(self, stream: str, entry_id: str, fields: dict[bytes, bytes], deliveries: int) -> Outcome:
         """Handle one delivered entry to its end: a result, a dead letter, or left for retry."""
         telemetry.job_read(self._line_of.get(stream, "unknown"))
+        if not fields:
+            detail = "the entry was trimmed from its stream (MAXLEN) or deleted while pending: its job is gone"
+            return self._dead(stream, entry_id, deliveries, DeadReason.TRIMMED, detail)
+        if deliveries > self.config.max_deliveries:  # before anything else, so that no failure repeats forever
+            job_id, line = peek_raw_ids(fields.get(JOB_FIELD))
+            detail = f"delivered {deliveries} times (limit {self.config.max_deliveries}) without a result"
+            failure = self._last_failure(stream, entry_id)
+            if failure:
+                detail += f"; the last try failed {failure}"
+            return self._dead(stream, entry_id, deliveries, DeadReason.TOO_MANY_DELIVERIES, detail, job_id, line)
         try:
             job, inline = decode_job_entry(fields)
         except JobRejected as exc:
             return self._dead(stream, entry_id, deliveries, exc.reason, exc.detail, exc.job_id)
         jlog = job_log(log, job.job_id, job.line, entry_id)
         done = self._redis_call(
-            f"job {job.job_id}: done check", lambda: self.redis.get(self._done_key(job.job_id)), jlog
+            f"job {job.job_id}: done check", lambda: self.redis.get(self.names.done_marker(job.job_id)), jlog
         )
+        if done is not None and done.decode() == entry_id:  # answered by an earlier delivery
+            self._redis_call(
+                f"job {job.job_id}: ack", lambda: self.redis.xack(stream, self.names.scorer_group, entry_id), jlog
+            )
+            return Outcome.DUPLICATE
         if done is not None:
-            if done.decode() == entry_id:
-                self._redis_call(
-                    f"job {job.job_id}: ack", lambda: self.redis.xack(stream, self.names.scorer_group, entry_id), jlog
-                )
-                return Outcome.DUPLICATE
-            return self._dead(
-                stream,
-                entry_id,
-                deliveries,
-                DeadReason.DUPLICATE_JOB,
-                f"job_id already has a result from entry {done.decode()}",
-                job.job_id,
-                job.line,
-            )
-        if deliveries > self.config.max_deliveries:
-            return self._dead(
-                stream,
-                entry_id,
-                deliveries,
-                DeadReason.TOO_MANY_DELIVERIES,
-                f"delivered {deliveries} times (limit {self.config.max_deliveries}) without a result",
-                job.job_id,
-                job.line,
-            )
+            detail = f"job_id already has a result from entry {done.decode()}"
+            return self._dead(stream, entry_id, deliveries, DeadReason.DUPLICATE_JOB, detail, job.job_id, job.line)
+        owner = self._redis_call(
+            f"job {job.job_id}: taking the job",
+            lambda: self.redis.set(
+                self.names.owner_marker(job.job_id),
+                self._owner(stream, entry_id),
+                nx=True,
+                ex=self.config.progress_ttl_s,
+                get=True,
+            ),
+            jlog,
+        )
+        if owner is not None and owner.decode() != self._owner(stream, entry_id):
+            other_stream, _, other_entry = owner.decode().partition(" ")
+            detail = f"job_id is being scored from entry {other_entry} of {other_stream}"
+            return self._dead(stream, entry_id, deliveries, DeadReason.DUPLICATE_JOB, detail, job.job_id, job.line)
+        return self._inspect(stream, entry_id, job, inline, deliveries, jlog)
+
+    def _inspect(
+        self, stream: str, entry_id: str, job: InspectionJob, inline: bytes | None, deliveries: int, jlog: JobLog
+    ) -> Outcome:
+        """Read, score and store a valid job this entry holds, then commit its result (or dead-letter it)."""
         started = time.perf_counter()
         try:
             payload = self._fetch_image(job, inline, jlog)
@@ -276,18 +295,21 @@ class StreamConsumer:
             return self._dead(stream, entry_id, deliveries, exc.reason, exc.detail, job.job_id, job.line)
         except Exception as exc:  # the store stayed away past store_retry_s
             jlog.warning("job %s: reading its image failed, left pending: %r", job.job_id, exc)
+            self._note_failure(stream, entry_id, "reading its image", exc)
             return Outcome.RETRY
         decoded = time.perf_counter()
         try:
             scored = self._score(job, image, jlog)
         except Exception as exc:  # Serve stayed broken past score_retry_s: leave pending, retry later
             jlog.warning("job %s: scoring failed (delivery %d), left pending: %r", job.job_id, deliveries, exc)
+            self._note_failure(stream, entry_id, "scoring", exc)
             return Outcome.RETRY
         scored_at = time.perf_counter()
         try:
             map_ref, overlay_ref = self._store_map(job, image, payload, scored, jlog)
         except Exception as exc:  # the store stayed away past store_retry_s
             jlog.warning("job %s: storing the map failed, left pending: %r", job.job_id, exc)
+            self._note_failure(stream, entry_id, "storing the map", exc)
             return Outcome.RETRY
         stored = time.perf_counter()
         result = build_result(
@@ -305,10 +327,11 @@ class StreamConsumer:
             f"job {job.job_id}: committing the result",
             lambda: self._commit_result(
                 keys=[
-                    self._done_key(job.job_id),
+                    self.names.done_marker(job.job_id),
                     self.names.results(job.line),
                     stream,
-                    self._settled_key(stream, entry_id),
+                    self.names.settled_marker(stream, entry_id),
+                    self.names.owner_marker(job.job_id),
                 ],
                 args=[
                     entry_id,
@@ -316,10 +339,17 @@ class StreamConsumer:
                     self.config.done_ttl_s,
                     self.config.results_maxlen,
                     result.model_dump_json(),
+                    self._owner(stream, entry_id),
                 ],
             ),
             jlog,
         )
+        if written == DONE_BY_ANOTHER_ENTRY:  # its owner marker had expired: the same id scored twice at once
+            done = self._redis_call(
+                f"job {job.job_id}: done check", lambda: self.redis.get(self.names.done_marker(job.job_id)), jlog
+            )
+            detail = f"job_id already has a result from entry {done.decode() if done else '(expired)'}"
+            return self._dead(stream, entry_id, deliveries, DeadReason.DUPLICATE_JOB, detail, job.job_id, job.line)
         if written != 1:
             return Outcome.DUPLICATE
         stages = {
@@ -347,13 +377,24 @@ class StreamConsumer:
     # ---- the loop ---------------------------------------------------------------------------
     def _entry_log(self, stream: str, entry_id: str, fields: dict[bytes, bytes]) -> JobLog:
         """A logger for an entry whose processing failed: with its job's id when the envelope has one."""
-        job_id = line = None
-        try:
-            envelope = json.loads(fields.get(JOB_FIELD, b"{}"))
-            job_id, line = envelope.get("job_id"), envelope.get("line")
-        except (ValueError, AttributeError):  # not JSON, or not an object: the entry is logged by its id
-            pass
+        job_id, line = peek_raw_ids(fields.get(JOB_FIELD))
         return job_log(log, job_id, line or self._line_of.get(stream), entry_id)
+
+    def _note_failure(self, stream: str, entry_id: str, stage: str, exc: BaseException) -> None:
+        """Keep why this try failed, for the dead letter if every try does; best effort (Redis may be why)."""
+        try:
+            text = f"{stage}: {printable(repr(exc), FAILURE_CHARS)}"
+            self.redis.set(self.names.failure_marker(stream, entry_id), text, ex=self.config.progress_ttl_s)
+        except redis.RedisError:
+            pass
+
+    def _last_failure(self, stream: str, entry_id: str) -> str | None:
+        """Why the entry's last try failed (`_note_failure`), if that is known."""
+        try:
+            text = self.redis.get(self.names.failure_marker(stream, entry_id))
+        except redis.RedisError:
+            return None
+        return text.decode(errors="replace") if text is not None else None
 
     def _run_one(self, entry: Entry) -> Outcome:
         stream, entry_id, fields, deliveries = entry
@@ -361,13 +402,15 @@ class StreamConsumer:
             return self.process_entry(stream, entry_id, fields, deliveries)
         except redis.RedisError as exc:  # Redis stayed away past redis_retry_s
             self._entry_log(stream, entry_id, fields).warning("entry %s: redis error, left pending: %r", entry_id, exc)
+            self._note_failure(stream, entry_id, "reaching Redis", exc)
             return Outcome.RETRY
-        except Exception:  # a bug must not stop the consumer; the entry is retried, then dead-lettered
+        except Exception as exc:  # a bug must not stop the consumer; the entry is retried, then dead-lettered
             self._entry_log(stream, entry_id, fields).exception("entry %s: unexpected error, left pending", entry_id)
+            self._note_failure(stream, entry_id, "with an unexpected error", exc)
             return Outcome.RETRY
         finally:
             with self._lock:
-                self._in_flight.pop(entry_id, None)
+                self._in_flight.discard((stream, entry_id))
 
     def _next_entries(self, capacity: int, busy: bool, last_claim: float) -> tuple[list[Entry], float]:
         """Up to ``capacity`` entries: own pending first, then reclaimed ones when due, then new ones."""
@@ -445,7 +488,7 @@ class StreamConsumer:
                         need_groups = False
                     if futures and time.monotonic() - last_keep > keep_every_s:
                         with self._lock:
-                            in_flight = dict(self._in_flight)
+                            in_flight = list(self._in_flight)
                         self.reader.keep_claimed(in_flight)
                         last_keep = time.monotonic()
                     if capacity > 0:
@@ -467,7 +510,7 @@ class StreamConsumer:
                         log.debug("consumer %s: sampling the backlog failed: %r", self.config.consumer, exc)
                 if entries:
                     with self._lock:
-                        self._in_flight.update((entry[1], entry[0]) for entry in entries)
+                        self._in_flight.update((entry[0], entry[1]) for entry in entries)
                     futures.update(pool.submit(self._run_one, entry) for entry in entries)
                 if futures:
                     timeout = 0.05 if entries or capacity > 0 else min(1.0, keep_every_s)

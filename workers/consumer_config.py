@@ -14,6 +14,8 @@ from enum import StrEnum
 
 import redis
 
+from schemas.stream import MAX_REFERENCED_IMAGE_BYTES
+
 REDIS_TRANSIENT: tuple[type[BaseException], ...] = (
     redis.ConnectionError,  # includes BusyLoadingError: a restarted server still loading its AOF
     redis.TimeoutError,
@@ -47,6 +49,10 @@ class ConsumerConfig:
     results_maxlen: int = 100_000
     dead_maxlen: int = 100_000
     done_ttl_s: int = 7 * 24 * 3600
+    progress_ttl_s: int = 6 * 3600
+    """How long a job's owner marker (a second entry with its ``job_id`` is turned away meanwhile) and an
+    entry's last failure are kept: well above the time a job can stay in progress (five deliveries of
+    ``claim_idle_ms`` plus retries are ~20 minutes)."""
     store_retry_s: float = 120.0
     """How long one job waits out an unreachable object store before its entry is left pending."""
     redis_retry_s: float = 120.0
@@ -63,6 +69,8 @@ class ConsumerConfig:
     """After ``stop``: how long jobs in flight may take before their retry waits are cut short."""
     backlog_every_s: float = 5.0
     """How often the group's lag and pending count are sampled for the metrics (only where Ray runs)."""
+    max_image_ref_bytes: int = MAX_REFERENCED_IMAGE_BYTES
+    """The largest object an ``image_ref`` may name; a larger one is a ``payload_too_large`` dead letter."""
     keep_images: bool = True
     """Keep each scored job's image bytes (``images/<line>/scored/<job_id>``) for confirmations to file."""
     forget_idle_ms: int = 3_600_000
@@ -75,6 +83,9 @@ class ConsumerConfig:
             raise ValueError(msg)
         if self.claim_idle_ms < 1:
             msg = f"claim_idle_ms must be >= 1, got {self.claim_idle_ms}"
+            raise ValueError(msg)
+        if self.progress_ttl_s < 1 or self.done_ttl_s < 1:
+            msg = f"progress_ttl_s and done_ttl_s must be >= 1, got {self.progress_ttl_s} and {self.done_ttl_s}"
             raise ValueError(msg)
         if self.forget_idle_ms < 0:
             msg = f"forget_idle_ms must be >= 0 (0: never), got {self.forget_idle_ms}"

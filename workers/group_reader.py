@@ -7,10 +7,14 @@ Three sources, in the order a consumer should use them:
     reader.claim(limit, skip)              # entries idle past claim_idle_ms anywhere (XAUTOCLAIM)
     reader.read_new(limit, block_ms, skip) # never-delivered entries (XREADGROUP >)
 
-Each returns ``(stream, entry id, fields, delivery count)`` tuples and skips ids in ``skip`` (the
-entries in flight). Entries trimmed away while pending are acknowledged: nothing is left to score.
-`keep_claimed` resets the idle time of entries in flight (``XCLAIM … JUSTID``, no delivery
-counted) so that no other consumer reclaims them while they wait out an outage. `forget_dead`
+Each returns ``(stream, entry id, fields, delivery count)`` tuples and skips the ``(stream, entry id)``
+pairs in ``skip`` (the entries in flight; ids are unique only within a stream). An entry trimmed away
+(``MAXLEN``) or deleted while pending comes back with empty ``fields``: its content is gone, and the
+consumer answers it with a dead letter, so that not even such an entry ends without a trace. No call
+returns more than ``limit`` entries: what several streams deliver at once beyond it is held and returned
+by the next `own_pending`. `keep_claimed` resets the idle time of entries in flight
+(``XCLAIM … JUSTID``, no delivery counted) so that no other consumer reclaims them while they wait out
+an outage. `forget_dead`
 removes group members that hold nothing and have not even tried to read for a long time (crashed
 processes: every consumer's name carries its process id, so each restart adds one)::
 
@@ -19,13 +23,14 @@ processes: every consumer's name carries its process id, so each restart adds on
 
 from __future__ import annotations
 
-from collections.abc import Container, Mapping
+from collections.abc import Container, Iterable
 
 import redis
 
 from schemas import StreamNames
 
 Entry = tuple[str, str, dict[bytes, bytes], int]  # (stream, entry id, fields, delivery count)
+EntryKey = tuple[str, str]  # (stream, entry id): ids are unique only within one stream
 
 
 class GroupReader:
@@ -46,6 +51,7 @@ class GroupReader:
         self.streams = streams
         self.claim_idle_ms = claim_idle_ms
         self._pending_cursor: dict[str, str] = {}
+        self._held: list[Entry] = []  # delivered by read_new beyond its limit, not yet handed out
         self._claim_cursor: dict[str, str] = dict.fromkeys(streams, "0-0")
 
     def ensure_groups(self) -> None:
@@ -60,29 +66,37 @@ class GroupReader:
     def start(self) -> None:
         """Read the own pending list again from its beginning (at every (re)start)."""
         self._pending_cursor = dict.fromkeys(self.streams, "0")
+        self._held = []  # they are in the pending list, which is read again from its start
 
     @property
     def has_backlog(self) -> bool:
-        """Whether the own pending list has not been read to its end yet."""
-        return bool(self._pending_cursor)
+        """Whether the own pending list has not been read to its end yet, or entries are held."""
+        return bool(self._pending_cursor or self._held)
 
     def _entries(
-        self, stream: str, items: list[tuple[bytes, dict[bytes, bytes]]], fresh: bool, skip: Container[str]
+        self,
+        stream: str,
+        items: list[tuple[bytes, dict[bytes, bytes] | None]],
+        fresh: bool,
+        skip: Container[EntryKey],
     ) -> list[Entry]:
         entries: list[Entry] = []
         for entry_id, fields in items:
             eid = entry_id.decode()
-            if eid in skip:
+            if (stream, eid) in skip:
                 continue
-            if fields:
-                entries.append((stream, eid, fields, 1 if fresh else self.deliveries(stream, eid)))
-            else:  # trimmed away while pending: nothing left to score
-                self.redis.xack(stream, self.group, eid)
+            # empty fields: trimmed away while pending; the consumer dead-letters it
+            entries.append((stream, eid, fields or {}, 1 if fresh else self.deliveries(stream, eid)))
         return entries
 
-    def own_pending(self, limit: int, skip: Container[str]) -> list[Entry]:
-        """The next page of entries this consumer read before (a crash), oldest first."""
-        entries: list[Entry] = []
+    def own_pending(self, limit: int, skip: Container[EntryKey]) -> list[Entry]:
+        """The entries held back by `read_new`, then the next page of entries this consumer read before (a
+        crash), oldest first."""
+        held = [entry for entry in self._held if (entry[0], entry[1]) not in skip]
+        self._held = held[limit:]
+        entries = held[:limit]
+        if entries:
+            return entries
         for stream in list(self._pending_cursor):
             cursor = {stream: self._pending_cursor[stream]}
             reply = self.redis.xreadgroup(self.group, self.consumer, cursor, count=limit)
@@ -94,14 +108,14 @@ class GroupReader:
             entries.extend(self._entries(stream, items, fresh=False, skip=skip))
             if len(entries) >= limit:
                 break
-        return entries
+        return self._at_most(limit, entries)
 
     def deliveries(self, stream: str, entry_id: str) -> int:
         """How often the entry was delivered (1 if it is not pending)."""
         info = self.redis.xpending_range(stream, self.group, min=entry_id, max=entry_id, count=1)
         return int(info[0]["times_delivered"]) if info else 1
 
-    def claim(self, limit: int, skip: Container[str]) -> list[Entry]:
+    def claim(self, limit: int, skip: Container[EntryKey]) -> list[Entry]:
         """Entries idle past ``claim_idle_ms`` in any consumer's pending list (a dead consumer's)."""
         entries: list[Entry] = []
         for stream in self.streams:
@@ -116,12 +130,15 @@ class GroupReader:
             cursor = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
             self._claim_cursor[stream] = cursor  # "0-0" once the whole pending list was scanned
             entries.extend(self._entries(stream, reply[1] if len(reply) > 1 else [], fresh=False, skip=skip))
-            for eid in reply[2] if len(reply) > 2 else []:  # deleted while pending
-                self.redis.xack(stream, self.group, eid)
-        return entries
+            deleted = [(eid, None) for eid in (reply[2] if len(reply) > 2 else [])]  # gone, and out of the PEL
+            entries.extend(self._entries(stream, deleted, fresh=True, skip=skip))
+            if len(entries) >= limit:
+                break
+        return self._at_most(limit, entries)
 
-    def read_new(self, limit: int, block_ms: int, skip: Container[str]) -> list[Entry]:
-        """Entries never delivered to anyone, waiting up to ``block_ms`` for some."""
+    def read_new(self, limit: int, block_ms: int, skip: Container[EntryKey]) -> list[Entry]:
+        """Up to ``limit`` entries never delivered to anyone, waiting up to ``block_ms`` for some (the rest of
+        what several streams deliver at once is held for `own_pending`)."""
         reply = self.redis.xreadgroup(
             self.group, self.consumer, dict.fromkeys(self.streams, ">"), count=limit, block=block_ms
         )
@@ -129,7 +146,12 @@ class GroupReader:
         for stream, items in reply or []:
             name = stream.decode() if isinstance(stream, bytes) else stream
             entries.extend(self._entries(name, items, fresh=True, skip=skip))
-        return entries
+        return self._at_most(limit, entries)
+
+    def _at_most(self, limit: int, entries: list[Entry]) -> list[Entry]:
+        """The first ``limit`` of ``entries``; the rest, delivered to this consumer already, held for `own_pending`."""
+        self._held.extend(entries[limit:])
+        return entries[:limit]
 
     def forget_dead(self, idle_ms: int) -> list[str]:
         """Delete the group's other consumers that have no pending entries and were idle over ``idle_ms``.
@@ -150,10 +172,10 @@ class GroupReader:
                     forgotten.append(name)
         return forgotten
 
-    def keep_claimed(self, in_flight: Mapping[str, str]) -> None:
-        """Reset the idle time of the entries in flight (``{entry id: stream}``)."""
+    def keep_claimed(self, in_flight: Iterable[EntryKey]) -> None:
+        """Reset the idle time of the entries in flight (``(stream, entry id)`` pairs)."""
         by_stream: dict[str, list[str]] = {}
-        for entry_id, stream in in_flight.items():
+        for stream, entry_id in in_flight:
             by_stream.setdefault(stream, []).append(entry_id)
         for stream, ids in by_stream.items():
             self.redis.xclaim(stream, self.group, self.consumer, 0, ids, justid=True)

@@ -8,7 +8,8 @@ both paths score with the same replicas and write the same map objects::
         'http://127.0.0.1:8000/v1/inspect?camera_id=cam01&line=default'
 
 Bodies over 16 MiB are refused (413) before they are read whole; an undecodable or oversized image
-is a 422 with the same reason codes as the dead-letter stream. The OpenAPI schema is at
+is a 422 with the same reason codes as the dead-letter stream; when the scorers' queues are full the
+answer is a 503 with ``Retry-After: 1`` (nothing was scored or stored: send the image again). The OpenAPI schema is at
 ``/openapi.json``.
 """
 
@@ -26,9 +27,11 @@ from ray.serve.handle import DeploymentHandle
 
 from schemas import InspectionJob, InspectionResult, Settings
 from schemas.ids import CAMERA_PATTERN, JOB_ID_PATTERN, LINE_PATTERN
+from schemas.job import MIN_PIXEL_THRESHOLD
 from schemas.stream import MAX_INLINE_IMAGE_BYTES
 from trainer.imaging import ImageRejected, decode_image
 from trainer.store import ObjectStore
+from workers.backpressure import is_backpressure
 from workers.maps import map_objects
 from workers.results import build_result
 
@@ -80,7 +83,7 @@ class HttpGateway:
         camera_id: Annotated[str, Query(pattern=CAMERA_PATTERN)] = "http",
         line: Annotated[str, Query(pattern=LINE_PATTERN)] = "default",
         job_id: Annotated[str | None, Query(pattern=JOB_ID_PATTERN)] = None,
-        pixel_threshold: Annotated[float | None, Query(gt=0, le=1e6)] = None,
+        pixel_threshold: Annotated[float | None, Query(ge=MIN_PIXEL_THRESHOLD, le=1e6)] = None,
     ) -> InspectionResult:
         """Score the image in the body; the map and overlay are stored like a streamed job's."""
         started = time.perf_counter()
@@ -98,7 +101,14 @@ class HttpGateway:
         except ImageRejected as exc:
             raise HTTPException(422, {"reason": exc.reason.value, "detail": exc.detail}) from exc
         decoded = time.perf_counter()
-        scored = await self.service.inspect.remote(image, pixel_threshold, line)
+        try:
+            scored = await self.service.inspect.remote(image, pixel_threshold, line)
+        except Exception as exc:
+            if not is_backpressure(exc):
+                raise
+            # the queues are full: a pacing signal, not a failure
+            detail = {"reason": "busy", "detail": "the scorers are at capacity; send the image again shortly"}
+            raise HTTPException(503, detail, headers={"Retry-After": "1"}) from exc
         scored_at = time.perf_counter()
         objects = map_objects(job, image, scored)
         for obj in objects:

@@ -53,6 +53,7 @@ from trainer.scoring import PatchModel
 from trainer.store import ObjectStore
 from trainer.tiling import MapBand
 from workers import telemetry
+from workers.backpressure import is_backpressure
 from workers.http_api import HTTP_APP_NAME, HttpGateway
 from workers.inspection import (
     CHUNK_PATCHES,
@@ -367,15 +368,6 @@ def _check_http_port(http_port: int) -> None:
             f"Use that port, or stop Serve first (`serve shutdown`, or `anomap stack down` and up)."
         )
         raise ServeHttpConflict(msg)
-
-
-def is_backpressure(exc: BaseException) -> bool:
-    """Whether ``exc`` is Serve refusing a call because a queue is full, here or in a deployment it called.
-
-    A refusal between the ingress and the scorers reaches the caller wrapped in a ``RayTaskError``
-    whose ``cause`` is the ``BackPressureError``.
-    """
-    return isinstance(exc, BackPressureError) or isinstance(getattr(exc, "cause", None), BackPressureError)
 
 
 class ServeInspector:

@@ -1,0 +1,269 @@
+"""One answer per entry, one result per job id, when entries and ids go wrong: the same ``job_id`` twice at
+once, an entry trimmed away while pending, an entry that fails at every try, an oversized referenced
+object, equal entry ids on two lines. Real Valkey and SeaweedFS; jobs are scored in this process
+(`LocalInspector` on a small model), so no Ray is needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import redis
+from helpers import register_small_model, small_png
+
+from schemas import DeadLetter, DeadReason, InspectionJob, InspectionResult, StreamNames
+from trainer.registry import ModelRegistry
+from trainer.scoring import PatchModel
+from trainer.store import ObjectStore, ObjectTooLarge
+from workers.consumer import ConsumerConfig, Outcome, StreamConsumer
+from workers.group_reader import GroupReader
+from workers.inspection import Inspector, LocalInspector, ScoredImage
+from workers.publisher import publish_job
+from workers.results import read_dead_letters, read_results
+from workers.stream_scripts import COMMIT_RESULT, DONE_BY_ANOTHER_ENTRY
+
+
+@pytest.fixture
+def names() -> StreamNames:
+    return StreamNames(f"id{uuid.uuid4().hex[:6]}")
+
+
+@pytest.fixture
+def inspector(object_store: ObjectStore) -> LocalInspector:
+    card = register_small_model(object_store, "metal")
+    _, weights = ModelRegistry(object_store, "metal").load(card.version)
+    return LocalInspector(PatchModel.from_safetensors(card, weights, device="cpu"))
+
+
+class GatedInspector:
+    """A real inspector that waits for ``gate`` before scoring, so that a job stays in progress."""
+
+    def __init__(self, inner: Inspector) -> None:
+        self.inner = inner
+        self.gate = threading.Event()
+        self.waiting = threading.Event()
+
+    def __call__(self, image: np.ndarray, pixel_threshold: float | None = None, line: str = "default") -> ScoredImage:
+        self.waiting.set()
+        assert self.gate.wait(30), "the test never opened the gate"
+        return self.inner(image, pixel_threshold, line)
+
+
+class FailingInspector:
+    """An inspector whose every call fails as a broken scorer's would."""
+
+    def __call__(self, image: np.ndarray, pixel_threshold: float | None = None, line: str = "default") -> ScoredImage:
+        msg = "scorer exploded"
+        raise RuntimeError(msg)
+
+
+def _consumer(
+    client: redis.Redis, store: ObjectStore, inspector: Inspector, names: StreamNames, **options: object
+) -> StreamConsumer:
+    config = ConsumerConfig(consumer="c", block_ms=50, claim_every_s=0.2, **options)  # type: ignore[arg-type]
+    consumer = StreamConsumer(client, store, inspector, names, config)
+    consumer.ensure_groups()
+    return consumer
+
+
+def _read(client: redis.Redis, names: StreamNames, consumer: str = "c", count: int = 10) -> list[tuple[str, dict]]:
+    reply = client.xreadgroup(names.scorer_group, consumer, {names.jobs(): ">"}, count=count)
+    return [(entry_id.decode(), fields) for entry_id, fields in reply[0][1]] if reply else []
+
+
+def _answers(client: redis.Redis, names: StreamNames) -> tuple[list[InspectionResult], list[DeadLetter]]:
+    return (
+        [result for _, result in read_results(client, names)],
+        [letter for _, letter in read_dead_letters(client, names)],
+    )
+
+
+@contextlib.contextmanager
+def running(consumer: StreamConsumer) -> Iterator[None]:
+    """``consumer`` in a thread of its own; stopped (graceful drain) on exit."""
+    stop = threading.Event()
+    thread = threading.Thread(target=consumer.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert not thread.is_alive(), "the consumer did not stop"
+
+
+def _wait_for(client: redis.Redis, names: StreamNames, answers: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while client.xlen(names.results()) + client.xlen(names.dead) < answers:
+        assert time.monotonic() < deadline, f"timed out waiting for {answers} answers"
+        time.sleep(0.05)
+    time.sleep(0.3)  # a third answer, if there were one, would show up now
+
+
+# ---- the same job id twice --------------------------------------------------------------------------
+def test_the_same_job_id_published_twice_at_once_gets_one_result_and_one_duplicate_letter(
+    redis_client: redis.Redis, object_store: ObjectStore, inspector: LocalInspector, names: StreamNames
+) -> None:
+    # a camera that published again after a lost reply: both entries are read in one go and scored side by side
+    for _ in range(2):
+        publish_job(redis_client, names, InspectionJob(job_id="cam01-again"), image=small_png(1))
+    consumer = _consumer(redis_client, object_store, inspector, names, max_in_flight=2)
+    with running(consumer):
+        _wait_for(redis_client, names, 2)
+    results, dead = _answers(redis_client, names)
+    assert [result.job_id for result in results] == ["cam01-again"]
+    assert [(letter.job_id, letter.reason) for letter in dead] == [("cam01-again", DeadReason.DUPLICATE_JOB)]
+    assert redis_client.xpending(names.jobs(), names.scorer_group)["pending"] == 0
+    assert redis_client.get(names.owner_marker("cam01-again")) is None  # released with the result
+
+
+def test_a_second_entry_for_a_job_in_progress_is_turned_away_before_it_is_scored(
+    redis_client: redis.Redis, object_store: ObjectStore, inspector: LocalInspector, names: StreamNames
+) -> None:
+    gated = GatedInspector(inspector)
+    consumer = _consumer(redis_client, object_store, gated, names)
+    first = publish_job(redis_client, names, InspectionJob(job_id="cam02-1"), image=small_png(2))
+    second = publish_job(redis_client, names, InspectionJob(job_id="cam02-1"), image=small_png(3))
+    (_, first_fields), (_, second_fields) = _read(redis_client, names)
+    outcome: list[Outcome] = []
+    scoring = threading.Thread(
+        target=lambda: outcome.append(consumer.process_entry(names.jobs(), first, first_fields, 1))
+    )
+    scoring.start()
+    assert gated.waiting.wait(30)  # the first entry holds the job and is being scored
+    assert consumer.process_entry(names.jobs(), second, second_fields, 1) is Outcome.DEAD
+    gated.gate.set()
+    scoring.join(30)
+    assert outcome == [Outcome.RESULT]
+    results, dead = _answers(redis_client, names)
+    assert [result.job_id for result in results] == ["cam02-1"]
+    [letter] = dead
+    assert (letter.entry_id, letter.reason) == (second, DeadReason.DUPLICATE_JOB)
+    assert f"being scored from entry {first}" in letter.detail
+    # the first entry's map is the one stored: the second never wrote one over it
+    assert results[0].map_ref.endswith("cam02-1.npz")
+    assert redis_client.xpending(names.jobs(), names.scorer_group)["pending"] == 0
+
+
+def test_a_job_id_is_free_again_after_its_entry_is_dead_lettered(
+    redis_client: redis.Redis, object_store: ObjectStore, inspector: LocalInspector, names: StreamNames
+) -> None:
+    consumer = _consumer(redis_client, object_store, inspector, names)
+    bad = publish_job(redis_client, names, InspectionJob(job_id="cam03-1"), image=b"not an image at all")
+    [(_, fields)] = _read(redis_client, names)
+    assert consumer.process_entry(names.jobs(), bad, fields, 1) is Outcome.DEAD  # undecodable
+    assert redis_client.get(names.owner_marker("cam03-1")) is None
+    fixed = publish_job(redis_client, names, InspectionJob(job_id="cam03-1"), image=small_png(4))
+    [(_, fields)] = _read(redis_client, names)
+    assert consumer.process_entry(names.jobs(), fixed, fields, 1) is Outcome.RESULT
+
+
+def test_the_commit_script_refuses_a_result_when_another_entry_holds_the_job(
+    redis_client: redis.Redis, names: StreamNames
+) -> None:
+    commit = redis_client.register_script(COMMIT_RESULT)
+    redis_client.xgroup_create(names.jobs(), names.scorer_group, id="0", mkstream=True)
+    redis_client.set(names.done_marker("j1"), "1-1")
+
+    def keys_and_args(entry_id: str) -> dict[str, list]:
+        keys = [names.done_marker("j1"), names.results(), names.jobs(), names.settled_marker(names.jobs(), entry_id)]
+        keys.append(names.owner_marker("j1"))
+        return {"keys": keys, "args": [entry_id, names.scorer_group, 60, 1000, "{}", f"{names.jobs()} {entry_id}"]}
+
+    assert commit(**keys_and_args("2-2")) == DONE_BY_ANOTHER_ENTRY  # nothing written: the caller dead-letters it
+    assert redis_client.xlen(names.results()) == 0
+    assert redis_client.exists(names.settled_marker(names.jobs(), "2-2")) == 0
+    assert commit(**keys_and_args("1-1")) == 0  # the entry that holds the result: acknowledged again, no second one
+    assert redis_client.xlen(names.results()) == 0
+
+
+# ---- entries that cannot be answered normally ----------------------------------------------------
+def test_entries_trimmed_away_while_pending_become_trimmed_dead_letters(
+    redis_client: redis.Redis, object_store: ObjectStore, inspector: LocalInspector, names: StreamNames
+) -> None:
+    consumer = _consumer(redis_client, object_store, inspector, names, claim_idle_ms=1)
+    own = publish_job(redis_client, names, InspectionJob(job_id="cam04-1"), image=small_png(5))
+    _read(redis_client, names, consumer="c")  # read by this consumer before a "crash"
+    other = publish_job(redis_client, names, InspectionJob(job_id="cam04-2"), image=small_png(6))
+    _read(redis_client, names, consumer="crashed")  # read by a consumer that never came back
+    redis_client.xtrim(names.jobs(), maxlen=0)  # a publisher's MAXLEN caught up with the backlog
+    with running(consumer):
+        _wait_for(redis_client, names, 2)
+    results, dead = _answers(redis_client, names)
+    assert results == []
+    assert sorted((letter.entry_id, letter.reason) for letter in dead) == [
+        (own, DeadReason.TRIMMED),
+        (other, DeadReason.TRIMMED),
+    ]
+    assert redis_client.xpending(names.jobs(), names.scorer_group)["pending"] == 0
+
+
+def test_an_entry_that_fails_at_every_try_is_dead_lettered_with_its_last_failure(
+    redis_client: redis.Redis, object_store: ObjectStore, names: StreamNames
+) -> None:
+    consumer = _consumer(
+        redis_client,
+        object_store,
+        FailingInspector(),
+        names,
+        max_deliveries=2,
+        score_retry_s=0.05,
+        backoff_initial_s=0.01,
+        backoff_max_s=0.02,
+        busy_backoff_max_s=0.02,
+    )
+    entry = publish_job(redis_client, names, InspectionJob(job_id="cam05-1", line="default"), image=small_png(7))
+    [(_, fields)] = _read(redis_client, names)
+    for delivery in (1, 2):
+        assert consumer.process_entry(names.jobs(), entry, fields, delivery) is Outcome.RETRY
+    assert consumer.process_entry(names.jobs(), entry, fields, 3) is Outcome.DEAD
+    [letter] = _answers(redis_client, names)[1]
+    assert (letter.job_id, letter.reason) == ("cam05-1", DeadReason.TOO_MANY_DELIVERIES)
+    assert letter.detail == (
+        "delivered 3 times (limit 2) without a result; the last try failed scoring: RuntimeError('scorer exploded')"
+    )
+
+
+def test_a_referenced_object_over_the_limit_is_refused_without_reading_it(
+    redis_client: redis.Redis, object_store: ObjectStore, inspector: LocalInspector, names: StreamNames
+) -> None:
+    object_store.put_bytes("images/cam06/big.png", small_png(8))
+    size = len(small_png(8))
+    consumer = _consumer(redis_client, object_store, inspector, names, max_image_ref_bytes=size - 1)
+    ref = object_store.ref("images/cam06/big.png")
+    entry = publish_job(redis_client, names, InspectionJob(job_id="cam06-1", image_ref=ref))
+    [(_, fields)] = _read(redis_client, names)
+    assert consumer.process_entry(names.jobs(), entry, fields, 1) is Outcome.DEAD
+    [letter] = _answers(redis_client, names)[1]
+    assert letter.reason is DeadReason.PAYLOAD_TOO_LARGE
+    assert letter.detail == f"{ref} is {size} bytes; at most {size - 1} are allowed"
+    with pytest.raises(ObjectTooLarge):
+        object_store.get_bytes("images/cam06/big.png", max_bytes=size - 1)
+    assert object_store.get_bytes("images/cam06/big.png", max_bytes=size) == small_png(8)
+
+
+# ---- several lines ---------------------------------------------------------------------------------
+def test_equal_entry_ids_on_two_lines_are_two_entries_and_a_read_never_exceeds_its_limit(
+    redis_client: redis.Redis, names: StreamNames
+) -> None:
+    streams = [names.jobs("press-1"), names.jobs("press-2")]
+    reader = GroupReader(redis_client, names, "c", streams, claim_idle_ms=60_000)
+    reader.ensure_groups()
+    reader.start()
+    assert reader.own_pending(10, set()) == []  # nothing read before
+    for stream in streams:  # two lines' streams can hand out the same id in the same millisecond
+        redis_client.xadd(stream, {b"job": b"{}"}, id="1700000000000-0")
+    [first] = reader.read_new(1, 10, set())
+    assert reader.has_backlog  # the second line's entry was delivered too, and is held
+    in_flight = {(first[0], first[1])}
+    [second] = reader.own_pending(1, in_flight)
+    assert {first[0], second[0]} == set(streams)
+    assert first[1] == second[1] == "1700000000000-0"
+    assert not reader.has_backlog
+    assert reader.read_new(10, 10, in_flight | {(second[0], second[1])}) == []
