@@ -100,6 +100,11 @@ def rescore(
             f"new under s3://{settings.bucket}/rescore/{version}/manifest/",
             flush=True,
         )
+    if summary.unreadable:
+        shown = "; ".join(summary.unreadable[:5]) + (" …" if len(summary.unreadable) > 5 else "")
+        count = len(summary.unreadable)
+        err.print(f"[yellow]{count} folders could not be read; their images are not in this run: {shown}[/yellow]")
     if summary.errors:
-        err.print(f"[yellow]{summary.errors} images could not be stored; run again to retry them[/yellow]")
+        failed = f"{summary.errors} images could not be read, scored or stored this time"
+        err.print(f"[yellow]{failed}; run again to retry them[/yellow]")
         raise typer.Exit(1)

@@ -247,6 +247,8 @@ def test_map_keys_are_safe_and_distinct() -> None:
     assert safe_relative("a/b.png") == "a/b.png"
     assert safe_relative("a b/c.png") != safe_relative("a_b/c.png")  # replaced characters add a digest
     assert safe_relative(".hidden/x.png").startswith("_hidden/")
+    assert safe_relative("-scan.png").startswith("_scan.png-")  # ordinary names, not unsafe ones
+    assert safe_relative("a/=b/c.png").startswith("a/_b/c.png-")
     for unsafe in ("../x.png", "/etc/x.png", "a//b.png", "a/./b.png", "", "a/" * 500 + "b.png"):
         with pytest.raises(ValueError, match="unsafe relative path"):
             safe_relative(unsafe)
@@ -266,6 +268,38 @@ def test_oversized_and_unsafe_images_are_rejected_before_reading() -> None:
         ("big.png", "payload_too_large"),
         ("../x.png", "invalid_entry"),
     ]
+
+
+def test_a_file_name_that_is_not_utf8_is_a_bad_row_a_manifest_can_hold(tmp_path: Path) -> None:
+    import os
+
+    name = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes from an old share: Python keeps them as a surrogate
+    (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "ok.png").write_bytes(b"x")
+    images = ArchiveSource.parse(str(tmp_path)).list_images(store=None)  # type: ignore[arg-type]
+    items, early = plan_items(images, "v1", "p-00000000", "run", max_file_bytes=10)
+    assert [item["relative"] for item in items] == ["ok.png"]
+    [row] = early
+    assert (row["relative_path"], row["reason"]) == ("caf\\xe9.png", "invalid_entry")
+    assert row["image"] == f"{tmp_path}/caf\\xe9.png" and "rename it" in row["detail"]
+    rows_table(early)  # the manifest can hold it (a surrogate made pyarrow fail and ended the whole run)
+
+
+def test_linked_folders_are_followed_once_and_unreadable_ones_are_named(tmp_path: Path) -> None:
+    root, elsewhere = tmp_path / "archive", tmp_path / "elsewhere"
+    (root / "lot1").mkdir(parents=True)
+    elsewhere.mkdir()
+    (root / "lot1/a.png").write_bytes(b"x")
+    (elsewhere / "b.png").write_bytes(b"x")
+    (root / "lot2").symlink_to(elsewhere)  # an archive assembled from links
+    (root / "lot1/loop").symlink_to(root)  # and a link back up: listed once, not forever
+    unreadable: list[str] = []
+    images = ArchiveSource.parse(str(root)).list_images(store=None, unreadable=unreadable)  # type: ignore[arg-type]
+    assert [image.relative for image in images] == ["lot1/a.png", "lot2/b.png"]
+    assert unreadable == []
+    walk_errors: list[str] = []
+    ArchiveSource._list_folder(root / "gone", walk_errors)  # a folder removed while listing
+    assert walk_errors and "gone" in walk_errors[0]
 
 
 def test_s3_source_parsing_and_progress_line() -> None:

@@ -375,6 +375,35 @@ def test_a_promoted_candidate_is_live_recorded_and_announced_and_a_second_run_do
     assert rows[candidate]["retrained"] == {"line": LINE, "decision": "promoted"} and rows[parent]["retrained"] is None
 
 
+@pytest.mark.ray
+def test_an_operators_promotion_during_the_run_wins_and_the_candidate_is_rejected(
+    ray_cluster: str, line_registry: ModelRegistry, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """The operator promotes another version while the run fine-tunes the old one: the candidate, judged
+    against a version that is no longer live, must not undo the operator's choice."""
+    parent = line_registry.live_version(LINE)
+    _confirm(redis_client, line_registry.store, range(30, 33))  # the promotable run of the test above
+    good = load_validation_set(line_registry.store, LINE).good
+    chosen: list[str] = []
+
+    def operator_promotes_meanwhile(message: str) -> None:
+        if message.startswith("evaluating") and not chosen:
+            other = initial_model_version(line_registry, PARENT_CONFIG, good, data_digest="operator")
+            line_registry.promote(other.version, LINE, reason="operator's choice")
+            chosen.append(other.version)
+
+    policy = RetrainPolicy(**(FINE_TUNE | {"min_confirmations": 3}))
+    outcome = retrain_once(
+        redis_client, line_registry, NAMES, str(tmp_path / "runs"), LINE, policy, progress=operator_promotes_meanwhile
+    )
+    assert outcome.status is RetrainStatus.REJECTED, outcome.lines()
+    assert f"moved from {parent} to {chosen[0]} during the run" in outcome.reason
+    assert line_registry.live_version(LINE) == chosen[0]
+    card = line_registry.load_card(outcome.candidate_version or "")
+    assert card.retraining is not None and card.retraining.decision is RetrainDecision.REJECTED
+    assert [event.event for event in _events(redis_client)] == [ModelEventKind.REJECTED]
+
+
 def test_a_run_whose_data_vanishes_after_listing_fails_and_leaves_the_live_version(
     line_registry: ModelRegistry, redis_client: redis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

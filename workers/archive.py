@@ -4,14 +4,18 @@
     images = source.list_images(store)                       # [ArchiveImage], sorted by relative path
     data = source.read(store, images[0])                     # the file's bytes
 
-Images are found recursively by suffix (.png .jpg .jpeg .tif .tiff .bmp, any case). An image's
-identity in a manifest is ``ArchiveImage.image``: ``s3://bucket/key``, or the absolute path of a
-local file. A local folder is read by the scoring actors, so on a cluster of several nodes it must
-be a path every node sees (a shared file system); an ``s3://`` source works anywhere.
+Images are found recursively by suffix (.png .jpg .jpeg .tif .tiff .bmp, any case); in a local
+folder, symbolic links to folders are followed (each folder once), and folders that cannot be read
+are collected in ``unreadable`` rather than skipped without a word. An image's identity in a manifest
+is ``ArchiveImage.image``: ``s3://bucket/key``, or the absolute path of a local file (`manifest_name`
+of it when the path is not valid UTF-8). A local folder is read by the scoring actors, so on a
+cluster of several nodes it must be a path every node sees (a shared file system); an ``s3://``
+source works anywhere.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +25,12 @@ from minio.error import S3Error
 from schemas.ids import BUCKET_PATTERN
 from trainer.store import ObjectStore
 from workers.rescore_manifest import RESCORE_PREFIX, is_image_name
+
+
+def manifest_name(text: str) -> str:
+    """``text`` as a manifest can store it: unchanged when it is valid UTF-8; a local file name that is not
+    (Python keeps such bytes as lone surrogates) with those bytes written as ``\\xNN`` escapes."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 class SourceError(ValueError):
@@ -64,13 +74,14 @@ class ArchiveSource:
             raise SourceError(msg)
         return cls(uri=str(root), root=root)
 
-    def list_images(self, store: ObjectStore) -> list[ArchiveImage]:
-        """Every image below the source, sorted by relative path.
+    def list_images(self, store: ObjectStore, unreadable: list[str] | None = None) -> list[ArchiveImage]:
+        """Every image below the source, sorted by relative path; local folders that could not be read are
+        appended to ``unreadable`` (as ``"<path>: <error>"``).
 
         In the store's own bucket, ``rescore/`` (re-scoring output) is left out.
         """
         if self.root is not None:
-            return self._list_folder(self.root)
+            return self._list_folder(self.root, [] if unreadable is None else unreadable)
         assert self.bucket is not None
         found: list[ArchiveImage] = []
         try:
@@ -87,16 +98,33 @@ class ArchiveSource:
         return sorted(found, key=lambda image: image.relative)
 
     @staticmethod
-    def _list_folder(root: Path) -> list[ArchiveImage]:
+    def _list_folder(root: Path, unreadable: list[str]) -> list[ArchiveImage]:
         found = []
-        for path in root.rglob("*"):
-            if not is_image_name(path.name) or path.is_dir():
-                continue
+        seen: set[tuple[int, int]] = set()  # (device, inode) of the folders walked: a link loop ends here
+
+        def report(error: OSError) -> None:
+            unreadable.append(manifest_name(f"{error.filename}: {error.strerror or error}"))
+
+        for folder, subfolders, files in os.walk(root, onerror=report, followlinks=True):
             try:
-                size = path.stat().st_size
-            except OSError:  # a dangling link: the actor reports it as a missing object
-                size = -1
-            found.append(ArchiveImage(str(path), path.relative_to(root).as_posix(), size))
+                info = os.stat(folder)
+            except OSError as exc:
+                report(exc)
+                subfolders.clear()
+                continue
+            if (info.st_dev, info.st_ino) in seen:
+                subfolders.clear()
+                continue
+            seen.add((info.st_dev, info.st_ino))
+            for name in files:
+                if not is_image_name(name):
+                    continue
+                path = Path(folder, name)
+                try:
+                    size = path.stat().st_size
+                except OSError:  # a dangling link: the actor reports it as a missing object
+                    size = -1
+                found.append(ArchiveImage(str(path), path.relative_to(root).as_posix(), size))
         return sorted(found, key=lambda image: image.relative)
 
     def read(self, store: ObjectStore, image: ArchiveImage) -> bytes:

@@ -18,6 +18,7 @@ so an interrupted run keeps what it finished. A bad image is a manifest row, nev
 from __future__ import annotations
 
 import io
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -32,10 +33,10 @@ import pyarrow.parquet as pq
 from schemas import DeadReason, Settings
 from trainer.registry import ModelRegistry
 from trainer.store import ObjectStore
-from workers.archive import ArchiveImage, ArchiveSource
+from workers.archive import ArchiveImage, ArchiveSource, manifest_name
 from workers.inspection import default_sizes
 from workers.overlay import OVERLAY_SUFFIX
-from workers.rescore_actor import ImageRescorer
+from workers.rescore_actor import STORE_RETRY_S, ImageRescorer
 from workers.rescore_manifest import (
     OverlayPolicy,
     RowStatus,
@@ -48,6 +49,7 @@ from workers.rescore_manifest import (
     rows_table,
     source_tag,
 )
+from workers.retry import retry_call
 
 MAX_BLOCKS = 2000
 """At most this many Ray Data blocks (one image each below it): bounds the driver's object refs."""
@@ -110,6 +112,8 @@ class RescoreSummary:
     seconds: float = 0.0
     concurrency: int = 0
     manifest_parts: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
+    """Local folders that could not be listed (``"<path>: <error>"``): their images are not in this run."""
 
     @property
     def images_per_s(self) -> float:
@@ -156,8 +160,14 @@ class ManifestWriter:
         if self._rows:
             buffer = io.BytesIO()
             pq.write_table(pa.concat_tables(self._tables), buffer, compression="zstd")
-            key = part_key(self.version, self.run_id, len(self.parts))
-            self.store.put_bytes(key, buffer.getvalue(), "application/vnd.apache.parquet")
+            key, data = part_key(self.version, self.run_id, len(self.parts)), buffer.getvalue()
+            retry_call(  # a blip of the store must not end a long run
+                lambda: self.store.put_bytes(key, data, "application/vnd.apache.parquet"),
+                transient=(Exception,),
+                limit_s=STORE_RETRY_S,
+                abort=threading.Event(),
+                what=f"writing {key}",
+            )
             self.parts.append(key)
             self._tables, self._rows = [], 0
         self._last = time.monotonic()
@@ -185,6 +195,11 @@ def plan_items(
     early: list[dict[str, Any]] = []
     for image in images:
         now = datetime.now(UTC)
+        if manifest_name(image.image) != image.image:  # a local name that is not UTF-8: no manifest can hold it
+            name, relative = manifest_name(image.image), manifest_name(image.relative)
+            detail = f"the file name '{relative}' is not valid UTF-8 (shown with \\x escapes); rename it to score it"
+            early.append(bad_row(name, relative, DeadReason.INVALID_ENTRY, detail, version, run_id, now))
+            continue
         if image.size > max_file_bytes:
             detail = f"{image.size} bytes; at most {max_file_bytes} are allowed"
             early.append(
@@ -222,9 +237,9 @@ def rescore(
     archive = ArchiveSource.parse(source)
     run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     summary = RescoreSummary(archive.uri, version, run_id)
-    images = archive.list_images(store)
+    images = archive.list_images(store, summary.unreadable)
     done = scored_images(store, version)
-    todo = [image for image in images if image.image not in done]
+    todo = [image for image in images if manifest_name(image.image) not in done]
     summary.listed, summary.skipped = len(images), len(images) - len(todo)
     writer = ManifestWriter(store, version, run_id, options.flush_rows, options.flush_s)
     items, early = plan_items(todo, version, source_tag(archive.uri), run_id, options.max_file_bytes)

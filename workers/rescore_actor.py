@@ -74,7 +74,8 @@ class ImageRescorer:
             now = datetime.now(UTC)
             return bad_row(image.image, image.relative, reason, detail, self.version, self.run_id, now, status)
 
-        gone = (OSError,) if self.source.root is not None else (ObjectMissing,)  # not worth a retry
+        # not worth a retry; other OSErrors (EIO, ESTALE on a network share) are retried, then left to the next run
+        gone = (FileNotFoundError, NotADirectoryError, IsADirectoryError) if self.source.root else (ObjectMissing,)
         try:
             data = self._store(f"reading {image.image}", lambda: self.source.read(self.store, image), gone)
         except gone as exc:
@@ -87,8 +88,8 @@ class ImageRescorer:
             return bad(exc.reason, exc.detail)
         try:
             scored = self.inspector(pixels)
-        except Exception as exc:
-            return bad(DeadReason.SCORING_FAILED, f"scoring failed: {exc!r}")
+        except Exception as exc:  # the image decoded, so this is the model or the machine (memory): retry next run
+            return bad(DeadReason.SCORING_FAILED, f"scoring failed: {exc!r}", RowStatus.ERROR)
         npz = encode_map(scored.anomaly_map)
         overlay_key = item["overlay_key"] if self.overlays.wants(scored.summary.is_anomalous) else None
         try:

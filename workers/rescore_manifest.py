@@ -147,7 +147,7 @@ def safe_relative(relative: str) -> str:
             msg = f"unsafe relative path {relative[:120]!r}: segment {segment!r} (no empty, '.' or '..' segments)"
             raise ValueError(msg)
     safe = [_UNSAFE_CHARS.sub("_", s) for s in segments]
-    safe = ["_" + s[1:] if s.startswith(".") else s for s in safe]
+    safe = ["_" + s[1:] if s[0] in ".-=" else s for s in safe]  # a key segment starts with [A-Za-z0-9_]
     safe = [s if len(s) <= 180 else f"{s[:170]}-{_digest(s)}" for s in safe]
     if safe != segments:
         safe[-1] = f"{safe[-1]}-{_digest(relative)}"

@@ -208,6 +208,21 @@ class _Run:
         scores = {role: normalised_scores(model, data.abnormal) for role, model in models.items()}
         return metrics, scores
 
+    def _against_live(self, verdict: Verdict) -> Verdict:
+        """``verdict``, unless the line's live version is no longer the parent the candidate was judged against:
+        an operator's promotion or rollback during the run wins, and the candidate is rejected (the next run
+        fine-tunes the new live version)."""
+        if not verdict.promote:
+            return verdict
+        live = self.registry.live_version(self.line)
+        if live == self.parent.version:
+            return verdict
+        moved = (
+            f"the live version of line {self.line!r} moved from {self.parent.version} to {live} during the run "
+            f"(a promotion or rollback); the candidate was judged against {self.parent.version}, so it is not promoted"
+        )
+        return Verdict(promote=False, passed=verdict.passed, failures=[moved])
+
     def settle(self, card: ModelCard, record: RetrainRecord, verdict: Verdict) -> ModelEvent:
         """Write the judged card, then move the pointer (promoted) or build the ``rejected`` event."""
         self.registry.update_card(card.model_copy(update={"retraining": record}))
@@ -243,7 +258,9 @@ class _Run:
         )
         try:
             metrics, scores = self.measure(card, data, validation, parent_weights)
-            verdict = judge(self.policy, metrics["candidate"], metrics["parent"], scores["candidate"])
+            verdict = self._against_live(
+                judge(self.policy, metrics["candidate"], metrics["parent"], scores["candidate"])
+            )
             decision = RetrainDecision.PROMOTED if verdict.promote else RetrainDecision.REJECTED
             judged = record.model_copy(
                 update={
