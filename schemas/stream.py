@@ -90,6 +90,10 @@ class StreamNames:
         """The key set when an entry is answered (``result`` or ``dead``): one answer per entry."""
         return f"{self.prefix}:settled:{stream}:{entry_id}"
 
+    def filed_marker(self, line: str, job_id: str) -> str:
+        """The key that holds the entry id of the newest confirmation filed for a job of a line."""
+        return f"{self.prefix}:filed:{line}:{job_id}"
+
     def failure_marker(self, stream: str, entry_id: str) -> str:
         """The key that keeps why an entry's last try failed, for the dead letter if none succeeds."""
         return f"{self.prefix}:failure:{stream}:{entry_id}"

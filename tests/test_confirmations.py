@@ -156,6 +156,41 @@ def test_nothing_is_acknowledged_before_it_is_written(
     assert _pending(redis_client) == 0 and _keys(object_store) == {f"{NORMAL}/cam01-6.png"}
 
 
+def test_an_older_confirmation_retried_late_does_not_undo_a_newer_one(
+    redis_client: redis.Redis, object_store: ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _kept(object_store, "cam01-9")
+    publish_confirmation(redis_client, NAMES, Confirmation(job_id="cam01-9", label="normal"))
+    box = Box(x=0, y=0, width=4, height=4)  # the operator corrects it a moment later
+    publish_confirmation(redis_client, NAMES, Confirmation(job_id="cam01-9", label="abnormal", boxes=[box]))
+    put_bytes = object_store.put_bytes
+
+    def away_for_the_first(key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        if key.startswith(NORMAL):
+            raise ConnectionError("store away")
+        put_bytes(key, data, content_type)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(object_store, "put_bytes", away_for_the_first)
+        assert _ingest(redis_client, object_store) == {"retry": 1, "written": 1}
+    assert _ingest(redis_client, object_store) == {"superseded": 1}  # the first, from the pending list
+    assert _keys(object_store) == {f"{ABNORMAL}/cam01-9.png", f"{ABNORMAL}/cam01-9_mask.png"}
+    assert _pending(redis_client) == 0
+
+
+def test_a_job_id_that_names_another_jobs_mask_is_refused(redis_client: redis.Redis, object_store: ObjectStore) -> None:
+    _kept(object_store, "cam01-7")
+    _kept(object_store, "cam01-7_mask", seed=2)
+    box = Box(x=0, y=0, width=4, height=4)
+    publish_confirmation(redis_client, NAMES, Confirmation(job_id="cam01-7", label="abnormal", boxes=[box]))
+    publish_confirmation(redis_client, NAMES, Confirmation(job_id="cam01-7_mask", label="abnormal"))
+    assert _ingest(redis_client, object_store) == {"written": 1, "dead": 1}
+    [letter] = _dead(redis_client)
+    assert (letter.job_id, letter.reason) == ("cam01-7_mask", DeadReason.INVALID_SCHEMA)
+    assert "taken by the mask of job 'cam01-7'" in letter.detail
+    assert _keys(object_store) == {f"{ABNORMAL}/cam01-7.png", f"{ABNORMAL}/cam01-7_mask.png"}
+
+
 def test_without_a_kept_image_the_jobs_stream_entry_is_used(
     redis_client: redis.Redis, object_store: ObjectStore
 ) -> None:

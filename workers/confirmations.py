@@ -9,7 +9,9 @@ pending entries first, then entries idle too long in others', then new ones) and
 exactly one answer:
 
 - filed: the image (and mask) are written by `workers.datasets.file_confirmation`, *then* the entry
-  is acknowledged; filing is idempotent, so a redelivered entry writes nothing new;
+  is acknowledged; filing is idempotent, so a redelivered entry writes nothing new; the job's newest
+  filed entry is kept (``<prefix>:filed:<line>:<job_id>``), so an older confirmation retried late
+  is acknowledged without being filed over a newer one (``superseded``);
 - dead letter on ``anomap:dead`` with a `DeadReason` (``invalid_json``, ``invalid_schema``,
   ``unknown_job``, ``box_outside_image``, ``mask_size_mismatch``, ``empty_mask``, ``missing_object``,
   ``too_many_deliveries``, ...), written and acknowledged in one Lua script;
@@ -62,6 +64,9 @@ class Filed(StrEnum):
     """Objects in ``datasets/`` were written or removed."""
     UNCHANGED = "unchanged"
     """Everything was already in place (a repeated confirmation or a redelivery)."""
+    SUPERSEDED = "superseded"
+    """A newer confirmation of the same job was filed first (this one was retried late): acknowledged, not
+    filed, so that the operator's last word stands."""
     DEAD = "dead"
     RETRY = "retry"
     """Left pending: the store or Redis failed; it is tried again later."""
@@ -96,6 +101,12 @@ def decode_confirmation_entry(fields: dict[bytes, bytes]) -> Confirmation:
             f"{'.'.join(str(p) for p in e['loc']) or 'confirmation'}: {e['msg']}" for e in exc.errors()
         )
         raise ConfirmationRejected(DeadReason.INVALID_SCHEMA, problems[:1500]) from exc
+
+
+def _entry_order(entry_id: str) -> tuple[int, int]:
+    """A stream entry id (``<ms>-<seq>``) as a pair that sorts in the stream's order."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 class ConfirmationIngester:
@@ -151,9 +162,16 @@ class ConfirmationIngester:
                     detail = f"delivered {deliveries} times (limit {self.config.max_deliveries}) without being filed"
                     raise ConfirmationRejected(DeadReason.TOO_MANY_DELIVERIES, detail)
                 confirmation = decode_confirmation_entry(fields)
+                latest = self.names.filed_marker(confirmation.line, confirmation.job_id)
+                newer = self.redis.get(latest)
+                if newer is not None and _entry_order(newer.decode()) > _entry_order(entry_id):
+                    self.redis.xack(self.stream, self.reader.group, entry_id)
+                    log.info("confirmation %s: entry %s of job %s was filed already", entry_id, newer.decode(), job_id)
+                    return Filed.SUPERSEDED
                 filed = file_confirmation(self.redis, self.store, self.names, confirmation)
             except ConfirmationRejected as exc:
                 return self._dead(entry, exc.reason, exc.detail, job_id, line)
+            self.redis.set(latest, entry_id, ex=self.config.settled_ttl_s)
             self.redis.xack(self.stream, self.reader.group, entry_id)
         except Exception as exc:  # the store or Redis away, or a bug: leave it pending, never crash
             log.warning("confirmation %s (job %r): not filed, left pending: %r", entry_id, job_id, exc)

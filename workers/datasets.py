@@ -35,6 +35,7 @@ from schemas import Box, Confirmation, ConfirmationLabel, DeadReason, JobRejecte
 from schemas.stream import decode_job_entry
 from trainer.imaging import ImageRejected, decode_image, encode_png
 from trainer.store import ObjectMissing, ObjectStore
+from workers.retrain_data import MASK_SUFFIX
 from workers.scored_images import scored_image_key, scored_png
 
 
@@ -54,7 +55,7 @@ def dataset_image_key(line: str, label: ConfirmationLabel, job_id: str) -> str:
 
 def dataset_mask_key(line: str, job_id: str) -> str:
     """``datasets/<line>/abnormal/<job_id>_mask.png``."""
-    return f"datasets/{line}/{ConfirmationLabel.ABNORMAL.value}/{job_id}_mask.png"
+    return f"datasets/{line}/{ConfirmationLabel.ABNORMAL.value}/{job_id}{MASK_SUFFIX}.png"
 
 
 def find_job_image(client: redis.Redis, store: ObjectStore, names: StreamNames, job_id: str, line: str) -> bytes:
@@ -182,6 +183,10 @@ def file_confirmation(
     any other error (the store or Redis away) leaves things to be tried again.
     """
     job_id, line = confirmation.job_id, confirmation.line
+    if job_id.endswith(MASK_SUFFIX):  # datasets/<line>/abnormal/<job>_mask.png is the mask of <job>
+        owner = job_id[: -len(MASK_SUFFIX)]
+        detail = f"job ids ending in {MASK_SUFFIX!r} cannot be filed: the name is taken by the mask of job {owner!r}"
+        raise ConfirmationRejected(DeadReason.INVALID_SCHEMA, detail)
     image = find_job_image(client, store, names, job_id, line)
     width, height = png_size(image)
     mask_key = dataset_mask_key(line, job_id)

@@ -36,6 +36,7 @@ from trainer.imaging import ImageRejected, decode_image
 from trainer.store import ObjectStore
 
 MASK_SUFFIX = "_mask"
+"""A mask's stem is its image's stem and this (method.md §7, as in MVTec AD)."""
 
 
 class RetrainDataError(ValueError):
