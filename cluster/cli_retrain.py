@@ -23,6 +23,7 @@ from cluster.cli_common import checked_line, console, err, fail, resolved_settin
 from schemas import StreamNames
 
 if TYPE_CHECKING:
+    from trainer.registry import ModelRegistry
     from workers.retrain import RetrainOutcome
     from workers.retrain_policy import RetrainPolicy
 
@@ -82,6 +83,17 @@ def _print(outcome: RetrainOutcome, as_json: bool) -> None:
     else:
         for text in outcome.lines():
             console.print(text, highlight=False, soft_wrap=True)
+
+
+def _live_after_failure(registry: ModelRegistry, line: str, before: str | None) -> str:
+    """What a failed run left live on ``line`` (its pointer was ``before``), in words for the error."""
+    try:
+        now = registry.own_version(line)
+    except Exception:  # the store that broke the run may still be away
+        return "and the live model could not be read back"
+    if now == before:
+        return "the live model is unchanged"
+    return f"but {now} is live on the line (its pointer moved before the error; serving follows the pointer)"
 
 
 def _stop_on_signals() -> threading.Event:
@@ -190,12 +202,15 @@ def retrain(
         return
     failed = False
     for name in lines:
+        before: str | None = None
         try:
+            before = registry.own_version(name)
             progress = err.log if as_json else console.log
             outcome = retrain_once(client, registry, names, storage, name, policy, force=force, progress=progress)
         except Exception as exc:
             failed = True
-            message = f"line {name}: retraining failed, the live model is unchanged: {exc.__class__.__name__}: {exc}"
+            message = f"line {name}: retraining failed, {_live_after_failure(registry, name, before)}: "
+            message += f"{exc.__class__.__name__}: {exc}"
             if as_json:
                 print(json.dumps({"status": "failed", "line": name, "error": message}), flush=True)
             err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)

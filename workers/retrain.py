@@ -367,6 +367,14 @@ def retrain_once(
     return outcome
 
 
+def _live_or_unknown(registry: ModelRegistry, line: str) -> str:
+    """The line's live version for a log line, or why it could not be read."""
+    try:
+        return registry.live_version(line)
+    except Exception as exc:  # the store that broke the run may still be away
+        return f"unknown ({exc.__class__.__name__})"
+
+
 def watch_retraining(
     client: redis.Redis,
     registry: ModelRegistry,
@@ -396,7 +404,10 @@ def watch_retraining(
                 outcome = retrain_once(client, registry, names, storage, line, policy, progress=progress)
             except Exception:
                 log.exception(
-                    "retraining line %r failed; its live model is unchanged; next try in %g s", line, interval_s
+                    "retraining line %r failed (live version now: %s); next try in %g s",
+                    line,
+                    _live_or_unknown(registry, line),
+                    interval_s,
                 )
                 continue
             if report is not None:
