@@ -323,11 +323,14 @@ def demo(
     size: Annotated[int, typer.Option(min=64, max=4096, help="Image size in pixels.")] = 1024,
 ) -> None:
     """Run the whole system once: stack, data, training, serving, a camera fleet, a report."""
-    from cluster.demo import DemoOptions, run_demo
+    from cluster.demo import DemoOptions, DemoRefused, run_demo
 
-    summary = run_demo(
-        DemoOptions(jobs=jobs, cameras=cameras, image_size=size, report_dir=report, json_path=json_path), console
-    )
+    try:
+        summary = run_demo(
+            DemoOptions(jobs=jobs, cameras=cameras, image_size=size, report_dir=report, json_path=json_path), console
+        )
+    except DemoRefused as exc:
+        fail(str(exc))
     if summary["results"] != summary["published"] or summary["dead_letters"]:
         err.print("[red]not every job produced a result[/red]")
         raise typer.Exit(1)

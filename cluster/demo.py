@@ -29,6 +29,7 @@ from cluster.connections import connect_ray, object_store, redis_client
 from cluster.report import ReportCase, write_report
 from cluster.serving import InspectionServer
 from cluster.stack import EmbeddedStack
+from cluster.state import Component, StackState
 from schemas import InspectionJob, Settings, StreamNames
 from trainer.config import TrainConfig
 from trainer.imaging import encode_png
@@ -113,8 +114,23 @@ def _evaluate(
     return metrics, report
 
 
+class DemoRefused(RuntimeError):
+    """The demo would disturb a system it did not start (a Serve app already running on the Ray cluster)."""
+
+
+def _started_here(state: StackState | None, component: Component) -> bool:
+    """Whether this run's stack started ``component`` itself (not configured, not an `anomap stack up` one)."""
+    return state is not None and state.components[component].server is not None
+
+
 def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, object]:
-    """Run the demo; returns the summary (also written as JSON when ``options.json_path`` is set)."""
+    """Run the demo; returns the summary (also written as JSON when ``options.json_path`` is set).
+
+    On servers it did not start (``REDIS_URL``, ``S3_ENDPOINT``, ``RAY_ADDRESS`` or a stack brought up
+    with ``anomap stack up``) the demo leaves what is there alone: it refuses to run where a Serve
+    application is running (`DemoRefused`: it would replace the ``anomap`` app), makes its model live
+    on the ``demo`` line only when the object store is not its own, and deletes only its own Serve app.
+    """
     console = console or Console()
     began = time.monotonic()
     settings = Settings.from_env()
@@ -122,17 +138,29 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
     with stack:
         assert stack.settings is not None  # set on entry
         settings = stack.settings
+        own_ray, own_store = _started_here(stack.state, Component.RAY), _started_here(stack.state, Component.S3)
         connect_ray(settings)
         try:
-            return _run(options, settings, console, began)
+            running = sorted(serve.status().applications)
+            if running and not own_ray:
+                msg = (
+                    f"Serve applications {running} are running on the Ray cluster at {settings.ray_address}: the demo "
+                    "would replace the 'anomap' app. Run it where nothing of anomap runs (unset RAY_ADDRESS, "
+                    "REDIS_URL and S3_ENDPOINT, or `anomap stack down` first)"
+                )
+                raise DemoRefused(msg)
+            return _run(options, settings, console, began, default_live=own_store)
         finally:
-            try:
-                serve.shutdown()
-            finally:
-                ray.shutdown()
+            if own_ray:  # a cluster it joined is left as it was (and the driver goes with this process)
+                try:
+                    serve.shutdown()
+                finally:
+                    ray.shutdown()
 
 
-def _run(options: DemoOptions, settings: Settings, console: Console, began: float) -> dict[str, object]:
+def _run(
+    options: DemoOptions, settings: Settings, console: Console, began: float, default_live: bool
+) -> dict[str, object]:
     run_tag = uuid.uuid4().hex[:6]
     n_normal = options.jobs // 2
     with console.status("generating synthetic brushed metal…"):
@@ -167,7 +195,10 @@ def _run(options: DemoOptions, settings: Settings, console: Console, began: floa
         storage=CheckpointStorage.object_store(settings),
         progress=console.log,
     )
-    registry.set_live(card.version)
+    if default_live:  # its own store: the demo model is the live one, for commands run after it
+        registry.set_live(card.version)
+    else:  # a store it shares: only the demo line's pointer moves
+        registry.promote(card.version, DEMO_LINE, reason="anomap demo")
     train_s = time.monotonic() - train_started
     console.log(f"trained and registered model version {card.version} in {train_s:.0f} s (γ = {card.gamma})")
 

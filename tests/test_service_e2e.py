@@ -9,11 +9,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
-from helpers import SIZE, small_png, small_service
+from helpers import SIZE, point_cli_at, small_png, small_service
+from ray import serve
 
+from cluster.demo import DemoOptions, DemoRefused, run_demo
 from schemas import (
     DeadReason,
     InspectionJob,
@@ -21,6 +24,7 @@ from schemas import (
     Settings,
     StreamNames,
 )
+from trainer.registry import ModelRegistry
 from trainer.store import ObjectStore
 from trainer.synthetic import DefectKind
 from workers.consumer import ConsumerConfig, Outcome, StreamConsumer
@@ -145,3 +149,19 @@ def test_redelivered_job_is_not_scored_twice(service: tuple[Settings, ModelCard]
     assert consumer.process_entry(names.jobs(), other, fields, deliveries=1) is Outcome.DEAD
     [(_, letter)] = list(read_dead_letters(redis_client, names))
     assert letter.reason is DeadReason.DUPLICATE_JOB
+
+
+def test_the_demo_refuses_to_take_over_a_running_service(
+    service: tuple[Settings, ModelCard], ray_cluster: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`anomap demo` pointed at servers it did not start, with a Serve app running there: it stops before
+    training, and the running app and the registry's pointers are as they were."""
+    settings, card = service
+    point_cli_at(monkeypatch, settings, settings.bucket, tmp_path)
+    monkeypatch.setenv("RAY_ADDRESS", ray_cluster)
+    registry = ModelRegistry(ObjectStore.from_settings(settings), settings.model_name)
+    pointers = registry.live_pointers()
+    with pytest.raises(DemoRefused, match="the demo would replace the 'anomap' app"):
+        run_demo(DemoOptions(jobs=4, image_size=64, report_dir=tmp_path / "report"))
+    assert "anomap" in serve.status().applications
+    assert registry.live_pointers() == pointers and registry.versions() == [card.version]
