@@ -55,6 +55,8 @@ def test_inspect_returns_a_result_whose_map_is_stored(http_service: tuple[str, S
     assert (result.job_id, result.camera_id, result.model_version) == ("cam09-http-1", "cam09", card.version)
     stored = decode_map(ObjectStore.from_settings(settings).get_bytes(result.map_ref.split("/", 3)[3]))
     assert stored.shape == (result.height, result.width)
+    # a folder of its own: a caller's job_id never overwrites the map of a streamed job of that id
+    assert result.map_ref.endswith("/http/cam09-http-1.npz")
 
 
 def test_bad_bodies_get_reason_codes(http_service: tuple[str, Settings, ModelCard]) -> None:
@@ -64,6 +66,8 @@ def test_bad_bodies_get_reason_codes(http_service: tuple[str, Settings, ModelCar
     status, body = _post(f"{base}/v1/inspect", b"")
     assert (status, body["detail"]["reason"]) == (422, "empty_image")
     status, _ = _post(f"{base}/v1/inspect?job_id=../../etc", small_png(1))
+    assert status == 422
+    status, _ = _post(f"{base}/v1/inspect?pixel_threshold=1e-308", small_png(1))  # peaks would overflow to inf
     assert status == 422
     # an oversized body is refused from its Content-Length, before it is sent
     connection = http.client.HTTPConnection(urllib.parse.urlsplit(base).netloc, timeout=30)

@@ -9,12 +9,16 @@ both paths score with the same replicas and write the same map objects::
 
 Bodies over 16 MiB are refused (413) before they are read whole; an undecodable or oversized image
 is a 422 with the same reason codes as the dead-letter stream; when the scorers' queues are full the
-answer is a 503 with ``Retry-After: 1`` (nothing was scored or stored: send the image again). The OpenAPI schema is at
+answer is a 503 with ``Retry-After: 1`` (nothing was scored or stored: send the image again), when
+the object store is away a 503 ``store_unavailable`` (nothing is left stored), and a line without a
+live model a 404 ``no_live_model``. Maps go to ``maps/<line>/<day>/http/<job_id>``, so a caller's
+``job_id`` never overwrites a streamed job's map. The OpenAPI schema is at
 ``/openapi.json``.
 """
 
 # No `from __future__ import annotations` here: FastAPI resolves the endpoint's annotations at runtime.
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import Mapping
@@ -30,9 +34,10 @@ from schemas.ids import CAMERA_PATTERN, JOB_ID_PATTERN, LINE_PATTERN
 from schemas.job import MIN_PIXEL_THRESHOLD
 from schemas.stream import MAX_INLINE_IMAGE_BYTES
 from trainer.imaging import ImageRejected, decode_image
+from trainer.registry import ModelNotFound
 from trainer.store import ObjectStore
 from workers.backpressure import is_backpressure
-from workers.maps import map_objects
+from workers.maps import HTTP_FOLDER, map_objects
 from workers.results import build_result
 
 HTTP_APP_NAME = "anomap-http"
@@ -104,21 +109,38 @@ class HttpGateway:
         try:
             scored = await self.service.inspect.remote(image, pixel_threshold, line)
         except Exception as exc:
-            if not is_backpressure(exc):
-                raise
-            # the queues are full: a pacing signal, not a failure
-            detail = {"reason": "busy", "detail": "the scorers are at capacity; send the image again shortly"}
-            raise HTTPException(503, detail, headers={"Retry-After": "1"}) from exc
+            raise _scoring_error(exc, line) from exc
         scored_at = time.perf_counter()
-        objects = map_objects(job, image, scored)
-        for obj in objects:
-            await asyncio.to_thread(self.store.put_bytes, obj.key, obj.data, obj.content_type)
+        objects = map_objects(job, image, scored, HTTP_FOLDER)
+        written: list[str] = []
+        try:
+            for obj in objects:
+                await asyncio.to_thread(self.store.put_bytes, obj.key, obj.data, obj.content_type)
+                written.append(obj.key)
+        except Exception as exc:  # minio retried already: the store is away; leave no half of the pair behind
+            for key in written:
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(self.store.delete, key)
+            detail = {"reason": "store_unavailable", "detail": f"storing the map failed: {exc.__class__.__name__}"}
+            raise HTTPException(503, detail, headers={"Retry-After": "5"}) from exc
         stage_ms = {
             "decode": (decoded - started) * 1e3,
             "score": (scored_at - decoded) * 1e3,
             "store": (time.perf_counter() - scored_at) * 1e3,
         }
         return build_result(job, scored, self.store.ref(objects[0].key), self.store.ref(objects[1].key), stage_ms)
+
+
+def _scoring_error(exc: Exception, line: str) -> Exception:
+    """What the caller gets when the ingress did not score the image: 503 when Serve's queues are full (send
+    again), 404 when the line has no live model, else the error itself (a 500)."""
+    if is_backpressure(exc):
+        detail = {"reason": "busy", "detail": "the scorers are at capacity; send the image again shortly"}
+        return HTTPException(503, detail, headers={"Retry-After": "1"})
+    cause = getattr(exc, "cause", None) or exc
+    if isinstance(cause, ModelNotFound):
+        return HTTPException(404, {"reason": "no_live_model", "detail": f"line {line!r}: {cause}"})
+    return exc
 
 
 def app_builder(args: Mapping[str, Any]) -> serve.Application:

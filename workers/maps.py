@@ -2,6 +2,8 @@
 
     maps/<line>/<yyyy>/<mm>/<dd>/<job_id>.npz   float16 (H, W) map in raw units, array name "map"
     maps/<line>/<yyyy>/<mm>/<dd>/<job_id>.jpg   RGB overlay for people (JPEG, see `workers.overlay`)
+    maps/<line>/<yyyy>/<mm>/<dd>/http/<job_id>.{npz,jpg}   the same for ``POST /v1/inspect`` (job ids hold
+                                                           no ``/``, so these never meet a streamed job's)
 
 Maps are stored as float16: 2.1 MB for 1024² where float32 took 4.2 MB, the largest object a job
 writes. A stored value is the computed one to within 2⁻¹¹ (0.05 %) relative; the result's scores
@@ -33,10 +35,14 @@ class MapObject(NamedTuple):
     content_type: str
 
 
-def map_keys(job: InspectionJob) -> tuple[str, str]:
-    """The (npz, jpg) object keys of a job's anomaly map and overlay."""
+HTTP_FOLDER = "http"
+"""The folder of the maps that ``POST /v1/inspect`` writes, below each day's."""
+
+
+def map_keys(job: InspectionJob, folder: str | None = None) -> tuple[str, str]:
+    """The (npz, jpg) object keys of a job's anomaly map and overlay (in ``folder`` of the day, if given)."""
     day = job.captured_at.strftime("%Y/%m/%d")
-    stem = f"maps/{job.line}/{day}/{job.job_id}"
+    stem = f"maps/{job.line}/{day}/{folder + '/' if folder else ''}{job.job_id}"
     return f"{stem}.npz", f"{stem}{OVERLAY_SUFFIX}"
 
 
@@ -61,9 +67,11 @@ def decode_map(data: bytes) -> np.ndarray:
         return np.asarray(archive["map"], dtype=np.float32)
 
 
-def map_objects(job: InspectionJob, image: np.ndarray, scored: ScoredImage) -> tuple[MapObject, MapObject]:
+def map_objects(
+    job: InspectionJob, image: np.ndarray, scored: ScoredImage, folder: str | None = None
+) -> tuple[MapObject, MapObject]:
     """The (npz map, JPEG overlay) objects of a scored job, keyed by `map_keys`."""
-    npz_key, overlay_key = map_keys(job)
+    npz_key, overlay_key = map_keys(job, folder)
     overlay = overlay_jpeg(image, scored.anomaly_map, scored.pixel_threshold)
     return (
         MapObject(npz_key, encode_map(scored.anomaly_map), "application/octet-stream"),
