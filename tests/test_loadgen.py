@@ -125,7 +125,8 @@ def test_progress_line_shows_offered_answered_rate_and_p50() -> None:
 
 @contextmanager
 def stand_in_answerer(client: redis.Redis, line: str, seen: list[InspectionJob]) -> Iterator[None]:
-    """Answers every job on ``line`` with a minimal valid result, as a scorer would, but instantly."""
+    """Answers every job on ``line`` with a minimal valid result, as a scorer would, but instantly; first it
+    writes a result and a dead letter loadgen cannot read (a newer version's), which it must skip."""
     stop = threading.Event()
 
     def answer() -> None:
@@ -135,6 +136,9 @@ def stand_in_answerer(client: redis.Redis, line: str, seen: list[InspectionJob])
                 for entry_id, fields in items:
                     cursor = entry_id.decode()
                     job, _ = decode_job_entry(fields)
+                    if not seen:  # loadgen is reading answers by now
+                        client.xadd(NAMES.dead, {b"dead": b'{"job_id": "x", "reason": "from_a_newer_version"}'})
+                        client.xadd(NAMES.results(line), {b"result": b"{}", b"extra": b"1"})
                     seen.append(job)
                     now = datetime.now(UTC)
                     result = InspectionResult(

@@ -19,6 +19,7 @@ import redis
 from schemas import DeadLetter, InspectionJob, InspectionResult, StreamNames
 from trainer.store import ObjectStore
 from workers.publisher import image_key, publish_job, upload_image
+from workers.results import read_answer
 
 
 @dataclass(frozen=True)
@@ -108,13 +109,17 @@ class CameraFleet:
     def _record(
         self, stream: str, fields: dict[bytes, bytes], outcome: FleetOutcome, camera_of: dict[str, str]
     ) -> str | None:
-        if stream == self.names.dead:
-            letter = DeadLetter.model_validate_json(fields[b"dead"])
+        try:
+            answer = read_answer(stream == self.names.dead, fields)
+        except ValueError:  # another writer's entry (another version's, say): not one of ours
+            return None
+        if isinstance(answer, DeadLetter):
+            letter = answer
             if letter.job_id in camera_of and letter.job_id not in outcome.dead:
                 outcome.dead[letter.job_id] = letter
                 return letter.job_id
             return None
-        result = InspectionResult.model_validate_json(fields[b"result"])
+        result = answer
         if result.job_id in camera_of and result.job_id not in outcome.results:
             outcome.results[result.job_id] = result
             return result.job_id

@@ -20,6 +20,7 @@ taken before the first publish.
 from __future__ import annotations
 
 import heapq
+import logging
 import math
 import threading
 import time
@@ -33,7 +34,12 @@ from schemas import DeadLetter, InspectionJob, InspectionResult, StreamNames
 from trainer.imaging import encode_png
 from trainer.store import ObjectStore
 from trainer.synthetic import DefectKind, synth_image
+from workers.consumer_config import REDIS_TRANSIENT
 from workers.publisher import image_key, publish_job, upload_image
+from workers.results import read_answer
+from workers.retry import Backoff
+
+log = logging.getLogger("anomap.loadgen")
 
 JOB_PREFIX = "loadgen"
 _DEFECT_CYCLE = tuple(DefectKind)
@@ -221,6 +227,7 @@ class _Tally:
     last_publish: float = 0.0
     last_answer: float = 0.0
     publish_error: BaseException | None = None
+    collect_error: BaseException | None = None
 
 
 def _last_id(client: redis.Redis, stream: str) -> str:
@@ -281,24 +288,39 @@ class LoadGenerator:
 
     def _collect(self, cursors: dict[str, str], tally: _Tally, stop: threading.Event) -> None:
         dead_stream = self.names.dead
-        while not stop.is_set():
-            reply = self.client.xread(cursors, block=200, count=500)
-            for stream, items in reply or []:
-                name = stream.decode()
-                for entry_id, fields in items:
-                    cursors[name] = entry_id.decode()
-                    self._record(name == dead_stream, fields, tally)
+        backoff = Backoff(0.1, 2.0)
+        try:
+            while not stop.is_set():
+                try:
+                    reply = self.client.xread(cursors, block=200, count=500)
+                except REDIS_TRANSIENT as exc:  # Redis away for a moment: the answers wait in the streams
+                    log.warning("loadgen: reading answers failed (%r); retrying", exc)
+                    stop.wait(backoff.next_delay())
+                    continue
+                backoff.reset()
+                for stream, items in reply or []:
+                    name = stream.decode()
+                    for entry_id, fields in items:
+                        cursors[name] = entry_id.decode()
+                        self._record(name == dead_stream, fields, tally)
+        except BaseException as exc:  # reported by run(), which stops waiting for answers
+            tally.collect_error = exc
 
     def _record(self, is_dead: bool, fields: dict[bytes, bytes], tally: _Tally) -> None:
-        if is_dead:
-            letter = DeadLetter.model_validate_json(fields[b"dead"])
+        try:
+            answer = read_answer(is_dead, fields)
+        except ValueError as exc:  # another writer's entry (another version's, say): not one of ours
+            log.debug("loadgen: skipped an entry it cannot read: %r", exc)
+            return
+        if isinstance(answer, DeadLetter):
+            letter = answer
             if letter.job_id is None or not letter.job_id.startswith(self._prefix):
                 return
             with tally.lock:
                 tally.dead.setdefault(letter.job_id, letter)
                 tally.last_answer = time.monotonic()
             return
-        result = InspectionResult.model_validate_json(fields[b"result"])
+        result = answer
         if not result.job_id.startswith(self._prefix):
             return
         with tally.lock:
@@ -333,7 +355,7 @@ class LoadGenerator:
                     on_progress(snapshot)
                 publishing = publisher.is_alive()
                 answered = snapshot.results + snapshot.dead_letters
-                if tally.publish_error is not None:
+                if tally.publish_error is not None or tally.collect_error is not None:
                     break
                 if not publishing and (answered >= snapshot.offered or time.monotonic() > started + last_due + grace_s):
                     break
@@ -344,6 +366,8 @@ class LoadGenerator:
             collector.join()
         if tally.publish_error is not None:
             raise tally.publish_error
+        if tally.collect_error is not None:
+            raise tally.collect_error
         ended = time.monotonic()
         with tally.lock:
             offered = set(tally.offered)

@@ -70,3 +70,17 @@ def follow_results(
             for entry_id, fields in items:
                 last_id = entry_id.decode()
                 yield last_id, InspectionResult.model_validate_json(fields[b"result"])
+
+
+def read_answer(is_dead: bool, fields: dict[bytes, bytes]) -> DeadLetter | InspectionResult:
+    """A results-stream entry's `InspectionResult`, or a dead-letter entry's `DeadLetter`.
+
+    Raises ValueError naming what is wrong when the entry is not one (another writer's, or a newer
+    version's with a reason this one does not know).
+    """
+    field, model = (b"dead", DeadLetter) if is_dead else (b"result", InspectionResult)
+    raw = fields.get(field)
+    if raw is None:
+        msg = f"entry has no {field.decode()!r} field"
+        raise ValueError(msg)
+    return model.model_validate_json(raw)
