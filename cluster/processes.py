@@ -390,28 +390,33 @@ def wait_ready(server: ManagedServer, check: Callable[[], bool] | None = None, t
     """Poll ``check`` (default: the server's own) until it returns True; returns the seconds it took.
 
     Exceptions from ``check`` count as "not yet". If the server exits, or ``timeout`` passes, the
-    server is stopped and `ServerStartError` is raised with the end of its log.
+    server is stopped and `ServerStartError` is raised with the end of its log; so it is when the wait
+    is interrupted (Ctrl-C, or SIGTERM turned into `SystemExit` by `cluster.start_lock`).
     """
     check = check or server._ready_check
     if check is None:
         msg = f"no readiness check for {server.name}: pass one"
         raise ValueError(msg)
     started = time.monotonic()
-    while True:
-        if not server.is_running():
-            server.stop(timeout=5)
-            msg = f"{server.name} exited before it was ready; log {server.log_path}:\n{server.log_tail()}"
-            raise ServerStartError(msg)
-        try:
-            if check():
-                return time.monotonic() - started
-        except Exception:  # any failure of a readiness probe means "not ready yet"
-            pass
-        if time.monotonic() - started > timeout:
-            server.stop(timeout=5)
-            msg = (
-                f"{server.name} (pid {server.pid}) not ready at {server.endpoint} after {timeout:g} s; "
-                f"log {server.log_path}:\n{server.log_tail()}"
-            )
-            raise ServerStartError(msg)
-        time.sleep(0.1)
+    try:
+        while True:
+            if not server.is_running():
+                server.stop(timeout=5)
+                msg = f"{server.name} exited before it was ready; log {server.log_path}:\n{server.log_tail()}"
+                raise ServerStartError(msg)
+            try:
+                if check():
+                    return time.monotonic() - started
+            except Exception:  # any failure of a readiness probe means "not ready yet"
+                pass
+            if time.monotonic() - started > timeout:
+                server.stop(timeout=5)
+                msg = (
+                    f"{server.name} (pid {server.pid}) not ready at {server.endpoint} after {timeout:g} s; "
+                    f"log {server.log_path}:\n{server.log_tail()}"
+                )
+                raise ServerStartError(msg)
+            time.sleep(0.1)
+    except (KeyboardInterrupt, SystemExit):  # interrupted while waiting: the caller never gets the server
+        server.stop(timeout=5)
+        raise

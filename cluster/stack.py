@@ -22,6 +22,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -31,6 +32,7 @@ from pydantic import SecretStr
 from cluster.connections import minio_from_endpoint, redact_url, resolve_settings
 from cluster.processes import ManagedServer, tcp_accepts
 from cluster.servers import S3Keys, start_ray_head, start_seaweed, start_valkey, valkey_url
+from cluster.start_lock import start_lock
 from cluster.state import (
     Component,
     ComponentState,
@@ -156,29 +158,36 @@ def stack_up(settings: Settings, progress: ProgressFn | None = None, *, with_ray
     """
     say = progress or _quiet
     path = state_path(settings.state_dir)
-    existing = read_state(settings.state_dir)
-    if existing is not None:
-        dead = existing.dead_servers()
-        if not dead:
-            say(f"stack already up (state {path}); reusing it")
-            return existing
-        alive = [s for s in existing.servers() if s.is_running()]
-        if alive:
-            names = ", ".join(f"{s.name} (pid {s.pid})" for s in alive)
-            gone = ", ".join(s.name for s in dead)
-            msg = f"the stack in {path} is partly up: {gone} stopped, {names} still running; run `anomap stack down`"
-            raise StackError(msg)
-        say(f"replacing stale state file {path} (its servers are gone)")
-        remove_state(settings.state_dir)
-    state = _bring_up(settings, say, with_ray=with_ray, die_with_parent=False)
-    try:
-        write_state(settings.state_dir, state)
-    except BaseException:
-        for server in reversed(state.servers()):
-            server.stop(timeout=10)
-        raise
+    with start_lock(settings.state_dir):
+        existing = read_state(settings.state_dir)
+        if existing is not None:
+            if not existing.dead_servers():
+                say(f"stack already up (state {path}); reusing it")
+                return existing
+            _refuse_partly_up(existing, path)
+            say(f"replacing stale state file {path} (its servers are gone)")
+            remove_state(settings.state_dir)
+        state = _bring_up(settings, say, with_ray=with_ray, die_with_parent=False)
+        try:
+            write_state(settings.state_dir, state)
+        except BaseException:
+            for server in reversed(state.servers()):
+                server.stop(timeout=10)
+            raise
     say(f"state written to {path}")
     return state
+
+
+def _refuse_partly_up(recorded: StackState, path: Path) -> None:
+    """Raise `StackError` when some of ``recorded``'s servers stopped while others still run: starting anew
+    would run a second server on the survivors' data."""
+    dead = recorded.dead_servers()
+    alive = [s for s in recorded.servers() if s.is_running()]
+    if dead and alive:
+        names = ", ".join(f"{s.name} (pid {s.pid})" for s in alive)
+        gone = ", ".join(s.name for s in dead)
+        msg = f"the stack in {path} is partly up: {gone} stopped, {names} still running; run `anomap stack down`"
+        raise StackError(msg)
 
 
 def stack_down(settings: Settings, progress: ProgressFn | None = None) -> list[str]:
@@ -343,18 +352,22 @@ class EmbeddedStack:
         self._wrote_state = False
 
     def __enter__(self) -> StackState:
-        base = resolve_settings(self._base)
-        state = _bring_up(base, self._say, with_ray=self.with_ray, die_with_parent=self.die_with_parent)
-        self.state = state
-        self.settings = state.apply_to(base)
-        recorded = read_state(base.state_dir)
-        if state.servers() and (recorded is None or not recorded.is_up()):
-            try:
-                write_state(base.state_dir, state)
-            except BaseException:
-                self._stop_started()
-                raise
-            self._wrote_state = True
+        state_dir = (self._base or Settings.from_env()).state_dir
+        with start_lock(state_dir):
+            base = resolve_settings(self._base)
+            recorded = read_state(base.state_dir)
+            if recorded is not None:
+                _refuse_partly_up(recorded, state_path(base.state_dir))
+            state = _bring_up(base, self._say, with_ray=self.with_ray, die_with_parent=self.die_with_parent)
+            self.state = state
+            self.settings = state.apply_to(base)
+            if state.servers() and (recorded is None or not recorded.is_up()):
+                try:
+                    write_state(base.state_dir, state)
+                except BaseException:
+                    self._stop_started()
+                    raise
+                self._wrote_state = True
         return state
 
     def _stop_started(self) -> None:

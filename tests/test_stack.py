@@ -30,6 +30,7 @@ from cluster.ports import GRPC_OFFSET, free_port, free_port_pair, free_port_pair
 from cluster.processes import ManagedServer, launch, proc_start_ticks, process_table, tcp_accepts
 from cluster.servers import S3Keys, start_seaweed, start_valkey, valkey_url
 from cluster.stack import EmbeddedStack, StackError, stack_down, stack_status, stack_up
+from cluster.start_lock import StartLockTimeout, start_lock
 from cluster.state import Component, Origin, read_state, state_path
 from schemas.settings import Settings
 from trainer.store import ObjectStore
@@ -283,6 +284,58 @@ def test_stack_up_reuses_a_running_stack_refuses_a_partly_up_one_and_replaces_a_
         assert fresh.is_up() and not {s.pid for s in fresh.servers()} & set(pids)
     finally:
         stack_down(settings)
+
+
+def test_embedded_stack_refuses_a_partly_up_recorded_stack(tmp_path: Path) -> None:
+    """Starting anew would put a second Valkey on the survivor's append-only file."""
+    settings = Settings(state_dir=tmp_path / "state", bucket="anomap-part2")
+    state = stack_up(settings, with_ray=False)
+    try:
+        state.components[Component.S3].server.kill()
+        with pytest.raises(StackError, match=r"partly up.*anomap stack down"), EmbeddedStack(settings, with_ray=False):
+            pass
+        assert state.components[Component.REDIS].server.is_running()
+    finally:
+        stack_down(settings)
+
+
+def test_a_second_start_in_the_same_state_dir_waits_for_the_first(tmp_path: Path) -> None:
+    with (
+        start_lock(tmp_path),
+        pytest.raises(StartLockTimeout, match="another stack start"),
+        start_lock(tmp_path, timeout_s=0.3),
+    ):
+        pass
+    with start_lock(tmp_path, timeout_s=0.3):  # released with its holder
+        pass
+
+
+def test_sigterm_while_the_stack_starts_leaves_no_server_and_no_state(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    script = textwrap.dedent(
+        f"""
+        from cluster.stack import stack_up
+        from schemas.settings import Settings
+        stack_up(Settings(state_dir={str(state_dir)!r}, bucket="anomap-term"), progress=lambda m: print(m, flush=True))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k not in {"RAY_ADDRESS", "REDIS_URL", "S3_ENDPOINT"}}
+    starting = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+    assert starting.stdout is not None
+    valkey = ""
+    for line in starting.stdout:
+        if line.startswith("valkey ready at "):
+            valkey = line.split()[3]
+        if line.startswith("starting seaweed"):  # valkey is up, weed is on its way
+            time.sleep(0.3)
+            starting.send_signal(signal.SIGTERM)
+            break
+    assert starting.wait(timeout=60) != 0
+    starting.stdout.close()
+    host, port = valkey.rsplit(":", 1)
+    assert not tcp_accepts(host, int(port))  # valkey was stopped (its process title does not name the dir)
+    assert _pgrep(str(state_dir.resolve())) == []  # nor was weed left running
+    assert read_state(state_dir) is None
 
 
 def test_embedded_stack_reuses_a_running_stack_and_stops_only_what_it_started(
