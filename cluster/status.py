@@ -116,7 +116,10 @@ def stream_status(client: redis.Redis, stream: str, names: StreamNames) -> dict[
             )
     status["groups"] = groups
     lags = [group["lag"] for group in groups]
-    status["lag"] = None if not groups or None in lags else sum(lags)
+    if not groups:  # nobody reads it: on a jobs stream every entry waits (a line no consumer serves)
+        status["lag"] = status["length"] if kind == "jobs" else None
+    else:
+        status["lag"] = None if None in lags else sum(lags)
     status["pending"] = sum(group["pending"] for group in groups)
     return status
 
@@ -279,17 +282,21 @@ def gather_status(settings: Settings, options: StatusOptions | None = None) -> d
     streams: dict[str, dict[str, Any]] = {}
     latencies: list[float] = []
     if client is not None:
-        seconds, micros = client.time()
-        now_ms = int(seconds) * 1000 + int(micros) // 1000
-        for name in stream_names(client, names):
-            streams[name] = stream_status(client, name, names)
-            if streams[name]["kind"] == "results":
-                streams[name]["recent"], sampled = recent_results(
-                    client, name, now_ms, options.results_window_s, options.results_sample
-                )
-                latencies += sampled
-        status["dead_letters"] = dead_letter_counts(client, names.dead, options.dead_sample)
-        client.close()
+        try:
+            seconds, micros = client.time()
+            now_ms = int(seconds) * 1000 + int(micros) // 1000
+            for name in stream_names(client, names):
+                streams[name] = stream_status(client, name, names)
+                if streams[name]["kind"] == "results":
+                    streams[name]["recent"], sampled = recent_results(
+                        client, name, now_ms, options.results_window_s, options.results_sample
+                    )
+                    latencies += sampled
+            status["dead_letters"] = dead_letter_counts(client, names.dead, options.dead_sample)
+        except redis.RedisError as exc:  # lost mid-report: show what was read, and say so
+            status["redis"].update(ok=False, error=f"lost while reading the streams: {exc}")
+        finally:
+            client.close()
     status["streams"] = streams
     jobs = [s for s in streams.values() if s["kind"] == "jobs" and s["exists"]]
     lags = [s["lag"] for s in jobs]

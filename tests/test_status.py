@@ -66,6 +66,8 @@ def busy_stack(redis_client: redis.Redis, object_store: ObjectStore, stack_setti
     publish_job(redis_client, NAMES, InspectionJob(job_id="cam02-0", camera_id="cam02", line="line2"), image=b"png")
     for stream in (NAMES.jobs(), NAMES.jobs("line2")):
         redis_client.xgroup_create(stream, NAMES.scorer_group, id="0")
+    # a line no consumer serves yet: no group on its stream, and its job waits all the same
+    publish_job(redis_client, NAMES, InspectionJob(job_id="cam03-0", camera_id="cam03", line="line3"), image=b"png")
     redis_client.xreadgroup(NAMES.scorer_group, "worker-a", {NAMES.jobs(): ">"}, count=2)  # 2 pending, 1 lag
     for i, latency in enumerate((100.0, 200.0, 300.0)):
         result = _result(f"done-{i}", latency, card.version)
@@ -116,7 +118,9 @@ def test_status_json_has_every_streams_length_lag_pending_dead_letters_and_live_
         0,
         [],
     )
-    assert status["jobs"] == {"streams": 2, "length": 4, "lag": 2, "pending": 2, "consumers": 1}
+    line3 = streams[NAMES.jobs("line3")]
+    assert (line3["length"], line3["lag"], line3["groups"]) == (1, 1, [])  # unread, not unknown
+    assert status["jobs"] == {"streams": 3, "length": 5, "lag": 3, "pending": 2, "consumers": 1}
     assert (streams[NAMES.results()]["length"], streams[NAMES.results()]["lag"]) == (3, None)  # no group reads it
     assert (streams[NAMES.confirmations]["exists"], streams[NAMES.confirmations]["length"]) == (False, 0)
 
