@@ -206,9 +206,16 @@ class InspectionService:
         padded = ray.put(plan.padded)  # once per image; every scorer request names it and a range
         tiled = time.perf_counter()
         scorer = self._scorer(version)
-        bands = await asyncio.gather(
-            *(self._score_range(scorer, patch_range, padded, version) for patch_range in plan.ranges)
-        )
+        tasks = [
+            asyncio.ensure_future(self._score_range(scorer, patch_range, padded, version))
+            for patch_range in plan.ranges
+        ]
+        try:
+            bands = await asyncio.gather(*tasks)
+        except BaseException:  # one range refused or failed: the image is refused, so stop scoring the rest
+            for task in tasks:
+                task.cancel()
+            raise
         scored = time.perf_counter()
         timings = {"tile": (tiled - start) * 1e3, "patches": (scored - tiled) * 1e3}
         result = finish_inspection(plan, list(bands), card, pixel_threshold, timings)
@@ -387,9 +394,14 @@ class ServeInspector:
 
         Raises `ScoringBusy` when Serve refused it for backpressure, other errors when the app fails or times out.
         """
+        response = None
         try:
             response = self.handle.inspect.remote(image, pixel_threshold, line)
             return response.result(timeout_s=self.timeout_s)
+        except TimeoutError:
+            if response is not None:  # the caller sends the image again: do not leave this one running
+                response.cancel()
+            raise
         except Exception as exc:
             if is_backpressure(exc):
                 cause = getattr(exc, "cause", None) or exc
