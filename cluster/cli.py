@@ -25,9 +25,9 @@ from typing import Annotated
 
 import typer
 
-from cluster.cli_common import console, err, fail, resolved_settings
+from cluster.cli_common import console, env_settings, err, fail, resolved_settings
 from cluster.cli_train import eval_cmd, train
-from schemas import InspectionJob, Settings, StreamNames
+from schemas import InspectionJob, StreamNames
 
 app = typer.Typer(
     help="anomap: pixel-level anomaly maps for factory camera images, at fleet scale.",
@@ -47,18 +47,25 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 @stack_app.command("up")
 def stack_up_cmd() -> None:
     """Start what is not configured (Valkey, `weed mini`, Ray head) and record it in the state file."""
-    from cluster.stack import stack_up
+    from cluster.stack import StackError, stack_up
+    from cluster.start_lock import StartLockTimeout
 
-    state = stack_up(Settings.from_env(), progress=console.log)
+    try:
+        state = stack_up(env_settings(), progress=console.log)
+    except (StackError, StartLockTimeout) as exc:
+        fail(str(exc))
     console.print_json(state.public_json())
 
 
 @stack_app.command("down")
 def stack_down_cmd() -> None:
     """Stop exactly the processes `anomap stack up` started."""
-    from cluster.stack import stack_down
+    from cluster.stack import StackError, stack_down
 
-    stopped = stack_down(Settings.from_env())
+    try:
+        stopped = stack_down(env_settings())
+    except StackError as exc:
+        fail(str(exc))
     console.print(f"stopped: {', '.join(stopped) if stopped else 'nothing'}")
 
 
@@ -67,7 +74,7 @@ def stack_status_cmd() -> None:
     """Show each component's endpoint, PID and whether it answers."""
     from cluster.stack import stack_status
 
-    console.print_json(json.dumps(stack_status(Settings.from_env()), default=str))
+    console.print_json(json.dumps(stack_status(env_settings()), default=str))
 
 
 @app.command()
@@ -324,12 +331,14 @@ def demo(
 ) -> None:
     """Run the whole system once: stack, data, training, serving, a camera fleet, a report."""
     from cluster.demo import DemoOptions, DemoRefused, run_demo
+    from cluster.stack import StackError
 
+    env_settings()  # a wrong variable is one line, before anything starts
     try:
         summary = run_demo(
             DemoOptions(jobs=jobs, cameras=cameras, image_size=size, report_dir=report, json_path=json_path), console
         )
-    except DemoRefused as exc:
+    except (DemoRefused, StackError) as exc:
         fail(str(exc))
     if summary["results"] != summary["published"] or summary["dead_letters"]:
         err.print("[red]not every job produced a result[/red]")

@@ -20,6 +20,14 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
+def env_settings() -> Settings:
+    """`Settings.from_env`, or exit 2 naming the variable that is wrong."""
+    try:
+        return Settings.from_env()
+    except ValueError as exc:
+        fail(str(exc))
+
+
 def resolved_settings(*, redis: bool = False, s3: bool = False, ray: bool = False) -> Settings:
     """Settings from the environment and a running embedded stack; exit 2 naming what of the wanted is missing."""
     from cluster.connections import resolve_settings

@@ -174,7 +174,18 @@ def train(
             fail(f"--gamma {gamma} < 1 needs confirmed abnormal images in {data}/train/abnormal; add some or use 1")
         if folder.min_side < config.patch_size:
             fail(f"{data} has an image {folder.min_side} px on a side; training needs >= {config.patch_size} px")
+    elif gamma < 1 and abnormal_k < 1:
+        fail(f"--gamma {gamma} < 1 needs confirmed abnormal images: give --abnormal-k >= 1, or use --gamma 1")
     settings = resolved_settings(redis=True, s3=True, ray=True)
+    if live:  # the model is made live through Redis after training: find out now whether that can work
+        import redis
+
+        from cluster.connections import redis_client
+
+        try:
+            redis_client(settings).ping()
+        except redis.RedisError as exc:
+            fail(f"cannot reach Redis to make the model live after training ({exc}); fix it, or pass --no-live")
     from cluster.connections import connect_ray, object_store
     from trainer.grain import with_grain
     from trainer.pipeline import train_model_version
@@ -191,10 +202,13 @@ def train(
         )
         digest = folder.data_digest
     else:
-        with console.status("generating data…"):
-            synth = make_dataset(
-                size=size, n_train=n_train, contamination=contamination, n_abnormal=abnormal_k, seed=seed
-            )
+        try:
+            with console.status("generating data…"):
+                synth = make_dataset(
+                    size=size, n_train=n_train, contamination=contamination, n_abnormal=abnormal_k, seed=seed
+                )
+        except ValueError as exc:
+            fail(f"cannot generate the synthetic data: {exc}")
         normal, abnormal, calibration = synth.train_normal, synth.abnormal, synth.calibration
         masks = list(synth.abnormal_masks)
         digest = synth.digest()
@@ -240,19 +254,23 @@ def eval_cmd(
     search_steps: Annotated[int | None, typer.Option(help="search mode: Γ, Adam steps per patch (500).")] = None,
 ) -> None:
     """Evaluate a model version on a folder's test images: image/pixel AUROC, pixel AP, AUPRO; optional report."""
+    for path, kind in ((json_path, "--json"), (report, "--report")):
+        if path is not None and (path.is_dir() if kind == "--json" else path.is_file()):
+            fail(f"{kind} {path} is a {'folder' if path.is_dir() else 'file'}; expected a {kind[2:]} path")
     dataset = load_folder(data, "test")
     settings = resolved_settings(s3=True)
     from cluster.connections import object_store
     from trainer.evaluation import evaluate
     from trainer.registry import ModelNotFound, ModelRegistry
     from trainer.scoring import PatchModel
+    from trainer.store import ObjectMissing
 
     registry = ModelRegistry(object_store(settings), settings.model_name)
     try:
         version = model or registry.live_version()
         card, weights = registry.load(version)
-    except ModelNotFound as exc:
-        fail(str(exc))
+    except (ModelNotFound, ObjectMissing, ValueError) as exc:  # unknown, half-written or unreadable version
+        fail(f"cannot load model {settings.model_name}/{model or 'live'}: {exc}")
     try:
         patch_model = PatchModel.from_safetensors(
             card, weights, device=device, score_mode=score_mode, search_steps=search_steps, refine_steps=refine_steps

@@ -40,7 +40,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from schemas.ids import BUCKET_PATTERN, MODEL_NAME_PATTERN
 
@@ -132,6 +132,12 @@ class ServingConfig(BaseModel):
         return ServingConfig.model_validate({**self.model_dump(), **overrides})
 
 
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+"""What a ``REDIS_URL`` may start with (redis-py's ``from_url``)."""
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"0", "false", "no", "off"})
+
+
 class Settings(BaseModel):
     """Connection and service settings. Secrets are `SecretStr` and never printed."""
 
@@ -149,6 +155,15 @@ class Settings(BaseModel):
     model_name: str = Field(default="metal", pattern=MODEL_NAME_PATTERN)
     state_dir: Path = Path(".anomap")
     serving: ServingConfig = ServingConfig()
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_has_a_scheme(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(REDIS_SCHEMES):
+            schemes = ", ".join(REDIS_SCHEMES)
+            msg = f"REDIS_URL must start with {schemes} (its value is not shown: it may hold a password)"
+            raise ValueError(msg)
+        return value
 
     @field_validator("s3_endpoint")
     @classmethod
@@ -179,8 +194,11 @@ class Settings(BaseModel):
 
         endpoint = get("S3_ENDPOINT")
         secure_flag = get("S3_SECURE")
+        if secure_flag is not None and secure_flag.lower() not in TRUE_WORDS | FALSE_WORDS:
+            msg = f"S3_SECURE must be one of {sorted(TRUE_WORDS | FALSE_WORDS)}, got {secure_flag!r}"
+            raise ValueError(msg)
         secure = (
-            secure_flag.lower() in {"1", "true", "yes"}
+            secure_flag.lower() in TRUE_WORDS
             if secure_flag is not None
             else bool(endpoint and endpoint.startswith("https://"))
         )
@@ -205,4 +223,9 @@ class Settings(BaseModel):
         serving = {field: value for field, name in SERVING_VARIABLES.items() if (value := get(name)) is not None}
         if serving:
             values["serving"] = serving
-        return cls.model_validate(values)
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:  # named by field, without the values (pydantic would print a bad secret)
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
+            msg = f"invalid settings from the environment: {problems}"
+            raise ValueError(msg) from None

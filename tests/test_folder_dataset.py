@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -117,6 +118,29 @@ def test_defect_image_without_mask_has_unknown_mask(synthetic_folder: Path, tmp_
     assert data.test_masks[2] is None and data.test_masks[3] is not None
     assert data.abnormal_masks[0] is not None and data.abnormal_masks[1] is None
     assert data.summary()["test_defect_with_mask"] == 1
+
+
+def test_a_file_name_that_is_not_utf8_loads_and_counts_in_the_digest(synthetic_folder: Path, tmp_path: Path) -> None:
+    root = _copy(synthetic_folder, tmp_path)
+    before = load_dataset(root).data_digest
+    latin1 = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes from an old share: Python keeps them as a surrogate
+    shutil.copy(root / "train/good/000.png", root / "train/good" / latin1)
+    data = load_dataset(root)
+    assert len(data.train_normal) == 7 and data.data_digest != before
+
+
+def test_sixteen_bit_zero_one_masks_mark_their_pixels_and_an_empty_mask_is_named(
+    synthetic_folder: Path, tmp_path: Path
+) -> None:
+    root = _copy(synthetic_folder, tmp_path)
+    reference = load_dataset(root).test_masks[2]
+    assert reference is not None and reference.any()
+    mask = Image.fromarray(reference.astype(np.uint16))  # 0/1 in 16 bits: a label tool's mask
+    mask.save(root / "ground_truth/scratch/000_mask.png")
+    (root / "ground_truth/scratch/001_mask.png").write_bytes(encode_png(np.zeros((64, 64), dtype=np.uint8)))
+    data = load_dataset(root)
+    np.testing.assert_array_equal(data.test_masks[2], reference)
+    assert any("001_mask.png marks no pixel" in warning for warning in data.warnings)
 
 
 def test_rgb_and_sixteen_bit_images_load_as_eight_bit_grey(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from pydantic import SecretStr, ValidationError
+from pydantic import SecretStr
 
 from cluster.connections import MissingEndpoint, minio_client, redact_url, redis_client
 from schemas.settings import Settings
@@ -37,7 +37,7 @@ def test_rediss_url_with_acl_user_is_kept_secret_and_gives_a_tls_client() -> Non
 
 
 def test_s3_endpoint_with_a_path_is_rejected_naming_the_variable() -> None:
-    with pytest.raises(ValidationError, match=r"S3_ENDPOINT must be host:port or http\(s\)://host:port"):
+    with pytest.raises(ValueError, match=r"S3_ENDPOINT must be host:port or http\(s\)://host:port"):
         Settings.from_env({"S3_ENDPOINT": "http://minio:9000/anomap"})
 
 
@@ -67,7 +67,7 @@ def test_s3_keys_are_secret_and_reach_the_client() -> None:
 
 
 def test_bad_bucket_and_state_dir_from_env() -> None:
-    with pytest.raises(ValidationError, match="bucket"):
+    with pytest.raises(ValueError, match="bucket"):
         Settings.from_env({"ANOMAP_BUCKET": "Not_A_Bucket"})
     assert Settings.from_env({"ANOMAP_STATE_DIR": "/var/lib/anomap"}).state_dir == Path("/var/lib/anomap")
 
@@ -98,5 +98,14 @@ def test_redact_url_hides_passwords(url: str | SecretStr | None, shown: str) -> 
 def test_s3_region_is_optional_and_read_from_the_environment() -> None:
     assert Settings.from_env({}).s3_region is None
     assert Settings.from_env({"S3_REGION": "eu-west-3"}).s3_region == "eu-west-3"
-    with pytest.raises(ValidationError):
+    with pytest.raises(ValueError, match="s3_region"):
         Settings.from_env({"S3_REGION": "EU West"})
+
+
+def test_a_bad_redis_url_or_s3_secure_is_named_and_no_secret_is_shown() -> None:
+    with pytest.raises(ValueError, match="REDIS_URL must start with redis://") as info:
+        Settings.from_env({"REDIS_URL": "redis//:hunter2@db:6379?password=hunter2"})
+    assert "hunter2" not in str(info.value) and info.value.__cause__ is None
+    with pytest.raises(ValueError, match="S3_SECURE must be one of"):
+        Settings.from_env({"S3_SECURE": "maybe"})
+    assert Settings.from_env({"S3_SECURE": "on"}).s3_secure is True

@@ -26,6 +26,15 @@ from trainer.config import TrainConfig
         ({"search_steps": -5}, "search_steps"),
         ({"search_lambda": 1.5}, "search_lambda"),
         ({"search_lr": 0.0}, "search_lr"),
+        # values the model card refuses, and NaN, which passes every comparison: refused before training
+        ({"smoothing_sigma": 40.0}, "smoothing_sigma=40.0: .*model card's bounds"),
+        ({"smoothing_sigma": float("nan")}, "smoothing_sigma must be a finite number"),
+        ({"base_channels": 2}, "base_channels=2"),
+        ({"latent_dim": 2000}, "latent_dim=2000"),
+        ({"seed": -1}, "seed must be >= 0"),
+        ({"kappa": float("nan")}, "kappa"),
+        ({"search_lr": float("inf")}, "search_lr"),
+        ({"cpus_per_worker": float("nan")}, "cpus_per_worker"),
     ],
 )
 def test_invalid_values_are_rejected_by_name(changes: dict, message: str) -> None:

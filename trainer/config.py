@@ -17,13 +17,28 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import Annotated, Any, Self
 
-from schemas.model_card import MapMode, filter_shapes_problem
+from pydantic import TypeAdapter, ValidationError
+
+from schemas.model_card import MapMode, ModelCard, filter_shapes_problem
 from trainer.blob_filter import BLOB_RADIUS, MAX_BLOB_RADIUS
 from trainer.detrend import Detrend, DetrendAxis
 from trainer.line_filter import GAUSSIAN_FINISH_SIGMA, MAX_LINE_LENGTH, SHORT_SEGMENT_WEIGHT, SIGNED_FINISH_SIGMA
 from trainer.networks import DiscriminatorHead
+
+CARD_FIELDS = (
+    "patch_size",
+    "stride",
+    "latent_dim",
+    "base_channels",
+    "gamma",
+    "smoothing_sigma",
+    "line_length",
+    "short_segment_weight",
+    "blob_radius",
+)
+"""The fields `trainer.pipeline.build_card` copies into the `ModelCard`: checked against its bounds up front."""
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -192,11 +207,14 @@ class TrainConfig:
         if not (0.0 <= self.search_lambda <= 1.0 and self.search_lr > 0):
             msg = f"need 0 <= search_lambda <= 1 and search_lr > 0, got {self.search_lambda}, {self.search_lr}"
             raise ValueError(msg)
-        if self.kappa < 0 or self.smoothing_sigma < 0 or self.brightness_jitter < 0:
-            msg = (
-                f"kappa, smoothing_sigma and brightness_jitter must be >= 0, got {self.kappa}, "
-                f"{self.smoothing_sigma}, {self.brightness_jitter}"
-            )
+        finite = {"kappa": self.kappa, "smoothing_sigma": self.smoothing_sigma}
+        finite |= {"brightness_jitter": self.brightness_jitter, "search_lr": self.search_lr}
+        for name, value in finite.items():  # NaN passes every comparison, so ask for finiteness first
+            if not (math.isfinite(value) and value >= 0):
+                msg = f"{name} must be a finite number >= 0, got {value}"
+                raise ValueError(msg)
+        if self.seed < 0:
+            msg = f"seed must be >= 0 (numpy's generators take no negative seeds), got {self.seed}"
             raise ValueError(msg)
         if not 0 <= self.line_length <= MAX_LINE_LENGTH:
             msg = f"line_length must be between 0 (off) and {MAX_LINE_LENGTH} pixels, got {self.line_length}"
@@ -211,12 +229,13 @@ class TrainConfig:
                 f"got {self.pixel_quantile}, {self.image_quantile}"
             )
             raise ValueError(msg)
-        if self.cpus_per_worker <= 0:
-            msg = f"cpus_per_worker must be > 0, got {self.cpus_per_worker}"
+        if not (math.isfinite(self.cpus_per_worker) and self.cpus_per_worker > 0):
+            msg = f"cpus_per_worker must be a finite number > 0, got {self.cpus_per_worker}"
             raise ValueError(msg)
         if self.max_failures < 0:
             msg = f"max_failures must be >= 0, got {self.max_failures}"
             raise ValueError(msg)
+        self._check_card_bounds()  # last: the checks above name their fields' meaning better
 
     @property
     def per_worker_batch(self) -> int:
@@ -241,6 +260,16 @@ class TrainConfig:
     def replace(self, **changes: Any) -> Self:
         """A validated copy with ``changes`` applied."""
         return dataclasses.replace(self, **changes)
+
+    def _check_card_bounds(self) -> None:
+        """The fields the model card records must fit its bounds now, not after training (`ModelCard`)."""
+        for name in CARD_FIELDS:
+            field = ModelCard.model_fields[name]
+            try:
+                TypeAdapter(Annotated[field.annotation, *field.metadata]).validate_python(getattr(self, name))
+            except ValidationError as exc:
+                msg = f"{name}={getattr(self, name)!r}: {exc.errors()[0]['msg']} (the model card's bounds)"
+                raise ValueError(msg) from None
 
     def _check_filter_shapes(self) -> None:
         if not 0.0 <= self.short_segment_weight <= 1.0:

@@ -189,12 +189,15 @@ class _Loader:
             )
             raise DatasetError(msg)
         self._remember(path)
-        return values > 0.5 / 255.0
+        marked = values > 0  # any non-black pixel: 0/255 and 16-bit 0/1 masks alike
+        if not marked.any():
+            self.warn(f"mask {path} marks no pixel: {image_path} counts as a defect image without defect pixels")
+        return marked
 
     def digest(self) -> str:
         hasher = hashlib.sha256()
         for name in sorted(self.hashed):
-            hasher.update(name.encode() + b"\0" + self.hashed[name])
+            hasher.update(name.encode("utf-8", "surrogateescape") + b"\0" + self.hashed[name])  # any file name
         return hasher.hexdigest()
 
 
