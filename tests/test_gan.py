@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from trainer.config import TrainConfig
-from trainer.gan import NoisyAnoGAN, PatchSampler, gan_step, run_schedule, train_in_process
+from trainer.gan import NoisyAnoGAN, PatchSampler, TrainingDiverged, gan_step, run_schedule, train_in_process
 
 
 def _images(n: int = 2, size: int = 48) -> list[np.ndarray]:
@@ -59,6 +60,18 @@ def test_resuming_from_a_checkpoint_gives_the_uninterrupted_result() -> None:
         resumed.load_training_state(checkpoints[step])
         run_schedule(resumed, PatchSampler(_images(), abnormal, cfg), step, lambda step, metrics: None)
         assert _same(resumed.weights(), model.weights()), step
+
+
+def test_a_run_whose_losses_go_nan_stops_at_the_first_epoch_end() -> None:
+    cfg = TrainConfig.tiny(gan_steps=4, encoder_steps=2, steps_per_epoch=2)
+    model = NoisyAnoGAN(cfg, "cpu")
+    with torch.no_grad():  # as after a step too large for the learning rate
+        for parameter in model.generator.parameters():
+            parameter.fill_(float("nan"))
+    epochs: list[int] = []
+    with pytest.raises(TrainingDiverged, match="diverged by step 2"):
+        run_schedule(model, PatchSampler(_images(), None, cfg), 0, lambda step, metrics: epochs.append(step))
+    assert epochs == []  # no checkpoint of NaN weights was taken
 
 
 def test_gan_step_reports_finite_losses_with_abnormal_patches() -> None:

@@ -19,6 +19,7 @@ checkpoint continues exactly as the uninterrupted run would have, without storin
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -317,6 +318,10 @@ class NoisyAnoGAN:
         )
 
 
+class TrainingDiverged(ValueError):
+    """A loss went NaN or infinite: the weights are unusable."""
+
+
 def run_schedule(model: NoisyAnoGAN, sampler: PatchSampler, start_step: int, on_epoch_end: EpochHook) -> None:
     """Run steps ``start_step .. total_steps``; call ``on_epoch_end`` every ``steps_per_epoch`` steps and at the end.
 
@@ -338,7 +343,15 @@ def run_schedule(model: NoisyAnoGAN, sampler: PatchSampler, start_step: int, on_
         count += 1
         done = step + 1
         if done % cfg.steps_per_epoch == 0 or done == cfg.total_steps:
-            on_epoch_end(done, {key: value / count for key, value in sums.items()})
+            means = {key: value / count for key, value in sums.items()}
+            broken = {key: value for key, value in means.items() if not math.isfinite(value)}
+            if broken:  # the weights are NaN from here on: stop now, not after the whole schedule
+                msg = (
+                    f"training diverged by step {done}: the last epoch's mean {broken} is not finite; "
+                    "lower the learning rates (lr_g, lr_d, lr_e) or keep spectral_norm on"
+                )
+                raise TrainingDiverged(msg)
+            on_epoch_end(done, means)
             sums, count = {}, 0
 
 
@@ -362,6 +375,7 @@ def train_in_process(
 __all__ = [
     "NoisyAnoGAN",
     "PatchSampler",
+    "TrainingDiverged",
     "encoder_step",
     "gan_step",
     "run_schedule",
