@@ -143,6 +143,18 @@ def test_sixteen_bit_zero_one_masks_mark_their_pixels_and_an_empty_mask_is_named
     assert any("001_mask.png marks no pixel" in warning for warning in data.warnings)
 
 
+def test_masks_nothing_reads_are_named(synthetic_folder: Path, tmp_path: Path) -> None:
+    root = _copy(synthetic_folder, tmp_path)
+    (root / "ground_truth/train_abnormal").rename(root / "ground_truth/abnormal")  # the natural guess, not read
+    (root / "ground_truth/scratch/007_mask.png").write_bytes(encode_png(np.ones((64, 64), dtype=bool)))
+    shutil.copy(root / "ground_truth/scratch/000_mask.png", root / "ground_truth/scratch/000.png")
+    data = load_dataset(root)
+    assert all(mask is None for mask in data.abnormal_masks)
+    assert any("ground_truth/abnormal is not read" in warning for warning in data.warnings)
+    assert any("007_mask.png is not used" in warning and "no image 007" in warning for warning in data.warnings)
+    assert any("scratch/000.png is not used: a mask is named" in warning for warning in data.warnings)
+
+
 def test_rgb_and_sixteen_bit_images_load_as_eight_bit_grey(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     good = tmp_path / "train/good"

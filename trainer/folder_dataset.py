@@ -278,6 +278,35 @@ def _load_test(loader: _Loader, root: Path, required: bool) -> dict[str, object]
     return {"test_images": images, "test_masks": masks, "test_labels": labels, "test_files": files}
 
 
+def _warn_unused_masks(loader: _Loader, root: Path, part: DatasetPart) -> None:
+    """Warn about mask files the loaded parts never read: a folder of ``ground_truth/`` that belongs to no image
+    folder, and masks whose image is missing or whose name lacks ``_mask`` (their images count as unmasked)."""
+    truth = root / "ground_truth"
+    if not truth.is_dir():
+        return
+    image_folders: dict[str, Path] = {}
+    if part in (DatasetPart.TRAIN, DatasetPart.ALL):
+        image_folders[TRAIN_ABNORMAL_MASKS] = root / "train" / "abnormal"
+    test_root = root / "test"
+    if part in (DatasetPart.TEST, DatasetPart.ALL) and test_root.is_dir():
+        image_folders |= {p.name: p for p in _defect_folders(test_root) if p.name != GOOD}
+    for folder in sorted(p for p in truth.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        images = image_folders.get(folder.name)
+        if images is None:
+            if part == DatasetPart.ALL:
+                loader.warn(
+                    f"{folder} is not read: masks of train/abnormal go in ground_truth/{TRAIN_ABNORMAL_MASKS}/, "
+                    "those of test/<kind> in ground_truth/<kind>/"
+                )
+            continue
+        stems = {p.stem for p in image_files(images)}
+        for mask in image_files(folder):
+            if not mask.stem.endswith("_mask"):
+                loader.warn(f"{mask} is not used: a mask is named <image stem>_mask.png")
+            elif mask.stem.removesuffix("_mask") not in stems:
+                loader.warn(f"{mask} is not used: {images} has no image {mask.stem.removesuffix('_mask')}.*")
+
+
 def load_dataset(
     root: Path, part: DatasetPart = DatasetPart.ALL, calibration_share: float = CALIBRATION_SHARE
 ) -> FolderDataset:
@@ -304,6 +333,7 @@ def load_dataset(
         fields |= _load_train(loader, root, calibration_share)
     if part in (DatasetPart.TEST, DatasetPart.ALL):
         fields |= _load_test(loader, root, required=part == DatasetPart.TEST)
+    _warn_unused_masks(loader, root, part)
     return FolderDataset(
         root=root,
         part=part,
