@@ -226,6 +226,11 @@ class Settings(BaseModel):
         try:
             return cls.model_validate(values)
         except ValidationError as exc:  # named by field, without the values (pydantic would print a bad secret)
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
-            msg = f"invalid settings from the environment: {problems}"
+            variables = {"redis_url": "REDIS_URL", "s3_region": "S3_REGION", **optional, **SERVING_VARIABLES}
+            problems = []
+            for error in exc.errors():
+                field = ".".join(map(str, error["loc"])) or "settings"
+                variable = variables.get(str(error["loc"][-1])) if error["loc"] else None
+                problems.append(f"{field}{f' ({variable})' if variable else ''}: {error['msg']}")
+            msg = f"invalid settings from the environment: {'; '.join(problems)}"
             raise ValueError(msg) from None
