@@ -352,9 +352,9 @@ class EmbeddedStack:
         self._wrote_state = False
 
     def __enter__(self) -> StackState:
-        state_dir = (self._base or Settings.from_env()).state_dir
-        with start_lock(state_dir):
-            base = resolve_settings(self._base)
+        given = self._base or Settings.from_env()  # read the environment once
+        with start_lock(given.state_dir):
+            base = resolve_settings(given)
             recorded = read_state(base.state_dir)
             if recorded is not None:
                 _refuse_partly_up(recorded, state_path(base.state_dir))

@@ -255,16 +255,14 @@ class StreamConsumer:
         except JobRejected as exc:
             return self._dead(stream, entry_id, deliveries, exc.reason, exc.detail, exc.job_id)
         jlog = job_log(log, job.job_id, job.line, entry_id)
-        done = self._redis_call(
-            f"job {job.job_id}: done check", lambda: self.redis.get(self.names.done_marker(job.job_id)), jlog
-        )
-        if done is not None and done.decode() == entry_id:  # answered by an earlier delivery
+        done = self._result_entry(job, jlog)
+        if done == entry_id:  # answered by an earlier delivery
             self._redis_call(
                 f"job {job.job_id}: ack", lambda: self.redis.xack(stream, self.names.scorer_group, entry_id), jlog
             )
             return Outcome.DUPLICATE
         if done is not None:
-            detail = f"job_id already has a result from entry {done.decode()}"
+            detail = f"job_id already has a result from entry {done}"
             return self._dead(stream, entry_id, deliveries, DeadReason.DUPLICATE_JOB, detail, job.job_id, job.line)
         owner = self._redis_call(
             f"job {job.job_id}: taking the job",
@@ -282,6 +280,13 @@ class StreamConsumer:
             detail = f"job_id is being scored from entry {other_entry} of {other_stream}"
             return self._dead(stream, entry_id, deliveries, DeadReason.DUPLICATE_JOB, detail, job.job_id, job.line)
         return self._inspect(stream, entry_id, job, inline, deliveries, jlog)
+
+    def _result_entry(self, job: InspectionJob, jlog: JobLog) -> str | None:
+        """The entry whose result the job has (its done marker), or None."""
+        done = self._redis_call(
+            f"job {job.job_id}: done check", lambda: self.redis.get(self.names.done_marker(job.job_id)), jlog
+        )
+        return done.decode() if done is not None else None
 
     def _inspect(
         self, stream: str, entry_id: str, job: InspectionJob, inline: bytes | None, deliveries: int, jlog: JobLog
@@ -345,10 +350,7 @@ class StreamConsumer:
             jlog,
         )
         if written == DONE_BY_ANOTHER_ENTRY:  # its owner marker had expired: the same id scored twice at once
-            done = self._redis_call(
-                f"job {job.job_id}: done check", lambda: self.redis.get(self.names.done_marker(job.job_id)), jlog
-            )
-            detail = f"job_id already has a result from entry {done.decode() if done else '(expired)'}"
+            detail = f"job_id already has a result from entry {self._result_entry(job, jlog) or '(expired)'}"
             return self._dead(stream, entry_id, deliveries, DeadReason.DUPLICATE_JOB, detail, job.job_id, job.line)
         if written != 1:
             return Outcome.DUPLICATE
