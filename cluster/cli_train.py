@@ -11,6 +11,7 @@ this process and needs only the object store's registry.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -254,15 +255,13 @@ def eval_cmd(
     search_steps: Annotated[int | None, typer.Option(help="search mode: Γ, Adam steps per patch (500).")] = None,
 ) -> None:
     """Evaluate a model version on a folder's test images: image/pixel AUROC, pixel AP, AUPRO; optional report."""
-    for path, kind in ((json_path, "--json"), (report, "--report")):
-        if path is not None and (path.is_dir() if kind == "--json" else path.is_file()):
-            fail(f"{kind} {path} is a {'folder' if path.is_dir() else 'file'}; expected a {kind[2:]} path")
+    _check_output_paths(json_path, report)  # before minutes of scoring, not after
     dataset = load_folder(data, "test")
     settings = resolved_settings(s3=True)
     from cluster.connections import object_store
     from trainer.evaluation import evaluate
     from trainer.registry import ModelNotFound, ModelRegistry
-    from trainer.scoring import PatchModel
+    from trainer.scoring import LatentOptions, PatchModel
     from trainer.store import ObjectMissing
 
     registry = ModelRegistry(object_store(settings), settings.model_name)
@@ -277,18 +276,52 @@ def eval_cmd(
         )
     except (ValueError, RuntimeError) as exc:
         fail(f"cannot load model {settings.model_name}/{version}: {exc}")
+    latent = patch_model.latent
+    card_latent = LatentOptions.for_card(card)
+    scoring = {"score_mode": str(latent.mode), "latent_steps": latent.steps, "card_default": latent == card_latent}
+    if latent != card_latent:
+        console.log(
+            f"scoring in mode {latent.mode} with {latent.steps} latent steps, not the card's {card_latent.mode} "
+            f"with {card_latent.steps}: the card's thresholds (and the counts at them) were calibrated for the card's"
+        )
     console.log(f"evaluating {settings.model_name}/{version} on {len(dataset.test_images)} test images")
     result = evaluate(patch_model, dataset, progress=console.log)
     summary = {
-        "model": {"name": card.name, "version": card.version},
+        "model": {"name": card.name, "version": card.version, "scoring": scoring},
         "data": {"root": str(data), "data_digest": dataset.data_digest, "skipped": dataset.warnings},
         **result.to_json(),
     }
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(summary, indent=2) + "\n")
-    if report is not None:
-        from cluster.eval_report import write_eval_report
+    console.print_json(json.dumps(summary))  # first: a file that cannot be written loses no result
+    try:
+        if json_path is not None:
+            json_path.write_text(json.dumps(summary, indent=2) + "\n")
+        if report is not None:
+            from cluster.eval_report import write_eval_report
 
-        console.log(f"report: {write_eval_report(report, result, dataset, card)}")
-    console.print_json(json.dumps(summary))
+            console.log(f"report: {write_eval_report(report, result, dataset, card)}")
+    except OSError as exc:
+        fail(f"evaluated (metrics above), but could not write the output: {exc}")
+
+
+def _check_output_paths(json_path: Path | None, report: Path | None) -> None:
+    """Fail now, naming the path, unless ``--json``'s folder and the ``--report`` folder can be written.
+
+    Creates the folders (as writing would); a path under a file, or a folder without write permission,
+    is refused.
+    """
+    folders = []
+    if json_path is not None:
+        if json_path.is_dir():
+            fail(f"--json {json_path} is a folder; expected a file path")
+        folders.append(("--json", json_path, json_path.parent))
+    if report is not None:
+        if report.exists() and not report.is_dir():
+            fail(f"--report {report} is a file; expected a folder path")
+        folders.append(("--report", report, report))
+    for option, path, folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            fail(f"{option} {path}: cannot create folder {folder}: {exc.strerror or exc}")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            fail(f"{option} {path}: folder {folder} is not writable")

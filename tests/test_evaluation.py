@@ -19,7 +19,7 @@ from schemas import AbnormalPatchSource, ModelCard, ModelEventKind, Settings, St
 from trainer.config import TrainConfig
 from trainer.evaluation import EvaluationResult, evaluate, pr_curve, roc_curve
 from trainer.folder_dataset import DatasetPart, FolderDataset, load_dataset
-from trainer.metrics import image_auroc
+from trainer.metrics import image_auroc, pixel_average_precision
 from trainer.model_io import weights_to_bytes
 from trainer.pipeline import untrained_model
 from trainer.registry import ModelRegistry
@@ -110,6 +110,19 @@ def test_curves_run_from_the_origin_and_match_auroc() -> None:
     assert pr.y[-1] == pytest.approx(labels.mean())
 
 
+def test_thinned_pr_curve_keeps_the_high_precision_part() -> None:
+    """400 defect pixels among 400 000: the trade-off sits in the first few thousand ranks, and the
+    drawn curve (points spaced along its length) encloses the area AP measures."""
+    rng = np.random.default_rng(0)
+    labels = np.zeros(400_000, dtype=bool)
+    labels[:400] = True
+    scores = rng.normal(size=labels.size) + 4.0 * labels
+    pr = pr_curve(scores, labels, points=400)
+    assert pr.x.size <= 402
+    ap = pixel_average_precision([scores.reshape(400, 1000)], [labels.reshape(400, 1000)])
+    assert np.trapezoid(pr.y, pr.x) == pytest.approx(ap, abs=0.02)
+
+
 def test_report_has_curves_histogram_and_gallery(
     evaluated: tuple[FolderDataset, ModelCard, EvaluationResult, list[str]], tmp_path: Path
 ) -> None:
@@ -173,7 +186,19 @@ def test_eval_writes_json_and_report(s3_env: ObjectStore, folder: Path, tmp_path
     assert set(summary["metrics"]) == {"image_auroc", "pixel_auroc", "pixel_ap", "aupro"}
     assert all(0.0 <= value <= 1.0 for value in summary["metrics"].values())
     assert summary["counts"]["test_images"] == 7
+    assert summary["model"]["scoring"] == {"score_mode": "encoder", "latent_steps": 0, "card_default": True}
     assert (tmp_path / "index.html").is_file()
+
+
+def test_eval_refuses_output_paths_it_cannot_write_before_scoring(folder: Path, tmp_path: Path) -> None:
+    """A path under a file is refused up front, naming the option (no S3 store is even needed)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for option, path in (("--json", blocker / "out.json"), ("--report", blocker / "report"), ("--report", blocker)):
+        result = runner.invoke(app, ["eval", "--data", str(folder), option, str(path)])
+        assert result.exit_code == 2, result.output
+        assert option in result.output and "a-file" in result.output, result.output
+        assert "Traceback" not in result.output
 
 
 def test_eval_in_search_mode_and_a_bad_mode_is_named(s3_env: ObjectStore, folder: Path, tmp_path: Path) -> None:
@@ -183,7 +208,10 @@ def test_eval_in_search_mode_and_a_bad_mode_is_named(s3_env: ObjectStore, folder
     args = ["eval", "--model", card.version, "--data", str(folder), "--device", "cpu"]
     searched = runner.invoke(app, [*args, "--score-mode", "search", "--search-steps", "2", "--json", str(out)])
     assert searched.exit_code == 0, searched.output
-    assert set(json.loads(out.read_text())["metrics"]) == {"image_auroc", "pixel_auroc", "pixel_ap", "aupro"}
+    summary = json.loads(out.read_text())
+    assert set(summary["metrics"]) == {"image_auroc", "pixel_auroc", "pixel_ap", "aupro"}
+    assert summary["model"]["scoring"] == {"score_mode": "search", "latent_steps": 2, "card_default": False}
+    assert "calibrated for the card's" in searched.output  # its thresholds are the encoder mode's
     bad = runner.invoke(app, [*args, "--score-mode", "guess"])
     assert bad.exit_code == 2
     assert "unknown score mode" in bad.output and "'guess'" in bad.output and "Traceback" not in bad.output

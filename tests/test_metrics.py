@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -97,6 +99,52 @@ def test_subsampling_is_deterministic_and_close() -> None:
     assert sub == pixel_auroc(maps, masks, max_pixels=8000)
     assert sub == pytest.approx(full, abs=0.03)
     assert aupro(maps, masks, max_pixels=8000) == pytest.approx(aupro(maps, masks), abs=0.05)
+
+
+def test_subsampling_keeps_a_lone_defect_pixel() -> None:
+    """Above the budget, normal pixels are drawn and every defect pixel kept: one defect pixel in
+    20 480 still yields the metrics, not a 'needs both classes' error."""
+    rng = np.random.default_rng(1)
+    maps = [rng.random((64, 64)).astype(np.float32) for _ in range(5)]
+    masks = [np.zeros((64, 64), dtype=bool) for _ in range(5)]
+    masks[0][0, 0] = True
+    maps[0][0, 0] = 0.99
+    assert pixel_auroc(maps, masks, max_pixels=1000) == pytest.approx(pixel_auroc(maps, masks), abs=0.02)
+    assert aupro(maps, masks, max_pixels=1000) == pytest.approx(aupro(maps, masks), abs=0.05)
+    assert pixel_average_precision(maps, masks, max_pixels=1000) == pytest.approx(
+        pixel_average_precision(maps, masks), abs=0.1
+    )
+
+
+def test_subsampled_average_precision_weighs_the_drawn_normal_pixels() -> None:
+    """Keeping every defect pixel but 1 in 6 normal ones would inflate precision; AP stays the full one."""
+    rng = np.random.default_rng(2)
+    maps = [rng.normal(size=(128, 128)).astype(np.float32) for _ in range(8)]
+    masks = [np.zeros((128, 128), dtype=bool) for _ in range(8)]
+    for m, g in zip(maps, masks, strict=True):
+        g[10:14, 20:40] = True
+        m[g] += 2.0
+    full = pixel_average_precision(maps, masks)
+    assert pixel_average_precision(maps, masks, max_pixels=20_000) == pytest.approx(full, abs=0.02)
+
+
+def test_pixel_metrics_memory_does_not_grow_with_the_pooled_pixels() -> None:
+    """Subsets are drawn map by map: 16 maps of 256² pooled down to 4096 pixels stay far below the
+    10 bytes per input pixel that drawing over the concatenated pool cost."""
+    rng = np.random.default_rng(3)
+    maps = [rng.random((256, 256)).astype(np.float32) for _ in range(16)]
+    masks = [np.zeros((256, 256), dtype=bool) for _ in range(16)]
+    for g in masks:
+        g[5:9, 5:50] = True
+    pixels = 16 * 256 * 256
+    for metric in (pixel_auroc, aupro):
+        tracemalloc.start()
+        try:
+            metric(maps, masks, max_pixels=4096)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak / pixels < 3.0, (metric.__name__, peak / pixels)
 
 
 def test_one_class_is_rejected() -> None:

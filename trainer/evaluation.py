@@ -26,16 +26,16 @@ from typing import Protocol
 
 import numpy as np
 
-from trainer.metrics import aupro, image_auroc, pixel_auroc, pixel_average_precision
+from trainer.metrics import aupro, image_auroc, pixel_auroc, pixel_average_precision, pool_pixels
 from trainer.postprocess import image_score
 from trainer.scoring import PatchModel, anomaly_map
 
 Progress = Callable[[str], None]
 GOOD = "good"
 CURVE_POINTS = 400
-"""Points kept per curve for the report (evenly spaced along the curve's ranks)."""
+"""Points kept per curve for the report (evenly spaced along the drawn curve)."""
 CURVE_PIXELS = 1 << 22
-"""Pooled pixels used for the pixel curves (a fixed pseudo-random subset above this)."""
+"""Pooled pixels used for the pixel curves (a fixed pseudo-random per-class subset above this)."""
 AUPRO_MAX_FPR = 0.3
 
 
@@ -116,8 +116,16 @@ def _ranked_counts(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, 
 
 
 def _thin(x: np.ndarray, y: np.ndarray, points: int) -> Curve:
+    """At most ``points`` + 1 of the (K,) points (x, y), evenly spaced along the drawn curve.
+
+    Spacing is by path length (|Δx| + |Δy|, both axes in [0, 1]), not by rank: with rare defect
+    pixels the whole precision/recall trade-off sits in the first few thousand of millions of ranks.
+    """
     if x.size > points:
-        keep = np.unique(np.r_[np.linspace(0, x.size - 1, points).round().astype(int), x.size - 1])
+        path = np.r_[0.0, np.cumsum(np.abs(np.diff(x)) + np.abs(np.diff(y)))]
+        bucket = np.floor(path / max(path[-1], 1e-12) * (points - 1))
+        keep = np.r_[0, np.flatnonzero(np.diff(bucket)) + 1, x.size - 1]
+        keep = np.unique(keep)
         x, y = x[keep], y[keep]
     return Curve(x=x, y=y)
 
@@ -129,29 +137,20 @@ def roc_curve(scores: np.ndarray, labels: np.ndarray, points: int = CURVE_POINTS
     return Curve(x=np.r_[0.0, curve.x], y=np.r_[0.0, curve.y])
 
 
-def pr_curve(scores: np.ndarray, labels: np.ndarray, points: int = CURVE_POINTS) -> Curve:
-    """Precision against recall of scores (N,) and bool labels (N,), recall ascending from 0."""
+def pr_curve(scores: np.ndarray, labels: np.ndarray, points: int = CURVE_POINTS, normal_rate: float = 1.0) -> Curve:
+    """Precision against recall of scores (N,) and bool labels (N,), recall ascending from 0.
+
+    ``normal_rate``: the fraction of normal samples kept when the pool was subsampled per class
+    (`trainer.metrics.pool_pixels`); each kept one counts for 1/rate in the precision.
+    """
     tps, fps = _ranked_counts(np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool))
-    precision = tps / (tps + fps)
+    precision = tps / (tps + fps / normal_rate)
     curve = _thin(tps / tps[-1], precision, points)
     return Curve(x=np.r_[0.0, curve.x], y=np.r_[curve.y[0], curve.y])
 
 
 def _both_classes(labels: np.ndarray) -> bool:
     return 0 < int(np.count_nonzero(labels)) < labels.size
-
-
-def _pooled_pixels(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """(N,) scores and (N,) bool labels of all pixels, a fixed random subset above `CURVE_PIXELS`."""
-    total = sum(m.size for m in maps)
-    rng = np.random.default_rng(0)
-    share = min(1.0, CURVE_PIXELS / total)
-    scores, labels = [], []
-    for m, g in zip(maps, masks, strict=True):
-        keep = rng.random(m.size) < share if share < 1.0 else slice(None)
-        scores.append(m.ravel()[keep])
-        labels.append(g.ravel()[keep])
-    return np.concatenate(scores), np.concatenate(labels)
 
 
 def _pixel_metrics(
@@ -171,10 +170,12 @@ def _pixel_metrics(
     metrics["pixel_auroc"] = pixel_auroc(maps, masks)
     metrics["pixel_ap"] = pixel_average_precision(maps, masks)
     metrics["aupro"] = float(aupro(maps, masks, max_fpr=AUPRO_MAX_FPR))
-    scores, labels = _pooled_pixels(maps, masks)
-    if not _both_classes(labels):  # the subset missed one class (tiny defects, huge images)
+    sample = pool_pixels(maps, masks, CURVE_PIXELS)  # per class: a rare class is never drawn away
+    if not _both_classes(sample.labels):
         return None, None
-    return roc_curve(scores, labels), pr_curve(scores, labels)
+    return roc_curve(sample.scores, sample.labels), pr_curve(
+        sample.scores, sample.labels, normal_rate=sample.normal_rate / sample.defect_rate
+    )
 
 
 def _eta_line(done: int, total: int, elapsed: float) -> str:

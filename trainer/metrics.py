@@ -7,14 +7,18 @@
 
 Ties are handled exactly as scikit-learn does (AUROC counts a tied positive/negative pair as half;
 AP steps over each distinct score). The pixel metrics pool all pixels of all images; above
-``max_pixels`` pixels they use a fixed pseudo-random subset (seed 0), so results stay deterministic
-and memory stays bounded (AUPRO peaks near 60 bytes per pooled pixel). Every metric raises ValueError when only one
-class is present.
+``max_pixels`` pixels they use a fixed pseudo-random subset (seed 0) drawn per class: every defect
+pixel is kept while they fit in half the budget, and normal pixels fill the rest. AUROC and AUPRO do
+not depend on how many pixels of each class are drawn; AP counts each kept normal pixel as the
+1/rate pixels it stands for. Results stay deterministic, and memory stays bounded: the subset is drawn
+map by map, so beyond the maps themselves the metrics hold about 10 bytes per pixel of the largest map
+and about 60 bytes per pooled pixel. Every metric raises ValueError when only one class is present.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
@@ -82,10 +86,45 @@ def image_auroc(scores: Sequence[float] | np.ndarray, labels: Sequence[bool] | n
     return _auroc(values, truth, "image AUROC")
 
 
-def _pool(
-    maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], max_pixels: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Flatten all maps and masks into (N,) scores and (N,) labels, plus the kept-pixel selector."""
+@dataclass(frozen=True)
+class PixelSample:
+    """The pooled pixels of a set of maps: all of them, or a per-class random subset.
+
+    ``scores`` (N,) float32, ``labels`` (N,) bool (True = defect), ``regions`` (N,) int32 (the
+    8-connected ground-truth region of each defect pixel, numbered from 1 across all masks; 0 for
+    normal pixels) or None when not asked for; ``n_regions`` regions in all. ``defect_rate`` and
+    ``normal_rate`` are the fractions of each class kept (1.0 when nothing was dropped).
+    """
+
+    scores: np.ndarray
+    labels: np.ndarray
+    regions: np.ndarray | None
+    n_regions: int
+    defect_rate: float
+    normal_rate: float
+
+
+def _class_rates(n_defect: int, n_normal: int, max_pixels: int) -> tuple[float, float]:
+    """Fractions of defect and normal pixels to keep so that about ``max_pixels`` remain.
+
+    Defect pixels (usually ~0.1 %) are all kept while they fit in half the budget; normal pixels
+    fill what is left, so a rare class is never subsampled away.
+    """
+    if n_defect + n_normal <= max_pixels:
+        return 1.0, 1.0
+    keep_defect = min(n_defect, max(max_pixels // 2, max_pixels - n_normal))
+    keep_normal = min(n_normal, max_pixels - keep_defect)
+    return keep_defect / max(n_defect, 1), keep_normal / max(n_normal, 1)
+
+
+def pool_pixels(
+    maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], max_pixels: int, *, regions: bool = False
+) -> PixelSample:
+    """Pool maps [(H, W) float] and masks [(H, W) bool or 0/1], keeping about ``max_pixels`` pixels.
+
+    The subset is drawn map by map with a generator seeded 0, at `_class_rates`' rate per class, so it
+    is the same on every call. With ``regions``, each defect pixel carries its ground-truth region.
+    """
     if len(maps) != len(masks) or len(maps) == 0:
         msg = f"need the same, non-zero number of maps and masks, got {len(maps)} and {len(masks)}"
         raise ValueError(msg)
@@ -93,30 +132,63 @@ def _pool(
         if np.ndim(m) != 2 or np.shape(m) != np.shape(g):
             msg = f"map {i} has shape {np.shape(m)} and mask {i} {np.shape(g)}; expected the same (H, W)"
             raise ValueError(msg)
-    scores = np.concatenate([np.asarray(m, dtype=np.float32).ravel() for m in maps])
-    labels = np.concatenate([_binary(g, f"mask {i}").ravel() for i, g in enumerate(masks)])
-    keep = None
-    if scores.size > max_pixels:
-        keep = np.random.default_rng(0).random(scores.size, dtype=np.float32) < max_pixels / scores.size
-        scores, labels = scores[keep], labels[keep]
-    return scores, labels, keep
+    truths = [_binary(g, f"mask {i}") for i, g in enumerate(masks)]
+    n_defect = sum(int(np.count_nonzero(t)) for t in truths)
+    n_all = sum(t.size for t in truths)
+    defect_rate, normal_rate = _class_rates(n_defect, n_all - n_defect, max_pixels)
+    subsample = defect_rate < 1.0 or normal_rate < 1.0
+    rng = np.random.default_rng(0)
+    scores, labels, region_ids = [], [], []
+    n_regions = 0
+    for m, truth in zip(maps, truths, strict=True):
+        flat_truth = truth.ravel()
+        keep: np.ndarray | slice = slice(None)
+        if subsample:
+            keep = rng.random(flat_truth.size, dtype=np.float32) < np.where(flat_truth, defect_rate, normal_rate)
+        scores.append(np.asarray(m, dtype=np.float32).ravel()[keep])
+        labels.append(flat_truth[keep])
+        if regions:
+            labelled, n = ndimage.label(truth, structure=_EIGHT_CONNECTED)
+            ids = labelled.ravel()[keep].astype(np.int32)
+            region_ids.append(np.where(ids > 0, ids + n_regions, 0).astype(np.int32))
+            n_regions += n
+    return PixelSample(
+        scores=np.concatenate(scores),
+        labels=np.concatenate(labels),
+        regions=np.concatenate(region_ids) if regions else None,
+        n_regions=n_regions,
+        defect_rate=defect_rate,
+        normal_rate=normal_rate,
+    )
+
+
+def precision_recall_steps(
+    scores: np.ndarray, labels: np.ndarray, normal_rate: float = 1.0, defect_rate: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Precision and recall (T,) each at every distinct score of (N,) ``scores``, from the highest down.
+
+    A kept pixel stands for 1/rate pixels of its class, so a class-subsampled pool gives the
+    precision of the full set. Raises ValueError when only one class is present.
+    """
+    tps, fps = _curve(scores, labels, "precision/recall")
+    weighted_tps, weighted_fps = tps / defect_rate, fps / normal_rate
+    return weighted_tps / (weighted_tps + weighted_fps), tps / tps[-1]
 
 
 def pixel_auroc(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], max_pixels: int = MAX_PIXELS) -> float:
     """Pixel-level AUROC of maps [(H, W) float] against ground-truth masks [(H, W) bool], pooled."""
-    scores, labels, _ = _pool(maps, masks, max_pixels)
-    return _auroc(scores, labels, "pixel AUROC")
+    sample = pool_pixels(maps, masks, max_pixels)
+    return _auroc(sample.scores, sample.labels, "pixel AUROC")
 
 
 def pixel_average_precision(
     maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], max_pixels: int = MAX_PIXELS
 ) -> float:
     """Pixel-level average precision, pooled: Σ_k (R_k − R_{k−1})·P_k over distinct scores (as sklearn)."""
-    scores, labels, _ = _pool(maps, masks, max_pixels)
-    tps, fps = _curve(scores, labels, "pixel average precision")
-    precision = tps / (tps + fps)
-    recall_steps = np.diff(np.r_[0.0, tps]) / tps[-1]
-    return float(np.sum(recall_steps * precision))
+    sample = pool_pixels(maps, masks, max_pixels)
+    _check_two_classes(sample.labels, "pixel average precision")
+    precision, recall = precision_recall_steps(sample.scores, sample.labels, sample.normal_rate, sample.defect_rate)
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
 def aupro(
@@ -136,17 +208,10 @@ def aupro(
     if not 0.0 < max_fpr <= 1.0:
         msg = f"max_fpr must be in (0, 1], got {max_fpr}"
         raise ValueError(msg)
-    scores, labels, keep = _pool(maps, masks, max_pixels)
-    region_ids = []
-    n_regions = 0
-    for g in masks:
-        labelled, n = ndimage.label(_binary(g, "mask"), structure=_EIGHT_CONNECTED)
-        region_ids.append(np.where(labelled > 0, labelled + n_regions, 0).astype(np.int32).ravel())
-        n_regions += n
-    regions = np.concatenate(region_ids)
-    if keep is not None:
-        regions = regions[keep]
-    sizes = np.bincount(regions, minlength=n_regions + 1).astype(np.float64)
+    sample = pool_pixels(maps, masks, max_pixels, regions=True)
+    scores, labels, regions = sample.scores, sample.labels, sample.regions
+    assert regions is not None
+    sizes = np.bincount(regions, minlength=sample.n_regions + 1).astype(np.float64)
     present = int(np.count_nonzero(sizes[1:]))  # regions with no pixel left after subsampling drop out
     weights = np.zeros_like(sizes)
     weights[1:][sizes[1:] > 0] = 1.0 / sizes[1:][sizes[1:] > 0]
