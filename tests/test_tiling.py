@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -148,3 +150,19 @@ def test_plans_are_cached_and_immutable() -> None:
     assert layout.grid is layout.grid and len(layout.grid[0]) * len(layout.grid[1]) == layout.n_patches == 4225
     with pytest.raises(AttributeError):
         layout.patch = 64  # type: ignore[misc]
+
+
+def test_stitching_many_image_sizes_keeps_no_image_sized_weights() -> None:
+    """An ingress sees images of many sizes: what stitching caches per size is two vectors, not an
+    (Hp, Wp) float64 weight per size (8.9 MB each at 1024², 136 MB at 4096²)."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        for extra in range(4):
+            layout = plan_tiles(1024 + extra, 1024, 32, 16)
+            stitch_patches(np.ones((layout.n_patches, 32, 32), dtype=np.float32), layout)
+        gc.collect()
+        retained = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert retained < 16e6, retained  # the 4 cached plans (~1 MB each) and their weight vectors
