@@ -97,7 +97,8 @@ def _evaluate(
     order = sorted(cases, key=lambda c: c[1].image_score)
     normals = [c for c in order if not dataset.test_masks[c[2]].any()]
     defects = [c for c in order if dataset.test_masks[c[2]].any()]
-    chosen = defects[-2:] + defects[:1] + normals[-1:] + normals[:1]
+    picks = defects[-2:] + defects[:1] + normals[-1:] + normals[:1]
+    chosen = list({case[0]: case for case in picks}.values())  # each job once, even in a short run
     report = [
         ReportCase(
             job_id=job_id,
