@@ -266,7 +266,7 @@ def eval_cmd(
 
     registry = ModelRegistry(object_store(settings), settings.model_name)
     try:
-        version = model or registry.live_version()
+        version = registry.live_version() if model is None else model
         card, weights = registry.load(version)
     except (ModelNotFound, ObjectMissing, ValueError) as exc:  # unknown, half-written or unreadable version
         fail(f"cannot load model {settings.model_name}/{model or 'live'}: {exc}")

@@ -172,6 +172,9 @@ def test_eval_of_an_unknown_version_names_it(s3_env: ObjectStore, folder: Path) 
     assert result.exit_code == 2
     assert "has no version 'v-nope'" in result.output
     assert "Traceback" not in result.output
+    for name in ("", "../metal/v1", "a/b"):  # not the live version, nor another prefix's keys
+        refused = runner.invoke(app, ["eval", "--model", name, "--data", str(folder)])
+        assert refused.exit_code == 2 and "is not a version name" in refused.output, refused.output
 
 
 def test_eval_writes_json_and_report(s3_env: ObjectStore, folder: Path, tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from pydantic import TypeAdapter
 
 from schemas import LINE_PATTERN, ModelCard, ModelEvent, ModelEventKind
+from schemas.ids import MODEL_VERSION_PATTERN
 from trainer.store import ObjectMissing, ObjectStore
 
 MAX_HISTORY = 1000
@@ -59,6 +60,9 @@ class ModelRegistry:
         self.name = name
 
     def _prefix(self, version: str) -> str:
+        if not re.match(MODEL_VERSION_PATTERN, version):  # e.g. "", "a/b" or "../x" would read other keys
+            msg = f"model version {version!r} is not a version name (letters, digits, '-', '_'; at most 64)"
+            raise ValueError(msg)
         return f"models/{self.name}/{version}/"
 
     def save(self, card: ModelCard, weights: bytes) -> str:
