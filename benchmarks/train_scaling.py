@@ -46,6 +46,9 @@ class EpochClock:
     def __init__(self) -> None:
         self.stamps: list[tuple[int, float]] = []
 
+    def started(self, resumed_from: int | None) -> None:
+        """A worker group started (as `ProgressBoard.started`); the clock only stamps steps."""
+
     def update(self, step: int, total: int, metrics: dict[str, float]) -> None:
         """Record that rank 0 reached ``step`` now (same signature as `ProgressBoard.update`)."""
         self.stamps.append((step, time.monotonic()))

@@ -25,7 +25,7 @@ from trainer.config import TrainConfig
 from trainer.distributed import CHECKPOINT_FILE, checkpoint_metadata, load_checkpoint_dir, run_training
 from trainer.networks import build_networks
 from trainer.pipeline import train_model_version
-from trainer.progress import ProgressBoard
+from trainer.progress import ProgressWatch
 from trainer.registry import ModelRegistry
 from trainer.scoring import PatchModel, anomaly_map
 from trainer.store import TRAIN_RUNS_PREFIX, CheckpointStorage, ObjectStore
@@ -135,48 +135,55 @@ def test_killed_worker_resumes_from_the_last_checkpoint_in_the_object_store(
     polling paces the run to about one checkpoint per poll, which leaves the kill seconds to land.
     """
     spe = 3
-    cfg = TrainConfig.tiny(gan_steps=21, encoder_steps=9, steps_per_epoch=spe, max_failures=1)  # 10 checkpoints
+    # 10 checkpoints. Two failures allowed: ours, and one the loaded 2-core CI machine may add on its
+    # own (a fresh-clone run once saw the kill land on a group already restarting, and stop there).
+    cfg = TrainConfig.tiny(gan_steps=21, encoder_steps=9, steps_per_epoch=spe, max_failures=2)
     run_name = f"test-kill-{uuid.uuid4().hex[:8]}"
     storage = CheckpointStorage.object_store(stack_settings.model_copy(update={"bucket": object_store.bucket}))
-    board = ProgressBoard.remote()
+    said: list[str] = []
     outcome: dict[str, Any] = {}
+    with ProgressWatch(said.append, cfg.total_steps, poll_s=0.2) as board:
 
-    def train() -> None:
+        def train() -> None:
+            try:
+                outcome["state"] = run_training(cfg, _images(2), None, storage, run_name, progress_board=board)
+            except BaseException as exc:  # re-raised on the test thread
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=train, name="run-training", daemon=True)
+        thread.start()
         try:
-            outcome["state"] = run_training(cfg, _images(2), None, storage, run_name, progress_board=board)
-        except BaseException as exc:  # re-raised on the test thread
-            outcome["error"] = exc
+            deadline = time.monotonic() + 120
+            safe_step = 4 * spe
+            _wait_for(
+                lambda: ray.get(board.read.remote()).get("step", 0) >= safe_step or "error" in outcome,
+                deadline,
+                f"progress step {safe_step}",
+            )
+            if "error" in outcome:
+                raise outcome["error"]
+            before = ray.get(board.read.remote())
+            killed_at = before["step"]
+            assert killed_at < cfg.total_steps, "the run finished before the kill: make the schedule longer"
+            workers = _alive_actor_pids("RayTrainWorker")
+            assert len(workers) == cfg.num_workers, workers
+            os.kill(workers[-1], signal.SIGKILL)
 
-    thread = threading.Thread(target=train, name="run-training", daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 60
-        safe_step = 4 * spe
-        _wait_for(
-            lambda: ray.get(board.read.remote()).get("step", 0) >= safe_step or "error" in outcome,
-            deadline,
-            f"progress step {safe_step}",
-        )
-        if "error" in outcome:
-            raise outcome["error"]
-        killed_at = ray.get(board.read.remote())["step"]
-        assert killed_at < cfg.total_steps, "the run finished before the kill: make the schedule longer"
-        workers = _alive_actor_pids("RayTrainWorker")
-        assert len(workers) == cfg.num_workers, workers
-        os.kill(workers[-1], signal.SIGKILL)
+            thread.join(timeout=max(deadline + 30 - time.monotonic(), 1))
+            assert not thread.is_alive(), f"run_training did not finish after the kill; board before it {before}"
+            if "error" in outcome:
+                raise AssertionError(f"the run failed after the kill; board before it {before}") from outcome["error"]
+        finally:
+            if thread.is_alive():  # leave nothing running: fail the run, then let it unwind
+                for class_name in ("TrainController", "RayTrainWorker"):
+                    for pid in _alive_actor_pids(class_name):
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+                thread.join(timeout=30)
+        after = ray.get(board.read.remote())
 
-        thread.join(timeout=max(deadline + 30 - time.monotonic(), 1))
-        assert not thread.is_alive(), "run_training did not finish after the worker was killed"
-        if "error" in outcome:
-            raise outcome["error"]
-    finally:
-        if thread.is_alive():  # leave nothing running: fail the run, then let it unwind
-            for class_name in ("TrainController", "RayTrainWorker"):
-                for pid in _alive_actor_pids(class_name):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-            thread.join(timeout=30)
-        ray.kill(board)
+    assert after["attempts"] > before["attempts"], (before, after)  # the kill restarted the group
+    assert any("restarted after a failure" in line for line in said), said  # and the driver said so
 
     state = outcome["state"]
     assert state and all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
@@ -188,7 +195,8 @@ def test_killed_worker_resumes_from_the_last_checkpoint_in_the_object_store(
     # CheckpointConfig(num_to_keep=2) deletes the older registered ones. Rank 0 uploads before it queues
     # its report, so the killed group leaves a few (seen: 1 or 2) that the controller never registered
     # and Ray never deletes: one waiting to be queued, one in the queue, maybe one popped from rank 0 alone.
-    assert steps[-2:] == [cfg.total_steps - spe, cfg.total_steps] and len(steps) <= 2 + 3, steps
+    failed_groups = after["attempts"] - 1
+    assert steps[-2:] == [cfg.total_steps - spe, cfg.total_steps] and len(steps) <= 2 + 3 * failed_groups, steps
     final_folder = folders[-1]
     final = checkpoint_metadata(final_folder)
     assert (final["rng_seed"], final["rng_world_size"]) == (str(cfg.seed), str(cfg.num_workers))

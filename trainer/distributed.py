@@ -146,6 +146,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     sampler = PatchSampler(data["normal"], data.get("abnormal"), cfg, rank=rank, device=device)
     board = config.get("progress_board")
+    if board is not None and rank == 0:  # fire-and-forget: the driver learns of restarts
+        board.started.remote(resumed_from)
 
     def report(step: int, metrics: dict[str, float]) -> None:
         phase = "gan" if step <= cfg.gan_steps else "encoder"

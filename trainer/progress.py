@@ -21,17 +21,27 @@ import ray
 
 @ray.remote(num_cpus=0)
 class ProgressBoard:
-    """The latest step a training run reached, with its metrics."""
+    """The latest step a training run reached, with its metrics, and how many times its worker group started.
+
+    Rank 0 calls `started` once per worker group (the first, and each restart after a failure) and
+    `update` at every checkpoint; `read` returns ``{"step", "total", "metrics", "attempts",
+    "resumed_from"}`` (``resumed_from``: the checkpoint step the latest group started from, None for a
+    fresh start).
+    """
 
     def __init__(self) -> None:
-        self.latest: dict[str, Any] = {}
+        self.latest: dict[str, Any] = {"attempts": 0, "resumed_from": None}
+
+    def started(self, resumed_from: int | None) -> None:
+        """Record that a worker group started, from checkpoint step ``resumed_from`` (None: from scratch)."""
+        self.latest = {**self.latest, "attempts": self.latest["attempts"] + 1, "resumed_from": resumed_from}
 
     def update(self, step: int, total: int, metrics: dict[str, float]) -> None:
         """Record the step reached (called by rank 0)."""
-        self.latest = {"step": step, "total": total, "metrics": metrics}
+        self.latest = {**self.latest, "step": step, "total": total, "metrics": metrics}
 
     def read(self) -> dict[str, Any]:
-        """The latest record (empty before the first update)."""
+        """The latest record (no ``step`` before the first update)."""
         return self.latest
 
 
@@ -72,11 +82,19 @@ class ProgressWatch:
     def _watch(self) -> None:
         first: tuple[int, float] | None = None  # rate from the first report on: start-up does not skew it
         last_step = -1
+        attempts = 0
         while not self._stop.wait(self.poll_s):
             try:
                 latest = ray.get(self.board.read.remote(), timeout=10)
             except Exception:  # progress is best-effort; training goes on without it
                 continue
+            if latest.get("attempts", 0) > attempts:
+                attempts = latest["attempts"]
+                if attempts > 1:  # a worker failed: say so, and report steps again from the checkpoint on
+                    resumed = latest.get("resumed_from")
+                    where = f"its checkpoint at step {resumed}" if resumed is not None else "the start"
+                    self.progress(f"training worker group restarted after a failure (start {attempts}): from {where}")
+                    last_step = resumed if resumed is not None else -1
             step = int(latest.get("step", -1))
             if step <= last_step:
                 continue
