@@ -14,18 +14,20 @@ anomap loadgen --cameras 8 --fps 1 --duration 30   # a simulated camera fleet, o
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import signal
 import sys
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from cluster.cli_common import console, env_settings, err, fail, resolved_settings
+from cluster.cli_common import checked_line, console, env_settings, err, fail, resolved_settings
 from cluster.cli_train import eval_cmd, train
 from schemas import InspectionJob, StreamNames
 
@@ -189,22 +191,29 @@ def publish(
 @app.command()
 def results(
     line: Annotated[str, typer.Option(help="Production line.")] = "default",
-    follow: Annotated[bool, typer.Option(help="Wait for new results.")] = False,
-    count: Annotated[int, typer.Option(help="How many of the latest results.")] = 20,
+    follow: Annotated[bool, typer.Option(help="Then wait for new results (Ctrl-C stops).")] = False,
+    count: Annotated[int, typer.Option(min=0, max=100_000, help="How many of the latest results.")] = 20,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON result per line.")] = False,
 ) -> None:
-    """Print results (the latest ``count``, or follow new ones)."""
+    """Print results (the latest ``count``, then with --follow each new one as it arrives)."""
     settings = resolved_settings(redis=True)
     from cluster.connections import redis_client
-    from workers.results import follow_results, read_results
+    from workers.results import follow_entries, read_answer
 
     client = redis_client(settings)
-    names = StreamNames(settings.stream_prefix)
-    newest = client.xrevrange(names.results(line), count=count)
-    start = newest[-1][0].decode() if newest else "-"
-    found = list(read_results(client, names, line, start=start)) if newest else []
-    stream = follow_results(client, names, line) if follow else iter(())
-    for _, result in [*found, *stream]:
+    stream = StreamNames(settings.stream_prefix).results(checked_line(line))
+    newest = client.xrevrange(stream, count=count) if count else []
+    entries: Iterable[tuple[Any, dict[bytes, bytes]]] = reversed(newest)
+    if follow:  # from the newest entry seen, so nothing written between the two reads is missed
+        last = client.xrevrange(stream, count=1) if not newest else newest[:1]
+        entries = itertools.chain(entries, follow_entries(client, stream, last[0][0].decode() if last else "0-0"))
+    for entry_id, fields in entries:
+        name = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+        try:
+            result = read_answer(False, fields)
+        except ValueError as exc:  # another writer's entry, or a newer version's: say so, go on
+            err.print(f"skipping results entry {name}: {str(exc).splitlines()[0]}")
+            continue
         if as_json:
             print(result.model_dump_json(), flush=True)
         else:

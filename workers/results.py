@@ -59,17 +59,20 @@ def read_dead_letters(client: redis.Redis, names: StreamNames, start: str = "-")
         yield entry_id.decode(), DeadLetter.model_validate_json(fields[b"dead"])
 
 
-def follow_results(
-    client: redis.Redis, names: StreamNames, line: str | None = None, last_id: str = "$", block_ms: int = 1000
-) -> Iterator[tuple[str, InspectionResult]]:
-    """New results as they arrive (blocking); ``last_id="$"`` starts from now."""
-    stream = names.results(line)
+def follow_entries(
+    client: redis.Redis, stream: str, last_id: str = "$", block_ms: int = 1000
+) -> Iterator[tuple[str, dict[bytes, bytes]]]:
+    """Raw entries ``(id, fields)`` of ``stream`` after ``last_id``, as they arrive (blocking, endless).
+
+    Pass the id of the last entry already read, so nothing written in between is missed; ``"$"``
+    starts from now, ``"0-0"`` from the beginning.
+    """
     while True:
         reply = client.xread({stream: last_id}, block=block_ms, count=100)
         for _, items in reply or []:
             for entry_id, fields in items:
                 last_id = entry_id.decode()
-                yield last_id, InspectionResult.model_validate_json(fields[b"result"])
+                yield last_id, fields
 
 
 def read_answer(is_dead: bool, fields: dict[bytes, bytes]) -> DeadLetter | InspectionResult:
