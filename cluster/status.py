@@ -128,6 +128,18 @@ def _entry_ms(entry_id: bytes | str) -> int:
     return int(_text(entry_id).split("-", 1)[0])
 
 
+def estimated_window_count(sampled: int, oldest_sampled_ms: int, now_ms: int, window_ms: int) -> int:
+    """Entries in the last ``window_ms`` when only the newest ``sampled`` were read, the oldest at
+    ``oldest_sampled_ms``: exactly ``sampled`` since then, and the same rate before it.
+
+    The rate is taken over oldest-sampled .. now, not oldest .. newest sampled: after a burst that
+    ended a while ago the stream is quiet now, and the span of the sample alone would credit the
+    whole window with the burst's rate.
+    """
+    since_ms = max(now_ms - oldest_sampled_ms, 1)
+    return round(sampled * max(window_ms, since_ms) / since_ms)
+
+
 def recent_results(
     client: redis.Redis, stream: str, now_ms: int, window_s: float, sample: int
 ) -> tuple[dict[str, Any], list[float]]:
@@ -148,9 +160,9 @@ def recent_results(
             continue  # not a result entry: counted, not measured
     count: float = len(items)
     estimated = len(items) >= sample > 1
-    if estimated:  # more than the sample: extrapolate from the span the sample covers
-        span_ms = max(_entry_ms(items[0][0]) - _entry_ms(items[-1][0]), 1)
-        count = round((len(items) - 1) * window_ms / span_ms)
+    if estimated:  # more than the sample: extrapolate
+        count = estimated_window_count(len(items), _entry_ms(items[-1][0]), now_ms, window_ms)
+        anomalous = round(anomalous * count / len(items))
     return {
         "count": int(count),
         "estimated": estimated,

@@ -4,6 +4,7 @@ lag and pending count, the consumers, dead letters by reason, recent results and
 from __future__ import annotations
 
 import json
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -14,7 +15,14 @@ from pydantic import SecretStr
 from typer.testing import CliRunner
 
 from cluster.cli import app
-from cluster.status import StatusOptions, classify_stream, gather_status, summarize_serve
+from cluster.status import (
+    StatusOptions,
+    classify_stream,
+    estimated_window_count,
+    gather_status,
+    recent_results,
+    summarize_serve,
+)
 from cluster.status_view import render_status
 from schemas import DeadLetter, DeadReason, InspectionJob, InspectionResult, Settings, StreamNames
 from trainer.registry import ModelRegistry
@@ -88,6 +96,29 @@ def _env(monkeypatch: pytest.MonkeyPatch, settings: Settings, tmp_path: Path) ->
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("ANOMAP_STREAM_PREFIX", raising=False)
     monkeypatch.delenv("ANOMAP_MODEL_NAME", raising=False)
+
+
+def test_a_burst_that_ended_is_not_credited_to_the_whole_window(redis_client: redis.Redis) -> None:
+    """6000 results at 200/s that stopped 30 s ago, read through a 5000-entry sample: ~6000 in the last
+    minute (100/s), not the 12 000 (200/s) the sample's own span implies; anomalous scaled alike."""
+    now_ms = int(time.time() * 1000)
+    stream = NAMES.results("burst")
+    pipe = redis_client.pipeline(transaction=False)
+    for i in range(6000):  # one every 5 ms from 60 s ago to 30 s ago; every other one anomalous
+        fields = {"result": json.dumps({"latency_ms": 1.0, "model_version": "v1", "is_anomalous": i % 2 == 0})}
+        pipe.xadd(stream, fields, id=f"{now_ms - 59_999 + 5 * i}-0")
+    pipe.execute()
+    summary, _ = recent_results(redis_client, stream, now_ms, window_s=60, sample=5000)
+    assert summary["estimated"] is True and summary["sampled"] == 5000
+    assert 0.85 * 6000 <= summary["count"] <= 1.1 * 6000, summary["count"]
+    assert summary["per_s"] == pytest.approx(summary["count"] / 60)
+    assert summary["anomalous"] == pytest.approx(summary["count"] / 2, rel=0.01)
+
+
+def test_window_count_estimate() -> None:
+    assert estimated_window_count(5000, oldest_sampled_ms=50_000, now_ms=60_000, window_ms=60_000) == 30_000  # steady
+    assert estimated_window_count(5000, oldest_sampled_ms=0, now_ms=60_000, window_ms=60_000) == 5000  # all of it
+    assert estimated_window_count(10, oldest_sampled_ms=60_000, now_ms=60_000, window_ms=60_000) == 600_000
 
 
 def test_status_json_has_every_streams_length_lag_pending_dead_letters_and_live_model(
