@@ -120,7 +120,7 @@ def _move(line: str, version: str | None, reason: str) -> None:
     checked_line(line)
     from cluster.connections import redis_client
     from trainer.registry import ModelNotFound, NothingToRollBack
-    from workers.model_events import promote_model, rollback_model
+    from workers.model_events import ModelEventNotAnnounced, promote_model, rollback_model
 
     registry = _registry(settings)
     client = redis_client(settings)
@@ -130,7 +130,10 @@ def _move(line: str, version: str | None, reason: str) -> None:
             event = promote_model(registry, client, names, version, line, reason)
         else:
             event = rollback_model(registry, client, names, line, reason)
-    except (ModelNotFound, NothingToRollBack) as exc:
+    except (ModelNotFound, NothingToRollBack, ValueError) as exc:  # ValueError: not a version name
+        fail(str(exc))
+    except ModelEventNotAnnounced as exc:
+        _print_event(exc.event, registry.own_version("default"))
         fail(str(exc))
     if not event.changed:
         console.print(f"{version} is already live on line {line}; nothing changed", highlight=False)

@@ -12,10 +12,12 @@ from helpers import point_cli_at
 from typer.testing import CliRunner
 
 from cluster.cli import app
+from cluster.connections import redis_from_url
+from cluster.ports import free_port
 from schemas import ModelCard, ModelEventKind, Settings, StreamNames, Thresholds
 from trainer.registry import ModelRegistry, NothingToRollBack
 from trainer.store import ObjectStore
-from workers.model_events import promote_model, read_model_events, rollback_model
+from workers.model_events import ModelEventNotAnnounced, promote_model, read_model_events, rollback_model
 
 NAMES = StreamNames()
 runner = CliRunner()
@@ -170,3 +172,31 @@ def test_models_commands_promote_list_and_roll_back(cli_env: ModelRegistry, redi
     outcome = runner.invoke(app, ["models", "promote", "v9"])
     assert outcome.exit_code == 2
     assert "model 'metal' has no version 'v9'" in outcome.output
+    outcome = runner.invoke(app, ["models", "promote", "latest/"])
+    assert outcome.exit_code == 2 and "is not a version name" in outcome.output, outcome.output
+
+
+def test_a_move_while_redis_is_away_moves_nothing(registry: ModelRegistry) -> None:
+    registry.set_live("v1")
+    away = redis_from_url(f"redis://127.0.0.1:{free_port()}/0")
+    for move in (lambda: promote_model(registry, away, NAMES, "v2"), lambda: rollback_model(registry, away, NAMES)):
+        with pytest.raises(redis.ConnectionError):
+            move()
+    assert registry.live_version() == "v1" and [e.version for e in registry.history()] == ["v1"]
+
+
+def test_a_move_whose_event_cannot_be_added_says_the_pointer_moved(
+    cli_env: ModelRegistry, redis_client: redis.Redis
+) -> None:
+    """Redis answers but refuses the XADD (here: anomap:models is a string): the pointer has moved,
+    and the command says so, and says not to repeat it, instead of reporting a plain failure."""
+    cli_env.set_live("v1")
+    redis_client.set(NAMES.models, "not a stream")
+    with pytest.raises(ModelEventNotAnnounced, match="moved \\(v1 → v2\\)") as caught:
+        promote_model(cli_env, redis_client, NAMES, "v2")
+    assert caught.value.event.version == "v2" and cli_env.live_version() == "v2"
+    outcome = runner.invoke(app, ["models", "rollback"])
+    assert outcome.exit_code == 2
+    assert "rollback: model metal on line default: v2 → v1" in outcome.output
+    assert "Do not repeat the command" in outcome.output and "Traceback" not in outcome.output
+    assert cli_env.live_version() == "v1"
