@@ -6,12 +6,15 @@
 | ``S3_ENDPOINT`` | ``host:port`` or ``http(s)://host:port`` of an S3 store | embedded ``weed mini`` |
 | ``S3_ACCESS_KEY`` / ``S3_SECRET_KEY`` | S3 credentials | generated for the embedded store |
 | ``S3_SECURE`` | ``1`` to use TLS | ``0`` unless the endpoint starts with ``https://`` |
-| ``S3_REGION`` | region to sign S3 requests for (AWS; MinIO and SeaweedFS accept any) | ``us-east-1`` |
+| ``S3_REGION`` | region to sign S3 requests for (AWS; MinIO and SeaweedFS accept any) | unset (below) |
 | ``ANOMAP_BUCKET`` | bucket for models, maps, datasets, images | ``anomap`` |
 | ``RAY_ADDRESS`` | an existing Ray cluster | embedded Ray head |
 | ``ANOMAP_STREAM_PREFIX`` | prefix of every stream name | ``anomap`` |
 | ``ANOMAP_MODEL_NAME`` | model name in the registry | ``metal`` |
 | ``ANOMAP_STATE_DIR`` | where the embedded stack keeps its state and data | ``./.anomap`` |
+
+With ``S3_REGION`` unset the MinIO client asks the store for the bucket's region; only Ray Train's
+checkpoint filesystem (`trainer.store`) then signs for ``us-east-1``.
 
 How the Serve app is sized and how much it queues (`ServingConfig`, ``settings.serving``):
 
