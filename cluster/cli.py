@@ -54,7 +54,7 @@ def stack_up_cmd() -> None:
 
     try:
         state = stack_up(env_settings(), progress=console.log)
-    except (StackError, StartLockTimeout) as exc:
+    except (StackError, StartLockTimeout, ValueError) as exc:  # ValueError: an unreadable state file
         fail(str(exc))
     console.print_json(state.public_json())
 
@@ -66,7 +66,7 @@ def stack_down_cmd() -> None:
 
     try:
         stopped = stack_down(env_settings())
-    except StackError as exc:
+    except (StackError, ValueError) as exc:  # ValueError: an unreadable state file
         fail(str(exc))
     console.print(f"stopped: {', '.join(stopped) if stopped else 'nothing'}")
 
@@ -76,7 +76,11 @@ def stack_status_cmd() -> None:
     """Show each component's endpoint, PID and whether it answers."""
     from cluster.stack import stack_status
 
-    console.print_json(json.dumps(stack_status(env_settings()), default=str))
+    try:
+        status = stack_status(env_settings())
+    except ValueError as exc:  # an unreadable state file
+        fail(str(exc))
+    console.print_json(json.dumps(status, default=str))
 
 
 @app.command()

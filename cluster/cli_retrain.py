@@ -68,13 +68,21 @@ def upload_cmd(
     )
 
 
+_POLICY_OPTIONS = {"num_workers": "--workers", "use_gpu": "--gpu"}
+"""`RetrainPolicy` fields whose option is not the field's name in kebab case."""
+
+
 def _policy(**values: Any) -> RetrainPolicy:
     from workers.retrain_policy import RetrainPolicy
+
+    def option(loc: tuple[Any, ...]) -> str:
+        field = str(loc[0]) if loc else "?"
+        return _POLICY_OPTIONS.get(field, "--" + field.replace("_", "-"))
 
     try:
         return RetrainPolicy(**{k: v for k, v in values.items() if v is not None})
     except ValidationError as exc:
-        fail("; ".join(f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}" for e in exc.errors()))
+        fail("; ".join(f"{option(e['loc'])}: {e['msg']}" for e in exc.errors()))
 
 
 def _print(outcome: RetrainOutcome, as_json: bool) -> None:

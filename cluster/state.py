@@ -142,7 +142,12 @@ def read_state(state_dir: Path) -> StackState | None:
     try:
         return StackState.model_validate_json(text)
     except ValidationError as exc:
-        msg = f"{path} is not a valid stack state file ({exc.error_count()} errors); remove it by hand: {exc}"
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "the file"
+        msg = (
+            f"{path} is not a valid stack state file ({exc.error_count()} errors; first: {where}: {first['msg']}); "
+            "if no stack of it runs, remove it by hand"
+        )
         raise ValueError(msg) from exc
 
 

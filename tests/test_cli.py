@@ -45,6 +45,8 @@ def test_stack_help_lists_up_down_status() -> None:
         (["train", "--blob-radius", "17"], "blob_radius must be between 0 (off) and 16 pixels, got 17"),
         (["train", "--short-segment-weight", "1.5"], "short_segment_weight must be between 0 (off) and 1, got 1.5"),
         (["train", "--line-length", "0", "--blob-radius", "3"], "they need line_length > 0, or 0 themselves"),
+        (["retrain", "--once", "--workers", "0"], "--workers: Input should be greater than or equal to 1"),
+        (["retrain", "--once", "--min-confirmations", "0"], "--min-confirmations: Input should be greater"),
     ],
 )
 def test_bad_arguments_name_the_problem(args: list[str], message: str) -> None:
@@ -116,3 +118,18 @@ def test_unreachable_redis_is_one_line_not_a_traceback(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done.stderr
     assert "cannot reach Redis" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("command", ["up", "down", "status"])
+def test_an_unreadable_state_file_is_one_line_not_a_traceback(
+    command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("REDIS_URL", "S3_ENDPOINT", "S3_ACCESS_KEY", "S3_SECRET_KEY", "RAY_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    (state_dir / "stack.json").write_text('{"bogus": 1}')
+    monkeypatch.setenv("ANOMAP_STATE_DIR", str(state_dir))
+    result = runner.invoke(app, ["stack", command])
+    assert result.exit_code == 2, result.output
+    assert "is not a valid stack state file" in result.output and "Traceback" not in result.output
