@@ -29,6 +29,7 @@ from workers.loadgen import (
     LoadSummary,
     camera_images,
     defect_plan,
+    done_waiting,
     due_order,
     job_id,
     percentile,
@@ -226,3 +227,12 @@ def test_loadgen_command_writes_the_summary_and_fails_when_answers_are_missing(
     unanswered = CliRunner().invoke(app, [*args, "--grace", "0"])
     assert unanswered.exit_code == 1
     assert "4 jobs were not answered" in unanswered.output
+
+
+def test_grace_counts_from_the_last_publish_when_publishing_fell_behind() -> None:
+    # due by 10 s, but the last job went out at 25 s: the 5 s of grace run to 30 s, not 15 s
+    assert not done_waiting(False, 3, 4, elapsed_s=26.0, last_due_s=10.0, last_publish_s=25.0, grace_s=5.0)
+    assert done_waiting(False, 3, 4, elapsed_s=30.5, last_due_s=10.0, last_publish_s=25.0, grace_s=5.0)
+    assert done_waiting(False, 3, 4, elapsed_s=15.5, last_due_s=10.0, last_publish_s=9.0, grace_s=5.0)  # on time
+    assert done_waiting(False, 4, 4, elapsed_s=0.1, last_due_s=10.0, last_publish_s=9.0, grace_s=5.0)  # all in
+    assert not done_waiting(True, 4, 4, elapsed_s=99.0, last_due_s=10.0, last_publish_s=9.0, grace_s=5.0)

@@ -235,6 +235,23 @@ def _last_id(client: redis.Redis, stream: str) -> str:
     return newest[0][0].decode() if newest else "0-0"
 
 
+def done_waiting(
+    publishing: bool,
+    answered: int,
+    offered: int,
+    elapsed_s: float,
+    last_due_s: float,
+    last_publish_s: float,
+    grace_s: float,
+) -> bool:
+    """Whether a run stops waiting: publishing is over and every offered job is answered, or ``grace_s``
+    passed since the last publish (its due time, or when it really happened if the publisher fell
+    behind: a slow publisher must not eat the answers' grace). Times in seconds from the start."""
+    if publishing:
+        return False
+    return answered >= offered or elapsed_s > max(last_due_s, last_publish_s) + grace_s
+
+
 class LoadGenerator:
     """Publishes a run's jobs on schedule for several cameras on one line and counts the answers."""
 
@@ -336,7 +353,8 @@ class LoadGenerator:
         on_progress: Callable[[LoadProgress], None] | None = None,
         progress_every_s: float = 0.5,
     ) -> LoadSummary:
-        """Publish on ``schedule``, then wait up to ``grace_s`` after the last due time for the answers."""
+        """Publish on ``schedule``, then wait up to ``grace_s`` for the answers after the last publish (its due
+        time, or later when publishing fell behind)."""
         planned = sum(len(times) for times in schedule)
         last_due = max((times[-1] for times in schedule if times), default=0.0)
         cursors = {s: _last_id(self.client, s) for s in (self.names.results(self.line), self.names.dead)}
@@ -350,14 +368,17 @@ class LoadGenerator:
         publisher.start()
         try:
             while True:
+                publishing = publisher.is_alive()  # before the snapshot, so a last publish is in it
                 snapshot = self._progress(tally, started, planned)
                 if on_progress is not None:
                     on_progress(snapshot)
-                publishing = publisher.is_alive()
-                answered = snapshot.results + snapshot.dead_letters
+                with tally.lock:
+                    answered = len((tally.results.keys() | tally.dead.keys()) & tally.offered)
+                    last_publish_s = tally.last_publish - started if tally.last_publish else 0.0
                 if tally.publish_error is not None or tally.collect_error is not None:
                     break
-                if not publishing and (answered >= snapshot.offered or time.monotonic() > started + last_due + grace_s):
+                elapsed = time.monotonic() - started
+                if done_waiting(publishing, answered, snapshot.offered, elapsed, last_due, last_publish_s, grace_s):
                     break
                 time.sleep(progress_every_s)
         finally:
@@ -373,7 +394,7 @@ class LoadGenerator:
             offered = set(tally.offered)
             results = [r for job, r in tally.results.items() if job in offered]
             dead = [d for job, d in tally.dead.items() if job in offered]
-            complete = len(results) + len(dead) >= len(offered)
+            complete = len({r.job_id for r in results} | {d.job_id for d in dead if d.job_id}) >= len(offered)
             finished = tally.last_answer if complete and tally.last_answer else ended
             window = max(duration_s, tally.last_publish - started)
             return LoadSummary(
