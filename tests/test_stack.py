@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -27,7 +28,7 @@ from cluster.connections import (
     resolve_settings,
 )
 from cluster.ports import GRPC_OFFSET, free_port, free_port_pair, free_port_pairs, port_is_free
-from cluster.processes import ManagedServer, launch, proc_start_ticks, process_table, tcp_accepts
+from cluster.processes import ManagedServer, launch, proc_cmdline, proc_start_ticks, process_table, tcp_accepts
 from cluster.servers import S3Keys, start_seaweed, start_valkey, valkey_url
 from cluster.stack import EmbeddedStack, StackError, stack_down, stack_status, stack_up
 from cluster.start_lock import StartLockTimeout, start_lock
@@ -63,8 +64,13 @@ def _answers(url: str) -> bool:
 
 
 def _pgrep(pattern: str) -> list[str]:
-    out = subprocess.run(["pgrep", "-af", pattern], capture_output=True, text=True, check=False).stdout
-    return [line for line in out.splitlines() if "pgrep" not in line]
+    """``pgrep -af pattern`` from /proc (procps is not on every machine): live processes but this one."""
+    found = []
+    for pid in process_table():
+        cmdline = proc_cmdline(pid)
+        if pid != os.getpid() and re.search(pattern, cmdline):
+            found.append(f"{pid} {cmdline}")
+    return found
 
 
 def test_free_port_pair_has_its_grpc_port_free_too() -> None:
@@ -211,7 +217,7 @@ def test_stack_up_serves_all_three_and_stack_down_leaves_no_process(tmp_path: Pa
     assert all("stopped" in line for line in lines), lines
     assert _alive(family) == []
     pids = [str(server.pid) for server in state.servers()]
-    assert subprocess.run(["ps", "-o", "pid=,stat=,args=", "-p", ",".join(pids)], check=False).returncode == 1
+    assert [pid for pid in pids if Path(f"/proc/{pid}").exists()] == []  # not even as zombies
     ray_temp = state.components[Component.RAY].server.cleanup_paths[0]
     assert _pgrep(str(ray_temp)) == [] and _pgrep(str(settings.state_dir.resolve())) == []
     assert not ray_temp.exists()
