@@ -239,6 +239,14 @@ def status(
     serve_status: Annotated[
         bool, typer.Option("--serve/--no-serve", help="Ask Ray for Serve applications and replicas.")
     ] = True,
+    scan: Annotated[
+        bool,
+        typer.Option(
+            "--scan",
+            help="Find every stream by scanning Redis's keyspace, not from the set of lines in use "
+            "(also finds lines only another publisher writes to; slow with millions of job markers).",
+        ),
+    ] = False,
 ) -> None:
     """Streams (length, lag, pending, consumers), dead letters, throughput, latency, Serve and the live model.
 
@@ -250,7 +258,7 @@ def status(
     from cluster.status import StatusOptions, gather_status
     from cluster.status_view import render_status
 
-    options = StatusOptions(serve=serve_status)
+    options = StatusOptions(serve=serve_status, scan=scan)
     if not watch:
         document = gather_status(settings, options)
         if as_json:

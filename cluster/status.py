@@ -53,6 +53,8 @@ class StatusOptions:
     """Dead letters counted by reason: at most this many of the newest."""
     serve: bool = True
     """Ask Ray for the Serve applications (connects to ``RAY_ADDRESS``)."""
+    scan: bool = False
+    """Find streams by scanning the keyspace rather than from the line set (see `stream_names`)."""
 
 
 def _text(value: Any) -> Any:
@@ -72,9 +74,19 @@ def classify_stream(name: str, names: StreamNames) -> tuple[str, str | None]:
     return "other", None
 
 
-def stream_names(client: redis.Redis, names: StreamNames) -> list[str]:
-    """Every stream under the prefix, plus the well-known ones whether they exist or not."""
-    found = {_text(key) for key in client.scan_iter(match=f"{names.prefix}:*", count=1000, _type="STREAM")}
+def stream_names(client: redis.Redis, names: StreamNames, scan: bool = False) -> list[str]:
+    """The jobs and results streams of every line in the line set (``names.lines``), plus the well-known
+    ones whether they exist or not.
+
+    With ``scan``, or while no line set exists (a deployment older than it), every stream under the
+    prefix is found by SCAN instead: that walks the whole keyspace, millions of done markers at fleet
+    scale, so it is not the default.
+    """
+    lines = {_text(line) for line in client.smembers(names.lines)} if not scan else set()
+    if lines:
+        found = {stream for line in lines for stream in (names.jobs(line), names.results(line))}
+    else:
+        found = {_text(key) for key in client.scan_iter(match=f"{names.prefix}:*", count=1000, _type="STREAM")}
     found |= {names.jobs(), names.results(), names.dead, names.confirmations, names.models}
     order = {"jobs": 0, "results": 1, "dead": 2, "confirmations": 3, "models": 4, "other": 5}
     return sorted(found, key=lambda name: (order[classify_stream(name, names)[0]], name))
@@ -297,7 +309,7 @@ def gather_status(settings: Settings, options: StatusOptions | None = None) -> d
         try:
             seconds, micros = client.time()
             now_ms = int(seconds) * 1000 + int(micros) // 1000
-            for name in stream_names(client, names):
+            for name in stream_names(client, names, options.scan):
                 streams[name] = stream_status(client, name, names)
                 if streams[name]["kind"] == "results":
                     streams[name]["recent"], sampled = recent_results(

@@ -68,6 +68,12 @@ class StreamNames:
         return f"{self.prefix}:models"
 
     @property
+    def lines(self) -> str:
+        """A set of the line ids in use (added by `publish_job` and by each consumer for its lines), so
+        `anomap status` need not scan a keyspace of millions of markers to find the line streams."""
+        return f"{self.prefix}:lines"
+
+    @property
     def scorer_group(self) -> str:
         """The consumer group that scores jobs."""
         return "scorers"

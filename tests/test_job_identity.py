@@ -267,3 +267,11 @@ def test_equal_entry_ids_on_two_lines_are_two_entries_and_a_read_never_exceeds_i
     assert first[1] == second[1] == "1700000000000-0"
     assert not reader.has_backlog
     assert reader.read_new(10, 10, in_flight | {(second[0], second[1])}) == []
+
+
+def test_a_consumer_adds_its_lines_to_the_line_set(
+    redis_client: redis.Redis, object_store: ObjectStore, inspector: LocalInspector, names: StreamNames
+) -> None:
+    """`anomap status` finds the lines a consumer serves even before any job was published on them."""
+    _consumer(redis_client, object_store, inspector, names, lines=("default", "press-7"))
+    assert redis_client.smembers(names.lines) == {b"default", b"press-7"}

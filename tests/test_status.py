@@ -115,6 +115,30 @@ def test_a_burst_that_ended_is_not_credited_to_the_whole_window(redis_client: re
     assert summary["anomalous"] == pytest.approx(summary["count"] / 2, rel=0.01)
 
 
+def _scan_calls(client: redis.Redis) -> int:
+    return int(client.info("commandstats").get("cmdstat_scan", {}).get("calls", 0))
+
+
+def test_streams_come_from_the_line_set_without_scanning_the_markers(
+    redis_client: redis.Redis, stack_settings: Settings
+) -> None:
+    """10 000 done markers stand in for a week of jobs: status reads the lines publish_job recorded and
+    never SCANs them; --scan still finds a line only another publisher writes to."""
+    pipe = redis_client.pipeline(transaction=False)
+    for i in range(10_000):
+        pipe.set(NAMES.done_marker(f"job-{i}"), "1-0")
+    pipe.execute()
+    publish_job(redis_client, NAMES, InspectionJob(job_id="j1", camera_id="cam01", line="press-2"), image=b"x")
+    redis_client.xadd(NAMES.jobs("foreign"), {"job": b"{}"})  # not through publish_job, no consumer
+    before = _scan_calls(redis_client)
+    status = gather_status(stack_settings, StatusOptions(serve=False))
+    assert _scan_calls(redis_client) == before
+    assert NAMES.jobs("press-2") in status["streams"] and NAMES.results("press-2") in status["streams"]
+    assert NAMES.jobs("foreign") not in status["streams"]
+    scanned = gather_status(stack_settings, StatusOptions(serve=False, scan=True))
+    assert NAMES.jobs("foreign") in scanned["streams"] and _scan_calls(redis_client) > before
+
+
 def test_window_count_estimate() -> None:
     assert estimated_window_count(5000, oldest_sampled_ms=50_000, now_ms=60_000, window_ms=60_000) == 30_000  # steady
     assert estimated_window_count(5000, oldest_sampled_ms=0, now_ms=60_000, window_ms=60_000) == 5000  # all of it

@@ -99,8 +99,10 @@ class StreamConsumer:
         self.reader = GroupReader(client, names, config.consumer, self._streams, config.claim_idle_ms)
 
     def ensure_groups(self) -> None:
-        """Create the consumer group on every job stream (and the stream) if missing."""
+        """Create the consumer group on every job stream (and the stream) if missing, and add the lines
+        to the set of lines in use."""
         self.reader.ensure_groups()
+        self.redis.sadd(self.names.lines, *self.config.lines)
 
     def _owner(self, stream: str, entry_id: str) -> str:
         """This entry's value in its job's owner marker."""

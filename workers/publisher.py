@@ -26,11 +26,16 @@ def publish_job(
 ) -> str:
     """Add a job to its line's job stream, stamped with ``published_at`` = now; returns the entry id.
 
+    The line is also added to the set of lines in use (``names.lines``), which `anomap status` reads.
+
     The stream is trimmed approximately to ``maxlen`` entries: size it well above the backlog a
     line can build up, since trimming drops the oldest entries, read or not.
     """
     job = job.model_copy(update={"published_at": utc_now()})
-    entry_id = client.xadd(names.jobs(job.line), encode_job_entry(job, image), maxlen=maxlen, approximate=True)
+    pipe = client.pipeline(transaction=False)  # one round trip: the job, and its line in the line set
+    pipe.xadd(names.jobs(job.line), encode_job_entry(job, image), maxlen=maxlen, approximate=True)
+    pipe.sadd(names.lines, job.line)
+    entry_id, _ = pipe.execute()
     return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
 
