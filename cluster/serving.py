@@ -72,6 +72,7 @@ class InspectionServer:
                 lines=self.lines,
                 max_in_flight=self.max_in_flight,
                 claim_idle_ms=self.claim_idle_ms,
+                done_ttl_s=self.settings.done_ttl_s,
             )
             consumer = StreamConsumer(redis_client(self.settings), store, inspector, names, config)
             consumer.ensure_groups()

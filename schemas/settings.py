@@ -12,6 +12,11 @@
 | ``ANOMAP_STREAM_PREFIX`` | prefix of every stream name | ``anomap`` |
 | ``ANOMAP_MODEL_NAME`` | model name in the registry | ``metal`` |
 | ``ANOMAP_STATE_DIR`` | where the embedded stack keeps its state and data | ``./.anomap`` |
+| ``ANOMAP_DONE_TTL_S`` | lifetime of a job's done/settled markers, 1 h – 90 d (below) | ``604800`` (7 d) |
+
+A ``job_id`` published again within ``ANOMAP_DONE_TTL_S`` is answered once. The markers dominate
+Redis memory at fleet scale (~215 B per job: 130 GB for 7 days at 1000 images/s, docs/capacity.md):
+size Redis for them, or shorten it.
 
 With ``S3_REGION`` unset the MinIO client asks the store for the bucket's region; only Ray Train's
 checkpoint filesystem (`trainer.store`) then signs for ``us-east-1``.
@@ -157,6 +162,8 @@ class Settings(BaseModel):
     stream_prefix: str = Field(default="anomap", pattern=r"^[a-z][a-z0-9_-]{0,31}$")
     model_name: str = Field(default="metal", pattern=MODEL_NAME_PATTERN)
     state_dir: Path = Path(".anomap")
+    done_ttl_s: int = Field(default=7 * 24 * 3600, ge=3600, le=90 * 24 * 3600)
+    """Lifetime of the consumers' done/settled markers (`ConsumerConfig.done_ttl_s`)."""
     serving: ServingConfig = ServingConfig()
 
     @field_validator("redis_url")
@@ -219,6 +226,7 @@ class Settings(BaseModel):
             "stream_prefix": "ANOMAP_STREAM_PREFIX",
             "model_name": "ANOMAP_MODEL_NAME",
             "state_dir": "ANOMAP_STATE_DIR",
+            "done_ttl_s": "ANOMAP_DONE_TTL_S",
         }
         for field, variable in optional.items():
             if (value := get(variable)) is not None:

@@ -17,7 +17,7 @@ import pytest
 import redis
 from helpers import register_small_model, small_png
 
-from schemas import DeadLetter, DeadReason, InspectionJob, InspectionResult, StreamNames
+from schemas import DeadLetter, DeadReason, InspectionJob, InspectionResult, Settings, StreamNames
 from trainer.registry import ModelRegistry
 from trainer.scoring import PatchModel
 from trainer.store import ObjectStore, ObjectTooLarge
@@ -275,3 +275,15 @@ def test_a_consumer_adds_its_lines_to_the_line_set(
     """`anomap status` finds the lines a consumer serves even before any job was published on them."""
     _consumer(redis_client, object_store, inspector, names, lines=("default", "press-7"))
     assert redis_client.smembers(names.lines) == {b"default", b"press-7"}
+
+
+def test_the_done_marker_lives_as_long_as_the_configured_ttl(
+    redis_client: redis.Redis, object_store: ObjectStore, inspector: LocalInspector, names: StreamNames
+) -> None:
+    """ANOMAP_DONE_TTL_S reaches the marker: operators shorten it to bound Redis memory."""
+    publish_job(redis_client, names, InspectionJob(job_id="cam01-ttl"), image=small_png(1))
+    settings = Settings.from_env({"ANOMAP_DONE_TTL_S": "7200"})
+    consumer = _consumer(redis_client, object_store, inspector, names, done_ttl_s=settings.done_ttl_s)
+    with running(consumer):
+        _wait_for(redis_client, names, 1)
+    assert 7000 < redis_client.ttl(names.done_marker("cam01-ttl")) <= 7200

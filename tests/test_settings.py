@@ -109,3 +109,10 @@ def test_a_bad_redis_url_or_s3_secure_is_named_and_no_secret_is_shown() -> None:
     with pytest.raises(ValueError, match="S3_SECURE must be one of"):
         Settings.from_env({"S3_SECURE": "maybe"})
     assert Settings.from_env({"S3_SECURE": "on"}).s3_secure is True
+
+
+def test_the_done_marker_lifetime_is_read_and_bounded() -> None:
+    assert Settings.from_env({}).done_ttl_s == 7 * 24 * 3600
+    assert Settings.from_env({"ANOMAP_DONE_TTL_S": "86400"}).done_ttl_s == 86400
+    with pytest.raises(ValueError, match="ANOMAP_DONE_TTL_S"):
+        Settings.from_env({"ANOMAP_DONE_TTL_S": "60"})  # under an hour: redeliveries could score twice

@@ -80,6 +80,7 @@ class StreamConsumers:
                 max_in_flight=max_in_flight,
                 claim_idle_ms=claim_idle_ms,
                 drain_timeout_s=DRAIN_TIMEOUT_S,
+                done_ttl_s=settings.done_ttl_s,
             )
             client = redis.Redis.from_url(
                 settings.redis_url.get_secret_value(),
