@@ -46,6 +46,15 @@ def resolved_settings(*, redis: bool = False, s3: bool = False, ray: bool = Fals
         if wanted and value is None
     ]
     if missing:
+        from cluster.state import read_state
+
+        state = read_state(settings.state_dir)  # readable: resolve_settings read it
+        dead = [component.value for component in state.dead_components()] if state is not None else []
+        if dead:
+            fail(
+                f"{', '.join(missing)} not set and the embedded stack's {', '.join(dead)} stopped running: "
+                "`anomap stack down`, then `anomap stack up`"
+            )
         fail(f"{', '.join(missing)} not set and no embedded stack is up: run `anomap stack up` first")
     return settings
 

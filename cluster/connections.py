@@ -67,13 +67,14 @@ def resolve_settings(settings: Settings | None = None) -> Settings:
     """``settings`` (default: from the environment) with unset endpoints filled from a running stack.
 
     Redis, S3 (endpoint and keys together) and Ray are each taken from the state file only when
-    unset; a state file whose servers are no longer running is ignored.
+    unset and only while the stack's server for it runs: with Ray dead, say, `anomap status` still
+    reaches Valkey and the store.
     """
     settings = Settings.from_env() if settings is None else settings
     state = read_state(settings.state_dir)
-    if state is None or not state.is_up():
+    if state is None:
         return settings
-    return state.apply_to(settings)
+    return state.apply_to(settings, skip=state.dead_components())
 
 
 def _missing(what: str, variable: str, settings: Settings) -> MissingEndpoint:

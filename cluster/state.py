@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Collection
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -82,22 +83,23 @@ class StackState(BaseModel):
         data["redis_url"] = redact_url(self.redis_url)
         return json.dumps(data, indent=2)
 
-    def apply_to(self, settings: Settings) -> Settings:
+    def apply_to(self, settings: Settings, skip: Collection[Component] = ()) -> Settings:
         """``settings`` with this stack's endpoints filled in where ``settings`` leaves them unset.
 
         S3 endpoint and keys go together: an ``S3_ENDPOINT`` from the environment keeps its own keys.
+        The components in ``skip`` (e.g. the ones whose server died) are left out.
         """
         update: dict[str, object] = {}
-        if settings.redis_url is None:
+        if settings.redis_url is None and Component.REDIS not in skip:
             update["redis_url"] = self.redis_url
-        if settings.s3_endpoint is None:
+        if settings.s3_endpoint is None and Component.S3 not in skip:
             update |= {
                 "s3_endpoint": self.s3_endpoint,
                 "s3_access_key": self.s3_access_key,
                 "s3_secret_key": self.s3_secret_key,
                 "s3_secure": self.s3_secure,
             }
-        if settings.ray_address is None and self.ray_address is not None:
+        if settings.ray_address is None and self.ray_address is not None and Component.RAY not in skip:
             update["ray_address"] = self.ray_address
         return settings.model_copy(update=update) if update else settings
 
@@ -122,6 +124,10 @@ class StackState(BaseModel):
     def dead_servers(self) -> list[ManagedServer]:
         """Servers this stack started that are no longer running."""
         return [server for server in self.servers() if not server.is_running()]
+
+    def dead_components(self) -> list[Component]:
+        """Components whose server this stack started and that are no longer running."""
+        return [name for name, c in self.components.items() if c.server is not None and not c.server.is_running()]
 
 
 def state_path(state_dir: Path) -> Path:

@@ -399,3 +399,28 @@ def test_kill_matching_kills_only_the_marked_instance() -> None:
     finally:
         other.kill()
         other.wait()
+
+
+def test_commands_use_the_parts_of_a_stack_that_still_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store died, Valkey runs: `anomap status` still reports the streams, and a command that needs
+    the store says which part of the stack stopped instead of "no embedded stack is up"."""
+    from typer.testing import CliRunner
+
+    from cluster.cli import app
+
+    settings = Settings(state_dir=tmp_path / "state", bucket="anomap-part3")
+    state = stack_up(settings, with_ray=False)
+    try:
+        state.components[Component.S3].server.kill()
+        resolved = resolve_settings(settings)
+        assert resolved.redis_url is not None and resolved.s3_endpoint is None
+        for name in ("REDIS_URL", "S3_ENDPOINT", "S3_ACCESS_KEY", "S3_SECRET_KEY", "RAY_ADDRESS", "ANOMAP_BUCKET"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("ANOMAP_STATE_DIR", str(settings.state_dir))
+        status = CliRunner().invoke(app, ["status", "--json", "--no-serve"])
+        assert json.loads(status.stdout)["redis"]["ok"] is True, status.output
+        listing = CliRunner().invoke(app, ["models", "list"])
+        assert listing.exit_code == 2
+        assert "the embedded stack's s3 stopped running" in listing.output and "Traceback" not in listing.output
+    finally:
+        stack_down(settings)
