@@ -23,7 +23,7 @@ from typing import Annotated
 
 import typer
 
-from cluster.cli_common import checked_line, console, fail, resolved_settings
+from cluster.cli_common import checked_line, console, err, fail, resolved_settings
 from schemas import Box, StreamNames
 
 confirmations_app = typer.Typer(help="Operators' confirmations: file them into datasets/.", no_args_is_help=True)
@@ -91,20 +91,21 @@ def confirm(
     from cluster.connections import object_store, redis_client
     from workers.confirmations import publish_confirmation
 
-    mask_ref = None
+    mask_ref = key = store = None
     if mask is not None and mask_data is not None:
         digest = hashlib.sha256(mask_data).hexdigest()[:16]
         key = f"images/{line}/masks/{job_id}-{digest}{mask.suffix.lower()}"
         store = object_store(settings)
-        store.put_bytes(key, mask_data, "image/png" if key.endswith(".png") else "application/octet-stream")
         mask_ref = store.ref(key)
     label = ConfirmationLabel.ABNORMAL if abnormal else ConfirmationLabel.NORMAL
-    try:
+    try:  # the whole confirmation, before the mask is uploaded: a refused one leaves no object behind
         confirmation = Confirmation(
             job_id=job_id, line=line, label=label, boxes=boxes, mask_ref=mask_ref, confirmed_by=by
         )
     except ValidationError as exc:
         fail("; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()))
+    if store is not None and key is not None and mask_data is not None:
+        store.put_bytes(key, mask_data, "image/png" if key.endswith(".png") else "application/octet-stream")
     entry_id = publish_confirmation(redis_client(settings), StreamNames(settings.stream_prefix), confirmation)
     marks = f", {len(boxes)} box(es)" if boxes else ""
     marks += f", mask {mask_ref}" if mask_ref else ""
@@ -119,7 +120,7 @@ def ingest_cmd(
     """File confirmations into datasets/<line>/{abnormal,normal}/; bad ones go to anomap:dead with a reason."""
     settings = resolved_settings(redis=True, s3=True)
     from cluster.connections import object_store, redis_client
-    from workers.confirmations import IngestConfig, ingest_confirmations
+    from workers.confirmations import Filed, IngestConfig, ingest_confirmations
 
     stop = None
     if not once:
@@ -135,3 +136,9 @@ def ingest_cmd(
         stop=stop,
     )
     print(json.dumps({outcome.value: n for outcome, n in counts.items()}), flush=True)
+    if once and counts.get(Filed.RETRY):  # a cron job must notice: they are filed by the next run
+        err.print(
+            f"{counts[Filed.RETRY]} confirmations were left pending (the object store or Redis failed); "
+            "the next run files them"
+        )
+        raise typer.Exit(1)

@@ -244,6 +244,43 @@ def test_scored_job_confirmed_on_the_command_line_lands_in_datasets(
     assert np.array_equal(decode_image(object_store.get_bytes(f"{ABNORMAL}/cam03-1_mask.png")) > 0, marks)
 
 
+def test_a_refused_confirmation_uploads_no_mask(
+    object_store: ObjectStore, stack_settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _env(monkeypatch, stack_settings, object_store.bucket, tmp_path)
+    mask = tmp_path / "mask.png"
+    marks = np.zeros((SIZE, SIZE), dtype=bool)
+    marks[4:8, 4:8] = True
+    mask.write_bytes(encode_png(marks))
+    outcome = runner.invoke(app, ["confirm", "cam01-8", "--abnormal", "--mask", str(mask), "--by", "x" * 200])
+    assert outcome.exit_code == 2 and "confirmed_by" in outcome.output, outcome.output
+    assert list(object_store.list_keys("images/default/masks/")) == []
+
+
+def test_ingest_once_exits_1_when_it_left_confirmations_pending(
+    redis_client: redis.Redis,
+    object_store: ObjectStore,
+    stack_settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """A cron job running `ingest --once` must notice a store outage: exit 1, and the next run files them."""
+    _kept(object_store, "cam01-7")
+    publish_confirmation(redis_client, NAMES, Confirmation(job_id="cam01-7", label="normal"))
+    _env(monkeypatch, stack_settings, object_store.bucket, tmp_path)
+
+    def store_away(*_: object, **__: object) -> None:
+        raise ConnectionError("store away")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ObjectStore, "put_bytes", store_away)
+        outcome = runner.invoke(app, ["confirmations", "ingest", "--once", "--consumer", "t"])
+    assert outcome.exit_code == 1, outcome.output
+    assert '"retry": 1' in outcome.stdout and "1 confirmations were left pending" in outcome.stderr
+    outcome = runner.invoke(app, ["confirmations", "ingest", "--once", "--consumer", "t"])
+    assert outcome.exit_code == 0 and '"written": 1' in outcome.stdout, outcome.output
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
