@@ -19,11 +19,12 @@ from schemas import AbnormalPatchSource, ModelCard, ModelEventKind, Settings, St
 from trainer.config import TrainConfig
 from trainer.evaluation import EvaluationResult, evaluate, pr_curve, roc_curve
 from trainer.folder_dataset import DatasetPart, FolderDataset, load_dataset
-from trainer.metrics import image_auroc, pixel_average_precision
+from trainer.metrics import aupro, image_auroc, pixel_auroc, pixel_average_precision
 from trainer.model_io import weights_to_bytes
 from trainer.pipeline import untrained_model
+from trainer.postprocess import image_score
 from trainer.registry import ModelRegistry
-from trainer.scoring import PatchModel
+from trainer.scoring import PatchModel, anomaly_map
 from trainer.store import ObjectStore
 from trainer.synthetic import DefectKind, make_dataset, write_dataset_folder
 from workers.model_events import read_model_events
@@ -60,10 +61,20 @@ def evaluated(folder: Path) -> tuple[FolderDataset, ModelCard, EvaluationResult,
 def test_metrics_are_in_unit_interval_and_match_the_scores(
     evaluated: tuple[FolderDataset, ModelCard, EvaluationResult, list[str]],
 ) -> None:
-    _, _, result, lines = evaluated
+    dataset, card, result, lines = evaluated
     assert set(result.metrics) == {"image_auroc", "pixel_auroc", "pixel_ap", "aupro"}
     assert all(0.0 <= value <= 1.0 for value in result.metrics.values())
-    assert result.metrics["image_auroc"] == image_auroc(result.image_scores, result.anomalous)
+    # recomputed from the dataset itself: each image's own map, labels from the folders, and the pixel
+    # metrics over the six images whose mask is known (crack/001's is not), good images as all-normal masks
+    model = PatchModel.from_state(card, _tiny_model()[1], device="cpu")
+    maps = [anomaly_map(image, model) for image in dataset.test_images]
+    labels = [label != "good" for label in dataset.test_labels]
+    assert result.metrics["image_auroc"] == pytest.approx(image_auroc([image_score(m) for m in maps], labels))
+    known = [(m, mask) for m, mask in zip(maps, dataset.test_masks, strict=True) if mask is not None]
+    known_maps, known_masks = [m for m, _ in known], [np.asarray(mask, dtype=bool) for _, mask in known]
+    assert len(known) == 6
+    assert result.metrics["pixel_auroc"] == pytest.approx(pixel_auroc(known_maps, known_masks))
+    assert result.metrics["aupro"] == pytest.approx(aupro(known_maps, known_masks, max_fpr=0.3))
     assert len(result.maps) == 7 and result.maps[0].shape == (64, 64)
     assert result.mask_known.tolist() == [True, True, True, True, False, True, True]  # crack/001 unknown
     assert lines[-1].startswith("evaluated 7/7 images (100 %)")

@@ -246,6 +246,11 @@ def test_a_referenced_object_over_the_limit_is_refused_without_reading_it(
     with pytest.raises(ObjectTooLarge):
         object_store.get_bytes("images/cam06/big.png", max_bytes=size - 1)
     assert object_store.get_bytes("images/cam06/big.png", max_bytes=size) == small_png(8)
+    # refused on its declared length: a streamed read would stop after its first 1 MiB chunk and say so
+    object_store.put_bytes("images/cam06/huge.bin", bytes(3 << 20))
+    with pytest.raises(ObjectTooLarge) as refused:
+        object_store.get_bytes("images/cam06/huge.bin", max_bytes=1000)
+    assert refused.value.size == 3 << 20
 
 
 # ---- several lines ---------------------------------------------------------------------------------
@@ -280,10 +285,12 @@ def test_a_consumer_adds_its_lines_to_the_line_set(
 def test_the_done_marker_lives_as_long_as_the_configured_ttl(
     redis_client: redis.Redis, object_store: ObjectStore, inspector: LocalInspector, names: StreamNames
 ) -> None:
-    """ANOMAP_DONE_TTL_S reaches the marker: operators shorten it to bound Redis memory."""
+    """ANOMAP_DONE_TTL_S reaches the marker through the service's consumer config (`anomap serve` and the
+    consumers app build theirs with `ConsumerConfig.for_service`): operators shorten it to bound Redis memory."""
     publish_job(redis_client, names, InspectionJob(job_id="cam01-ttl"), image=small_png(1))
-    settings = Settings.from_env({"ANOMAP_DONE_TTL_S": "7200"})
-    consumer = _consumer(redis_client, object_store, inspector, names, done_ttl_s=settings.done_ttl_s)
+    config = ConsumerConfig.for_service(Settings.from_env({"ANOMAP_DONE_TTL_S": "7200"}), "c", ("default",))
+    consumer = StreamConsumer(redis_client, object_store, inspector, names, config)
+    consumer.ensure_groups()
     with running(consumer):
         _wait_for(redis_client, names, 1)
     assert 7000 < redis_client.ttl(names.done_marker("cam01-ttl")) <= 7200

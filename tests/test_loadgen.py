@@ -184,7 +184,6 @@ def test_every_published_job_is_counted_once_answered(redis_client: redis.Redis)
     assert doc["achieved_equals_offered"] is True
     assert doc["unanswered"] == doc["dead_letters"] == 0
     assert all(doc["latency_ms"][q] is not None for q in ("p50", "p95", "p99"))
-    assert doc["publish_lag_ms"]["max"] < 500
     assert sorted(job.job_id for job in seen) == sorted(job_id("t1", c, n) for c in range(2) for n in range(10))
     assert all(job.image_ref is None for job in seen)
 

@@ -169,13 +169,14 @@ def test_confirmed_defects_retrain_promote_and_swap_under_load(loop_stack, redis
             card = registry.load_card(new)
             assert card.parent_version == base
 
-            time.sleep(DEFAULT_REFRESH_S + 1.0)
+            time.sleep(DEFAULT_REFRESH_S + 4.0)  # the refresh period, and a slow registry read on a loaded machine
             after = _score_through_service(redis_client, names, held_out.test_images, "after")
         finally:
             stop.set()
             camera.join()
+        answers = len(sent) + len(before) + len(confirmed) + len(after)  # every job published on the line
         deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and redis_client.xlen(names.results()) < len(sent) + 3 * len(before) + 1:
+        while time.monotonic() < deadline and redis_client.xlen(names.results()) < answers:
             time.sleep(0.2)
 
     assert {version for version, _ in after.values()} == {new}

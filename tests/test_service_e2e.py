@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import redis
 from helpers import SIZE, point_cli_at, small_png, small_service
@@ -28,6 +29,7 @@ from trainer.registry import ModelRegistry
 from trainer.store import ObjectStore
 from trainer.synthetic import DefectKind
 from workers.consumer import ConsumerConfig, Outcome, StreamConsumer
+from workers.inspection import ScoredImage
 from workers.maps import decode_map
 from workers.publisher import image_key, publish_job, upload_image
 from workers.results import read_dead_letters, read_results
@@ -129,12 +131,15 @@ def test_job_by_reference_is_scored_and_missing_reference_is_dead_lettered(
 def test_redelivered_job_is_not_scored_twice(service: tuple[Settings, ModelCard], redis_client: redis.Redis) -> None:
     settings, _ = service
     names = StreamNames(settings.stream_prefix)
+    serve_inspector = ServeInspector.connect(timeout_s=60)
+    calls: list[str] = []
+
+    def counted(image: np.ndarray, pixel_threshold: float | None = None, line: str = "default") -> ScoredImage:
+        calls.append(line)
+        return serve_inspector(image, pixel_threshold, line)
+
     consumer = StreamConsumer(
-        redis_client,
-        ObjectStore.from_settings(settings),
-        ServeInspector.connect(timeout_s=60),
-        names,
-        ConsumerConfig(consumer="redelivery"),
+        redis_client, ObjectStore.from_settings(settings), counted, names, ConsumerConfig(consumer="redelivery")
     )
     consumer.ensure_groups()
     entry = publish_job(redis_client, names, InspectionJob(job_id="cam04-once"), image=small_png(5))
@@ -144,6 +149,7 @@ def test_redelivered_job_is_not_scored_twice(service: tuple[Settings, ModelCard]
     # the same entry delivered again (a consumer crashed after writing, say): acknowledged, not rescored
     assert consumer.process_entry(names.jobs(), entry, fields, deliveries=2) is Outcome.DUPLICATE
     assert redis_client.xlen(names.results()) == 1
+    assert len(calls) == 1  # the done marker turned it away before Serve saw it again
     # the same job id on a different entry is a dead letter, not a silent drop
     other = publish_job(redis_client, names, InspectionJob(job_id="cam04-once"), image=small_png(5))
     assert consumer.process_entry(names.jobs(), other, fields, deliveries=1) is Outcome.DEAD

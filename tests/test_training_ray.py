@@ -204,5 +204,13 @@ def test_killed_worker_resumes_from_the_last_checkpoint_in_the_object_store(
     for optimiser in ("opt_g", "opt_d", "opt_e"):  # Adam moments travel with the weights
         assert any(key.startswith(f"{optimiser}.") and key.endswith(".exp_avg_sq") for key in saved), optimiser
     resumed_from = int(final.get("resumed_from", "0"))  # absent: the run never restarted
-    assert spe <= resumed_from <= killed_at, (resumed_from, killed_at)
+    # the last checkpoint registered when the board showed killed_at is at least killed_at - 2·spe
+    # (docstring); one spe more of slack for the failure the test allows besides its own
+    assert killed_at - 3 * spe <= resumed_from <= killed_at, (resumed_from, killed_at)
     assert resumed_from % spe == 0
+    # Resumed, not restarted from scratch: weights, Adam moments and the per-step sampling seeds came
+    # back, so the run ends where the same run without a failure ends.
+    reference = run_training(cfg, _images(2), None, CheckpointStorage.local(tmp_path / "ref"), f"{run_name}-ref")
+    assert state.keys() == reference.keys()
+    differs = {key: float((state[key].float() - reference[key].float()).abs().max()) for key in state}
+    assert max(differs.values()) < 1e-4, sorted(differs.items(), key=lambda item: -item[1])[:5]
