@@ -67,12 +67,12 @@ class InspectionServer:
         store = object_store(self.settings)
         host = socket.gethostname()
         for i in range(self.n_consumers):
-            config = ConsumerConfig(
-                consumer=f"{host}-{os.getpid()}-{i}",
-                lines=self.lines,
+            config = ConsumerConfig.for_service(
+                self.settings,
+                f"{host}-{os.getpid()}-{i}",
+                tuple(self.lines),
                 max_in_flight=self.max_in_flight,
                 claim_idle_ms=self.claim_idle_ms,
-                done_ttl_s=self.settings.done_ttl_s,
             )
             consumer = StreamConsumer(redis_client(self.settings), store, inspector, names, config)
             consumer.ensure_groups()

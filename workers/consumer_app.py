@@ -74,13 +74,13 @@ class StreamConsumers:
         self.stats: dict[str, ConsumerStats] = {}
         self._threads: list[threading.Thread] = []
         for i in range(consumers):
-            config = ConsumerConfig(
-                consumer=f"{socket.gethostname()}-{replica}-{i}",
-                lines=lines,
+            config = ConsumerConfig.for_service(
+                settings,
+                f"{socket.gethostname()}-{replica}-{i}",
+                tuple(lines),
                 max_in_flight=max_in_flight,
                 claim_idle_ms=claim_idle_ms,
                 drain_timeout_s=DRAIN_TIMEOUT_S,
-                done_ttl_s=settings.done_ttl_s,
             )
             client = redis.Redis.from_url(
                 settings.redis_url.get_secret_value(),

@@ -11,9 +11,11 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 import redis
 
+from schemas.settings import Settings
 from schemas.stream import MAX_REFERENCED_IMAGE_BYTES
 
 REDIS_TRANSIENT: tuple[type[BaseException], ...] = (
@@ -76,6 +78,12 @@ class ConsumerConfig:
     forget_idle_ms: int = 3_600_000
     """Group members holding nothing and idle this long are deleted (crashed processes); 0: never."""
     forget_every_s: float = 60.0
+
+    @classmethod
+    def for_service(cls, settings: Settings, consumer: str, lines: tuple[str, ...], **options: Any) -> ConsumerConfig:
+        """A consumer of the service (`anomap serve`, the ``anomap-consumers`` app): what ``settings`` say
+        (``ANOMAP_DONE_TTL_S``), then ``options`` (``max_in_flight``, ``claim_idle_ms``, ...)."""
+        return cls(consumer=consumer, lines=lines, done_ttl_s=settings.done_ttl_s, **options)
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1:
