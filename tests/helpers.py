@@ -2,6 +2,7 @@
 
 card = register_small_model(store, "metal")    # untrained nets, calibrated on synthetic metal
 png = small_png(seed=1)                        # a 128×128 synthetic image as PNG bytes
+result = a_result("cam01-1", latency_ms=200.0)  # an InspectionResult as a consumer writes one
 point_cli_at(monkeypatch, settings, bucket, tmp_path)   # the environment of a shell using these servers
 with small_service(stack_settings, "e2e", scorer_replicas=2) as (settings, card):  # the Serve app, deployed
     ...
@@ -12,12 +13,13 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from schemas import ModelCard, Settings
+from schemas import InspectionResult, ModelCard, Settings
 from trainer.config import TrainConfig
 from trainer.imaging import encode_png
 from trainer.pipeline import initial_model_version
@@ -26,6 +28,34 @@ from trainer.store import ObjectStore
 from trainer.synthetic import DefectKind, synth_image
 
 SIZE = 128
+
+
+def a_result(
+    job_id: str, latency_ms: float = 1.0, version: str = "v1", line: str = "default", is_anomalous: bool = False
+) -> InspectionResult:
+    """A valid result of a 128² job published ``latency_ms`` ago and scored now (no map behind its refs)."""
+    now = datetime.now(UTC)
+    return InspectionResult(
+        job_id=job_id,
+        camera_id="cam01",
+        line=line,
+        model_version=version,
+        width=SIZE,
+        height=SIZE,
+        image_score=1.5 if is_anomalous else 0.5,
+        raw_image_score=0.1,
+        is_anomalous=is_anomalous,
+        pixel_threshold=0.2,
+        image_threshold=0.2,
+        map_ref=f"s3://anomap/maps/{line}/{job_id}.npz",
+        overlay_ref=f"s3://anomap/maps/{line}/{job_id}.jpg",
+        captured_at=now - timedelta(milliseconds=latency_ms),
+        published_at=now - timedelta(milliseconds=latency_ms),
+        scored_at=now,
+        latency_ms=latency_ms,
+    )
+
+
 SMALL_CONFIG = TrainConfig(patch_size=32, stride=16, latent_dim=16, base_channels=8, smoothing_sigma=1.0)
 """A patch-32 architecture that scores a 128² image in a few milliseconds."""
 

@@ -8,42 +8,22 @@ import queue
 import subprocess
 import sys
 import threading
-from datetime import UTC, datetime
 from pathlib import Path
 
 import redis
+from helpers import a_result
 from pydantic import SecretStr
 from typer.testing import CliRunner
 
 from cluster.cli import app
-from schemas import InspectionResult, Settings, StreamNames
+from schemas import Settings, StreamNames
 
 runner = CliRunner()
 STREAM = StreamNames().results("default")
 
 
 def _result(job_id: str) -> bytes:
-    now = datetime.now(UTC)
-    result = InspectionResult(
-        job_id=job_id,
-        camera_id="cam01",
-        line="default",
-        model_version="v1",
-        width=64,
-        height=64,
-        image_score=1.5,
-        raw_image_score=0.3,
-        is_anomalous=True,
-        pixel_threshold=0.2,
-        image_threshold=0.2,
-        map_ref="s3://anomap/maps/default/x.npz",
-        overlay_ref="s3://anomap/maps/default/x.jpg",
-        captured_at=now,
-        published_at=now,
-        scored_at=now,
-        latency_ms=1.0,
-    )
-    return result.model_dump_json().encode()
+    return a_result(job_id, is_anomalous=True).model_dump_json().encode()
 
 
 def _env(settings: Settings, tmp_path: Path) -> dict[str, str]:

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import redis
-from helpers import register_small_model
+from helpers import a_result, register_small_model
 from pydantic import SecretStr
 from typer.testing import CliRunner
 
@@ -34,26 +33,7 @@ NAMES = StreamNames()
 
 
 def _result(job_id: str, latency_ms: float, version: str) -> InspectionResult:
-    now = datetime.now(UTC)
-    return InspectionResult(
-        job_id=job_id,
-        camera_id="cam01",
-        line="default",
-        model_version=version,
-        width=128,
-        height=128,
-        image_score=0.5,
-        raw_image_score=0.1,
-        is_anomalous=False,
-        pixel_threshold=0.2,
-        image_threshold=0.2,
-        map_ref="s3://anomap/maps/default/x.npz",
-        overlay_ref="s3://anomap/maps/default/x.jpg",
-        captured_at=now - timedelta(milliseconds=latency_ms),
-        published_at=now - timedelta(milliseconds=latency_ms),
-        scored_at=now,
-        latency_ms=latency_ms,
-    )
+    return a_result(job_id, latency_ms=latency_ms, version=version)
 
 
 def _dead(entry_id: str, reason: DeadReason) -> bytes:
