@@ -26,7 +26,14 @@ from typing import Protocol
 
 import numpy as np
 
-from trainer.metrics import aupro, image_auroc, pixel_auroc, pixel_average_precision, pool_pixels
+from trainer.metrics import (
+    aupro,
+    image_auroc,
+    pixel_auroc,
+    pixel_average_precision,
+    pool_pixels,
+    precision_recall_steps,
+)
 from trainer.postprocess import image_score
 from trainer.scoring import PatchModel, anomaly_map
 
@@ -137,15 +144,22 @@ def roc_curve(scores: np.ndarray, labels: np.ndarray, points: int = CURVE_POINTS
     return Curve(x=np.r_[0.0, curve.x], y=np.r_[0.0, curve.y])
 
 
-def pr_curve(scores: np.ndarray, labels: np.ndarray, points: int = CURVE_POINTS, normal_rate: float = 1.0) -> Curve:
+def pr_curve(
+    scores: np.ndarray,
+    labels: np.ndarray,
+    points: int = CURVE_POINTS,
+    normal_rate: float = 1.0,
+    defect_rate: float = 1.0,
+) -> Curve:
     """Precision against recall of scores (N,) and bool labels (N,), recall ascending from 0.
 
-    ``normal_rate``: the fraction of normal samples kept when the pool was subsampled per class
-    (`trainer.metrics.pool_pixels`); each kept one counts for 1/rate in the precision.
+    ``normal_rate`` / ``defect_rate``: the fractions of each class kept when the pool was subsampled
+    per class (`trainer.metrics.pool_pixels`), weighed as in `trainer.metrics.precision_recall_steps`.
     """
-    tps, fps = _ranked_counts(np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool))
-    precision = tps / (tps + fps / normal_rate)
-    curve = _thin(tps / tps[-1], precision, points)
+    precision, recall = precision_recall_steps(
+        np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool), normal_rate, defect_rate
+    )
+    curve = _thin(recall, precision, points)
     return Curve(x=np.r_[0.0, curve.x], y=np.r_[curve.y[0], curve.y])
 
 
@@ -174,7 +188,7 @@ def _pixel_metrics(
     if not _both_classes(sample.labels):
         return None, None
     return roc_curve(sample.scores, sample.labels), pr_curve(
-        sample.scores, sample.labels, normal_rate=sample.normal_rate / sample.defect_rate
+        sample.scores, sample.labels, normal_rate=sample.normal_rate, defect_rate=sample.defect_rate
     )
 
 
