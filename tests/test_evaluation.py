@@ -19,6 +19,7 @@ from schemas import AbnormalPatchSource, ModelCard, ModelEventKind, Settings, St
 from trainer.config import TrainConfig
 from trainer.evaluation import EvaluationResult, evaluate, pr_curve, roc_curve
 from trainer.folder_dataset import DatasetPart, FolderDataset, load_dataset
+from trainer.imaging import decode_image, encode_png
 from trainer.metrics import aupro, image_auroc, pixel_auroc, pixel_average_precision
 from trainer.model_io import weights_to_bytes
 from trainer.pipeline import untrained_model
@@ -247,6 +248,10 @@ def test_train_on_a_folder_then_eval_the_live_version(
     shutil.copytree(folder, root)
     data = make_dataset(size=64, n_train=0, n_abnormal=1, n_calibration=0, n_test_normal=0, n_test_defect=0, seed=5)
     write_dataset_folder(data, root)  # adds train/abnormal/000.png with its mask
+    first = root / "train/good/000.png"  # one 16-bit camera image among 8-bit ones: trained on at full precision
+    levels = decode_image(first.read_bytes()) * 65535.0 + np.random.default_rng(0).uniform(-100, 100, (64, 64))
+    first.write_bytes(encode_png(np.clip(np.rint(levels), 0, 65535).astype(np.uint16)))
+    assert load_dataset(root, DatasetPart.TRAIN).train_normal[0].dtype == np.uint16
     flags = ["--schedule", "tiny", "--gamma", "0.9", "--refine-steps", "1"]
     flags += ["--detrend-sigma", "6"]  # the axis is measured on train/good: brushed along x
     trained = runner.invoke(app, ["train", "--data", str(root), *flags])

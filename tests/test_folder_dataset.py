@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer.folder_dataset import DatasetError, DatasetPart, load_dataset, to_uint8
-from trainer.imaging import encode_png
+from trainer.folder_dataset import DatasetError, DatasetPart, load_dataset
+from trainer.imaging import decode_image, encode_png
+from trainer.patches import as_unit_float
 from trainer.synthetic import make_dataset, write_dataset_folder
 
 
@@ -155,7 +156,9 @@ def test_masks_nothing_reads_are_named(synthetic_folder: Path, tmp_path: Path) -
     assert any("scratch/000.png is not used: a mask is named" in warning for warning in data.warnings)
 
 
-def test_rgb_and_sixteen_bit_images_load_as_eight_bit_grey(tmp_path: Path) -> None:
+def test_images_load_as_the_levels_the_scorer_sees(tmp_path: Path) -> None:
+    """8-bit grey stays uint8; 16-bit grey and the luminance of colour images are kept as uint16, so the
+    trainer's pixels equal what `decode_image` hands the scorers for the same file (to 1/65535)."""
     rng = np.random.default_rng(0)
     good = tmp_path / "train/good"
     good.mkdir(parents=True)
@@ -165,15 +168,28 @@ def test_rgb_and_sixteen_bit_images_load_as_eight_bit_grey(tmp_path: Path) -> No
     grey16 = rng.integers(0, 65536, (40, 56), dtype=np.uint16)
     Image.fromarray(grey16).save(good / "c.tif")
     Image.fromarray(rgb).save(good / "d.jpg", quality=95)
+    grey8 = rng.integers(0, 256, (40, 56), dtype=np.uint8)
+    Image.fromarray(grey8).save(good / "e.png")
     data = load_dataset(tmp_path, DatasetPart.TRAIN)
     loaded = {path.name: image for path, image in zip(data.train_files, data.train_normal, strict=True)}
     loaded |= {path.name: image for path, image in zip(data.calibration_files, data.calibration, strict=True)}
-    assert sorted(loaded) == ["a.png", "b.bmp", "c.tif", "d.jpg"]
-    assert all(image.dtype == np.uint8 and image.shape == (40, 56) for image in loaded.values())
-    luma = to_uint8((rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)) / 255.0)
-    assert np.abs(loaded["a.png"].astype(int) - luma).max() <= 1
+    assert sorted(loaded) == ["a.png", "b.bmp", "c.tif", "d.jpg", "e.png"]
+    assert {name: image.dtype for name, image in loaded.items()} == {
+        "a.png": np.uint16,
+        "b.bmp": np.uint16,
+        "c.tif": np.uint16,
+        "d.jpg": np.uint16,
+        "e.png": np.uint8,
+    }
+    assert all(image.shape == (40, 56) for image in loaded.values())
+    np.testing.assert_array_equal(loaded["c.tif"], grey16)
+    np.testing.assert_array_equal(loaded["e.png"], grey8)
     np.testing.assert_array_equal(loaded["a.png"], loaded["b.bmp"])
-    np.testing.assert_array_equal(loaded["c.tif"], to_uint8(grey16 / 65535.0))
+    for name, image in loaded.items():  # the trainer's pixels are the scorer's
+        scored = decode_image((good / name).read_bytes())
+        assert np.abs(as_unit_float(image) - scored).max() <= 0.5 / 65535 + 1e-7, name
+    luma = (rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)) / 255.0
+    assert np.abs(as_unit_float(loaded["a.png"]) - luma).max() < 1e-4
 
 
 def test_single_training_image_without_calibration_folder_is_an_error(tmp_path: Path) -> None:

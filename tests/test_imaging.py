@@ -12,7 +12,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from schemas import DeadReason
-from trainer.imaging import ImageRejected, decode_image, encode_png, read_image_file
+from trainer.imaging import ImageRejected, decode_image, encode_png, integer_levels, read_image_file
 
 
 def _save(image: Image.Image, fmt: str, **kwargs: object) -> bytes:
@@ -118,6 +118,21 @@ def test_sixteen_bit_png_and_tiff_keep_their_precision() -> None:
     for data in (encode_png(image), _save(Image.fromarray(image), "TIFF")):
         decoded = decode_image(data)
         np.testing.assert_allclose(decoded, image / 65535.0, atol=1e-7)
+
+
+def test_integer_levels_keep_eight_bit_data_eight_bit_and_everything_else_sixteen() -> None:
+    grey8 = (np.arange(32 * 32).reshape(32, 32) % 256).astype(np.uint8)
+    grey16 = (np.arange(32 * 32).reshape(32, 32) * 61).astype(np.uint16)
+    levels8, levels16 = (
+        integer_levels(decode_image(encode_png(grey8))),
+        integer_levels(decode_image(encode_png(grey16))),
+    )
+    assert levels8.dtype == np.uint8 and levels16.dtype == np.uint16
+    np.testing.assert_array_equal(levels8, grey8)
+    np.testing.assert_array_equal(levels16, grey16)
+    between = np.full((4, 4), 0.5 / 255, dtype=np.float32)  # half an 8-bit step: not 8-bit data
+    assert integer_levels(between).dtype == np.uint16
+    assert integer_levels(np.array([[0.0, 1.0]], dtype=np.float32)).tolist() == [[0, 255]]
 
 
 def test_one_bit_jpeg_and_bmp_decode() -> None:

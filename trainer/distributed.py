@@ -116,7 +116,7 @@ def load_checkpoint_dir(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. ``config``: ``{"train_config": TrainConfig.to_card_dict(), "data": ObjectRef}``.
 
-    The data object is ``{"normal": list[(H, W) uint8], "abnormal": (M, P, P) or (M, 2, P, P) float32 | None,
+    The data object is ``{"normal": list[(H, W) uint8 | uint16], "abnormal": (M, P, P) or (M, 2, P, P) float32 | None,
     "init_weights": safetensors bytes | None}``; a (M, 2, P, P) bank carries each patch's mask as channel 1.
     """
     cfg = TrainConfig.from_dict(config["train_config"])
@@ -183,7 +183,7 @@ def run_training(
 
     Args:
         cfg: the hyper-parameters (``num_workers``, ``use_gpu``, ``cpus_per_worker`` size the run).
-        normal_images: (H, W) uint8 training images (each at least P×P).
+        normal_images: (H, W) uint8 or uint16 training images (each at least P×P).
         abnormal_patches: (M, P, P) float32 in [0, 1] for the discriminator (used when γ < 1), or
             (M, 2, P, P) with each patch's mask as channel 1, or None.
         storage: shared storage for checkpoints: a `CheckpointStorage` (the S3 store or a local folder),
@@ -203,8 +203,8 @@ def run_training(
         raise ValueError(msg)
     p = cfg.patch_size
     for i, image in enumerate(normal_images):
-        if image.ndim != 2 or image.dtype != np.uint8 or min(image.shape) < p:
-            msg = f"normal image {i} must be (H, W) uint8 with H, W >= {p}; got {image.shape} {image.dtype}"
+        if image.ndim != 2 or image.dtype not in (np.uint8, np.uint16) or min(image.shape) < p:
+            msg = f"normal image {i} must be (H, W) uint8 or uint16 with H, W >= {p}; got {image.shape} {image.dtype}"
             raise ValueError(msg)
     if cfg.gamma < 1.0 and (abnormal_patches is None or len(abnormal_patches) == 0):
         msg = f"gamma={cfg.gamma} < 1 needs abnormal patches (method.md §2); pass some or use gamma=1"

@@ -11,14 +11,16 @@
 Example (MVTec AD ``bottle``: 209 train, 83 test images of 900×900 RGB)::
 
     data = load_dataset(Path("mvtec/bottle"))
-    data.train_normal[0].shape, data.train_normal[0].dtype   # (900, 900) uint8 (luminance)
+    data.train_normal[0].shape, data.train_normal[0].dtype   # (900, 900) uint16 (luminance of RGB)
     len(data.calibration), data.calibration_held_out         # 21, True (10 % of train/good held out)
     data.test_labels[:2], data.test_masks[-1].dtype          # ['broken_large', ...], bool
     data.data_digest                                         # 64 hex digits (sha256)
     load_dataset(Path("empty/"))                             # DatasetError: empty/ has no train/good/ ...
 
 Images may be any size, greyscale or RGB (luminance is used), PNG/JPEG/TIFF/BMP, 8 or 16 bit; all are
-decoded by `trainer.imaging` and rounded to (H, W) uint8. Masks are non-zero where defective. A
+decoded by `trainer.imaging` and kept as their integer levels (`integer_levels`): (H, W) uint8 for 8-bit
+greyscale, uint16 for 16-bit data and the luminance of colour images, so a model trains on the pixels
+it will score. Masks are non-zero where defective. A
 corrupt image is skipped with a warning naming it (logged and kept in ``warnings``); a mask whose
 size differs from its image is a `DatasetError`; a defective test image without a mask keeps
 ``None`` as its mask (mask unknown: left out of pixel metrics, still in image metrics).
@@ -38,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.imaging import ImageRejected, read_image_file
+from trainer.imaging import ImageRejected, integer_levels, read_image_file
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,8 @@ class DatasetPart(StrEnum):
 
 @dataclass(frozen=True, eq=False)
 class FolderDataset:
-    """A loaded dataset folder. Images are (H, W) uint8, masks (H, W) bool; sizes may differ per image.
+    """A loaded dataset folder. Images are (H, W) uint8 or uint16 (`integer_levels`), masks (H, W) bool;
+    sizes may differ per image.
 
     ``abnormal_masks`` and ``test_masks`` hold None where the mask is unknown (``test/good`` images
     get an all-False mask). ``calibration_held_out`` says whether ``calibration`` was taken from
@@ -123,11 +126,6 @@ class FolderDataset:
         }
 
 
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    """(H, W) float in [0, 1] -> (H, W) uint8, rounded to the nearest level."""
-    return np.clip(np.rint(np.asarray(image, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
-
-
 def image_files(folder: Path) -> list[Path]:
     """Image files directly in ``folder`` (accepted suffixes, any case; hidden files ignored), sorted by name."""
     if not folder.is_dir():
@@ -153,14 +151,14 @@ class _Loader:
         self.hashed[path.relative_to(self.root).as_posix()] = hashlib.sha256(path.read_bytes()).digest()
 
     def image(self, path: Path) -> np.ndarray | None:
-        """(H, W) uint8, or None (with a warning naming the file) when it cannot be decoded."""
+        """(H, W) uint8 or uint16 (`integer_levels`), or None (with a warning naming the file) if undecodable."""
         try:
             grey = read_image_file(path)
         except ImageRejected as exc:
             self.warn(f"skipped {path}: {exc.detail.removeprefix(f'{path}: ')} ({exc.reason})")
             return None
         self._remember(path)
-        return to_uint8(grey)
+        return integer_levels(grey)
 
     def images(self, folder: Path) -> tuple[list[np.ndarray], list[Path]]:
         loaded, files = [], []

@@ -141,6 +141,22 @@ def decode_image(
     return np.ascontiguousarray(grey, dtype=np.float32)
 
 
+def integer_levels(image: np.ndarray) -> np.ndarray:
+    """The integer levels of a decoded (H, W) float image in [0, 1], without losing what the model sees.
+
+    uint8 when every value is k/255 (what `decode_image` makes of 8-bit greyscale data), else uint16
+    rounded to 1/65535 (16-bit data exactly; the float luminance of colour sources to within 1/131070).
+    ``integer_levels(decode_image(data)) / 255`` (or ``/ 65535``) is then what the scorers get from
+    ``data``, so a model trains on the pixels it will later score. Shape kept.
+    """
+    array = np.asarray(image, dtype=np.float32)
+    levels = array * np.float32(255.0)
+    eight_bit = np.rint(levels)
+    if np.abs(levels - eight_bit).max(initial=0.0) < 1e-3:
+        return np.clip(eight_bit, 0, 255).astype(np.uint8)
+    return np.clip(np.rint(array * np.float32(65535.0)), 0, 65535).astype(np.uint16)
+
+
 def encode_png(image: np.ndarray, compress_level: int = 3) -> bytes:
     """Encode an image as PNG bytes (lossless, deterministic).
 

@@ -116,8 +116,8 @@ def train_model_version(
     """Train a model version on Ray Train, calibrate it, save it to ``registry`` and return its card.
 
     Args:
-        normal_images: (H, W) uint8 training images (may hold unlabelled defects: the noisy set).
-        abnormal_images: (H, W) uint8 confirmed abnormal images; used only when ``cfg.gamma < 1``.
+        normal_images: (H, W) uint8 or uint16 training images (may hold unlabelled defects: the noisy set).
+        abnormal_images: (H, W) uint8 or uint16 confirmed abnormal images; used only when ``cfg.gamma < 1``.
         abnormal_masks: one (H, W) mask or None per abnormal image.
         calibration_images: held-out normal (H, W) images, never trained on, for the thresholds.
         registry: where the version goes (``registry.name`` must equal ``name``); not set live here.

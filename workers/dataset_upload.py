@@ -6,7 +6,8 @@
     ROOT/ground_truth/<defect>/<stem>_mask.* -> datasets/<line>/validation/<defect>/<stem>_mask.png (0/255)
 
 Every image is decoded (any format `trainer.imaging` reads, 8 or 16 bit, grey or colour) and stored as
-the lossless 8-bit PNG of the (H, W) uint8 luminance the trainer uses. Example::
+a lossless PNG of the levels the trainer uses (`integer_levels`): 8-bit for 8-bit greyscale, 16-bit for
+16-bit data and the luminance of colour images. Example::
 
     summary = upload_dataset_folder(store, Path("metal"), "press-2")
     summary.to_json()    # {"train_good": 24, "validation": {"good": 8, "scratch": 8}, "masks": 8, ...}
@@ -26,8 +27,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.folder_dataset import GOOD, DatasetError, image_files, to_uint8
-from trainer.imaging import ImageRejected, decode_image, encode_png, read_image_file
+from trainer.folder_dataset import GOOD, DatasetError, image_files
+from trainer.imaging import ImageRejected, decode_image, encode_png, integer_levels, read_image_file
 from trainer.store import ObjectStore
 from workers.retrain_data import MASK_SUFFIX, line_prefix
 
@@ -80,7 +81,7 @@ def _folder_images(folder: Path, skipped: list[str], is_validation: bool) -> dic
             msg = f"{path} and {origin[stem]} would both be stored as {stem}.png; rename one"
             raise DatasetError(msg)
         try:
-            image = to_uint8(read_image_file(path))
+            image = integer_levels(read_image_file(path))
         except ImageRejected as exc:
             skipped.append(f"skipped {path}: {exc.detail.removeprefix(f'{path}: ')} ({exc.reason})")
             continue

@@ -14,7 +14,7 @@
 
     listing = list_confirmed(store, "press-2")      # ConfirmedListing(abnormal={"cam01-7": True}, normal=[...])
     listing.names                                   # ["abnormal/cam01-7", "normal/cam01-9"]
-    data = load_training_data(store, "press-2", listing, min_side=32)   # (H, W) uint8 images, masks, digest
+    data = load_training_data(store, "press-2", listing, min_side=32)   # (H, W) uint8/uint16 images, masks, digest
     validation = load_validation_set(store, "press-2")                  # fits `trainer.evaluation.evaluate`
 
 An object that disappears between listing and loading raises `ObjectMissing` (the run fails and
@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from schemas import LINE_PATTERN
-from trainer.folder_dataset import GOOD, to_uint8
-from trainer.imaging import ImageRejected, decode_image
+from trainer.folder_dataset import GOOD
+from trainer.imaging import ImageRejected, decode_image, integer_levels
 from trainer.store import ObjectStore
 
 MASK_SUFFIX = "_mask"
@@ -100,7 +100,7 @@ def list_confirmed(store: ObjectStore, line: str) -> ConfirmedListing:
 
 
 class _Reader:
-    """Reads PNG objects as (H, W) uint8, hashing what it read and collecting warnings."""
+    """Reads PNG objects as (H, W) uint8 or uint16 (`integer_levels`), hashing what it read and collecting warnings."""
 
     def __init__(self, store: ObjectStore, min_side: int) -> None:
         self.store = store
@@ -111,7 +111,7 @@ class _Reader:
     def image(self, key: str, *, check_side: bool = True) -> np.ndarray | None:
         data = self.store.get_bytes(key)  # ObjectMissing propagates: the data changed under the run
         try:
-            image = to_uint8(decode_image(data))
+            image = integer_levels(decode_image(data))
         except ImageRejected as exc:
             self.warnings.append(f"skipped {self.store.ref(key)}: {exc.detail} ({exc.reason})")
             return None
@@ -144,7 +144,7 @@ class _Reader:
 
 @dataclass(frozen=True, eq=False)
 class RetrainData:
-    """What a fine-tune trains on. Images (H, W) uint8, masks (H, W) bool or None (unknown: mined).
+    """What a fine-tune trains on. Images (H, W) uint8 or uint16, masks (H, W) bool or None (unknown: mined).
 
     ``normal`` is ``train/good`` then the confirmed normal images; ``data_digest`` is the sha256 of
     the keys and bytes of everything loaded (images and masks); ``warnings`` what was skipped.
@@ -198,7 +198,7 @@ def load_training_data(store: ObjectStore, line: str, listing: ConfirmedListing,
 class ValidationSet:
     """The frozen validation set of a line (a `trainer.evaluation.TestSet`).
 
-    Images (H, W) uint8; masks (H, W) bool (all False for ``good``) or None (unknown); labels ``good``
+    Images (H, W) uint8 or uint16; masks (H, W) bool (all False for ``good``) or None (unknown); labels ``good``
     or the defect kind; ``digest`` the sha256 of the keys and bytes loaded.
     """
 

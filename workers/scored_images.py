@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from schemas import InspectionJob
-from trainer.imaging import encode_png
+from trainer.imaging import encode_png, integer_levels
 from workers.maps import MapObject
 
 SCORED_PNG_LEVEL = 1
@@ -49,12 +49,7 @@ def image_content_type(data: bytes) -> str:
 
 def scored_png(image: np.ndarray, compress_level: int = SCORED_PNG_LEVEL) -> bytes:
     """A (H, W) float image in [0, 1] as a lossless PNG: 8-bit when every value is k/255, else 16-bit."""
-    array = np.asarray(image, dtype=np.float32)
-    levels = array * np.float32(255.0)
-    eight_bit = np.round(levels)
-    if np.abs(levels - eight_bit).max(initial=0.0) < 1e-3:
-        return encode_png(eight_bit.astype(np.uint8), compress_level)
-    return encode_png(np.round(array * np.float32(65535.0)).astype(np.uint16), compress_level)
+    return encode_png(integer_levels(image), compress_level)
 
 
 def kept_image_objects(job: InspectionJob, payload: bytes, keep: bool) -> tuple[MapObject, ...]:
