@@ -61,6 +61,6 @@ def resolved_settings(*, redis: bool = False, s3: bool = False, ray: bool = Fals
 
 def checked_line(line: str) -> str:
     """``line`` if it is a valid line id, else exit 2 saying what one looks like."""
-    if not re.match(LINE_PATTERN, line):
+    if not re.fullmatch(LINE_PATTERN, line):
         fail(f"--line {line!r} is not a line id: lower-case letters, digits, '_' and '-', at most 32")
     return line

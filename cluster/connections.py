@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+from urllib.parse import parse_qs, urlparse
 
 import certifi
 import redis
@@ -36,7 +37,7 @@ from minio import Minio
 from cluster.ports import free_port
 from cluster.redaction import redact_url
 from cluster.state import read_state
-from schemas.settings import Settings
+from schemas.settings import Settings, s3_uses_tls
 from trainer.store import ObjectStore
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "redact_url",
     "redis_client",
     "redis_from_url",
+    "redis_tls_options",
     "resolve_settings",
     "shutdown_ray",
 ]
@@ -82,11 +84,31 @@ def _missing(what: str, variable: str, settings: Settings) -> MissingEndpoint:
     return MissingEndpoint(msg)
 
 
+def redis_tls_options(url: str) -> dict[str, Any]:
+    """The TLS options `redis_from_url` adds for ``url``: a ``rediss://`` URL checks the server's hostname.
+
+    redis-py 5 does not check it by default (6+ does), so it is asked for explicitly, unless the URL's
+    query turns certificate checks off (``ssl_cert_reqs=none``: nothing to check the name against).
+    The URL is read as redis-py reads it (``urlparse``); its own ``ssl_check_hostname`` still wins::
+
+        redis_tls_options("rediss://:pw@cache:6380/0")                     # {'ssl_check_hostname': True}
+        redis_tls_options("rediss://cache:6380/0?ssl_cert_reqs=none")      # {}
+        redis_tls_options("redis://db:6379/0")                             # {}
+    """
+    if not url.startswith("rediss://"):
+        return {}
+    query = parse_qs(urlparse(url).query)
+    if any(value.lower() == "none" for value in query.get("ssl_cert_reqs", [])[:1]):
+        return {}
+    return {"ssl_check_hostname": True}
+
+
 def redis_from_url(url: str, *, socket_timeout: float = 30.0, **kwargs: Any) -> redis.Redis:
     """A bytes-in/bytes-out client for ``redis://`` / ``rediss://`` / ``unix://`` URLs.
 
-    Passwords and ACL users come from the URL. ``socket_timeout`` must exceed any ``BLOCK`` a
-    caller passes to ``XREADGROUP`` (default 30 s). Options in the URL's query win over kwargs.
+    Passwords and ACL users come from the URL; ``rediss://`` checks the certificate and its hostname
+    (`redis_tls_options`). ``socket_timeout`` must exceed any ``BLOCK`` a caller passes to
+    ``XREADGROUP`` (default 30 s). Options in the URL's query win over kwargs.
     """
     options: dict[str, Any] = {
         "decode_responses": False,
@@ -94,6 +116,7 @@ def redis_from_url(url: str, *, socket_timeout: float = 30.0, **kwargs: Any) -> 
         "socket_connect_timeout": 5.0,
         "socket_keepalive": True,
         "health_check_interval": 30,
+        **redis_tls_options(url),
     }
     options.update(kwargs)
     return redis.Redis.from_url(url, **options)
@@ -119,10 +142,11 @@ def minio_from_endpoint(
 ) -> Minio:
     """A MinIO client for ``host:port`` or ``http(s)://host:port``, with bounded timeouts and retries.
 
-    TLS is used when ``secure`` is set or the endpoint starts with ``https://``. ``region``: the one
+    TLS is used when ``secure`` is set or the endpoint starts with ``https://`` (`s3_uses_tls`, the rule
+    of every S3 client). ``region``: the one
     requests are signed for (None: asked of the store, per bucket).
     """
-    secure = secure or endpoint.startswith("https://")
+    secure = s3_uses_tls(endpoint, secure)
     host = endpoint.removeprefix("http://").removeprefix("https://").rstrip("/")
     http = urllib3.PoolManager(
         timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout),
@@ -140,7 +164,7 @@ def minio_client(settings: Settings) -> Minio:
         raise _missing("S3 store", "S3_ENDPOINT (+ S3_ACCESS_KEY, S3_SECRET_KEY)", settings)
     access = settings.s3_access_key.get_secret_value() if settings.s3_access_key else None
     secret = settings.s3_secret_key.get_secret_value() if settings.s3_secret_key else None
-    return minio_from_endpoint(settings.s3_endpoint, access, secret, settings.s3_secure, region=settings.s3_region)
+    return minio_from_endpoint(settings.s3_endpoint, access, secret, settings.s3_tls, region=settings.s3_region)
 
 
 def object_store(settings: Settings, bucket: str | None = None) -> ObjectStore:

@@ -52,7 +52,7 @@ def parse_s3_ref(ref: str) -> S3Ref:
         raise ValueError(msg)
     rest = ref[len("s3://") :]
     bucket, sep, key = rest.partition("/")
-    if not re.match(BUCKET_PATTERN, bucket):
+    if not re.fullmatch(BUCKET_PATTERN, bucket):
         msg = f"invalid bucket name {bucket[:80]!r} in {ref[:120]!r}"
         raise ValueError(msg)
     if not sep or not key:
@@ -62,7 +62,7 @@ def parse_s3_ref(ref: str) -> S3Ref:
         msg = f"object key is {len(key)} characters long; at most {MAX_KEY_LENGTH} are allowed"
         raise ValueError(msg)
     for segment in key.split("/"):
-        if not _KEY_SEGMENT.match(segment):
+        if not _KEY_SEGMENT.fullmatch(segment):
             msg = (
                 f"unsafe object key segment {segment[:80]!r} in {ref[:120]!r}: segments are letters, "
                 "digits and _ . = -, not starting with a dot"

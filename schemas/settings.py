@@ -5,7 +5,7 @@
 | ``REDIS_URL`` | ``redis://`` / ``rediss://`` URL, with password or ACL user | embedded Valkey |
 | ``S3_ENDPOINT`` | ``host:port`` or ``http(s)://host:port`` of an S3 store | embedded ``weed mini`` |
 | ``S3_ACCESS_KEY`` / ``S3_SECRET_KEY`` | S3 credentials | generated for the embedded store |
-| ``S3_SECURE`` | ``1`` to use TLS | ``0`` unless the endpoint starts with ``https://`` |
+| ``S3_SECURE`` | ``1`` to use TLS (an ``https://`` endpoint always does; ``0`` with one is an error) | ``0`` |
 | ``S3_REGION`` | region to sign S3 requests for (AWS; MinIO and SeaweedFS accept any) | unset (below) |
 | ``ANOMAP_BUCKET`` | bucket for models, maps, datasets, images | ``anomap`` |
 | ``RAY_ADDRESS`` | an existing Ray cluster | embedded Ray head |
@@ -17,6 +17,8 @@
 A ``job_id`` published again within ``ANOMAP_DONE_TTL_S`` is answered once. The markers dominate
 Redis memory at fleet scale (~215 B per job: 130 GB for 7 days at 1000 images/s, docs/capacity.md):
 size Redis for them, or shorten it.
+
+Every S3 client (MinIO's, pyarrow's) decides TLS the same way, by `s3_uses_tls` (``Settings.s3_tls``).
 
 With ``S3_REGION`` unset the MinIO client asks the store for the bucket's region; only Ray Train's
 checkpoint filesystem (`trainer.store`) then signs for ``us-east-1``.
@@ -146,16 +148,29 @@ TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 
 
+def s3_uses_tls(endpoint: str | None, secure: bool) -> bool:
+    """Whether an S3 client talks TLS to ``endpoint``: when ``secure`` is set or the endpoint is ``https://``.
+
+    The one rule for every client, so that no two parts of the stack disagree about the same store::
+
+        s3_uses_tls("https://s3.example:443", False)   # True
+        s3_uses_tls("minio:9000", True)                # True
+        s3_uses_tls("http://minio:9000", False)        # False
+    """
+    return secure or (endpoint or "").startswith("https://")
+
+
 class Settings(BaseModel):
     """Connection and service settings. Secrets are `SecretStr` and never printed."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)  # a bad value may be a secret
 
     redis_url: SecretStr | None = None
     s3_endpoint: str | None = None
     s3_access_key: SecretStr | None = None
     s3_secret_key: SecretStr | None = None
     s3_secure: bool = False
+    """TLS for a bare ``host:port`` endpoint; an ``https://`` one uses TLS anyway (`s3_tls` decides)."""
     s3_region: str | None = Field(default=None, pattern=r"^[a-z0-9-]{1,32}$")
     bucket: str = Field(default="anomap", pattern=BUCKET_PATTERN)
     ray_address: str | None = None
@@ -181,6 +196,12 @@ class Settings(BaseModel):
         if value is None:
             return None
         host = value.removeprefix("http://").removeprefix("https://")
+        if "@" in host:  # user:secret@host: the value would be printed in status and errors
+            msg = (
+                "S3_ENDPOINT must be host:port or http(s)://host:port without user or password (its value is "
+                "not shown: it may hold a secret); set S3_ACCESS_KEY and S3_SECRET_KEY for the keys"
+            )
+            raise ValueError(msg)
         if not host or "/" in host.rstrip("/"):
             msg = f"S3_ENDPOINT must be host:port or http(s)://host:port, got {value!r}"
             raise ValueError(msg)
@@ -192,6 +213,11 @@ class Settings(BaseModel):
         if self.s3_endpoint is None:
             return None
         return self.s3_endpoint.removeprefix("http://").removeprefix("https://").rstrip("/")
+
+    @property
+    def s3_tls(self) -> bool:
+        """Whether S3 clients use TLS: ``s3_secure`` or an ``https://`` endpoint (`s3_uses_tls`)."""
+        return s3_uses_tls(self.s3_endpoint, self.s3_secure)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -212,6 +238,9 @@ class Settings(BaseModel):
             if secure_flag is not None
             else bool(endpoint and endpoint.startswith("https://"))
         )
+        if not secure and s3_uses_tls(endpoint, secure):
+            msg = f"S3_SECURE={secure_flag} contradicts an https:// S3_ENDPOINT; unset S3_SECURE or use http://"
+            raise ValueError(msg)
         values: dict[str, object] = {
             "redis_url": get("REDIS_URL"),
             "s3_endpoint": endpoint,

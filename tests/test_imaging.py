@@ -12,7 +12,16 @@ import pytest
 from PIL import Image, ImageFile
 
 from schemas import DeadReason
-from trainer.imaging import ImageRejected, decode_image, encode_png, integer_levels, read_image_file
+from trainer.imaging import (
+    JPEG_MAX_SCANS,
+    JPEG_MAX_SEGMENTS,
+    ImageRejected,
+    decode_image,
+    encode_png,
+    integer_levels,
+    jpeg_segment_markers,
+    read_image_file,
+)
 
 
 def _save(image: Image.Image, fmt: str, **kwargs: object) -> bytes:
@@ -180,3 +189,80 @@ def test_read_image_file_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(ImageRejected, match=r"broken\.png") as info:
         read_image_file(broken)
     assert info.value.reason == DeadReason.UNDECODABLE_IMAGE
+
+
+def _progressive_jpeg() -> bytes:
+    rng = np.random.default_rng(2)
+    colour = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    return _save(colour, "JPEG", progressive=True, quality=90)
+
+
+def _with_last_scan_repeated(data: bytes, times: int) -> bytes:
+    """``data`` (a Pillow JPEG: no EXIF, ends in EOI) with its last scan, header and entropy data, repeated."""
+    last_scan = data.rindex(b"\xff\xda")
+    assert data.endswith(b"\xff\xd9")
+    return data[:-2] + data[last_scan:-2] * times + data[-2:]
+
+
+def _scans(data: bytes) -> int:
+    return sum(marker == 0xDA for marker in jpeg_segment_markers(data))
+
+
+def test_normal_progressive_and_baseline_jpegs_decode() -> None:
+    progressive = _progressive_jpeg()
+    baseline = _save(Image.fromarray(_gradient(64, 64)), "JPEG")
+    assert 1 < _scans(progressive) <= 12
+    assert _scans(baseline) == 1
+    assert decode_image(progressive).shape == (64, 64)
+    assert decode_image(baseline).shape == (64, 64)
+
+
+def test_progressive_jpeg_scan_bomb_is_rejected_before_decoding() -> None:
+    progressive = _progressive_jpeg()
+    extra = JPEG_MAX_SCANS - _scans(progressive)
+    at_limit = _with_last_scan_repeated(progressive, extra)
+    assert _scans(at_limit) == JPEG_MAX_SCANS
+    assert decode_image(at_limit).shape == (64, 64)  # libjpeg decodes a repeated scan: only the count stops it
+    with pytest.raises(ImageRejected) as info:
+        decode_image(_with_last_scan_repeated(progressive, extra + 1))
+    assert info.value.reason == DeadReason.IMAGE_TOO_LARGE
+    assert f"{JPEG_MAX_SCANS + 1} scans" in info.value.detail
+    assert f"at most {JPEG_MAX_SCANS}" in info.value.detail
+    assert _reason(_with_last_scan_repeated(progressive, 2000)) == DeadReason.IMAGE_TOO_LARGE
+
+
+def test_scan_markers_inside_an_app_segment_are_not_counted() -> None:
+    exif = b"Exif\x00\x00" + b"\xff\xda\x00\x08" * 200  # like SOS bytes in an EXIF thumbnail
+    data = _save(Image.fromarray(_gradient(64, 64)), "JPEG", exif=exif)
+    assert data.count(b"\xff\xda") > JPEG_MAX_SCANS
+    assert _scans(data) == 1
+    assert decode_image(data).shape == (64, 64)
+
+
+def test_jpeg_with_too_many_segments_is_too_large() -> None:
+    baseline = _save(Image.fromarray(_gradient(64, 64)), "JPEG")
+    comments = b"\xff\xfe\x00\x02" * JPEG_MAX_SEGMENTS  # empty COM segments
+    with pytest.raises(ImageRejected, match="marker segments") as info:
+        decode_image(baseline[:2] + comments + baseline[2:])
+    assert info.value.reason == DeadReason.IMAGE_TOO_LARGE
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\xff\xd8\xff\xfe\x00\x01rest",  # segment length under 2
+        b"\xff\xd8\xff\xfe\x40\x00short",  # segment longer than the data
+        b"\xff\xd8\xff\xfe",  # no room for a length
+        b"\xff\xd8\xff\xd8\x00\x10",  # a second SOI
+        b"\xff\xd8" + b"\xff" * 1000,  # fill bytes only
+    ],
+)
+def test_corrupt_jpeg_segment_structure_is_undecodable(data: bytes) -> None:
+    assert _reason(data) == DeadReason.UNDECODABLE_IMAGE
+
+
+def test_every_truncation_of_a_progressive_jpeg_is_rejected() -> None:
+    data = _progressive_jpeg()
+    for end in range(2, len(data) - 2, 7):
+        with pytest.raises(ImageRejected):
+            decode_image(data[:end])

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from workers.live_models import LiveVersions
+from workers.live_models import DEFAULT_MAX_LINES, LiveVersions
 
 
 class Pointers:
@@ -73,3 +73,56 @@ def test_concurrent_images_share_one_read() -> None:
 def test_refresh_period_is_validated() -> None:
     with pytest.raises(ValueError, match="refresh_s must be >= 0"):
         LiveVersions(Pointers().resolve, -1.0)
+
+
+def test_the_least_recently_used_line_is_forgotten_beyond_max_lines() -> None:
+    pointers = Pointers()
+    live = LiveVersions(pointers.resolve, 2.0, clock=lambda: pointers.now, max_lines=2)
+
+    async def reads_for(*lines: str) -> int:
+        before = pointers.reads
+        for line in lines:
+            assert await live.version(line) == "v1"
+        return pointers.reads - before
+
+    async def scenario() -> None:
+        assert await reads_for("a", "b") == 2
+        assert await reads_for("a") == 0  # cached, and now the most recently used
+        assert await reads_for("c") == 1  # pushes out b, the least recently used
+        assert len(live) == 2
+        assert await reads_for("a", "c") == 0
+        assert await reads_for("b") == 1  # forgotten: read again (within refresh_s)
+
+    asyncio.run(scenario())
+
+
+def test_made_up_line_names_do_not_grow_the_cache_without_bound() -> None:
+    pointers = Pointers()
+    live = LiveVersions(pointers.resolve, 2.0, clock=lambda: pointers.now)
+
+    async def scenario() -> None:
+        for i in range(DEFAULT_MAX_LINES + 100):
+            await live.version(f"line-{i}")
+        pointers.broken = True  # a line not resolved since it was forgotten now gets the error
+        with pytest.raises(ConnectionError):
+            await live.version("line-0")
+        assert await live.version(f"line-{DEFAULT_MAX_LINES + 99}") == "v1"
+
+    asyncio.run(scenario())
+    assert len(live) == DEFAULT_MAX_LINES and pointers.reads == DEFAULT_MAX_LINES + 101
+
+
+def test_a_line_being_refreshed_is_not_forgotten() -> None:
+    pointers = Pointers()
+    live = LiveVersions(pointers.resolve, 2.0, clock=lambda: pointers.now, max_lines=1)
+
+    async def scenario() -> list[str]:  # b arrives while a is being read; the second a waits for that read
+        return await asyncio.gather(*(live.version(line) for line in ("a", "b", "a")))
+
+    assert asyncio.run(scenario()) == ["v1"] * 3
+    assert pointers.reads == 2  # had b pushed out a mid-read, the second a would have read it again
+
+
+def test_max_lines_is_validated() -> None:
+    with pytest.raises(ValueError, match="max_lines must be >= 1"):
+        LiveVersions(Pointers().resolve, max_lines=0)

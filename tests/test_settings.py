@@ -8,8 +8,17 @@ import pytest
 import redis
 from pydantic import SecretStr
 
-from cluster.connections import MissingEndpoint, minio_client, redact_url, redis_client
-from schemas.settings import Settings
+from cluster.connections import (
+    MissingEndpoint,
+    minio_client,
+    minio_from_endpoint,
+    redact_url,
+    redis_client,
+    redis_from_url,
+    redis_tls_options,
+)
+from schemas.settings import Settings, s3_uses_tls
+from trainer.store import ObjectStore, s3_filesystem
 
 
 def test_empty_environment_gives_defaults_and_no_endpoints() -> None:
@@ -46,7 +55,6 @@ def test_s3_endpoint_with_a_path_is_rejected_naming_the_variable() -> None:
     [
         ({"S3_ENDPOINT": "minio:9000"}, "minio:9000", False),
         ({"S3_ENDPOINT": "https://s3.example:443/"}, "s3.example:443", True),
-        ({"S3_ENDPOINT": "https://s3.example:443", "S3_SECURE": "0"}, "s3.example:443", False),
         ({"S3_ENDPOINT": "minio:9000", "S3_SECURE": "true"}, "minio:9000", True),
     ],
 )
@@ -89,6 +97,8 @@ def test_missing_endpoints_name_the_variable_to_set(tmp_path: Path) -> None:
         ("redis://db:6379/0?password=hunter2&ssl_cert_reqs=none", "redis://db:6379/0?password=***&ssl_cert_reqs=none"),
         (SecretStr("redis://:hunter2@db:1"), "redis://:***@db:1"),
         (None, "<unset>"),
+        ("rediss://inspector@db:6380/0", "rediss://inspector@db:6380/0"),
+        ("redis://:hunter2@[::1]:6379/0", "redis://:***@[::1]:6379/0"),
     ],
 )
 def test_redact_url_hides_passwords(url: str | SecretStr | None, shown: str) -> None:
@@ -116,3 +126,79 @@ def test_the_done_marker_lifetime_is_read_and_bounded() -> None:
     assert Settings.from_env({"ANOMAP_DONE_TTL_S": "86400"}).done_ttl_s == 86400
     with pytest.raises(ValueError, match="ANOMAP_DONE_TTL_S"):
         Settings.from_env({"ANOMAP_DONE_TTL_S": "60"})  # under an hour: redeliveries could score twice
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:pa/ss@db:6379/0", "redis://:***@db:6379/0"),
+        ("redis://:pa?ss=1@db:6379", "redis://:***@db:6379"),
+        ("redis://:pa#ss@db:6379/1", "redis://:***@db:6379/1"),
+        ("rediss://user:a/b?c#d@e@cache:6380/2?password=x", "rediss://user:***@cache:6380/2?password=***"),
+        ("redis://db/0?password=a@b", "redis://***@b"),  # an @ in the query: hidden rather than guessed at
+    ],
+)
+def test_redact_url_hides_passwords_that_urlsplit_would_cut_short(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+    assert redact_url(SecretStr(url)) == shown
+
+
+def test_rediss_checks_the_certificate_hostname_unless_the_url_turns_checks_off() -> None:
+    checked = redis_from_url("rediss://:pw@cache.example:6380/0")
+    assert checked.connection_pool.connection_kwargs["ssl_check_hostname"] is True
+    assert checked.connection_pool.make_connection().check_hostname is True  # built, not connected
+    assert redis_tls_options("redis://db:6379/0") == {} and redis_tls_options("unix:///tmp/r.sock") == {}
+    unchecked = redis_from_url("rediss://cache.example:6380/0?ssl_cert_reqs=none")
+    assert "ssl_check_hostname" not in unchecked.connection_pool.connection_kwargs
+    assert unchecked.connection_pool.make_connection().check_hostname is False
+    explicit = redis_from_url("rediss://cache.example:6380/0?ssl_check_hostname=false")
+    assert explicit.connection_pool.connection_kwargs["ssl_check_hostname"] is False  # the URL's word wins
+    plain = redis_from_url("redis://db:6379/0")
+    assert "ssl_check_hostname" not in plain.connection_pool.connection_kwargs
+    for client in (checked, unchecked, explicit, plain):
+        client.close()
+
+
+def _s3_settings(endpoint: str, **values: object) -> Settings:
+    return Settings(
+        s3_endpoint=endpoint, s3_access_key=SecretStr("AKIAEXAMPLE"), s3_secret_key=SecretStr("wJal"), **values
+    )
+
+
+@pytest.mark.parametrize(
+    ("settings", "tls"),
+    [
+        (_s3_settings("https://s3.example:443"), True),  # s3_secure left False: the scheme decides
+        (_s3_settings("s3.example:443", s3_secure=True), True),
+        (
+            Settings.from_env({"S3_ENDPOINT": "https://s3.example:443", "S3_ACCESS_KEY": "a", "S3_SECRET_KEY": "b"}),
+            True,
+        ),
+        (_s3_settings("http://minio:9000"), False),
+        (_s3_settings("minio:9000"), False),
+    ],
+)
+def test_every_s3_client_agrees_on_tls(settings: Settings, tls: bool) -> None:
+    assert settings.s3_tls is tls is s3_uses_tls(settings.s3_endpoint, settings.s3_secure)
+    assert ObjectStore.from_settings(settings).client._base_url.is_https is tls  # what Serve uses
+    assert minio_client(settings)._base_url.is_https is tls  # what the CLI uses
+    assert minio_from_endpoint(settings.s3_endpoint or "", None, None, settings.s3_secure)._base_url.is_https is tls
+    assert s3_filesystem(settings).__reduce__()[1][0]["scheme"] == ("https" if tls else "http")  # Ray Train
+
+
+def test_s3_secure_off_with_an_https_endpoint_is_a_contradiction() -> None:
+    with pytest.raises(ValueError, match=r"S3_SECURE=0 contradicts an https:// S3_ENDPOINT"):
+        Settings.from_env({"S3_ENDPOINT": "https://s3.example:443", "S3_SECURE": "0"})
+
+
+@pytest.mark.parametrize(
+    "endpoint", ["AKIA:hunter2@minio:9000", "https://AKIA:hunter2@s3.example:443", "http://AKIA:hunter2@minio:9000/x"]
+)
+def test_s3_endpoint_with_user_info_is_rejected_without_showing_it(endpoint: str) -> None:
+    with pytest.raises(ValueError, match="S3_ENDPOINT must be host:port or http") as info:
+        Settings.from_env({"S3_ENDPOINT": endpoint})
+    assert "without user or password" in str(info.value)
+    assert "hunter2" not in str(info.value) and "AKIA" not in str(info.value)
+    with pytest.raises(ValueError) as direct:
+        Settings(s3_endpoint=endpoint)
+    assert "hunter2" not in str(direct.value)

@@ -9,13 +9,17 @@ decoded to one (H, W) float32 array in [0, 1]; colour becomes luminance (ITU-R 6
     decode_image(bomb)                         # ImageRejected: image_too_large: ... (header only)
 
 The size limits are checked from the header, before any pixel is decompressed, so a small file
-that claims 20000×20000 pixels costs nothing. ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` must stay
-False (Pillow's default): a truncated file is then an error, not a silently grey image.
+that claims 20000×20000 pixels costs nothing. A JPEG's scans are counted before decoding too
+(`jpeg_segment_markers`), as each scan of a progressive JPEG costs a pass over every coefficient.
+``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` must stay False (Pillow's default): a truncated file is
+then an error, not a silently grey image.
 """
 
 from __future__ import annotations
 
 import io
+import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +31,23 @@ ACCEPTED_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")
 DEFAULT_MAX_PIXELS = 4096 * 4096
 DEFAULT_MAX_SIDE = 8192
 DEFAULT_MIN_SIDE = 8
+JPEG_MAX_SCANS = 64
+"""Most scans (SOS markers) a JPEG may have. Baseline JPEGs have 1 scan per component or 1 in all,
+progressive ones about 6 (greyscale) to 10 (colour). libjpeg re-walks every coefficient of the image
+for each scan, so an AC scan of only 33 bytes costs ~2.5-10 ms of CPU on a 4096² image (measured with
+Pillow 13 / libjpeg-turbo): a 66 KB progressive JPEG with that scan repeated 2000 times decodes for
+~5 s or more, and a 16 MiB body would take ~20 min. 64 scans bound a 4096² decode to well under 1 s."""
+JPEG_MAX_SEGMENTS = 1024
+"""Most marker segments (tables, APPn, COM, scans) a JPEG may have; real files have tens. Walking them
+costs Pillow's header parser and ours ~1-2 µs each, so 16 MiB of empty 4-byte COM segments would cost
+seconds before a pixel is decoded."""
+_JPEG_SOI = b"\xff\xd8"
+_JPEG_NEXT_MARKER = re.compile(rb"\xff([^\x00\x01\xd0-\xd7\xff])")
+"""The next marker that is neither stuffing (FF 00), fill (FF FF), TEM nor a restart marker (RSTn),
+found the way libjpeg finds it: bytes before it (entropy-coded data, fill, garbage) are skipped. One FF
+and one byte, no repetition: the search stays linear on a run of FF bytes."""
+_JPEG_EOI = 0xD9
+_JPEG_SOS = 0xDA
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 _EIGHT_BIT_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX"}
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
@@ -52,6 +73,53 @@ def _open(data: bytes) -> Image.Image:
         raise ImageRejected(DeadReason.UNDECODABLE_IMAGE, msg) from exc
     except Exception as exc:  # any parser error on hostile bytes is "undecodable", never a crash
         raise ImageRejected(DeadReason.UNDECODABLE_IMAGE, f"cannot parse image header: {exc}") from exc
+
+
+def jpeg_segment_markers(data: bytes) -> Iterator[int]:
+    """The marker byte of each segment of JPEG ``data`` after SOI, in order, up to EOI or the end of the data.
+
+    Walks the segments as libjpeg reads them: each payload (APPn with an EXIF thumbnail, COM, tables,
+    scan headers) is skipped by its length field, and the entropy-coded data after a scan header is
+    searched for the next marker (``FF 00`` is an escaped data byte, ``FF D0``-``FF D7`` restart
+    markers, skipped). Data that ends early is left for the decoder to reject as truncated; a segment
+    whose length is under 2 or runs past the end, or a second SOI, raises `ImageRejected`
+    (``UNDECODABLE_IMAGE``)::
+
+        [f"{m:02X}" for m in jpeg_segment_markers(baseline_jpeg)]  # ['E0', 'DB', 'C0', 'C4', 'DA']
+    """
+    position = len(_JPEG_SOI)
+    while (found := _JPEG_NEXT_MARKER.search(data, position)) is not None:
+        marker = found.group(1)[0]
+        if marker == _JPEG_EOI:
+            return
+        start = found.end()
+        length = int.from_bytes(data[start : start + 2], "big")
+        if marker == _JPEG_SOI[1] or length < 2 or start + length > len(data):
+            msg = (
+                f"corrupt or truncated JPEG: marker FF {marker:02X} at byte {found.start()} claims a "
+                f"{length}-byte segment, {len(data) - start} bytes are left"
+            )
+            raise ImageRejected(DeadReason.UNDECODABLE_IMAGE, msg)
+        yield marker
+        position = start + length
+
+
+def _check_jpeg_scans(data: bytes) -> None:
+    """Reject a JPEG with more than `JPEG_MAX_SCANS` scans or `JPEG_MAX_SEGMENTS` segments, before decoding.
+
+    Stops counting at the first segment over a limit, so the walk itself stays cheap.
+    """
+    if bytes(data[: len(_JPEG_SOI)]) != _JPEG_SOI:
+        return
+    scans = 0
+    for segments, marker in enumerate(jpeg_segment_markers(data), start=1):
+        if segments > JPEG_MAX_SEGMENTS:
+            msg = f"JPEG with more than {JPEG_MAX_SEGMENTS} marker segments; at most {JPEG_MAX_SEGMENTS} are allowed"
+            raise ImageRejected(DeadReason.IMAGE_TOO_LARGE, msg)
+        scans += marker == _JPEG_SOS
+        if scans > JPEG_MAX_SCANS:
+            msg = f"JPEG with at least {scans} scans (SOS markers); at most {JPEG_MAX_SCANS} are allowed"
+            raise ImageRejected(DeadReason.IMAGE_TOO_LARGE, msg)
 
 
 def _check_size(image: Image.Image, max_pixels: int, max_side: int, min_side: int) -> None:
@@ -111,11 +179,13 @@ def decode_image(
     palette and 1-bit images are expanded first. Raises `ImageRejected` with reason
     ``EMPTY_IMAGE`` (zero bytes), ``UNDECODABLE_IMAGE`` (not an accepted format, corrupt or truncated),
     ``IMAGE_TOO_LARGE`` (more than ``max_pixels`` or a side over ``max_side``, read from the header
-    before decoding), ``IMAGE_TOO_SMALL`` (a side under ``min_side``) or ``UNSUPPORTED_IMAGE_MODE``
-    (float, CMYK, LAB, signed 32-bit data, multi-frame files). No other exception escapes.
+    before decoding; a JPEG with more than `JPEG_MAX_SCANS` scans or `JPEG_MAX_SEGMENTS` segments),
+    ``IMAGE_TOO_SMALL`` (a side under ``min_side``) or ``UNSUPPORTED_IMAGE_MODE`` (float, CMYK, LAB,
+    signed 32-bit data, multi-frame files). No other exception escapes.
     """
     if len(data) == 0:
         raise ImageRejected(DeadReason.EMPTY_IMAGE, "image has zero bytes")
+    _check_jpeg_scans(data)
     image = _open(data)
     try:
         _check_size(image, max_pixels, max_side, min_side)

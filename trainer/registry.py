@@ -60,7 +60,7 @@ class ModelRegistry:
         self.name = name
 
     def _prefix(self, version: str) -> str:
-        if not re.match(MODEL_VERSION_PATTERN, version):  # e.g. "", "a/b" or "../x" would read other keys
+        if not re.fullmatch(MODEL_VERSION_PATTERN, version):  # e.g. "", "a/b" or "../x" would read other keys
             msg = f"model version {version!r} is not a version name (letters, digits, '-', '_'; at most 64)"
             raise ValueError(msg)
         return f"models/{self.name}/{version}/"
@@ -136,7 +136,7 @@ class ModelRegistry:
             leaf = key[len(prefix) :]
             if leaf == "live":
                 line = "default"
-            elif leaf.startswith("live-") and re.match(LINE_PATTERN, leaf[len("live-") :]):
+            elif leaf.startswith("live-") and re.fullmatch(LINE_PATTERN, leaf[len("live-") :]):
                 line = leaf[len("live-") :]
             else:
                 continue

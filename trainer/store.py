@@ -62,7 +62,7 @@ class ObjectStore:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ObjectStore:
-        """Connect to the store named by ``settings`` (endpoint and keys must be set)."""
+        """Connect to the store named by ``settings`` (endpoint and keys must be set; TLS as ``settings.s3_tls``)."""
         if settings.s3_host is None or settings.s3_access_key is None or settings.s3_secret_key is None:
             msg = "S3_ENDPOINT, S3_ACCESS_KEY and S3_SECRET_KEY must all be set (or start the embedded stack)"
             raise ValueError(msg)
@@ -70,7 +70,7 @@ class ObjectStore:
             settings.s3_host,
             access_key=settings.s3_access_key.get_secret_value(),
             secret_key=settings.s3_secret_key.get_secret_value(),
-            secure=settings.s3_secure,
+            secure=settings.s3_tls,
             region=settings.s3_region,
         )
         return cls(client, settings.bucket)
@@ -168,7 +168,7 @@ def s3_filesystem(settings: Settings, *, connect_timeout: float = 5.0) -> pyarro
     if settings.s3_host is None:
         msg = "no S3 store configured: set S3_ENDPOINT (+ S3_ACCESS_KEY, S3_SECRET_KEY) or start the embedded stack"
         raise ValueError(msg)
-    secure = settings.s3_secure or (settings.s3_endpoint or "").startswith("https://")
+    secure = settings.s3_tls
     return pyarrow.fs.S3FileSystem(
         access_key=settings.s3_access_key.get_secret_value() if settings.s3_access_key else None,
         secret_key=settings.s3_secret_key.get_secret_value() if settings.s3_secret_key else None,

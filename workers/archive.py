@@ -62,7 +62,7 @@ class ArchiveSource:
         """``s3://bucket[/prefix]`` or a folder (which must exist)."""
         if source.startswith("s3://"):
             bucket, _, prefix = source.removeprefix("s3://").partition("/")
-            if not re.match(BUCKET_PATTERN, bucket):
+            if not re.fullmatch(BUCKET_PATTERN, bucket):
                 msg = f"invalid bucket name {bucket[:80]!r} in {source[:120]!r}"
                 raise SourceError(msg)
             prefix = prefix.strip("/")

@@ -144,7 +144,7 @@ def app_builder(args: Mapping[str, Any]) -> serve.Application:
         msg = f"unknown app_builder args {unknown}; expected some of {sorted(known)}"
         raise ValueError(msg)
     lines = tuple(line.strip() for line in str(args.get("lines", "default")).split(",") if line.strip())
-    bad = [line for line in lines if not re.match(LINE_PATTERN, line)]
+    bad = [line for line in lines if not re.fullmatch(LINE_PATTERN, line)]
     if not lines or bad:
         msg = f"app_builder arg lines must be comma-separated line ids ({LINE_PATTERN}), got {args.get('lines')!r}"
         raise ValueError(msg)

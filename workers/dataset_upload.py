@@ -62,7 +62,7 @@ class UploadSummary:
 
 
 def _stem(path: Path) -> str:
-    if not _STEM.match(path.stem):
+    if not _STEM.fullmatch(path.stem):
         msg = f"{path}: file name {path.stem!r} cannot be an object key; use letters, digits and _ . = - only"
         raise DatasetError(msg)
     return path.stem
@@ -131,7 +131,7 @@ def dataset_folder_objects(root: Path, line: str) -> tuple[dict[str, bytes], Upl
     if test_root.is_dir():
         labels = sorted(p.name for p in test_root.iterdir() if p.is_dir() and not p.name.startswith("."))
     for label in labels:
-        if not _LABEL.match(label):
+        if not _LABEL.fullmatch(label):
             msg = f"{test_root / label}: folder name {label!r} cannot be an object key; use letters, digits, _ . = -"
             raise DatasetError(msg)
         images = _folder_images(test_root / label, summary.skipped, is_validation=True)

@@ -103,7 +103,7 @@ MANIFEST_SCHEMA = pa.schema(
 
 def check_version(version: str) -> str:
     """``version`` if it is a valid model version id (it becomes part of every key), else ValueError."""
-    if not re.match(MODEL_VERSION_PATTERN, version):
+    if not re.fullmatch(MODEL_VERSION_PATTERN, version):
         msg = f"invalid model version {version[:80]!r}; expected letters, digits, '_' and '-'"
         raise ValueError(msg)
     return version
@@ -151,7 +151,7 @@ def safe_relative(relative: str) -> str:
     safe = [s if len(s) <= 180 else f"{s[:170]}-{_digest(s)}" for s in safe]
     if safe != segments:
         safe[-1] = f"{safe[-1]}-{_digest(relative)}"
-    if not all(_SAFE_SEGMENT.match(s) for s in safe):  # cannot happen after the replacements above
+    if not all(_SAFE_SEGMENT.fullmatch(s) for s in safe):  # cannot happen after the replacements above
         msg = f"unsafe relative path {relative[:120]!r}"
         raise ValueError(msg)
     return "/".join(safe)
@@ -159,7 +159,7 @@ def safe_relative(relative: str) -> str:
 
 def map_stem(version: str, tag: str, relative: str) -> str:
     """``rescore/<version>/maps/<tag>/<safe relative path>``: add ``.npz`` / ``.png`` for the two objects."""
-    if not _SAFE_SEGMENT.match(tag):
+    if not _SAFE_SEGMENT.fullmatch(tag):
         msg = f"invalid source tag {tag!r}"
         raise ValueError(msg)
     return f"{version_prefix(version)}maps/{tag}/{safe_relative(relative)}"

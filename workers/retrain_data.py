@@ -45,7 +45,7 @@ class RetrainDataError(ValueError):
 
 def line_prefix(line: str) -> str:
     """``datasets/<line>/``; raises ValueError for an invalid line id."""
-    if not re.match(LINE_PATTERN, line):
+    if not re.fullmatch(LINE_PATTERN, line):
         msg = f"line {line!r} is not a line id: lower-case letters, digits, '_' and '-', at most 32"
         raise ValueError(msg)
     return f"datasets/{line}/"
