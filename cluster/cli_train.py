@@ -145,6 +145,11 @@ def train(
         fail(f"--contamination must be in [0, 1), got {contamination}")
     if refine_steps is not None and refine_steps < 0:
         fail(f"--refine-steps must be >= 0, got {refine_steps}")
+    if data is None:  # the synthetic data's counts; a folder brings its own images
+        if n_train < 1:
+            fail(f"--n-train must be >= 1 (the normal images to train on), got {n_train}")
+        if abnormal_k < 0:
+            fail(f"--abnormal-k must be >= 0, got {abnormal_k}")
     from trainer.config import TrainConfig, map_finish_overrides
     from trainer.detrend import DetrendAxis
 
@@ -177,6 +182,8 @@ def train(
             fail(f"{data} has an image {folder.min_side} px on a side; training needs >= {config.patch_size} px")
     elif gamma < 1 and abnormal_k < 1:
         fail(f"--gamma {gamma} < 1 needs confirmed abnormal images: give --abnormal-k >= 1, or use --gamma 1")
+    elif size < config.patch_size:
+        fail(f"--size {size} is smaller than one {config.patch_size} px patch; give --size >= {config.patch_size}")
     settings = resolved_settings(redis=True, s3=True, ray=True)
     if live:  # the model is made live through Redis after training: find out now whether that can work
         import redis
@@ -214,25 +221,31 @@ def train(
         masks = list(synth.abnormal_masks)
         digest = synth.digest()
     if detrend_axis == "auto":
-        config, grain = with_grain(config, normal)
+        try:
+            config, grain = with_grain(config, normal)
+        except ValueError as exc:
+            fail(f"cannot measure the training images' grain: {exc}")
         if grain is not None:
             action = f"flattening {config.detrend_sigma:g} px along {grain.axis}" if grain.axis else "not flattening"
             console.log(f"{grain.describe()}: {action}")
     connect_ray(settings)
     registry = ModelRegistry(object_store(settings), settings.model_name)
     storage = CheckpointStorage.local(storage_path) if storage_path else CheckpointStorage.object_store(settings)
-    card = train_model_version(
-        config,
-        normal,
-        abnormal,
-        masks,
-        calibration,
-        registry=registry,
-        name=settings.model_name,
-        data_digest=digest,
-        storage=storage,
-        progress=console.log,
-    )
+    try:
+        card = train_model_version(
+            config,
+            normal,
+            abnormal,
+            masks,
+            calibration,
+            registry=registry,
+            name=settings.model_name,
+            data_digest=digest,
+            storage=storage,
+            progress=console.log,
+        )
+    except ValueError as exc:  # data or settings the run cannot use (the pipeline names what)
+        fail(f"training failed: {exc}")
     if live:
         from cluster.connections import redis_client
         from workers.model_events import promote_model
@@ -285,7 +298,10 @@ def eval_cmd(
             f"with {card_latent.steps}: the card's thresholds (and the counts at them) were calibrated for the card's"
         )
     console.log(f"evaluating {settings.model_name}/{version} on {len(dataset.test_images)} test images")
-    result = evaluate(patch_model, dataset, progress=console.log)
+    try:
+        result = evaluate(patch_model, dataset, progress=console.log)
+    except ValueError as exc:  # e.g. a map with NaN values (weights gone bad), or test images the model cannot take
+        fail(f"cannot evaluate {settings.model_name}/{version} on {data}: {exc}")
     summary = {
         "model": {"name": card.name, "version": card.version, "scoring": scoring},
         "data": {"root": str(data), "data_digest": dataset.data_digest, "skipped": dataset.warnings},

@@ -45,6 +45,9 @@ def test_stack_help_lists_up_down_status() -> None:
         (["train", "--blob-radius", "17"], "blob_radius must be between 0 (off) and 16 pixels, got 17"),
         (["train", "--short-segment-weight", "1.5"], "short_segment_weight must be between 0 (off) and 1, got 1.5"),
         (["train", "--line-length", "0", "--blob-radius", "3"], "they need line_length > 0, or 0 themselves"),
+        (["train", "--synthetic", "--n-train", "0"], "--n-train must be >= 1 (the normal images to train on), got 0"),
+        (["train", "--abnormal-k", "-1", "--gamma", "1"], "--abnormal-k must be >= 0, got -1"),
+        (["train", "--schedule", "tiny", "--size", "16"], "--size 16 is smaller than one 32 px patch"),
         (["retrain", "--once", "--workers", "0"], "--workers: Input should be greater than or equal to 1"),
         (["retrain", "--once", "--min-confirmations", "0"], "--min-confirmations: Input should be greater"),
     ],
@@ -53,6 +56,30 @@ def test_bad_arguments_name_the_problem(args: list[str], message: str) -> None:
     result = runner.invoke(app, args)
     assert result.exit_code == 2
     assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_training_run_that_refuses_its_data_is_one_line_not_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A `ValueError` of the pipeline (data or settings it cannot use) is the CLI's one-line failure, exit 2."""
+    import cluster.cli_train as cli_train
+    import cluster.connections as connections
+    import trainer.pipeline as pipeline
+    from schemas import Settings
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        msg = "calibration needs at least one held-out normal image"
+        raise ValueError(msg)
+
+    monkeypatch.setattr(cli_train, "resolved_settings", lambda **wanted: Settings())  # no stack needed
+    monkeypatch.setattr(connections, "connect_ray", lambda *args, **kwargs: "")
+    monkeypatch.setattr(connections, "object_store", lambda *args, **kwargs: None)
+    monkeypatch.setattr(pipeline, "train_model_version", refuse)
+    args = ["train", "--schedule", "tiny", "--size", "64", "--n-train", "2", "--abnormal-k", "1", "--no-live"]
+    result = runner.invoke(app, [*args, "--storage-path", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert "error: training failed: calibration needs at least one held-out normal image" in result.output
     assert "Traceback" not in result.output
 
 

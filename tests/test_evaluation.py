@@ -205,6 +205,19 @@ def test_eval_writes_json_and_report(s3_env: ObjectStore, folder: Path, tmp_path
     assert (tmp_path / "index.html").is_file()
 
 
+def test_eval_of_a_model_whose_maps_are_nan_is_one_line_not_a_traceback(s3_env: ObjectStore, folder: Path) -> None:
+    card, state = _tiny_model()
+    broken = {
+        k: v.fill_(float("nan")) if k.startswith("generator.") and v.is_floating_point() else v
+        for k, v in state.items()
+    }
+    ModelRegistry(s3_env, card.name).save(card, weights_to_bytes(broken))
+    result = runner.invoke(app, ["eval", "--model", card.version, "--data", str(folder), "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    assert f"cannot evaluate metal/{card.version}" in result.output and "NaN" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_eval_refuses_output_paths_it_cannot_write_before_scoring(folder: Path, tmp_path: Path) -> None:
     """A path under a file is refused up front, naming the option (no S3 store is even needed)."""
     blocker = tmp_path / "a-file"

@@ -7,7 +7,14 @@ import pytest
 
 from schemas import AbnormalPatchSource
 from schemas.model_card import MapMode
-from trainer.patches import abnormal_patch_bank, augment, grid_patches, patch_contamination, sample_patches
+from trainer.patches import (
+    abnormal_patch_bank,
+    augment,
+    grid_patches,
+    mask_patch_selection,
+    patch_contamination,
+    sample_patches,
+)
 from trainer.pipeline import mining_map_mode
 
 
@@ -57,6 +64,41 @@ def test_masked_image_contributes_only_patches_overlapping_its_mask() -> None:
     all_patches, _ = grid_patches(image, 32, 16)
     assert 0 < len(bank) < len(all_patches)
     assert len(bank) == 3  # origins y=0, x in {0, 16, 32} touch rows 10-11, cols 10-39
+
+
+def test_mask_selection_counts_each_grid_patchs_mask_pixels() -> None:
+    mask = np.zeros((64, 64), dtype=bool)
+    mask[40, 40] = True  # one pixel: in the patches at rows and columns 16 and 32 of the 3 × 3 grid
+    _, origins = grid_patches(mask.astype(np.uint8), 32, 16)
+    keep = mask_patch_selection(mask, 32, 16, min_overlap=1)
+    assert keep is not None
+    assert [origin for origin, k in zip(origins, keep, strict=True) if k] == [(16, 16), (16, 32), (32, 16), (32, 32)]
+    rng = np.random.default_rng(0)
+    noisy = rng.random((80, 72)) < 0.02
+    counts = [noisy[y : y + 32, x : x + 32].sum() for y, x in grid_patches(noisy.astype(np.uint8), 32, 16)[1]]
+    selected = mask_patch_selection(noisy, 32, 16, min_overlap=20)
+    assert selected is not None and selected.tolist() == [c >= 20 for c in counts]
+
+
+def test_no_mask_an_empty_mask_or_one_no_patch_overlaps_enough_selects_nothing() -> None:
+    scratch = np.zeros((64, 64), dtype=bool)
+    scratch[40, 40] = True
+    assert mask_patch_selection(None, 32, 16, 1) is None
+    assert mask_patch_selection(np.zeros((64, 64), dtype=bool), 32, 16, 1) is None
+    assert mask_patch_selection(scratch, 32, 16, 2) is None  # no patch holds 2 of its 1 pixels
+
+
+def test_a_mask_no_patch_overlaps_enough_is_mined_not_taken_whole() -> None:
+    image = _image(0, 64, 64)
+    scratch = np.zeros_like(image, dtype=bool)
+    scratch[40, 40] = True
+    bank, source = abnormal_patch_bank(
+        [image], [scratch], 32, 16, score_fn=lambda p: p.mean(axis=(1, 2)), top_k=2, min_overlap=2
+    )
+    assert source == AbnormalPatchSource.MINED and len(bank) == 2
+    bank, source = abnormal_patch_bank([image], [scratch], 32, 16, min_overlap=1, with_masks=True)
+    assert source == AbnormalPatchSource.MASK and len(bank) == 4
+    assert bank[:, 1].sum() == 4  # each patch's crop of the mask: its one pixel
 
 
 def test_unmasked_image_without_scorer_falls_back_to_all_patches() -> None:

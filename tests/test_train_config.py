@@ -35,6 +35,7 @@ from trainer.config import TrainConfig
         ({"kappa": float("nan")}, "kappa"),
         ({"search_lr": float("inf")}, "search_lr"),
         ({"cpus_per_worker": float("nan")}, "cpus_per_worker"),
+        ({"patch_size": 32, "mask_min_overlap": 32 * 32 + 1}, "mask_min_overlap=1025 is more pixels than a 32×32"),
     ],
 )
 def test_invalid_values_are_rejected_by_name(changes: dict, message: str) -> None:

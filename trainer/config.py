@@ -173,6 +173,12 @@ class TrainConfig:
             if value < 1:
                 msg = f"{name} must be >= 1, got {value}"
                 raise ValueError(msg)
+        if self.mask_min_overlap > p * p:
+            msg = (
+                f"mask_min_overlap={self.mask_min_overlap} is more pixels than a {p}×{p} patch holds ({p * p}): "
+                "no patch could overlap a mask that much"
+            )
+            raise ValueError(msg)
         for name, value in {"gan_steps": self.gan_steps, "encoder_steps": self.encoder_steps}.items():
             if value < 0:
                 msg = f"{name} must be >= 0, got {value}"

@@ -105,6 +105,27 @@ def grid_patches(image: np.ndarray, patch: int, stride: int) -> tuple[np.ndarray
     return patches, origins
 
 
+def mask_patch_selection(mask: np.ndarray | None, patch: int, stride: int, min_overlap: int) -> np.ndarray | None:
+    """Source (a) for one abnormal image: which of its stride-S grid patches (in `grid_patches` order) hold
+    >= ``min_overlap`` mask pixels, (N,) bool; None where (a) cannot serve it (no mask, an empty mask, or a
+    mask no grid patch overlaps that much, such as a 1-px scratch with ``min_overlap`` 2), so the image
+    needs (b) or (c). `abnormal_patch_bank` and the pipeline's choice of a mining warm-up both ask this.
+    """
+    if mask is None:
+        return None
+    hits = np.asarray(mask) > 0
+    if not hits.any():
+        return None
+    _check_fits(hits, patch)
+    # summed-area table: the mask pixels inside every grid patch, all at once
+    table = np.pad(hits.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    ys, xs = np.meshgrid(_grid(hits.shape[0], patch, stride), _grid(hits.shape[1], patch, stride), indexing="ij")
+    ys, xs = ys.ravel(), xs.ravel()  # row-major, as grid_patches' origins
+    counts = table[ys + patch, xs + patch] - table[ys, xs + patch] - table[ys + patch, xs] + table[ys, xs]
+    keep = counts >= min_overlap
+    return keep if keep.any() else None
+
+
 def _patch_scores(score_fn: PatchScorer, patches: np.ndarray) -> np.ndarray:
     scores = np.asarray(score_fn(patches), dtype=np.float32)
     n = len(patches)
@@ -131,8 +152,9 @@ def abnormal_patch_bank(
 ) -> tuple[np.ndarray, AbnormalPatchSource]:
     """The discriminator's abnormal patches from confirmed abnormal images (method.md §3).
 
-    Per image: (a) with a non-empty mask (H, W), the grid patches with >= ``min_overlap`` mask pixels;
-    (b) without one, if ``score_fn`` is given, its ``top_k`` highest-scoring grid patches; (c) else all.
+    Per image: (a) with a non-empty mask (H, W), the grid patches with >= ``min_overlap`` mask pixels
+    (`mask_patch_selection`); (b) without one, or with a mask no grid patch overlaps that much, if ``score_fn``
+    is given, its ``top_k`` highest-scoring grid patches; (c) else all.
     ``detrend`` (the run's `trainer.detrend.Detrend`) flattens each image, (H, W) in [0, 1], before its
     patches are cut, as the normal images are flattened for training.
 
@@ -159,16 +181,14 @@ def abnormal_patch_bank(
         if mask is not None and mask.shape != image.shape:
             msg = f"mask shape {mask.shape} does not match its image {image.shape}"
             raise ValueError(msg)
-        if mask is not None and np.any(mask):
-            hits = (np.asarray(mask) > 0).astype(np.int64)
-            counts = np.array([hits[y : y + patch, x : x + patch].sum() for y, x in origins])
-            keep = counts >= min_overlap
-            if keep.any():
-                chosen.append(patches[keep])
-                kept = [origin for origin, k in zip(origins, keep, strict=True) if k]
-                chosen_masks.append(np.stack([hits[y : y + patch, x : x + patch] for y, x in kept]))
-                used.add(AbnormalPatchSource.MASK)
-                continue
+        keep = mask_patch_selection(mask, patch, stride, min_overlap)
+        if keep is not None:
+            hits = np.asarray(mask) > 0
+            chosen.append(patches[keep])
+            kept = [origin for origin, k in zip(origins, keep, strict=True) if k]
+            chosen_masks.append(np.stack([hits[y : y + patch, x : x + patch] for y, x in kept]))
+            used.add(AbnormalPatchSource.MASK)
+            continue
         if score_fn is not None:
             scores = _patch_scores(score_fn, patches)
             top = np.argsort(scores)[::-1][:top_k]

@@ -9,9 +9,10 @@ Example (a driver connected to Ray, a registry on the object store)::
     card.version, card.thresholds.pixel, card.abnormal_patch_source      # "v2026…", 0.07, "mask"
     registry.set_live(card.version)                                        # the caller's choice
 
-Steps: the abnormal-patch bank (γ < 1 only; a γ = 1 warm-up run first when some abnormal image has no
-mask, so its patches can be mined), the Ray Train run, anomaly maps of the held-out calibration images,
-thresholds (`trainer.calibration.calibrate`), then the card and weights into the registry.
+Steps: the abnormal-patch bank (γ < 1 only; a γ = 1 warm-up run first, out of the same GAN steps, when
+some abnormal image has no mask that a patch overlaps enough, so its patches can be mined), the Ray Train
+run, anomaly maps of the held-out calibration images, thresholds (`trainer.calibration.calibrate`), then the
+card and weights into the registry.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from trainer.config import TrainConfig
 from trainer.distributed import run_training
 from trainer.gan import NoisyAnoGAN
 from trainer.model_io import weights_to_bytes
-from trainer.patches import abnormal_patch_bank
+from trainer.patches import abnormal_patch_bank, mask_patch_selection
 from trainer.progress import ProgressWatch
 from trainer.registry import ModelRegistry, new_version_id
 from trainer.scoring import DISCRIMINATOR_MAP_MODES, PatchModel, anomaly_map
@@ -88,6 +89,28 @@ def mining_map_mode(map_mode: str) -> MapMode:
     values, which must be magnitudes)."""
     mode = MapMode(map_mode)
     return MapMode.RESIDUAL if mode in DISCRIMINATOR_MAP_MODES or mode.signed else mode
+
+
+def split_gan_budget(gan_steps: int, warmup_fraction: float) -> tuple[int, int]:
+    """(warm-up, main) GAN steps of a run that mines abnormal patches (method.md §3 (b)): ``warmup_fraction``
+    of ``gan_steps`` for the γ = 1 warm-up and the rest for the main run, both >= 1 and adding up to
+    ``gan_steps``. Under 2 steps no warm-up fits: (0, ``gan_steps``), and mining falls to the starting model.
+    """
+    if gan_steps < 2:
+        return 0, gan_steps
+    warm = min(gan_steps - 1, max(1, round(gan_steps * warmup_fraction)))
+    return warm, gan_steps - warm
+
+
+def _mining_scorer(
+    cfg: TrainConfig, state: dict[str, torch.Tensor], name: str, version: str, data_digest: str, n_train: int
+) -> Callable[[np.ndarray], np.ndarray]:
+    """The patch scorer that mines unmasked abnormal images: ``state`` read with `mining_map_mode`."""
+    mining_cfg = cfg.replace(map_mode=str(mining_map_mode(cfg.map_mode)))
+    card = build_card(
+        mining_cfg, name, version, AbnormalPatchSource.NONE, PROVISIONAL_THRESHOLDS, data_digest, n_train, 0, None
+    )
+    return _patch_scorer(PatchModel.from_state(card, state))
 
 
 def _patch_scorer(model: PatchModel, batch_size: int = 256) -> Callable[[np.ndarray], np.ndarray]:
@@ -150,10 +173,13 @@ def train_model_version(
     n_abnormal = 0
     main_cfg = cfg
     if cfg.gamma < 1.0:
-        needs_mining = any(mask is None or not np.any(mask) for mask in abnormal_masks)
+        needs_mining = any(
+            mask_patch_selection(mask, cfg.patch_size, cfg.stride, cfg.mask_min_overlap) is None
+            for mask in abnormal_masks
+        )
         score_fn = None
-        if needs_mining:
-            warm_gan = max(1, round(cfg.gan_steps * cfg.warmup_fraction))
+        warm_gan, main_gan = split_gan_budget(cfg.gan_steps, cfg.warmup_fraction)
+        if needs_mining and warm_gan:
             warm_cfg = cfg.replace(
                 gamma=1.0,
                 map_mode=str(mining_map_mode(cfg.map_mode)),
@@ -164,12 +190,14 @@ def train_model_version(
             init_weights = run_training(
                 warm_cfg, normal_images, None, storage, f"{name}-{version}-warmup", init_weights
             )
-            warm_card = build_card(
-                warm_cfg, name, version, source, PROVISIONAL_THRESHOLDS, data_digest, len(normal_images), 0, None
-            )
-            score_fn = _patch_scorer(PatchModel.from_state(warm_card, init_weights))
-            main_cfg = cfg.replace(gan_steps=max(1, cfg.gan_steps - warm_gan))  # same GAN budget in all
+            score_fn = _mining_scorer(warm_cfg, init_weights, name, version, data_digest, len(normal_images))
+            main_cfg = cfg.replace(gan_steps=main_gan)  # warm-up + main = cfg.gan_steps: the same GAN budget
             extra["warmup_gan_steps"] = warm_gan
+        elif needs_mining and init_weights is not None:
+            say(f"no warm-up in {cfg.gan_steps} GAN steps: mining the unmasked images with the starting model")
+            score_fn = _mining_scorer(cfg, init_weights, name, version, data_digest, len(normal_images))
+        elif needs_mining:
+            say(f"no warm-up in {cfg.gan_steps} GAN steps and no starting model: all patches of unmasked images")
         bank, source = abnormal_patch_bank(
             abnormal_images,
             abnormal_masks,

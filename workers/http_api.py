@@ -100,7 +100,7 @@ class HttpGateway:
                 line=line,
                 pixel_threshold=pixel_threshold,
             )
-            image = decode_image(data)
+            image = await asyncio.to_thread(decode_image, data)  # CPU work: off the loop the replica's requests share
         except ValidationError as exc:
             raise HTTPException(422, {"reason": "invalid_schema", "detail": str(exc)}) from exc
         except ImageRejected as exc:
@@ -111,7 +111,7 @@ class HttpGateway:
         except Exception as exc:
             raise _scoring_error(exc, line) from exc
         scored_at = time.perf_counter()
-        objects = map_objects(job, image, scored, HTTP_FOLDER)
+        objects = await asyncio.to_thread(map_objects, job, image, scored, HTTP_FOLDER)  # npz + JPEG encoding
         written: list[str] = []
         try:
             for obj in objects:

@@ -59,6 +59,7 @@ from workers.inspection import (
     CHUNK_PATCHES,
     CPU_FORWARD_PATCHES,
     GPU_CHUNK_PATCHES,
+    InspectionPlan,
     PatchRange,
     ScoredImage,
     ScoringBusy,
@@ -82,6 +83,15 @@ MODELS_PER_SCORER = 4
 
 def _count_patches(ranges: list[PatchRange]) -> int:
     return sum(len(patch_range) for patch_range in ranges)
+
+
+def _plan_and_put(
+    image: np.ndarray, card: ModelCard, chunk_patches: int, forward_patches: int
+) -> tuple[InspectionPlan, ray.ObjectRef]:
+    """`plan_inspection`, and its padded image put in the object store once: every scorer request names it and
+    a range. Thread-safe (the plans it reads are `functools` caches), so the ingress runs it off its loop."""
+    plan = plan_inspection(image, card, chunk_patches, forward_patches)
+    return plan, ray.put(plan.padded)
 
 
 def _registry(settings: Settings) -> ModelRegistry:
@@ -202,8 +212,9 @@ class InspectionService:
         start = time.perf_counter()
         version = self.pinned or await self.live.version(line)
         card = await self._card(version)
-        plan = plan_inspection(image, card, self.chunk_patches, self.forward_patches)
-        padded = ray.put(plan.padded)  # once per image; every scorer request names it and a range
+        # CPU work (flattening, padding, the copy into the object store) in a thread: the loop keeps serving
+        # the replica's other images meanwhile
+        plan, padded = await asyncio.to_thread(_plan_and_put, image, card, self.chunk_patches, self.forward_patches)
         tiled = time.perf_counter()
         scorer = self._scorer(version)
         tasks = [
@@ -218,7 +229,7 @@ class InspectionService:
             raise
         scored = time.perf_counter()
         timings = {"tile": (tiled - start) * 1e3, "patches": (scored - tiled) * 1e3}
-        result = finish_inspection(plan, list(bands), card, pixel_threshold, timings)
+        result = await asyncio.to_thread(finish_inspection, plan, list(bands), card, pixel_threshold, timings)
         result.timings_ms["stitch"] = (time.perf_counter() - scored) * 1e3
         return result
 

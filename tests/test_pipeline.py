@@ -1,0 +1,138 @@
+"""`train_model_version`'s plan before Ray Train: which runs it asks for, with which GAN steps, and the bank's source.
+
+Ray Train itself is replaced by a recorder (`run_training` returns seeded initial weights), so these run in seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import trainer.pipeline as pipeline
+from schemas import AbnormalPatchSource, ModelCard
+from trainer.config import TrainConfig
+from trainer.gan import NoisyAnoGAN
+from trainer.pipeline import split_gan_budget, train_model_version
+
+
+@dataclass
+class _Run:
+    cfg: TrainConfig
+    bank: np.ndarray | None
+    init_weights: dict[str, torch.Tensor] | None
+
+
+@dataclass
+class _Registry:
+    name: str = "metal"
+    saved: list[ModelCard] = field(default_factory=list)
+
+    def save(self, card: ModelCard, weights: bytes) -> str:
+        self.saved.append(card)
+        return card.version
+
+
+@pytest.fixture
+def runs(monkeypatch: pytest.MonkeyPatch) -> list[_Run]:
+    """Every `run_training` call of the test, in order; each returns its config's seeded initial weights."""
+    recorded: list[_Run] = []
+
+    def fake_run_training(
+        cfg: TrainConfig,
+        normal_images: Sequence[np.ndarray],
+        abnormal_patches: np.ndarray | None,
+        storage: Any,
+        run_name: str,
+        init_weights: dict[str, torch.Tensor] | None = None,
+        progress_board: Any = None,
+    ) -> dict[str, torch.Tensor]:
+        recorded.append(_Run(cfg, abnormal_patches, init_weights))
+        return NoisyAnoGAN(cfg, device="cpu").weights()
+
+    @contextlib.contextmanager
+    def no_board(progress: Any, total_steps: int) -> Iterator[None]:
+        yield None
+
+    monkeypatch.setattr(pipeline, "run_training", fake_run_training)
+    monkeypatch.setattr(pipeline, "ProgressWatch", no_board)
+    return recorded
+
+
+def _image(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(90, 110, size=(64, 64), dtype=np.uint8)
+
+
+def _train(
+    cfg: TrainConfig, masks: list[np.ndarray | None], init_weights: dict[str, torch.Tensor] | None = None
+) -> ModelCard:
+    return train_model_version(
+        cfg,
+        [_image(0), _image(1)],
+        [_image(2) for _ in masks],
+        masks,
+        [_image(3)],
+        _Registry(),  # type: ignore[arg-type]  # only .name and .save are used
+        name="metal",
+        data_digest="test",
+        storage="/nowhere",
+        init_weights=init_weights,
+    )
+
+
+def _scratch() -> np.ndarray:
+    mask = np.zeros((64, 64), dtype=bool)
+    mask[40, 40] = True  # a 1-px scratch
+    return mask
+
+
+def test_a_mask_no_patch_overlaps_enough_is_mined_after_a_warm_up_not_taken_whole(runs: list[_Run]) -> None:
+    cfg = TrainConfig.tiny(gamma=0.9, mask_min_overlap=2, gan_steps=4, mined_patches_per_image=3)
+    card = _train(cfg, [_scratch()])
+    warm, main = runs
+    assert (warm.cfg.gamma, warm.cfg.gan_steps, warm.bank) == (1.0, 1, None)
+    assert main.cfg.gan_steps == 3 and main.bank is not None and len(main.bank) == 3
+    assert card.abnormal_patch_source == AbnormalPatchSource.MINED
+    assert card.train_config["warmup_gan_steps"] == 1
+
+
+def test_a_mask_a_patch_overlaps_enough_needs_no_warm_up(runs: list[_Run]) -> None:
+    card = _train(TrainConfig.tiny(gamma=0.9, mask_min_overlap=1, gan_steps=4), [_scratch()])
+    (main,) = runs
+    assert main.cfg.gan_steps == 4 and main.bank is not None and len(main.bank) == 4
+    assert card.abnormal_patch_source == AbnormalPatchSource.MASK
+
+
+@pytest.mark.parametrize("gan_steps", [0, 1, 2, 3, 4, 7, 3000])
+@pytest.mark.parametrize("fraction", [0.01, 0.3, 0.99])
+def test_the_warm_up_comes_out_of_the_gan_budget(gan_steps: int, fraction: float) -> None:
+    warm, main = split_gan_budget(gan_steps, fraction)
+    assert warm + main == gan_steps
+    if gan_steps < 2:
+        assert warm == 0  # no room for a warm-up and a main run of >= 1 step each
+    else:
+        assert warm >= 1 and main >= 1
+
+
+def test_an_encoder_only_fine_tune_leaves_the_gan_alone_and_mines_with_its_parent(runs: list[_Run]) -> None:
+    cfg = TrainConfig.tiny(gamma=0.9, gan_steps=0, encoder_steps=2, mined_patches_per_image=2)
+    parent = NoisyAnoGAN(cfg, device="cpu").weights()
+    card = _train(cfg, [None], init_weights=parent)
+    (main,) = runs  # no warm-up run: it would change G and D
+    assert main.cfg.gan_steps == 0 and main.init_weights is parent
+    assert main.bank is not None and len(main.bank) == 2
+    assert card.abnormal_patch_source == AbnormalPatchSource.MINED
+    assert "warmup_gan_steps" not in card.train_config
+
+
+def test_one_gan_step_from_scratch_keeps_its_budget_and_takes_all_patches(runs: list[_Run]) -> None:
+    card = _train(TrainConfig.tiny(gamma=0.9, gan_steps=1), [None])
+    (main,) = runs
+    assert main.cfg.gan_steps == 1 and main.init_weights is None
+    assert main.bank is not None and len(main.bank) == 9  # every patch of the 3 × 3 grid: the last resort
+    assert card.abnormal_patch_source == AbnormalPatchSource.ALL
