@@ -169,7 +169,7 @@ def publish(
     from pydantic import ValidationError
 
     from cluster.connections import object_store, redis_client
-    from workers.publisher import image_key, publish_job, upload_image
+    from workers.publisher import LineBacklogFull, image_key, publish_job, upload_image
 
     files = _image_files(paths)
     if not files:
@@ -184,11 +184,14 @@ def publish(
         except ValidationError as exc:
             fail(f"invalid --camera or --line: {exc.errors()[0]['msg']}")
         data = file.read_bytes()
-        if store is not None:
-            ref = upload_image(store, image_key(job, file.suffix.lower()), data)
-            entry = publish_job(client, names, job.model_copy(update={"image_ref": ref}))
-        else:
-            entry = publish_job(client, names, job, image=data)
+        try:
+            if store is not None:
+                ref = upload_image(store, image_key(job, file.suffix.lower()), data)
+                entry = publish_job(client, names, job.model_copy(update={"image_ref": ref}))
+            else:
+                entry = publish_job(client, names, job, image=data)
+        except LineBacklogFull as exc:
+            fail(f"{file}: {exc}")
         print(f"{job.job_id}\t{file}\t{entry}", flush=True)
 
 

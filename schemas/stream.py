@@ -38,6 +38,17 @@ class JobRejected(Exception):
         self.job_id = job_id
 
 
+def entry_marker(stream: str, entry_id: str) -> str:
+    """``"<stream> <entry id>"``: what a job's owner and done markers hold (ids are unique only per stream)."""
+    return f"{stream} {entry_id}"
+
+
+def parse_entry_marker(marker: str) -> tuple[str | None, str]:
+    """``(stream, entry id)`` of an `entry_marker` value; ``(None, id)`` for an older release's bare entry id."""
+    stream, _, entry_id = marker.rpartition(" ")
+    return (stream or None), entry_id
+
+
 @dataclass(frozen=True)
 class StreamNames:
     """Every stream and group name, derived from one prefix (``anomap`` by default)."""
@@ -84,7 +95,7 @@ class StreamNames:
         return "datasets"
 
     def done_marker(self, job_id: str) -> str:
-        """The key a consumer sets, to the job's stream entry id, when the job's result is written."""
+        """The key a consumer sets, to ``"<stream> <entry id>"`` (`entry_marker`), when the job's result is written."""
         return f"{self.prefix}:done:{job_id}"
 
     def owner_marker(self, job_id: str) -> str:

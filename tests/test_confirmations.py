@@ -14,11 +14,13 @@ from typer.testing import CliRunner
 from cluster.cli import app
 from schemas import Box, Confirmation, DeadLetter, DeadReason, InspectionJob, Settings, StreamNames
 from schemas.confirmation import CONFIRMATION_FIELD
+from schemas.stream import entry_marker
 from trainer.imaging import decode_image, encode_png
 from trainer.registry import ModelRegistry
 from trainer.scoring import PatchModel
 from trainer.store import ObjectStore
 from trainer.synthetic import DefectKind
+from workers import datasets
 from workers.confirmations import IngestConfig, ingest_confirmations, publish_confirmation
 from workers.consumer import ConsumerConfig, Outcome, StreamConsumer
 from workers.inspection import LocalInspector
@@ -197,10 +199,10 @@ def test_without_a_kept_image_the_jobs_stream_entry_is_used(
     inline, by_ref = InspectionJob(job_id="cam02-1"), InspectionJob(job_id="cam02-2")
     png = small_png(3)
     entry = publish_job(redis_client, NAMES, inline, image=png)
-    redis_client.set(NAMES.done_marker(inline.job_id), entry)
+    redis_client.set(NAMES.done_marker(inline.job_id), entry)  # an older release's marker: the bare entry id
     ref = upload_image(object_store, image_key(by_ref), small_png(4))
     entry = publish_job(redis_client, NAMES, by_ref.model_copy(update={"image_ref": ref}))
-    redis_client.set(NAMES.done_marker(by_ref.job_id), entry)
+    redis_client.set(NAMES.done_marker(by_ref.job_id), entry_marker(NAMES.jobs(), entry))  # a consumer's
     for job_id in (inline.job_id, by_ref.job_id):
         publish_confirmation(redis_client, NAMES, Confirmation(job_id=job_id, label="normal"))
     assert _ingest(redis_client, object_store) == {"written": 2}
@@ -304,3 +306,32 @@ def test_a_mask_that_marks_nothing_is_refused(tmp_path: Path) -> None:
     outcome = runner.invoke(app, ["confirm", "cam01-1", "--abnormal", "--mask", str(mask)])
     assert outcome.exit_code == 2
     assert f"--mask {mask} marks no pixel" in outcome.output
+
+
+def test_a_mask_or_image_over_the_byte_limit_is_refused_unread(
+    redis_client: redis.Redis, object_store: ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    limit = 12_000  # over a kept image (~9 KB), under the noise below (~49 KB)
+    monkeypatch.setattr(datasets, "MAX_REFERENCED_IMAGE_BYTES", limit)
+    noise = np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    big = encode_png(noise, compress_level=0)  # a valid SIZE×SIZE mask or image: only its size is wrong
+    assert len(big) > limit
+    object_store.put_bytes("images/default/masks/big.png", big)
+    mask_ref = object_store.ref("images/default/masks/big.png")
+    _kept(object_store, "cam03-1")
+    publish_confirmation(redis_client, NAMES, Confirmation(job_id="cam03-1", label="abnormal", mask_ref=mask_ref))
+    by_ref = InspectionJob(job_id="cam03-2")  # no kept image: its image_ref is read
+    ref = upload_image(object_store, image_key(by_ref), big)
+    redis_client.set(
+        NAMES.done_marker(by_ref.job_id), publish_job(redis_client, NAMES, by_ref.model_copy(update={"image_ref": ref}))
+    )
+    publish_confirmation(redis_client, NAMES, Confirmation(job_id="cam03-2", label="normal"))
+    assert _ingest(redis_client, object_store) == {"dead": 2}
+    letters = _dead(redis_client)
+    assert [(letter.job_id, letter.reason) for letter in letters] == [
+        ("cam03-1", DeadReason.PAYLOAD_TOO_LARGE),
+        ("cam03-2", DeadReason.PAYLOAD_TOO_LARGE),
+    ]
+    assert letters[0].detail.startswith(f"mask {mask_ref} is ") and f"at most {limit} are allowed" in letters[0].detail
+    assert ref in letters[1].detail and f"at most {limit}" in letters[1].detail
+    assert _keys(object_store) == set() and _pending(redis_client) == 0

@@ -18,6 +18,7 @@ import redis
 from helpers import register_small_model, small_png
 
 from schemas import DeadLetter, DeadReason, InspectionJob, InspectionResult, Settings, StreamNames
+from schemas.stream import encode_job_entry
 from trainer.registry import ModelRegistry
 from trainer.scoring import PatchModel
 from trainer.store import ObjectStore, ObjectTooLarge
@@ -26,7 +27,7 @@ from workers.group_reader import GroupReader
 from workers.inspection import Inspector, LocalInspector, ScoredImage
 from workers.publisher import publish_job
 from workers.results import read_dead_letters, read_results
-from workers.stream_scripts import COMMIT_RESULT, DONE_BY_ANOTHER_ENTRY
+from workers.stream_scripts import COMMIT_RESULT, DONE_BY_ANOTHER_ENTRY, TAKE_JOB
 
 
 @pytest.fixture
@@ -75,6 +76,12 @@ def _consumer(
 def _read(client: redis.Redis, names: StreamNames, consumer: str = "c", count: int = 10) -> list[tuple[str, dict]]:
     reply = client.xreadgroup(names.scorer_group, consumer, {names.jobs(): ">"}, count=count)
     return [(entry_id.decode(), fields) for entry_id, fields in reply[0][1]] if reply else []
+
+
+def _entry(client: redis.Redis, names: StreamNames, line: str) -> dict:
+    """Deliver the next entry of ``line``'s stream to consumer ``c``; its fields."""
+    reply = client.xreadgroup(names.scorer_group, "c", {names.jobs(line): ">"}, count=1)
+    return reply[0][1][0][1]
 
 
 def _answers(client: redis.Redis, names: StreamNames) -> tuple[list[InspectionResult], list[DeadLetter]]:
@@ -183,6 +190,41 @@ def test_the_commit_script_refuses_a_result_when_another_entry_holds_the_job(
     assert redis_client.xlen(names.results()) == 0
 
 
+def test_the_same_job_id_with_equal_entry_ids_on_two_lines_is_a_duplicate_not_a_silent_ack(
+    redis_client: redis.Redis, object_store: ObjectStore, inspector: LocalInspector, names: StreamNames
+) -> None:
+    """Two lines' streams can hand out the same entry id: the done marker names the stream too, so the
+    second line's entry is told apart from the one that holds the result."""
+    consumer = _consumer(redis_client, object_store, inspector, names, lines=("press-1", "press-2"))
+    entry_id = "1700000000000-0"
+    for line in ("press-1", "press-2"):
+        job = InspectionJob(job_id="cam09-1", line=line)
+        redis_client.xadd(names.jobs(line), encode_job_entry(job, small_png(9)), id=entry_id)
+    assert consumer.process_entry(names.jobs("press-1"), entry_id, _entry(redis_client, names, "press-1"), 1) is (
+        Outcome.RESULT
+    )
+    outcome = consumer.process_entry(names.jobs("press-2"), entry_id, _entry(redis_client, names, "press-2"), 1)
+    assert outcome is Outcome.DEAD  # the old done marker held the bare id: acknowledged with no answer at all
+    [letter] = [letter for _, letter in read_dead_letters(redis_client, names)]
+    assert (letter.reason, letter.stream, letter.job_id) == (DeadReason.DUPLICATE_JOB, names.jobs("press-2"), "cam09-1")
+    assert f"entry {entry_id} of {names.jobs('press-1')}" in letter.detail
+    assert redis_client.get(names.done_marker("cam09-1")) == f"{names.jobs('press-1')} {entry_id}".encode()
+
+
+def test_taking_a_job_reads_its_done_marker_in_the_same_step(redis_client: redis.Redis, names: StreamNames) -> None:
+    """A job whose result was committed between a done check and taking it would be scored again and its
+    map written over: the script answers "done" and takes nothing."""
+    take = redis_client.register_script(TAKE_JOB)
+    keys = [names.done_marker("j2"), names.owner_marker("j2")]
+    assert take(keys=keys, args=["s 1-0", 60]) == [b"taken", b"s 1-0"]
+    assert take(keys=keys, args=["s 1-0", 60]) == [b"owner", b"s 1-0"]  # a redelivery of the holder
+    assert take(keys=keys, args=["s 2-0", 60]) == [b"owner", b"s 1-0"]
+    redis_client.delete(names.owner_marker("j2"))
+    redis_client.set(names.done_marker("j2"), "s 1-0")
+    assert take(keys=keys, args=["s 2-0", 60]) == [b"done", b"s 1-0"]
+    assert redis_client.exists(names.owner_marker("j2")) == 0
+
+
 # ---- entries that cannot be answered normally ----------------------------------------------------
 def test_entries_trimmed_away_while_pending_become_trimmed_dead_letters(
     redis_client: redis.Redis, object_store: ObjectStore, inspector: LocalInspector, names: StreamNames
@@ -251,6 +293,61 @@ def test_a_referenced_object_over_the_limit_is_refused_without_reading_it(
     with pytest.raises(ObjectTooLarge) as refused:
         object_store.get_bytes("images/cam06/huge.bin", max_bytes=1000)
     assert refused.value.size == 3 << 20
+
+
+def test_an_entry_deleted_while_its_try_fails_gets_a_dead_letter_instead_of_vanishing(
+    redis_client: redis.Redis, object_store: ObjectStore, names: StreamNames
+) -> None:
+    """``XCLAIM`` (the consumer keeping its entries) and ``XAUTOCLAIM`` drop an entry deleted from its stream
+    from the pending list: a try that then fails has no later delivery to wait for."""
+    consumer = _consumer(redis_client, object_store, FailingInspector(), names, score_retry_s=0.1)
+    entry = publish_job(redis_client, names, InspectionJob(job_id="cam10-1"), image=small_png(10))
+    [(_, fields)] = _read(redis_client, names)
+    redis_client.xdel(names.jobs(), entry)  # an operator, or a publisher's MAXLEN
+    redis_client.xclaim(names.jobs(), names.scorer_group, "c", 0, [entry], justid=True)  # keep_claimed's call
+    assert not consumer.reader.is_pending(names.jobs(), entry)
+    assert consumer._run_one((names.jobs(), entry, fields, 1)) is Outcome.DEAD
+    [letter] = _answers(redis_client, names)[1]
+    assert (letter.reason, letter.entry_id, letter.job_id) == (DeadReason.TRIMMED, entry, "cam10-1")
+    assert "scorer exploded" in letter.detail, "the dead letter says why the last try failed"
+    still = publish_job(redis_client, names, InspectionJob(job_id="cam10-2"), image=small_png(11))
+    [(_, fields)] = _read(redis_client, names)
+    assert consumer._run_one((names.jobs(), still, fields, 1)) is Outcome.RETRY  # pending: a later try comes
+
+
+def test_a_job_on_another_lines_stream_is_an_invalid_entry(
+    redis_client: redis.Redis, object_store: ObjectStore, inspector: LocalInspector, names: StreamNames
+) -> None:
+    """`publish_job` puts a job on its line's stream; one written there by hand for another line would be
+    scored with that line's model and answered on its results stream."""
+    consumer = _consumer(redis_client, object_store, inspector, names)
+    entry = redis_client.xadd(names.jobs(), encode_job_entry(InspectionJob(job_id="cam11-1", line="press-9"), b"x"))
+    [(_, fields)] = _read(redis_client, names)
+    assert consumer.process_entry(names.jobs(), entry.decode(), fields, 1) is Outcome.DEAD
+    [letter] = _answers(redis_client, names)[1]
+    assert (letter.reason, letter.job_id, letter.line) == (DeadReason.INVALID_ENTRY, "cam11-1", "default")
+    assert letter.detail == f"the job names line 'press-9' but is on {names.jobs()}, the stream of line 'default'"
+    assert redis_client.xlen(names.results("press-9")) == 0
+
+
+def test_entries_held_for_later_are_kept_claimed(redis_client: redis.Redis, names: StreamNames) -> None:
+    """Entries a read delivered beyond its limit wait in the reader; their idle time is reset with those in
+    flight, so another consumer does not reclaim (and score again) what this one holds."""
+    streams = [names.jobs("press-1"), names.jobs("press-2")]
+    reader = GroupReader(redis_client, names, "c", streams, claim_idle_ms=60_000)
+    reader.ensure_groups()
+    reader.start()
+    reader.own_pending(10, set())
+    for stream in streams:  # one read of both streams delivers two entries; its limit is one
+        redis_client.xadd(stream, {b"job": b"{}"})
+    [first] = reader.read_new(1, 10, set())
+    [held] = reader.held
+    time.sleep(0.4)
+    reader.keep_claimed([])
+    [info] = redis_client.xpending_range(held[0], names.scorer_group, min=held[1], max=held[1], count=1)
+    assert info["time_since_delivered"] < 400
+    [info] = redis_client.xpending_range(first[0], names.scorer_group, min=first[1], max=first[1], count=1)
+    assert info["time_since_delivered"] >= 400  # neither in flight nor held: left alone
 
 
 # ---- several lines ---------------------------------------------------------------------------------

@@ -8,9 +8,13 @@ At-least-once delivery, exactly one answer (result or dead letter) per entry, no
    (``XAUTOCLAIM``); an entry delivered more than ``max_deliveries`` times becomes a dead letter.
    The consumer refreshes the idle time of the entries it is working on (``XCLAIM … JUSTID``, which
    does not count a delivery), so a job that waits out an outage is not taken from it.
-3. A bad job (schema, image, missing object) becomes a dead letter with a `DeadReason`.
-4. A good job is scored, its map and overlay are written, and only then one Lua script adds the
-   result, sets the job's done marker and acknowledges the entry.
+3. A bad job (schema, image, missing object, a job on another line's stream) becomes a dead letter
+   with a `DeadReason`. An entry deleted from its stream while a try at it failed is answered with a
+   ``trimmed`` dead letter at once (`_settle_if_gone`): it has left the pending list, so no later
+   delivery would come.
+4. A good job is taken (one Lua script reads its done marker and takes its owner marker), scored, its
+   map and overlay are written, and only then one Lua script adds the result, sets the job's done
+   marker and acknowledges the entry (`workers.stream_scripts`).
 5. Servers that are away are waited for in the job's own thread, with capped exponential backoff:
    the object store up to ``store_retry_s``, Redis up to ``redis_retry_s``, a failing Serve call
    up to ``score_retry_s``. Only then is the entry left pending (``Outcome.RETRY``), to be
@@ -22,8 +26,8 @@ At-least-once delivery, exactly one answer (result or dead letter) per entry, no
    is counted. Meanwhile the consumer reads no new entries, and its intake limit (`IntakeLimit`,
    at most ``max_in_flight``) is halved at each refusal and grows back by one per job scored.
    ``stats.backpressure`` counts the refusals.
-7. ``run(stop)`` returns after the jobs in flight finish (graceful drain); after
-   ``drain_timeout_s`` their waits are cut short and unfinished entries stay pending.
+7. ``run(stop)`` returns after the jobs in flight finish (graceful drain, their entries kept claimed
+   meanwhile); after ``drain_timeout_s`` their waits are cut short and unfinished entries stay pending.
 8. Where Ray is initialised, jobs, results, dead letters, refusals, latencies per stage and, every
    ``backlog_every_s``, the group's lag and pending count per line are recorded as Ray metrics
    (`workers.telemetry`). Log lines about a job carry its ``job_id``, ``line`` and ``entry_id``
@@ -47,7 +51,7 @@ import redis
 
 from schemas import DeadLetter, DeadReason, InspectionJob, JobRejected, StreamNames
 from schemas.envelope import peek_raw_ids, printable
-from schemas.stream import JOB_FIELD, decode_job_entry
+from schemas.stream import JOB_FIELD, decode_job_entry, entry_marker, parse_entry_marker
 from trainer.imaging import ImageRejected, decode_image
 from trainer.store import ObjectMissing, ObjectStore, ObjectTooLarge
 from workers import telemetry
@@ -59,7 +63,7 @@ from workers.maps import map_objects
 from workers.results import build_result
 from workers.retry import Backoff, IntakeLimit, retry_call
 from workers.scored_images import kept_image_objects
-from workers.stream_scripts import COMMIT_DEAD, COMMIT_RESULT, DONE_BY_ANOTHER_ENTRY
+from workers.stream_scripts import COMMIT_DEAD, COMMIT_RESULT, DONE_BY_ANOTHER_ENTRY, TAKE_JOB
 from workers.telemetry import Stage
 
 log = logging.getLogger("anomap.consumer")
@@ -68,6 +72,12 @@ FAILURE_CHARS = 500
 """The most characters of an error a failure marker (and so a dead letter's detail) keeps."""
 
 __all__ = ["REDIS_TRANSIENT", "ConsumerConfig", "ConsumerStats", "Outcome", "StreamConsumer"]
+
+
+def describe_entry(marker: str) -> str:
+    """``"entry 1-0 of anomap:jobs"`` for an owner or done marker's value (``"entry 1-0"`` for a bare id)."""
+    stream, entry_id = parse_entry_marker(marker)
+    return f"entry {entry_id} of {stream}" if stream else f"entry {entry_id}"
 
 
 class StreamConsumer:
@@ -89,9 +99,11 @@ class StreamConsumer:
         self.stats = ConsumerStats()
         self._commit_result = client.register_script(COMMIT_RESULT)
         self._commit_dead = client.register_script(COMMIT_DEAD)
+        self._take_job = client.register_script(TAKE_JOB)
         self._streams = [names.jobs(line) for line in config.lines]
         self._line_of = dict(zip(self._streams, config.lines, strict=True))  # job stream -> its line
         self._in_flight: set[EntryKey] = set()
+        self._unchecked: dict[EntryKey, tuple[int, str | None, str | None]] = {}  # `_settle_if_gone` owed; _lock
         self._lock = threading.Lock()
         self._abort = threading.Event()  # set when a drain runs out of time: retry waits end
         self._waiting_for_capacity = 0  # jobs refused for backpressure, not yet accepted; under _lock
@@ -105,8 +117,8 @@ class StreamConsumer:
         self.redis.sadd(self.names.lines, *self.config.lines)
 
     def _owner(self, stream: str, entry_id: str) -> str:
-        """This entry's value in its job's owner marker."""
-        return f"{stream} {entry_id}"
+        """This entry's value in its job's owner and done markers."""
+        return entry_marker(stream, entry_id)
 
     # ---- retrying ---------------------------------------------------------------------------
     def _backoff(self) -> Backoff:
@@ -256,39 +268,46 @@ class StreamConsumer:
             job, inline = decode_job_entry(fields)
         except JobRejected as exc:
             return self._dead(stream, entry_id, deliveries, exc.reason, exc.detail, exc.job_id)
+        stream_line = self._line_of.get(stream, job.line)
+        if job.line != stream_line:  # it would be scored with another line's model, its result sent there
+            detail = f"the job names line {job.line!r} but is on {stream}, the stream of line {stream_line!r}"
+            return self._dead(stream, entry_id, deliveries, DeadReason.INVALID_ENTRY, detail, job.job_id, stream_line)
         jlog = job_log(log, job.job_id, job.line, entry_id)
-        done = self._result_entry(job, jlog)
-        if done == entry_id:  # answered by an earlier delivery
+        mine = self._owner(stream, entry_id)
+        kind, marker = self._redis_call(
+            f"job {job.job_id}: taking the job",
+            lambda: self._take_job(
+                keys=[self.names.done_marker(job.job_id), self.names.owner_marker(job.job_id)],
+                args=[mine, self.config.progress_ttl_s],
+            ),
+            jlog,
+        )
+        kind, marker = kind.decode(), marker.decode(errors="replace")
+        if kind == "done" and self._is_this_entry(marker, stream, entry_id):  # answered by an earlier delivery
             self._redis_call(
                 f"job {job.job_id}: ack", lambda: self.redis.xack(stream, self.names.scorer_group, entry_id), jlog
             )
             return Outcome.DUPLICATE
-        if done is not None:
-            detail = f"job_id already has a result from entry {done}"
+        if kind == "done":
+            detail = f"job_id already has a result from {describe_entry(marker)}"
             return self._dead(stream, entry_id, deliveries, DeadReason.DUPLICATE_JOB, detail, job.job_id, job.line)
-        owner = self._redis_call(
-            f"job {job.job_id}: taking the job",
-            lambda: self.redis.set(
-                self.names.owner_marker(job.job_id),
-                self._owner(stream, entry_id),
-                nx=True,
-                ex=self.config.progress_ttl_s,
-                get=True,
-            ),
-            jlog,
-        )
-        if owner is not None and owner.decode() != self._owner(stream, entry_id):
-            other_stream, _, other_entry = owner.decode().partition(" ")
-            detail = f"job_id is being scored from entry {other_entry} of {other_stream}"
+        if kind == "owner" and marker != mine:
+            detail = f"job_id is being scored from {describe_entry(marker)}"
             return self._dead(stream, entry_id, deliveries, DeadReason.DUPLICATE_JOB, detail, job.job_id, job.line)
         return self._inspect(stream, entry_id, job, inline, deliveries, jlog)
 
+    @staticmethod
+    def _is_this_entry(marker: str, stream: str, entry_id: str) -> bool:
+        """Whether a done marker names this entry (an older release's bare entry id counts)."""
+        marked_stream, marked_id = parse_entry_marker(marker)
+        return marked_id == entry_id and marked_stream in (stream, None)
+
     def _result_entry(self, job: InspectionJob, jlog: JobLog) -> str | None:
-        """The entry whose result the job has (its done marker), or None."""
+        """The entry whose result the job has (its done marker, described), or None."""
         done = self._redis_call(
             f"job {job.job_id}: done check", lambda: self.redis.get(self.names.done_marker(job.job_id)), jlog
         )
-        return done.decode() if done is not None else None
+        return describe_entry(done.decode(errors="replace")) if done is not None else None
 
     def _inspect(
         self, stream: str, entry_id: str, job: InspectionJob, inline: bytes | None, deliveries: int, jlog: JobLog
@@ -352,7 +371,7 @@ class StreamConsumer:
             jlog,
         )
         if written == DONE_BY_ANOTHER_ENTRY:  # its owner marker had expired: the same id scored twice at once
-            detail = f"job_id already has a result from entry {self._result_entry(job, jlog) or '(expired)'}"
+            detail = f"job_id already has a result from {self._result_entry(job, jlog) or 'an entry (expired)'}"
             return self._dead(stream, entry_id, deliveries, DeadReason.DUPLICATE_JOB, detail, job.job_id, job.line)
         if written != 1:
             return Outcome.DUPLICATE
@@ -403,18 +422,54 @@ class StreamConsumer:
     def _run_one(self, entry: Entry) -> Outcome:
         stream, entry_id, fields, deliveries = entry
         try:
-            return self.process_entry(stream, entry_id, fields, deliveries)
+            outcome = self.process_entry(stream, entry_id, fields, deliveries)
         except redis.RedisError as exc:  # Redis stayed away past redis_retry_s
             self._entry_log(stream, entry_id, fields).warning("entry %s: redis error, left pending: %r", entry_id, exc)
             self._note_failure(stream, entry_id, "reaching Redis", exc)
-            return Outcome.RETRY
+            outcome = Outcome.RETRY
         except Exception as exc:  # a bug must not stop the consumer; the entry is retried, then dead-lettered
             self._entry_log(stream, entry_id, fields).exception("entry %s: unexpected error, left pending", entry_id)
             self._note_failure(stream, entry_id, "with an unexpected error", exc)
-            return Outcome.RETRY
+            outcome = Outcome.RETRY
+        try:
+            if outcome is Outcome.RETRY:
+                job_id, line = peek_raw_ids(fields.get(JOB_FIELD))
+                outcome = self._settle_if_gone(stream, entry_id, deliveries, job_id, line)
+            return outcome
         finally:
             with self._lock:
                 self._in_flight.discard((stream, entry_id))
+
+    def _settle_if_gone(
+        self, stream: str, entry_id: str, deliveries: int, job_id: str | None, line: str | None
+    ) -> Outcome:
+        """After a failed try: `Outcome.RETRY` while the entry is still pending (a later delivery tries
+        again), else a dead letter. An entry deleted from its stream (``XDEL``, a ``MAXLEN`` that caught
+        up) leaves every pending list at the next ``XAUTOCLAIM`` or ``XCLAIM``, so no later delivery would
+        come; the dead letter is this entry's only answer (none if another consumer answered it
+        meanwhile). When Redis cannot be asked, the entry is kept and asked about again by the read loop."""
+        try:
+            if self.reader.is_pending(stream, entry_id):
+                return Outcome.RETRY
+            detail = "the entry was deleted from its stream (XDEL, or a MAXLEN trim) while a try was failing"
+            failure = self._last_failure(stream, entry_id)
+            if failure:
+                detail += f"; the last try failed {failure}"
+            return self._dead(stream, entry_id, deliveries, DeadReason.TRIMMED, detail, job_id, line)
+        except redis.RedisError:
+            with self._lock:
+                self._unchecked[(stream, entry_id)] = (deliveries, job_id, line)
+            return Outcome.RETRY
+
+    def _settle_unchecked(self) -> None:
+        """`_settle_if_gone` for the entries Redis could not be asked about before; those it still cannot
+        be asked about stay."""
+        with self._lock:
+            owed, self._unchecked = self._unchecked, {}
+        for (stream, entry_id), (deliveries, job_id, line) in owed.items():
+            outcome = self._settle_if_gone(stream, entry_id, deliveries, job_id, line)
+            if outcome is not Outcome.RETRY:
+                self.stats.add(outcome)
 
     def _next_entries(self, capacity: int, busy: bool, last_claim: float) -> tuple[list[Entry], float]:
         """Up to ``capacity`` entries: own pending first, then reclaimed ones when due, then new ones."""
@@ -450,19 +505,44 @@ class StreamConsumer:
         if forgotten:
             log.info("consumer %s: removed idle consumers %s (nothing pending)", self.config.consumer, forgotten)
 
-    def _drain(self, futures: set[Future[Outcome]]) -> None:
-        if futures:
-            log.info("consumer %s: draining %d job(s) in flight", self.config.consumer, len(futures))
-            _, late = wait(futures, timeout=self.config.drain_timeout_s)
-            if late:
-                log.warning(
-                    "consumer %s: %d job(s) still in flight after drain; cutting retries short",
-                    self.config.consumer,
-                    len(late),
-                )
-                self._abort.set()
+    def _keep_claimed(self) -> None:
+        """Refresh the idle time of the entries in flight and held (`GroupReader.keep_claimed`)."""
+        with self._lock:
+            in_flight = list(self._in_flight)
+        self.reader.keep_claimed(in_flight)
+
+    def _drain(self, futures: set[Future[Outcome]], keep_every_s: float) -> None:
+        """Wait up to ``drain_timeout_s`` for the jobs in flight, keeping their entries claimed meanwhile
+        (no other consumer takes them over while they finish here); then cut their retries short."""
+        late: set[Future[Outcome]] = set(futures)
+        if late:
+            log.info("consumer %s: draining %d job(s) in flight", self.config.consumer, len(late))
+        deadline = time.monotonic() + self.config.drain_timeout_s
+        while late and time.monotonic() < deadline:
+            _, late = wait(late, timeout=min(keep_every_s, max(0.0, deadline - time.monotonic())))
+            try:
+                self._keep_claimed()
+            except redis.RedisError as exc:  # the jobs' own retries wait for Redis
+                log.debug("consumer %s: keeping entries claimed failed: %r", self.config.consumer, exc)
+        if late:
+            log.warning(
+                "consumer %s: %d job(s) still in flight after drain; cutting retries short",
+                self.config.consumer,
+                len(late),
+            )
+            self._abort.set()
         for future in futures:
             self.stats.add(future.result())
+        if self._unchecked:
+            self._abort.set()  # one more try for what Redis could not be asked about, without retry waits
+            self._settle_unchecked()
+        if self._unchecked:
+            log.error(
+                "consumer %s: could not tell whether entries %s are still pending (Redis unreachable); "
+                "an entry deleted from its stream meanwhile has no answer",
+                self.config.consumer,
+                sorted(self._unchecked),
+            )
 
     def run(self, stop: threading.Event) -> ConsumerStats:
         """Consume until ``stop`` is set, then finish the jobs in flight (graceful drain).
@@ -477,6 +557,7 @@ class StreamConsumer:
         last_claim = 0.0
         last_backlog = 0.0
         last_forget = 0.0
+        last_settle = 0.0
         last_keep = time.monotonic()
         keep_every_s = max(self.config.claim_idle_ms / 3000, 0.05)
         futures: set[Future[Outcome]] = set()
@@ -490,11 +571,12 @@ class StreamConsumer:
                     if need_groups:
                         self.ensure_groups()
                         need_groups = False
-                    if futures and time.monotonic() - last_keep > keep_every_s:
-                        with self._lock:
-                            in_flight = list(self._in_flight)
-                        self.reader.keep_claimed(in_flight)
+                    if (futures or self.reader.held) and time.monotonic() - last_keep > keep_every_s:
+                        self._keep_claimed()
                         last_keep = time.monotonic()
+                    if self._unchecked and time.monotonic() - last_settle > self.config.claim_every_s:
+                        last_settle = time.monotonic()
+                        self._settle_unchecked()
                     if capacity > 0:
                         entries, last_claim = self._next_entries(capacity, bool(futures), last_claim)
                     backoff.reset()
@@ -522,5 +604,5 @@ class StreamConsumer:
                     futures = set(futures_left)
                     for future in done:
                         self.stats.add(future.result())
-            self._drain(futures)
+            self._drain(futures, keep_every_s)
         return self.stats

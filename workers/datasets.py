@@ -16,7 +16,9 @@ Where the job's image comes from (`find_job_image`), in this order:
 2. else the job's own stream entry, found through the job's done marker (which holds its entry id):
    its inline bytes, or the object its ``image_ref`` names.
 
-Either is decoded by the consumer's bounded decoder and filed as a lossless PNG (`scored_png`).
+Either is decoded by the consumer's bounded decoder and filed as a lossless PNG (`scored_png`). No
+object (kept image, ``image_ref``, ``mask_ref``) is read past ``MAX_REFERENCED_IMAGE_BYTES``, the
+consumer's limit: a larger one is refused (``payload_too_large``) before it is read whole.
 
 A 128×128 image confirmed abnormal with ``boxes=[Box(x=120, y=0, width=20, height=4)]`` gets a mask
 with rows 0-3, columns 120-127 set: boxes are clipped to the image, and one wholly outside it is an error.
@@ -32,9 +34,9 @@ import redis
 from PIL import Image
 
 from schemas import Box, Confirmation, ConfirmationLabel, DeadReason, JobRejected, StreamNames, parse_s3_ref
-from schemas.stream import decode_job_entry
+from schemas.stream import MAX_REFERENCED_IMAGE_BYTES, decode_job_entry, parse_entry_marker
 from trainer.imaging import ImageRejected, decode_image, encode_png
-from trainer.store import ObjectMissing, ObjectStore
+from trainer.store import ObjectMissing, ObjectStore, ObjectTooLarge
 from workers.retrain_data import MASK_SUFFIX
 from workers.scored_images import scored_image_key, scored_png
 
@@ -62,19 +64,26 @@ def find_job_image(client: redis.Redis, store: ObjectStore, names: StreamNames, 
     """The PNG of the image the model scored for ``job_id`` on ``line`` (see the module docstring).
 
     Raises `ConfirmationRejected`: ``unknown_job`` when neither source has it, ``missing_object`` when
-    the job's ``image_ref`` is gone, or the image's own reason when its bytes do not decode.
+    the job's ``image_ref`` is gone, ``payload_too_large`` when the object is over
+    ``MAX_REFERENCED_IMAGE_BYTES``, or the image's own reason when its bytes do not decode.
     """
     kept = scored_image_key(line, job_id)
     try:
-        return _as_png(job_id, store.get_bytes(kept))
+        return _as_png(job_id, store.get_bytes(kept, max_bytes=MAX_REFERENCED_IMAGE_BYTES))
     except ObjectMissing:
         pass
-    entry_id = client.get(names.done_marker(job_id))
+    except ObjectTooLarge as exc:
+        raise ConfirmationRejected(DeadReason.PAYLOAD_TOO_LARGE, f"job {job_id!r}: its kept image {exc}") from exc
+    marker = client.get(names.done_marker(job_id))
     where = f"no kept image {store.ref(kept)}"
-    if entry_id is None:
+    if marker is None:
         msg = f"job {job_id!r} on line {line!r}: {where} and no result marker; was it scored, and on this line?"
         raise ConfirmationRejected(DeadReason.UNKNOWN_JOB, msg)
-    stream, eid = names.jobs(line), entry_id.decode()
+    stream = names.jobs(line)
+    marked_stream, eid = parse_entry_marker(marker.decode(errors="replace"))
+    if marked_stream not in (stream, None):
+        msg = f"job {job_id!r} on line {line!r}: {where}, and its result came from {marked_stream}, not {stream}"
+        raise ConfirmationRejected(DeadReason.UNKNOWN_JOB, msg)
     items = client.xrange(stream, min=eid, max=eid, count=1)
     try:
         job, inline = decode_job_entry(items[0][1]) if items else (None, None)
@@ -87,10 +96,12 @@ def find_job_image(client: redis.Redis, store: ObjectStore, names: StreamNames, 
         assert job.image_ref is not None  # decode_job_entry guarantees one of them
         ref = parse_s3_ref(job.image_ref)
         try:
-            inline = store.get_bytes(ref.key, ref.bucket)
+            inline = store.get_bytes(ref.key, ref.bucket, max_bytes=MAX_REFERENCED_IMAGE_BYTES)
         except ObjectMissing as exc:
             msg = f"job {job_id!r}: its image {job.image_ref} no longer exists"
             raise ConfirmationRejected(DeadReason.MISSING_OBJECT, msg) from exc
+        except ObjectTooLarge as exc:
+            raise ConfirmationRejected(DeadReason.PAYLOAD_TOO_LARGE, f"job {job_id!r}: its image {exc}") from exc
     return _as_png(job_id, inline)
 
 
@@ -120,12 +131,17 @@ def box_mask(boxes: list[Box], width: int, height: int) -> np.ndarray:
 
 
 def referenced_mask(store: ObjectStore, mask_ref: str, width: int, height: int) -> np.ndarray:
-    """The mask at ``mask_ref`` as an (height, width) bool array (any non-black pixel is marked)."""
+    """The mask at ``mask_ref`` as an (height, width) bool array (any non-black pixel is marked).
+
+    An object over ``MAX_REFERENCED_IMAGE_BYTES`` is refused (``payload_too_large``) unread.
+    """
     ref = parse_s3_ref(mask_ref)
     try:
-        data = store.get_bytes(ref.key, ref.bucket)
+        data = store.get_bytes(ref.key, ref.bucket, max_bytes=MAX_REFERENCED_IMAGE_BYTES)
     except ObjectMissing as exc:
         raise ConfirmationRejected(DeadReason.MISSING_OBJECT, f"mask {mask_ref} does not exist") from exc
+    except ObjectTooLarge as exc:
+        raise ConfirmationRejected(DeadReason.PAYLOAD_TOO_LARGE, f"mask {exc}") from exc
     try:
         mask = decode_image(data) > 0
     except ImageRejected as exc:
@@ -164,8 +180,8 @@ class FiledConfirmation:
 
 def _put_if_different(store: ObjectStore, key: str, data: bytes, filed: FiledConfirmation) -> None:
     try:
-        same = store.get_bytes(key) == data
-    except ObjectMissing:
+        same = store.get_bytes(key, max_bytes=len(data)) == data  # a larger object differs: not read whole
+    except (ObjectMissing, ObjectTooLarge):
         same = False
     if same:
         filed.unchanged.append(key)

@@ -12,9 +12,9 @@ pairs in ``skip`` (the entries in flight; ids are unique only within a stream). 
 (``MAXLEN``) or deleted while pending comes back with empty ``fields``: its content is gone, and the
 consumer answers it with a dead letter, so that not even such an entry ends without a trace. No call
 returns more than ``limit`` entries: what several streams deliver at once beyond it is held and returned
-by the next `own_pending`. `keep_claimed` resets the idle time of entries in flight
+by the next `own_pending`. `keep_claimed` resets the idle time of entries in flight and held
 (``XCLAIM … JUSTID``, no delivery counted) so that no other consumer reclaims them while they wait out
-an outage. `forget_dead`
+an outage; `is_pending` tells whether an entry is still in the group's pending list. `forget_dead`
 removes group members that hold nothing and have not even tried to read for a long time (crashed
 processes: every consumer's name carries its process id, so each restart adds one)::
 
@@ -28,6 +28,7 @@ from collections.abc import Container, Iterable
 import redis
 
 from schemas import StreamNames
+from workers.stream_scripts import FORGET_IDLE_CONSUMER
 
 Entry = tuple[str, str, dict[bytes, bytes], int]  # (stream, entry id, fields, delivery count)
 EntryKey = tuple[str, str]  # (stream, entry id): ids are unique only within one stream
@@ -53,6 +54,7 @@ class GroupReader:
         self._pending_cursor: dict[str, str] = {}
         self._held: list[Entry] = []  # delivered by read_new beyond its limit, not yet handed out
         self._claim_cursor: dict[str, str] = dict.fromkeys(streams, "0-0")
+        self._forget = client.register_script(FORGET_IDLE_CONSUMER)
 
     def ensure_groups(self) -> None:
         """Create the consumer group on every job stream (and the stream) if missing."""
@@ -67,6 +69,11 @@ class GroupReader:
         """Read the own pending list again from its beginning (at every (re)start)."""
         self._pending_cursor = dict.fromkeys(self.streams, "0")
         self._held = []  # they are in the pending list, which is read again from its start
+
+    @property
+    def held(self) -> list[EntryKey]:
+        """The entries delivered to this consumer and held for the next `own_pending` (they are pending)."""
+        return [(entry[0], entry[1]) for entry in self._held]
 
     @property
     def has_backlog(self) -> bool:
@@ -109,6 +116,11 @@ class GroupReader:
             if len(entries) >= limit:
                 break
         return self._at_most(limit, entries)
+
+    def is_pending(self, stream: str, entry_id: str) -> bool:
+        """Whether the entry is in the group's pending list (any consumer's): delivered, not yet acknowledged,
+        and not dropped from the list for having been deleted from its stream."""
+        return bool(self.redis.xpending_range(stream, self.group, min=entry_id, max=entry_id, count=1))
 
     def deliveries(self, stream: str, entry_id: str) -> int:
         """How often the entry was delivered (1 if it is not pending)."""
@@ -168,14 +180,14 @@ class GroupReader:
                 name = raw.decode() if isinstance(raw, bytes) else str(raw)
                 if name == self.consumer or int(info["pending"]) > 0 or int(info["idle"]) <= idle_ms:
                     continue
-                if self.redis.xgroup_delconsumer(stream, self.group, name) == 0:  # still nothing pending
+                if self._forget(keys=[stream], args=[self.group, name]) == 1:  # still nothing pending: deleted
                     forgotten.append(name)
         return forgotten
 
     def keep_claimed(self, in_flight: Iterable[EntryKey]) -> None:
-        """Reset the idle time of the entries in flight (``(stream, entry id)`` pairs)."""
+        """Reset the idle time of the entries in flight (``(stream, entry id)`` pairs) and of those held."""
         by_stream: dict[str, list[str]] = {}
-        for stream, entry_id in in_flight:
+        for stream, entry_id in {*in_flight, *self.held}:
             by_stream.setdefault(stream, []).append(entry_id)
         for stream, ids in by_stream.items():
             self.redis.xclaim(stream, self.group, self.consumer, 0, ids, justid=True)

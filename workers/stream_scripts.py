@@ -8,6 +8,11 @@ Each entry also gets a "settled" marker when it is answered, result or dead lett
 dead-letters an entry (too many deliveries, say) while another is still scoring it cannot give the
 entry both a result and a dead letter, whichever script runs first wins. Both scripts release the
 job's owner marker (`StreamNames.owner_marker`) when the answering entry holds it.
+
+A job's done and owner markers both hold ``"<stream> <entry id>"`` (`entry_marker`): ids are unique only
+within one stream, and two lines' streams can hand out the same id in the same millisecond. `TAKE_JOB`
+reads the done marker and takes the owner marker in one step, so an entry never starts scoring a job
+whose result another entry has just committed.
 """
 
 from __future__ import annotations
@@ -15,11 +20,29 @@ from __future__ import annotations
 DONE_BY_ANOTHER_ENTRY = 2
 """`COMMIT_RESULT`'s answer when the job's done marker names another entry."""
 
+# KEYS: done marker of the job, owner marker of the job
+# ARGV: this entry's marker ("<stream> <entry id>"), owner ttl (s)
+# Returns {"done", <done marker>} when the job has a result (nothing taken); {"owner", <owner marker>}
+# when an entry holds the job already (this one, on a redelivery, or another: nothing taken); else
+# {"taken", <this entry's marker>}: the owner marker is now this entry's.
+TAKE_JOB = """
+local done = redis.call('GET', KEYS[1])
+if done then
+  return {'done', done}
+end
+local owner = redis.call('GET', KEYS[2])
+if owner then
+  return {'owner', owner}
+end
+redis.call('SET', KEYS[2], ARGV[1], 'EX', tonumber(ARGV[2]))
+return {'taken', ARGV[1]}
+"""
+
 # KEYS: done marker, results stream, jobs stream, settled marker of the entry, owner marker of the job
-# ARGV: entry id, group, done ttl (s), results maxlen, result JSON, owner value ("<stream> <entry id>")
+# ARGV: entry id, group, done ttl (s), results maxlen, result JSON, this entry's marker ("<stream> <entry id>")
 # Returns 1 if the result was written; 0 if the entry already had an answer (acknowledged again);
 # 2 if another entry holds the job's result: nothing written or acknowledged, the caller dead-letters
-# this entry as a duplicate.
+# this entry as a duplicate. A done marker of an older release holds the bare entry id and still counts.
 COMMIT_RESULT = """
 local function release_owner()
   if redis.call('GET', KEYS[5]) == ARGV[6] then
@@ -32,11 +55,11 @@ if redis.call('EXISTS', KEYS[4]) == 1 then
   return 0
 end
 local done = redis.call('GET', KEYS[1])
-if done and done ~= ARGV[1] then
+if done and done ~= ARGV[6] and done ~= ARGV[1] then
   return 2
 end
 if not done then
-  redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[3]))
+  redis.call('SET', KEYS[1], ARGV[6], 'EX', tonumber(ARGV[3]))
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', tonumber(ARGV[4]), '*', 'result', ARGV[5])
 end
 redis.call('SET', KEYS[4], 'result', 'EX', tonumber(ARGV[3]))
@@ -59,4 +82,56 @@ if #KEYS >= 4 and redis.call('GET', KEYS[4]) == ARGV[6] then
   redis.call('DEL', KEYS[4])
 end
 if first then return 1 else return 0 end
+"""
+
+# KEYS: jobs stream
+# ARGV: group, consumer
+# Deletes the consumer from the group only while it has no pending entry (checked and deleted in one
+# step: XGROUP DELCONSUMER drops whatever the consumer holds). Returns 1 if deleted, 0 if not.
+FORGET_IDLE_CONSUMER = """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then
+  return 0
+end
+redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
+# KEYS: jobs stream, set of lines in use
+# ARGV: the stream's cap (entries), line, then the entry's field/value pairs
+# Adds the entry (XADD MAXLEN cap, exact) and the line to the set. A stream below its cap keeps every
+# entry, answered or not (operators re-drive dead letters from the original entries). At the cap, the
+# entries the add would trim must all be answered: delivered to every consumer group (not after its last
+# delivered entry) and pending in none; if one is not (or no group exists yet), nothing is added and the reply
+# is the error "BACKLOG_FULL <entries>": a publisher is told, instead of an unread job being trimmed away.
+PUBLISH_JOB = """
+local function before(a, b)
+  local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
+  local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
+  ams, aseq, bms, bseq = tonumber(ams), tonumber(aseq), tonumber(bms), tonumber(bseq)
+  return ams < bms or (ams == bms and aseq < bseq)
+end
+local function answered_up_to(stream, last)
+  local groups = redis.call('XINFO', 'GROUPS', stream)
+  if #groups == 0 then return false end
+  for _, group in ipairs(groups) do
+    local info = {}
+    for i = 1, #group, 2 do info[group[i]] = group[i + 1] end
+    if before(info['last-delivered-id'], last) then return false end
+    if tonumber(info['pending']) > 0 and not before(last, redis.call('XPENDING', stream, info['name'])[2]) then
+      return false
+    end
+  end
+  return true
+end
+local stream, cap = KEYS[1], tonumber(ARGV[1])
+local held = redis.call('XLEN', stream)
+if held >= cap then
+  local dropped = redis.call('XRANGE', stream, '-', '+', 'COUNT', held - cap + 1)
+  if not answered_up_to(stream, dropped[#dropped][1]) then
+    return redis.error_reply('BACKLOG_FULL ' .. held)
+  end
+end
+local id = redis.call('XADD', stream, 'MAXLEN', cap, '*', unpack(ARGV, 3))
+redis.call('SADD', KEYS[2], ARGV[2])
+return id
 """

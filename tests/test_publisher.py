@@ -1,0 +1,79 @@
+"""Publishing never loses a job to trimming: at its cap a line's stream trims its oldest entry only when
+that one is answered, and a publish that would trim an unanswered job is refused. Real Valkey."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import redis
+
+from schemas import InspectionJob, StreamNames
+from schemas.stream import decode_job_entry
+from workers.publisher import LineBacklogFull, publish_job
+
+
+@pytest.fixture
+def names() -> StreamNames:
+    return StreamNames(f"pub{uuid.uuid4().hex[:6]}")
+
+
+def _job(n: int, line: str = "default") -> InspectionJob:
+    return InspectionJob(job_id=f"cam01-{n:03d}", line=line)
+
+
+def _job_ids(client: redis.Redis, stream: str) -> list[str]:
+    return [decode_job_entry(fields)[0].job_id for _, fields in client.xrange(stream)]
+
+
+def test_at_its_cap_a_stream_trims_answered_jobs_only_and_refuses_the_rest(
+    redis_client: redis.Redis, names: StreamNames
+) -> None:
+    """Below its cap a stream keeps every entry; at the cap a publish trims the oldest, if it is answered."""
+    stream, group = names.jobs(), names.scorer_group
+    redis_client.xgroup_create(stream, group, id="0", mkstream=True)
+    entries = [publish_job(redis_client, names, _job(n), image=b"png", maxlen=4) for n in range(4)]
+    redis_client.xreadgroup(group, "c", {stream: ">"}, count=3)  # three delivered ...
+    redis_client.xack(stream, group, entries[0], entries[2])  # ... two answered; 1 stays pending, 3 unread
+    publish_job(redis_client, names, _job(4), image=b"png", maxlen=4)  # trims 0, answered
+    assert _job_ids(redis_client, stream) == ["cam01-001", "cam01-002", "cam01-003", "cam01-004"]
+    with pytest.raises(LineBacklogFull) as refused:  # would trim 1, pending
+        publish_job(redis_client, names, _job(5), image=b"png", maxlen=4)
+    assert (refused.value.line, refused.value.held, refused.value.maxlen) == ("default", 4, 4)
+    assert "line 'default' holds 4 jobs (at most 4) and the oldest has no answer yet" in str(refused.value)
+    assert "the job was not published" in str(refused.value)
+    redis_client.xack(stream, group, entries[1])
+    publish_job(redis_client, names, _job(5), image=b"png", maxlen=4)  # trims 1, answered now
+    publish_job(redis_client, names, _job(6), image=b"png", maxlen=4)  # trims 2, the last delivered, answered
+    assert _job_ids(redis_client, stream) == ["cam01-003", "cam01-004", "cam01-005", "cam01-006"]
+    with pytest.raises(LineBacklogFull):  # would trim 3, never read
+        publish_job(redis_client, names, _job(7), image=b"png", maxlen=4)
+    assert _job_ids(redis_client, stream) == ["cam01-003", "cam01-004", "cam01-005", "cam01-006"]
+    assert redis_client.smembers(names.lines) == {b"default"}
+
+
+def test_a_line_without_consumers_yet_keeps_every_job_until_its_cap(
+    redis_client: redis.Redis, names: StreamNames
+) -> None:
+    """Before any consumer created its group nothing is answered: the cap counts every entry."""
+    for n in range(3):
+        publish_job(redis_client, names, _job(n, "press-4"), image=b"png", maxlen=3)
+    with pytest.raises(LineBacklogFull):
+        publish_job(redis_client, names, _job(3, "press-4"), image=b"png", maxlen=3)
+    assert _job_ids(redis_client, names.jobs("press-4")) == ["cam01-000", "cam01-001", "cam01-002"]
+
+
+def test_the_slowest_group_decides_what_is_trimmed(redis_client: redis.Redis, names: StreamNames) -> None:
+    """An entry one group answered and another has not even read stays."""
+    stream = names.jobs()
+    redis_client.xgroup_create(stream, names.scorer_group, id="0", mkstream=True)
+    redis_client.xgroup_create(stream, "audit", id="0")
+    first = publish_job(redis_client, names, _job(0), image=b"png", maxlen=1)
+    redis_client.xreadgroup(names.scorer_group, "c", {stream: ">"}, count=1)
+    redis_client.xack(stream, names.scorer_group, first)
+    with pytest.raises(LineBacklogFull):
+        publish_job(redis_client, names, _job(1), image=b"png", maxlen=1)
+    redis_client.xreadgroup("audit", "a", {stream: ">"}, count=1)
+    redis_client.xack(stream, "audit", first)
+    publish_job(redis_client, names, _job(1), image=b"png", maxlen=1)
+    assert _job_ids(redis_client, stream) == ["cam01-001"]
