@@ -27,7 +27,8 @@ class DeadReason(StrEnum):
     EMPTY_IMAGE = "empty_image"
     UNDECODABLE_IMAGE = "undecodable_image"
     IMAGE_TOO_LARGE = "image_too_large"
-    """Too many pixels (decompression-bomb guard) or a dimension over the limit."""
+    """Too many pixels (decompression-bomb guard), a dimension over the limit, or a JPEG whose decoding work
+    is out of bounds (more scans or marker segments than any camera writes)."""
     IMAGE_TOO_SMALL = "image_too_small"
     UNSUPPORTED_IMAGE_MODE = "unsupported_image_mode"
     MISSING_OBJECT = "missing_object"
