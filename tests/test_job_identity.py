@@ -315,6 +315,43 @@ def test_an_entry_deleted_while_its_try_fails_gets_a_dead_letter_instead_of_vani
     assert consumer._run_one((names.jobs(), still, fields, 1)) is Outcome.RETRY  # pending: a later try comes
 
 
+def test_an_entry_still_in_its_stream_is_left_for_a_later_delivery_even_if_no_pending_list_has_it(
+    redis_client: redis.Redis, object_store: ObjectStore, names: StreamNames
+) -> None:
+    """A Redis restarted from an AOF that lost the read which delivered an entry: the entry is intact and is
+    delivered again as a new one, so a failed try must not answer it with a dead letter."""
+    consumer = _consumer(redis_client, object_store, FailingInspector(), names, score_retry_s=0.1)
+    entry = publish_job(redis_client, names, InspectionJob(job_id="cam12-1"), image=small_png(12))
+    [(_, fields)] = _read(redis_client, names)
+    redis_client.xgroup_destroy(names.jobs(), names.scorer_group)  # the group as it was before the read
+    redis_client.xgroup_create(names.jobs(), names.scorer_group, id="0")
+    assert consumer._run_one((names.jobs(), entry, fields, 1)) is Outcome.RETRY
+    assert _answers(redis_client, names) == ([], [])
+    assert [eid for eid, _ in _read(redis_client, names)] == [entry]  # delivered again
+
+
+def test_a_held_entry_deleted_meanwhile_is_answered_at_stop(
+    redis_client: redis.Redis, object_store: ObjectStore, inspector: LocalInspector, names: StreamNames
+) -> None:
+    """Keeping a held entry claimed drops it from the pending list once it is deleted from its stream; at
+    stop the consumer, which will not run it, answers it instead of leaving nothing behind."""
+    consumer = _consumer(redis_client, object_store, inspector, names, lines=("press-1", "press-2"))
+    consumer.reader.start()
+    consumer.reader.own_pending(10, set())
+    for n, line in enumerate(("press-1", "press-2")):
+        publish_job(redis_client, names, InspectionJob(job_id=f"cam13-{n}", line=line), image=small_png(13))
+    [_] = consumer.reader.read_new(1, 10, set())
+    [(stream, held)] = consumer.reader.held
+    redis_client.xdel(stream, held)
+    consumer._keep_claimed()
+    assert not consumer.reader.is_pending(stream, held)
+    consumer._settle_held()
+    [letter] = _answers(redis_client, names)[1]
+    assert (letter.reason, letter.stream, letter.entry_id) == (DeadReason.TRIMMED, stream, held)
+    assert letter.job_id in {"cam13-0", "cam13-1"}
+    assert consumer.reader.held == []
+
+
 def test_a_job_on_another_lines_stream_is_an_invalid_entry(
     redis_client: redis.Redis, object_store: ObjectStore, inspector: LocalInspector, names: StreamNames
 ) -> None:

@@ -124,11 +124,13 @@ class StreamConsumer:
     def _backoff(self) -> Backoff:
         return Backoff(self.config.backoff_initial_s, self.config.backoff_max_s, self.config.backoff_jitter)
 
-    def _redis_call(self, what: str, op: Callable[[], T], jlog: JobLog | None = None) -> T:
+    def _redis_call(
+        self, what: str, op: Callable[[], T], jlog: JobLog | None = None, limit_s: float | None = None
+    ) -> T:
         return retry_call(
             op,
             transient=REDIS_TRANSIENT,
-            limit_s=self.config.redis_retry_s,
+            limit_s=self.config.redis_retry_s if limit_s is None else limit_s,
             abort=self._abort,
             what=what,
             backoff=self._backoff(),
@@ -157,7 +159,10 @@ class StreamConsumer:
         detail: str,
         job_id: str | None = None,
         line: str | None = None,
+        retry_s: float | None = None,
     ) -> Outcome:
+        """Answer the entry with a dead letter (`COMMIT_DEAD`); `Outcome.DUPLICATE` if it had an answer.
+        Redis errors are retried for ``retry_s`` (default ``redis_retry_s``), then raised."""
         line = line or self._line_of.get(stream)
         job_id = printable(job_id) if job_id is not None else None
         jlog = job_log(log, job_id, line, entry_id)
@@ -182,7 +187,7 @@ class StreamConsumer:
             keys.append(self.names.owner_marker(job_id))
             args.append(self._owner(stream, entry_id))
         written = self._redis_call(
-            f"dead-lettering entry {entry_id}", lambda: self._commit_dead(keys=keys, args=args), jlog
+            f"dead-lettering entry {entry_id}", lambda: self._commit_dead(keys=keys, args=args), jlog, retry_s
         )
         if written != 1:  # another consumer answered this entry first
             return Outcome.DUPLICATE
@@ -441,35 +446,51 @@ class StreamConsumer:
                 self._in_flight.discard((stream, entry_id))
 
     def _settle_if_gone(
-        self, stream: str, entry_id: str, deliveries: int, job_id: str | None, line: str | None
+        self,
+        stream: str,
+        entry_id: str,
+        deliveries: int,
+        job_id: str | None,
+        line: str | None,
+        retry_s: float | None = None,
     ) -> Outcome:
-        """After a failed try: `Outcome.RETRY` while the entry is still pending (a later delivery tries
-        again), else a dead letter. An entry deleted from its stream (``XDEL``, a ``MAXLEN`` that caught
-        up) leaves every pending list at the next ``XAUTOCLAIM`` or ``XCLAIM``, so no later delivery would
-        come; the dead letter is this entry's only answer (none if another consumer answered it
-        meanwhile). When Redis cannot be asked, the entry is kept and asked about again by the read loop."""
+        """After a failed try: `Outcome.RETRY` while the entry is still pending or still in its stream (a
+        later delivery tries again), else a dead letter. An entry deleted from its stream (``XDEL``) leaves
+        every pending list at the next ``XAUTOCLAIM`` or ``XCLAIM``, so no later delivery would come; the
+        dead letter is this entry's only answer (none if another consumer answered it meanwhile). An entry
+        still in its stream but in no pending list (a restarted Redis that lost the read which delivered
+        it) is delivered again as a new one. When Redis cannot be asked, the entry is kept and asked about
+        again by the read loop. Redis errors are retried for ``retry_s`` (default ``redis_retry_s``)."""
         try:
-            if self.reader.is_pending(stream, entry_id):
+            if self.reader.is_pending(stream, entry_id) or self.reader.in_stream(stream, entry_id):
                 return Outcome.RETRY
             detail = "the entry was deleted from its stream (XDEL, or a MAXLEN trim) while a try was failing"
             failure = self._last_failure(stream, entry_id)
             if failure:
                 detail += f"; the last try failed {failure}"
-            return self._dead(stream, entry_id, deliveries, DeadReason.TRIMMED, detail, job_id, line)
+            return self._dead(stream, entry_id, deliveries, DeadReason.TRIMMED, detail, job_id, line, retry_s)
         except redis.RedisError:
             with self._lock:
                 self._unchecked[(stream, entry_id)] = (deliveries, job_id, line)
             return Outcome.RETRY
 
     def _settle_unchecked(self) -> None:
-        """`_settle_if_gone` for the entries Redis could not be asked about before; those it still cannot
-        be asked about stay."""
+        """`_settle_if_gone` for the entries Redis could not be asked about before, one try each (the read
+        loop calls this: it must not wait out an outage here); those it still cannot ask about stay."""
         with self._lock:
             owed, self._unchecked = self._unchecked, {}
         for (stream, entry_id), (deliveries, job_id, line) in owed.items():
-            outcome = self._settle_if_gone(stream, entry_id, deliveries, job_id, line)
-            if outcome is not Outcome.RETRY:
-                self.stats.add(outcome)
+            if self._settle_if_gone(stream, entry_id, deliveries, job_id, line, retry_s=0.0) is Outcome.DEAD:
+                self.stats.add(Outcome.DEAD)
+
+    def _settle_held(self) -> None:
+        """At stop: the entries read but never started (`GroupReader.take_held`) stay pending for another
+        consumer, unless one was deleted from its stream and has left the pending list meanwhile (keeping
+        it claimed drops it): that one is answered with a dead letter here, or by nobody."""
+        for stream, entry_id, fields, deliveries in self.reader.take_held():
+            job_id, line = peek_raw_ids(fields.get(JOB_FIELD))
+            if self._settle_if_gone(stream, entry_id, deliveries, job_id, line, retry_s=0.0) is Outcome.DEAD:
+                self.stats.add(Outcome.DEAD)
 
     def _next_entries(self, capacity: int, busy: bool, last_claim: float) -> tuple[list[Entry], float]:
         """Up to ``capacity`` entries: own pending first, then reclaimed ones when due, then new ones."""
@@ -505,11 +526,12 @@ class StreamConsumer:
         if forgotten:
             log.info("consumer %s: removed idle consumers %s (nothing pending)", self.config.consumer, forgotten)
 
-    def _keep_claimed(self) -> None:
-        """Refresh the idle time of the entries in flight and held (`GroupReader.keep_claimed`)."""
+    def _keep_claimed(self, held: bool = True) -> None:
+        """Refresh the idle time of the entries in flight and, with ``held``, of those held for later
+        (`GroupReader.keep_claimed`)."""
         with self._lock:
             in_flight = list(self._in_flight)
-        self.reader.keep_claimed(in_flight)
+        self.reader.keep_claimed(in_flight, held)
 
     def _drain(self, futures: set[Future[Outcome]], keep_every_s: float) -> None:
         """Wait up to ``drain_timeout_s`` for the jobs in flight, keeping their entries claimed meanwhile
@@ -521,7 +543,7 @@ class StreamConsumer:
         while late and time.monotonic() < deadline:
             _, late = wait(late, timeout=min(keep_every_s, max(0.0, deadline - time.monotonic())))
             try:
-                self._keep_claimed()
+                self._keep_claimed(held=False)  # the held ones are not run: another consumer may take them
             except redis.RedisError as exc:  # the jobs' own retries wait for Redis
                 log.debug("consumer %s: keeping entries claimed failed: %r", self.config.consumer, exc)
         if late:
@@ -533,9 +555,9 @@ class StreamConsumer:
             self._abort.set()
         for future in futures:
             self.stats.add(future.result())
+        self._settle_held()
         if self._unchecked:
-            self._abort.set()  # one more try for what Redis could not be asked about, without retry waits
-            self._settle_unchecked()
+            self._settle_unchecked()  # one more try for what Redis could not be asked about
         if self._unchecked:
             log.error(
                 "consumer %s: could not tell whether entries %s are still pending (Redis unreachable); "

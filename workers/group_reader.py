@@ -122,6 +122,15 @@ class GroupReader:
         and not dropped from the list for having been deleted from its stream."""
         return bool(self.redis.xpending_range(stream, self.group, min=entry_id, max=entry_id, count=1))
 
+    def in_stream(self, stream: str, entry_id: str) -> bool:
+        """Whether the entry is still in its stream (not deleted or trimmed)."""
+        return bool(self.redis.xrange(stream, min=entry_id, max=entry_id, count=1))
+
+    def take_held(self) -> list[Entry]:
+        """The held entries (`held`), no longer held: the caller answers for them."""
+        held, self._held = self._held, []
+        return held
+
     def deliveries(self, stream: str, entry_id: str) -> int:
         """How often the entry was delivered (1 if it is not pending)."""
         info = self.redis.xpending_range(stream, self.group, min=entry_id, max=entry_id, count=1)
@@ -184,10 +193,11 @@ class GroupReader:
                     forgotten.append(name)
         return forgotten
 
-    def keep_claimed(self, in_flight: Iterable[EntryKey]) -> None:
-        """Reset the idle time of the entries in flight (``(stream, entry id)`` pairs) and of those held."""
+    def keep_claimed(self, in_flight: Iterable[EntryKey], held: bool = True) -> None:
+        """Reset the idle time of the entries in flight (``(stream, entry id)`` pairs) and, with ``held``, of
+        those held."""
         by_stream: dict[str, list[str]] = {}
-        for stream, entry_id in {*in_flight, *self.held}:
+        for stream, entry_id in {*in_flight, *(self.held if held else ())}:
             by_stream.setdefault(stream, []).append(entry_id)
         for stream, ids in by_stream.items():
             self.redis.xclaim(stream, self.group, self.consumer, 0, ids, justid=True)

@@ -16,13 +16,13 @@ from trainer.store import ObjectStore
 from workers.stream_scripts import PUBLISH_JOB
 
 DEFAULT_JOBS_MAXLEN = 100_000
-"""A line's job stream holds at most this many entries. At the cap each publish trims the oldest one,
-which must be answered: a publish that would trim an unanswered job is refused (`LineBacklogFull`)."""
+"""A line's job stream holds at most about this many entries. At the cap a publish first trims answered
+entries; one that finds no answered entry to trim is refused (`LineBacklogFull`)."""
 BACKLOG_FULL = "BACKLOG_FULL"
 
 
 class LineBacklogFull(Exception):
-    """A line's job stream holds ``maxlen`` entries and its oldest is not answered yet: the job was not published."""
+    """A line's job stream holds ``maxlen`` entries and its oldest are not answered yet: the job was not published."""
 
     def __init__(self, line: str, held: int, maxlen: int) -> None:
         super().__init__(
@@ -44,11 +44,15 @@ def publish_job(
     The line is also added to the set of lines in use (``names.lines``), which `anomap status` reads.
 
     The stream keeps up to ``maxlen`` entries, answered ones too (dead letters are re-driven from their
-    original entries); at the cap each publish trims the oldest (`workers.stream_scripts.PUBLISH_JOB`,
-    one script on the server). A publish that would trim a job with no answer yet (pending, unread, or
-    on a line no consumer has joined) adds nothing and raises `LineBacklogFull`: the publisher is told,
-    rather than the oldest unread job being lost to the trim.
+    original entries). At the cap a publish first trims answered entries, the oldest first and never
+    one a consumer group has not answered (`workers.stream_scripts.PUBLISH_JOB`, one script on the
+    server). When none can be trimmed (the consumers are that far behind, or none has joined the line
+    yet), nothing is added and `LineBacklogFull` is raised: the publisher is told, rather than the
+    oldest unread job being lost to a trim. An image uploaded for a refused job stays in the store.
     """
+    if maxlen < 1:
+        msg = f"maxlen must be >= 1, got {maxlen}"
+        raise ValueError(msg)
     job = job.model_copy(update={"published_at": utc_now()})
     fields = [part for pair in encode_job_entry(job, image).items() for part in pair]
     script = client.register_script(PUBLISH_JOB)

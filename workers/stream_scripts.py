@@ -98,40 +98,50 @@ return 1
 
 # KEYS: jobs stream, set of lines in use
 # ARGV: the stream's cap (entries), line, then the entry's field/value pairs
-# Adds the entry (XADD MAXLEN cap, exact) and the line to the set. A stream below its cap keeps every
-# entry, answered or not (operators re-drive dead letters from the original entries). At the cap, the
-# entries the add would trim must all be answered: delivered to every consumer group (not after its last
-# delivered entry) and pending in none; if one is not (or no group exists yet), nothing is added and the reply
-# is the error "BACKLOG_FULL <entries>": a publisher is told, instead of an unread job being trimmed away.
+# Adds the entry (XADD MAXLEN ~ cap) and the line to the set. A stream below its cap keeps every entry,
+# answered or not (operators re-drive dead letters from the original entries). At the cap, answered
+# entries are trimmed first, at most TRIM_LIMIT at a time and only whole nodes of them (XTRIM MINID ~ …
+# LIMIT: nothing is copied), up to the earliest entry some consumer group has not answered (its oldest
+# pending entry, or the one after its last delivered). If the stream is still at its cap (or no group
+# exists yet), nothing is added and the reply is the error "BACKLOG_FULL <entries>": a publisher is told,
+# instead of an unread job being trimmed away.
 PUBLISH_JOB = """
-local function before(a, b)
-  local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
-  local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
-  ams, aseq, bms, bseq = tonumber(ams), tonumber(aseq), tonumber(bms), tonumber(bseq)
-  return ams < bms or (ams == bms and aseq < bseq)
+local TRIM_LIMIT = 100
+local function parse(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
 end
-local function answered_up_to(stream, last)
-  local groups = redis.call('XINFO', 'GROUPS', stream)
-  if #groups == 0 then return false end
-  for _, group in ipairs(groups) do
-    local info = {}
-    for i = 1, #group, 2 do info[group[i]] = group[i + 1] end
-    if before(info['last-delivered-id'], last) then return false end
-    if tonumber(info['pending']) > 0 and not before(last, redis.call('XPENDING', stream, info['name'])[2]) then
-      return false
-    end
-  end
-  return true
+local function earliest(a, b)
+  if not a then return b end
+  if not b then return a end
+  local ams, aseq = parse(a)
+  local bms, bseq = parse(b)
+  if ams < bms or (ams == bms and aseq <= bseq) then return a end
+  return b
 end
 local stream, cap = KEYS[1], tonumber(ARGV[1])
 local held = redis.call('XLEN', stream)
 if held >= cap then
-  local dropped = redis.call('XRANGE', stream, '-', '+', 'COUNT', held - cap + 1)
-  if not answered_up_to(stream, dropped[#dropped][1]) then
+  local unanswered = nil
+  for _, group in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+    local info = {}
+    for i = 1, #group, 2 do info[group[i]] = group[i + 1] end
+    local ms, seq = parse(info['last-delivered-id'])
+    local point = string.format('%.0f-%.0f', ms, seq + 1)
+    if tonumber(info['pending']) > 0 then
+      point = earliest(point, redis.call('XPENDING', stream, info['name'])[2])
+    end
+    unanswered = earliest(unanswered, point)
+  end
+  if unanswered then
+    redis.call('XTRIM', stream, 'MINID', '~', unanswered, 'LIMIT', TRIM_LIMIT)
+    held = redis.call('XLEN', stream)
+  end
+  if held >= cap then
     return redis.error_reply('BACKLOG_FULL ' .. held)
   end
 end
-local id = redis.call('XADD', stream, 'MAXLEN', cap, '*', unpack(ARGV, 3))
+local id = redis.call('XADD', stream, 'MAXLEN', '~', cap, '*', unpack(ARGV, 3))
 redis.call('SADD', KEYS[2], ARGV[2])
 return id
 """
