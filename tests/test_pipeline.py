@@ -136,3 +136,10 @@ def test_one_gan_step_from_scratch_keeps_its_budget_and_takes_all_patches(runs: 
     assert main.cfg.gan_steps == 1 and main.init_weights is None
     assert main.bank is not None and len(main.bank) == 9  # every patch of the 3 × 3 grid: the last resort
     assert card.abnormal_patch_source == AbnormalPatchSource.ALL
+
+
+def test_a_mask_of_another_size_is_refused_before_any_run(runs: list[_Run]) -> None:
+    cfg = TrainConfig.tiny(gamma=0.9, gan_steps=4)
+    with pytest.raises(ValueError, match="abnormal image 1 is 64×64 but its mask is 32×64"):
+        _train(cfg, [None, np.zeros((64, 32), dtype=bool)])  # the first one, unmasked, would need a warm-up
+    assert runs == []

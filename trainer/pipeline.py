@@ -164,6 +164,11 @@ def train_model_version(
     if cfg.gamma < 1.0 and not abnormal_images:
         msg = f"gamma={cfg.gamma} < 1 needs confirmed abnormal images; pass some or train with gamma=1"
         raise ValueError(msg)
+    for i, (image, mask) in enumerate(zip(abnormal_images, abnormal_masks, strict=True)):
+        if mask is not None and mask.shape != image.shape:  # before any run: a warm-up would be wasted
+            (height, width), (mask_height, mask_width) = image.shape, mask.shape
+            msg = f"abnormal image {i} is {width}×{height} but its mask is {mask_width}×{mask_height}"
+            raise ValueError(msg)
     version = new_version_id()
     started = time.monotonic()
     extra: dict[str, float | int | str | bool | None] = {}
