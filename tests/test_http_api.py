@@ -19,6 +19,7 @@ from schemas import InspectionResult, ModelCard, Settings
 from schemas.stream import MAX_INLINE_IMAGE_BYTES
 from trainer.store import ObjectStore
 from trainer.synthetic import DefectKind
+from workers.http_api import InspectErrorResponse
 from workers.maps import decode_map
 from workers.serve_app import ServeHttpConflict, deploy
 
@@ -62,9 +63,9 @@ def test_inspect_returns_a_result_whose_map_is_stored(http_service: tuple[str, S
 def test_bad_bodies_get_reason_codes(http_service: tuple[str, Settings, ModelCard]) -> None:
     base, _, _ = http_service
     status, body = _post(f"{base}/v1/inspect", b"not an image")
-    assert (status, body["detail"]["reason"]) == (422, "undecodable_image")
+    assert (status, InspectErrorResponse.model_validate(body).detail.reason) == (422, "undecodable_image")
     status, body = _post(f"{base}/v1/inspect", b"")
-    assert (status, body["detail"]["reason"]) == (422, "empty_image")
+    assert (status, InspectErrorResponse.model_validate(body).detail.reason) == (422, "empty_image")
     status, _ = _post(f"{base}/v1/inspect?job_id=../../etc", small_png(1))
     assert status == 422
     status, _ = _post(f"{base}/v1/inspect?pixel_threshold=1e-308", small_png(1))  # peaks would overflow to inf
@@ -77,8 +78,24 @@ def test_bad_bodies_get_reason_codes(http_service: tuple[str, Settings, ModelCar
     connection.endheaders()
     response = connection.getresponse()
     assert response.status == 413
-    assert "at most" in json.loads(response.read())["detail"]
+    refused = InspectErrorResponse.model_validate_json(response.read()).detail
+    assert refused.reason == "payload_too_large" and "at most" in refused.detail
     connection.close()
+
+
+@pytest.mark.parametrize(
+    ("query", "parameter"),
+    [("line=Bad", "line"), ("pixel_threshold=1e-308", "pixel_threshold"), ("pixel_threshold=many", "pixel_threshold")],
+)
+def test_a_bad_query_parameter_is_an_invalid_schema_422_that_names_it(
+    http_service: tuple[str, Settings, ModelCard], query: str, parameter: str
+) -> None:
+    base, _, _ = http_service
+    status, body = _post(f"{base}/v1/inspect?camera_id=cam01&{query}", small_png(1))
+    assert status == 422, body
+    error = InspectErrorResponse.model_validate(body).detail
+    assert error.reason == "invalid_schema"
+    assert f"query parameter {parameter!r}" in error.detail
 
 
 def test_openapi_schema_documents_the_endpoint(http_service: tuple[str, Settings, ModelCard]) -> None:
@@ -88,6 +105,25 @@ def test_openapi_schema_documents_the_endpoint(http_service: tuple[str, Settings
     operation = schema["paths"]["/v1/inspect"]["post"]
     assert "image/png" in operation["requestBody"]["content"]
     assert "InspectionResult" in json.dumps(operation["responses"]["200"])
+
+
+def test_openapi_schema_documents_every_error_answer_with_the_error_body(
+    http_service: tuple[str, Settings, ModelCard],
+) -> None:
+    base, _, _ = http_service
+    with urllib.request.urlopen(f"{base}/openapi.json", timeout=30) as response:
+        schema = json.loads(response.read())
+    responses = schema["paths"]["/v1/inspect"]["post"]["responses"]
+    assert sorted(responses) == ["200", "404", "413", "422", "503"]
+    for status in ("404", "413", "422", "503"):
+        assert responses[status]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/InspectErrorResponse"
+        }, status
+        assert responses[status]["description"] not in ("", "Additional Response"), status
+    components = schema["components"]["schemas"]
+    assert components["InspectErrorResponse"]["properties"]["detail"] == {"$ref": "#/components/schemas/InspectError"}
+    assert sorted(components["InspectError"]["required"]) == ["detail", "reason"]
+    assert "HTTPValidationError" not in components, "FastAPI's list-of-errors 422 body is never returned"
 
 
 def test_asking_for_another_http_port_while_serve_runs_is_an_error(
