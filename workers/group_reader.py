@@ -120,7 +120,7 @@ class GroupReader:
     def is_pending(self, stream: str, entry_id: str) -> bool:
         """Whether the entry is in the group's pending list (any consumer's): delivered, not yet acknowledged,
         and not dropped from the list for having been deleted from its stream."""
-        return bool(self.redis.xpending_range(stream, self.group, min=entry_id, max=entry_id, count=1))
+        return bool(self._pending_record(stream, entry_id))
 
     def in_stream(self, stream: str, entry_id: str) -> bool:
         """Whether the entry is still in its stream (not deleted or trimmed)."""
@@ -133,8 +133,12 @@ class GroupReader:
 
     def deliveries(self, stream: str, entry_id: str) -> int:
         """How often the entry was delivered (1 if it is not pending)."""
-        info = self.redis.xpending_range(stream, self.group, min=entry_id, max=entry_id, count=1)
+        info = self._pending_record(stream, entry_id)
         return int(info[0]["times_delivered"]) if info else 1
+
+    def _pending_record(self, stream: str, entry_id: str) -> list[dict[str, object]]:
+        """The entry's record in the group's pending list (``XPENDING``): one dict, or none if not pending."""
+        return self.redis.xpending_range(stream, self.group, min=entry_id, max=entry_id, count=1)
 
     def claim(self, limit: int, skip: Container[EntryKey]) -> list[Entry]:
         """Entries idle past ``claim_idle_ms`` in any consumer's pending list (a dead consumer's)."""
