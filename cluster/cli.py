@@ -169,7 +169,7 @@ def publish(
     from pydantic import ValidationError
 
     from cluster.connections import object_store, redis_client
-    from workers.publisher import LineBacklogFull, image_key, publish_job, upload_image
+    from workers.publisher import LineBacklogFull, publish_by_reference, publish_job
 
     files = _image_files(paths)
     if not files:
@@ -186,8 +186,7 @@ def publish(
         data = file.read_bytes()
         try:
             if store is not None:
-                ref = upload_image(store, image_key(job, file.suffix.lower()), data)
-                entry = publish_job(client, names, job.model_copy(update={"image_ref": ref}))
+                entry, _ = publish_by_reference(client, names, store, job, data, file.suffix.lower())
             else:
                 entry = publish_job(client, names, job, image=data)
         except LineBacklogFull as exc:
@@ -329,6 +328,7 @@ def loadgen(
 
     console.print(
         f"run {document['run_id']}: offered {document['offered']} ({document['offered_rate']:.2f}/s), "
+        f"refused {document['refused']}, "
         f"results {document['results']}, dead letters {document['dead_letters']}, "
         f"unanswered {document['unanswered']}, achieved {document['achieved_rate']:.2f}/s over "
         f"{document['span_s']:.1f} s\nlatency ms p50 {ms(latency['p50'])} p95 {ms(latency['p95'])} "
@@ -337,11 +337,19 @@ def loadgen(
     )
     if json_path is not None:
         json_path.write_text(json.dumps(document, indent=2) + "\n")
+    problems = []
+    if document["refused"]:
+        problems.append(
+            f"the line refused {document['refused']} frames: its job stream was full of unanswered jobs "
+            "(consumers behind or stopped; `anomap status`)"
+        )
     if document["unanswered"]:
-        err.print(f"[red]{document['unanswered']} jobs were not answered within --grace {grace} s[/red]")
-        raise typer.Exit(1)
+        problems.append(f"{document['unanswered']} jobs were not answered within --grace {grace} s")
     if document["dead_letters"]:
-        err.print(f"[red]{document['dead_letters']} jobs became dead letters (see anomap:dead)[/red]")
+        problems.append(f"{document['dead_letters']} jobs became dead letters (see anomap:dead)")
+    for problem in problems:
+        err.print(f"[red]{problem}[/red]")
+    if problems:
         raise typer.Exit(1)
 
 

@@ -36,6 +36,7 @@ from workers.loadgen import (
     progress_line,
     publish_schedule,
 )
+from workers.publisher import publish_job
 
 NAMES = StreamNames()
 
@@ -201,6 +202,25 @@ def test_by_reference_uploads_the_image_and_sends_its_ref(redis_client: redis.Re
         ref = parse_s3_ref(job.image_ref)
         assert ref.bucket == object_store.bucket
         assert object_store.get_bytes(ref.key) == pools[0][0]
+
+
+def test_frames_a_full_line_refuses_are_counted_and_the_run_goes_on(
+    redis_client: redis.Redis, object_store: ObjectStore
+) -> None:
+    """A line whose stream is at its cap with nothing answered refuses every frame: the run counts them as
+    refused (not offered, not lost), does not have achieved == offered, and leaves no uploaded image behind."""
+    line = f"full{uuid.uuid4().hex[:6]}"
+    for n in range(2):  # no consumer group yet: nothing on the line is answered
+        publish_job(redis_client, NAMES, InspectionJob(job_id=f"old-{n}", line=line), image=b"x", maxlen=2)
+    pools = camera_images(cameras=2, size=64, pool=1)
+    generator = LoadGenerator(redis_client, NAMES, object_store, line, pools, run_id="t3", maxlen=2)
+    summary = generator.run(publish_schedule(2, 4.0, 0.5), fps=4.0, duration_s=0.5, grace_s=30.0)
+    doc = summary.as_dict()
+    assert (doc["refused"], doc["offered"], doc["results"], doc["unanswered"]) == (4, 0, 0, 0)
+    assert doc["achieved_equals_offered"] is False
+    assert redis_client.xlen(NAMES.jobs(line)) == 2
+    assert list(object_store.list_keys(f"images/{line}/")) == []
+    assert "refused 3" in progress_line(LoadProgress(1.0, 0, 4, 0, 0, None, 0.0, refused=3))
 
 
 def _stack_env(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> None:

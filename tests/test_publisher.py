@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import uuid
 
+import numpy as np
 import pytest
 import redis
 
 from schemas import InspectionJob, StreamNames
 from schemas.stream import decode_job_entry
-from workers.publisher import LineBacklogFull, publish_job
+from trainer.imaging import encode_png
+from trainer.store import ObjectStore
+from workers.publisher import LineBacklogFull, image_key, publish_by_reference, publish_job
 
 
 @pytest.fixture
@@ -84,3 +87,20 @@ def test_the_slowest_group_decides_what_is_trimmed(redis_client: redis.Redis, na
     redis_client.xack(stream, "audit", first)
     publish_job(redis_client, names, _job(1), image=IMAGE, maxlen=1)
     assert _job_ids(redis_client, stream) == ["cam01-001"]
+
+
+def test_a_refused_publish_by_reference_removes_its_upload(
+    redis_client: redis.Redis, object_store: ObjectStore, names: StreamNames
+) -> None:
+    """The upload of a job the line refuses is deleted (nothing was published that could read it); an
+    accepted job's image stays, stored with the content type its bytes name."""
+    png = encode_png(np.zeros((8, 8), np.uint8))
+    entry, ref = publish_by_reference(redis_client, names, object_store, _job(0, "ref"), png, maxlen=1)
+    stored = object_store.client.stat_object(object_store.bucket, image_key(_job(0, "ref")))
+    assert stored.content_type == "image/png"
+    job, _ = decode_job_entry(redis_client.xrange(names.jobs("ref"))[0][1])
+    assert (job.image_ref, redis_client.xrange(names.jobs("ref"))[0][0].decode()) == (ref, entry)
+    with pytest.raises(LineBacklogFull):
+        publish_by_reference(redis_client, names, object_store, _job(1, "ref"), png, ".png", maxlen=1)
+    assert not object_store.exists(image_key(_job(1, "ref")))
+    assert object_store.exists(image_key(_job(0, "ref")))

@@ -18,7 +18,7 @@ import redis
 
 from schemas import DeadLetter, InspectionJob, InspectionResult, StreamNames
 from trainer.store import ObjectStore
-from workers.publisher import image_key, publish_job, upload_image
+from workers.publisher import publish_by_reference, publish_job
 from workers.results import read_answer
 
 
@@ -69,8 +69,7 @@ class CameraFleet:
 
     def _send(self, item: CameraJob, outcome: FleetOutcome) -> None:
         if item.by_reference:
-            ref = upload_image(self.store, image_key(item.job), item.image)
-            publish_job(self.client, self.names, item.job.model_copy(update={"image_ref": ref}))
+            publish_by_reference(self.client, self.names, self.store, item.job, item.image)
         else:
             publish_job(self.client, self.names, item.job, image=item.image)
         outcome.published += 1

@@ -14,7 +14,9 @@ Due times are offsets from one start instant (``n / fps`` plus a per-camera stag
 ``camera / (fps · cameras)``), never "sleep after send", so the schedule does not drift; one thread
 sleeps until the earliest due time across cameras (a heap) and records how late each publish was.
 Job ids are ``loadgen-<run>-<camera>-<n>``; results and dead letters are read with XREAD cursors
-taken before the first publish.
+taken before the first publish. A frame the line refuses (`LineBacklogFull`: its stream is at its cap
+with nothing answered to trim) is counted as ``refused`` and the run goes on, as a camera that drops a
+frame would; such a run does not have achieved == offered.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from trainer.imaging import encode_png
 from trainer.store import ObjectStore
 from trainer.synthetic import DefectKind, synth_image
 from workers.consumer_config import REDIS_TRANSIENT
-from workers.publisher import image_key, publish_job, upload_image
+from workers.publisher import DEFAULT_JOBS_MAXLEN, LineBacklogFull, publish_by_reference, publish_job
 from workers.results import read_answer
 from workers.retry import Backoff
 
@@ -146,6 +148,7 @@ class LoadProgress:
     dead_letters: int
     p50_latency_ms: float | None
     max_lag_ms: float
+    refused: int = 0
 
     @property
     def achieved_rate(self) -> float:
@@ -154,11 +157,13 @@ class LoadProgress:
 
 
 def progress_line(p: LoadProgress) -> str:
-    """One line of live progress, e.g. ``12.0 s  offered 96/240  answered 90  dead 0  7.5/s  p50 41 ms``."""
+    """One line of live progress, e.g. ``12.0 s  offered 96/240  answered 90  dead 0  7.5/s  p50 41 ms``
+    (and ``refused N`` once the line has refused a frame)."""
     p50 = "-" if p.p50_latency_ms is None else f"{p.p50_latency_ms:.0f} ms"
+    refused = f"  refused {p.refused}" if p.refused else ""
     return (
-        f"{p.elapsed_s:6.1f} s  offered {p.offered}/{p.planned}  answered {p.results}  dead {p.dead_letters}  "
-        f"{p.achieved_rate:.1f}/s  p50 {p50}  max lag {p.max_lag_ms:.0f} ms"
+        f"{p.elapsed_s:6.1f} s  offered {p.offered}/{p.planned}{refused}  answered {p.results}  "
+        f"dead {p.dead_letters}  {p.achieved_rate:.1f}/s  p50 {p50}  max lag {p.max_lag_ms:.0f} ms"
     )
 
 
@@ -181,6 +186,8 @@ class LoadSummary:
     by_reference: bool = False
     line: str = "default"
     run_id: str = ""
+    refused: int = 0
+    """Frames the line refused (`LineBacklogFull`): not published, not in ``offered``."""
 
     @property
     def unanswered(self) -> int:
@@ -189,8 +196,8 @@ class LoadSummary:
 
     @property
     def achieved_equals_offered(self) -> bool:
-        """Every job offered got a result and none a dead letter."""
-        return self.results + self.dead_letters == self.offered and self.dead_letters == 0
+        """Every frame was published, and every job offered got a result and none a dead letter."""
+        return self.results + self.dead_letters == self.offered and self.dead_letters == 0 and self.refused == 0
 
     def as_dict(self) -> dict[str, Any]:
         """The summary as plain JSON-able values."""
@@ -204,6 +211,7 @@ class LoadSummary:
             "duration_s": self.duration_s,
             "offered": self.offered,
             "offered_rate": self.offered / window if window > 0 else 0.0,
+            "refused": self.refused,
             "results": self.results,
             "dead_letters": self.dead_letters,
             "unanswered": self.unanswered,
@@ -222,6 +230,7 @@ class _Tally:
     lock: threading.Lock = field(default_factory=threading.Lock)
     offered: set[str] = field(default_factory=set)
     lags_ms: list[float] = field(default_factory=list)
+    refused: int = 0
     results: dict[str, InspectionResult] = field(default_factory=dict)
     dead: dict[str, DeadLetter] = field(default_factory=dict)
     last_publish: float = 0.0
@@ -263,6 +272,7 @@ class LoadGenerator:
         line: str,
         pools: Sequence[Sequence[bytes]],
         run_id: str,
+        maxlen: int = DEFAULT_JOBS_MAXLEN,
     ) -> None:
         if not pools or any(not pool for pool in pools):
             msg = "every camera needs at least one image"
@@ -273,6 +283,7 @@ class LoadGenerator:
         self.line = line
         self.pools = pools
         self.run_id = run_id
+        self.maxlen = maxlen
         self._prefix = f"{JOB_PREFIX}-{run_id}-"
 
     def _send(self, camera: int, n: int) -> str:
@@ -280,10 +291,9 @@ class LoadGenerator:
         pool = self.pools[camera]
         image = pool[n % len(pool)]
         if self.store is not None:
-            ref = upload_image(self.store, image_key(job), image)
-            publish_job(self.client, self.names, job.model_copy(update={"image_ref": ref}))
+            publish_by_reference(self.client, self.names, self.store, job, image, maxlen=self.maxlen)
         else:
-            publish_job(self.client, self.names, job, image=image)
+            publish_job(self.client, self.names, job, image=image, maxlen=self.maxlen)
         return job.job_id
 
     def _publish(
@@ -295,7 +305,15 @@ class LoadGenerator:
                 if wait > 0 and stop.wait(wait):
                     return
                 lag_ms = max(time.monotonic() - started - due, 0.0) * 1e3
-                sent = self._send(camera, n)
+                try:
+                    sent = self._send(camera, n)
+                except LineBacklogFull as exc:  # the camera drops this frame; the line said why
+                    with tally.lock:
+                        tally.refused += 1
+                        first = tally.refused == 1
+                    if first:
+                        log.warning("loadgen: %s", exc)
+                    continue
                 with tally.lock:
                     tally.offered.add(sent)
                     tally.lags_ms.append(lag_ms)
@@ -411,6 +429,7 @@ class LoadGenerator:
                 by_reference=self.store is not None,
                 line=self.line,
                 run_id=self.run_id,
+                refused=tally.refused,
             )
 
     def _progress(self, tally: _Tally, started: float, planned: int) -> LoadProgress:
@@ -424,4 +443,5 @@ class LoadGenerator:
                 dead_letters=len(tally.dead),
                 p50_latency_ms=percentile(latencies, 50),
                 max_lag_ms=max(tally.lags_ms, default=0.0),
+                refused=tally.refused,
             )

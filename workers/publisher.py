@@ -8,12 +8,17 @@ carries an ``s3://`` reference instead.
 
 from __future__ import annotations
 
+import logging
+
 import redis
 
 from schemas import InspectionJob, StreamNames, encode_job_entry
 from schemas.job import utc_now
 from trainer.store import ObjectStore
+from workers.scored_images import image_content_type
 from workers.stream_scripts import PUBLISH_JOB
+
+log = logging.getLogger(__name__)
 
 DEFAULT_JOBS_MAXLEN = 100_000
 """A line's job stream holds at most about this many entries. At the cap a publish first trims answered
@@ -48,7 +53,7 @@ def publish_job(
     one a consumer group has not answered (`workers.stream_scripts.PUBLISH_JOB`, one script on the
     server). When none can be trimmed (the consumers are that far behind, or none has joined the line
     yet), nothing is added and `LineBacklogFull` is raised: the publisher is told, rather than the
-    oldest unread job being lost to a trim. An image uploaded for a refused job stays in the store.
+    oldest unread job being lost to a trim. `publish_by_reference` also removes a refused job's upload.
     """
     if maxlen < 1:
         msg = f"maxlen must be >= 1, got {maxlen}"
@@ -71,7 +76,37 @@ def image_key(job: InspectionJob, suffix: str = ".png") -> str:
     return f"images/{job.line}/{job.camera_id}/{job.job_id}{suffix}"
 
 
-def upload_image(store: ObjectStore, key: str, image: bytes, content_type: str = "image/png") -> str:
-    """Upload image bytes and return the ``s3://`` reference a job can carry."""
-    store.put_bytes(key, image, content_type)
+def upload_image(store: ObjectStore, key: str, image: bytes, content_type: str | None = None) -> str:
+    """Upload image bytes and return the ``s3://`` reference a job can carry; the content type defaults to
+    the one the bytes' signature names (`workers.scored_images.image_content_type`)."""
+    store.put_bytes(key, image, content_type or image_content_type(image))
     return store.ref(key)
+
+
+def publish_by_reference(
+    client: redis.Redis,
+    names: StreamNames,
+    store: ObjectStore,
+    job: InspectionJob,
+    image: bytes,
+    suffix: str = ".png",
+    maxlen: int = DEFAULT_JOBS_MAXLEN,
+) -> tuple[str, str]:
+    """Upload ``image`` to `image_key` and publish ``job`` carrying its ``s3://`` reference; returns
+    (entry id, reference).
+
+    A publish the line refuses (`LineBacklogFull`: certain that no job was added) deletes the upload
+    before the refusal is raised, so a refused job leaves nothing behind. Any other publish error keeps
+    the upload: the job may have been added before the connection failed, and its image must be there.
+    """
+    key = image_key(job, suffix)
+    ref = upload_image(store, key, image)
+    try:
+        entry_id = publish_job(client, names, job.model_copy(update={"image_ref": ref}), maxlen=maxlen)
+    except LineBacklogFull:
+        try:
+            store.delete(key)
+        except Exception as exc:  # the refusal is what the caller must hear; the orphan is only logged
+            log.warning("could not remove %s after its publish was refused: %r", ref, exc)
+        raise
+    return entry_id, ref
