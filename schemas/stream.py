@@ -111,6 +111,11 @@ class StreamNames:
         """The key that holds the entry id of the newest confirmation filed for a job of a line."""
         return f"{self.prefix}:filed:{line}:{job_id}"
 
+    def filing_lock(self, line: str, job_id: str) -> str:
+        """The key a confirmation reader holds while it files a confirmation of a job of a line: two
+        readers never file two confirmations of one job at the same time."""
+        return f"{self.prefix}:filing:{line}:{job_id}"
+
     def failure_marker(self, stream: str, entry_id: str) -> str:
         """The key that keeps why an entry's last try failed, for the dead letter if none succeeds."""
         return f"{self.prefix}:failure:{stream}:{entry_id}"

@@ -11,7 +11,10 @@ exactly one answer:
 - filed: the image (and mask) are written by `workers.datasets.file_confirmation`, *then* the entry
   is acknowledged; filing is idempotent, so a redelivered entry writes nothing new; the job's newest
   filed entry is kept (``<prefix>:filed:<line>:<job_id>``), so an older confirmation retried late
-  is acknowledged without being filed over a newer one (``superseded``);
+  is acknowledged without being filed over a newer one (``superseded``); a reader files a job only
+  while it holds the job's filing lock (``<prefix>:filing:<line>:<job_id>``), and the marker only
+  moves forward, so two readers (``anomap ingest`` and the retrain controller, say) handling an older
+  and a newer confirmation of one job at once cannot leave the older one filed;
 - dead letter on ``anomap:dead`` with a `DeadReason` (``invalid_json``, ``invalid_schema``,
   ``unknown_job``, ``box_outside_image``, ``mask_size_mismatch``, ``empty_mask``, ``missing_object``,
   ``too_many_deliveries``, ...), written and acknowledged in one Lua script;
@@ -24,6 +27,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+import uuid
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -36,7 +41,7 @@ from schemas.envelope import parse_json, peek_raw_ids
 from trainer.store import ObjectStore
 from workers.datasets import ConfirmationRejected, file_confirmation
 from workers.group_reader import Entry, GroupReader
-from workers.stream_scripts import COMMIT_DEAD
+from workers.stream_scripts import ADVANCE_FILED_MARKER, COMMIT_DEAD, RELEASE_LOCK
 
 log = logging.getLogger("anomap.confirmations")
 
@@ -46,7 +51,8 @@ MAX_CONFIRMATION_BYTES = 64 * 1024
 
 @dataclass(frozen=True)
 class IngestConfig:
-    """How one reader of the ``datasets`` group reads and gives up."""
+    """How one reader of the ``datasets`` group reads and gives up; ``filing_wait_s``: how long it waits for
+    another reader's filing of the same job before it leaves the entry pending."""
 
     consumer: str = "ingest-1"
     batch: int = 16
@@ -55,6 +61,13 @@ class IngestConfig:
     max_deliveries: int = 5
     dead_maxlen: int = 100_000
     settled_ttl_s: int = 7 * 24 * 3600
+    filing_wait_s: float = 30.0
+
+
+FILING_LOCK_MS = 600_000
+"""The longest a reader holds a job's filing lock (one filing: an image and a mask written, with the store's
+retries); a reader that crashed while filing blocks that job for at most this long."""
+FILING_POLL_S = 0.05
 
 
 class Filed(StrEnum):
@@ -122,6 +135,8 @@ class ConfirmationIngester:
             client, names, config.consumer, [self.stream], config.claim_idle_ms, group=names.dataset_group
         )
         self._commit_dead = client.register_script(COMMIT_DEAD)
+        self._advance_marker = client.register_script(ADVANCE_FILED_MARKER)
+        self._release_lock = client.register_script(RELEASE_LOCK)
         self.counts: dict[Filed, int] = dict.fromkeys(Filed, 0)
 
     def _dead(self, entry: Entry, reason: DeadReason, detail: str, job_id: str | None, line: str | None) -> Filed:
@@ -162,22 +177,55 @@ class ConfirmationIngester:
                     detail = f"delivered {deliveries} times (limit {self.config.max_deliveries}) without being filed"
                     raise ConfirmationRejected(DeadReason.TOO_MANY_DELIVERIES, detail)
                 confirmation = decode_confirmation_entry(fields)
-                latest = self.names.filed_marker(confirmation.line, confirmation.job_id)
-                newer = self.redis.get(latest)
-                if newer is not None and _entry_order(newer.decode()) > _entry_order(entry_id):
-                    self.redis.xack(self.stream, self.reader.group, entry_id)
-                    log.info("confirmation %s: entry %s of job %s was filed already", entry_id, newer.decode(), job_id)
-                    return Filed.SUPERSEDED
-                filed = file_confirmation(self.redis, self.store, self.names, confirmation)
             except ConfirmationRejected as exc:
                 return self._dead(entry, exc.reason, exc.detail, job_id, line)
-            self.redis.set(latest, entry_id, ex=self.config.settled_ttl_s)
-            self.redis.xack(self.stream, self.reader.group, entry_id)
+            lock = self.names.filing_lock(confirmation.line, confirmation.job_id)
+            token = self._hold(lock)
+            if token is None:
+                log.info("confirmation %s: job %s is being filed by another reader; left pending", entry_id, job_id)
+                return Filed.RETRY
+            try:
+                return self._file(entry_id, confirmation, entry)
+            finally:
+                self._release(lock, token)
         except Exception as exc:  # the store or Redis away, or a bug: leave it pending, never crash
             log.warning("confirmation %s (job %r): not filed, left pending: %r", entry_id, job_id, exc)
             return Filed.RETRY
+
+    def _hold(self, lock: str) -> str | None:
+        """Take a job's filing lock, waiting up to ``filing_wait_s`` for another reader's; its token, or None."""
+        token = uuid.uuid4().hex
+        deadline = time.monotonic() + self.config.filing_wait_s
+        while not self.redis.set(lock, token, nx=True, px=FILING_LOCK_MS):
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(FILING_POLL_S)
+        return token
+
+    def _release(self, lock: str, token: str) -> None:
+        try:
+            self._release_lock(keys=[lock], args=[token])
+        except redis.RedisError as exc:  # it expires after FILING_LOCK_MS; the entry's own outcome stands
+            log.warning("could not release %s (expires in %d s): %r", lock, FILING_LOCK_MS // 1000, exc)
+
+    def _file(self, entry_id: str, confirmation: Confirmation, entry: Entry) -> Filed:
+        """File one decoded confirmation while its job's filing lock is held (superseded when a newer one was
+        filed first), move the job's filed marker forward, then acknowledge."""
+        job_id = confirmation.job_id
+        latest = self.names.filed_marker(confirmation.line, job_id)
+        newer = self.redis.get(latest)
+        if newer is not None and _entry_order(newer.decode()) > _entry_order(entry_id):
+            self.redis.xack(self.stream, self.reader.group, entry_id)
+            log.info("confirmation %s: entry %s of job %s was filed already", entry_id, newer.decode(), job_id)
+            return Filed.SUPERSEDED
+        try:
+            filed = file_confirmation(self.redis, self.store, self.names, confirmation)
+        except ConfirmationRejected as exc:
+            return self._dead(entry, exc.reason, exc.detail, job_id, confirmation.line)
+        self._advance_marker(keys=[latest], args=[entry_id, self.config.settled_ttl_s])
+        self.redis.xack(self.stream, self.reader.group, entry_id)
         if filed.changed:
-            log.info("confirmation %s: job %s filed as %s", entry_id, confirmation.job_id, confirmation.label.value)
+            log.info("confirmation %s: job %s filed as %s", entry_id, job_id, confirmation.label.value)
         return Filed.WRITTEN if filed.changed else Filed.UNCHANGED
 
     def _take(self, block_ms: int) -> list[Entry]:

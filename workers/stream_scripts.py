@@ -145,3 +145,32 @@ local id = redis.call('XADD', stream, 'MAXLEN', '~', cap, '*', unpack(ARGV, 3))
 redis.call('SADD', KEYS[2], ARGV[2])
 return id
 """
+
+# KEYS: a job's filed marker (`StreamNames.filed_marker`)
+# ARGV: this confirmation's entry id ("<ms>-<seq>"), the marker's ttl (s)
+# Moves the marker to this entry unless it names a newer one already: returns 1 when set, 0 when the
+# marker stays (a newer confirmation of the job was filed first). The marker only ever moves forward.
+ADVANCE_FILED_MARKER = """
+local function order(id)
+  local ms, seq = string.match(id, '^(%d+)-?(%d*)$')
+  return tonumber(ms) or 0, tonumber(seq) or 0
+end
+local current = redis.call('GET', KEYS[1])
+if current then
+  local cms, cseq = order(current)
+  local ms, seq = order(ARGV[1])
+  if cms > ms or (cms == ms and cseq > seq) then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[2]))
+return 1
+"""
+
+# KEYS: a lock key; ARGV: the holder's token. Deletes the lock only while this holder still has it.
+RELEASE_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""

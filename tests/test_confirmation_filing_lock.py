@@ -1,0 +1,91 @@
+"""Two readers of the ``datasets`` group never file two confirmations of one job at once, and a job's filed
+marker only moves forward: the operator's last word stands. Real Valkey and SeaweedFS."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import redis
+from helpers import small_png
+
+from schemas import Confirmation, StreamNames
+from trainer.store import ObjectStore
+from trainer.synthetic import DefectKind
+from workers.confirmations import ConfirmationIngester, Filed, IngestConfig, publish_confirmation
+from workers.group_reader import Entry
+from workers.scored_images import scored_image_key
+from workers.stream_scripts import ADVANCE_FILED_MARKER
+
+NAMES = StreamNames()
+
+
+def _delivered(client: redis.Redis, consumer: str) -> Entry:
+    """The next new confirmation entry, delivered to ``consumer`` of the ``datasets`` group."""
+    [(stream, [(entry_id, fields)])] = client.xreadgroup(
+        NAMES.dataset_group, consumer, {NAMES.confirmations: ">"}, count=1
+    )
+    return stream.decode(), entry_id.decode(), fields, 1
+
+
+def _ingester(client: redis.Redis, store: ObjectStore, consumer: str, wait_s: float) -> ConfirmationIngester:
+    ingester = ConfirmationIngester(client, store, NAMES, IngestConfig(consumer=consumer, filing_wait_s=wait_s))
+    ingester.reader.ensure_groups()
+    return ingester
+
+
+def test_a_reader_waits_while_another_files_the_same_job_then_yields_to_its_newer_confirmation(
+    redis_client: redis.Redis, object_store: ObjectStore
+) -> None:
+    """Reader A holds the older confirmation (normal) while reader B files the newer one (abnormal): A files
+    nothing while B holds the job, then finds B's newer entry filed and stands down."""
+    job = "lock-1"
+    object_store.put_bytes(scored_image_key("default", job), small_png(3, (DefectKind.SCRATCH,)), "image/png")
+    reader_a = _ingester(redis_client, object_store, "a", wait_s=20.0)
+    publish_confirmation(redis_client, NAMES, Confirmation(job_id=job, label="normal"))
+    publish_confirmation(redis_client, NAMES, Confirmation(job_id=job, label="abnormal"))
+    older, newer = _delivered(redis_client, "a"), _delivered(redis_client, "b")
+    lock = NAMES.filing_lock("default", job)
+    assert redis_client.set(lock, "reader-b", nx=True, px=60_000)  # B is filing the newer one
+    outcome: list[Filed] = []
+    waiting = threading.Thread(target=lambda: outcome.append(reader_a.process(older)))
+    waiting.start()
+    time.sleep(1.0)
+    assert list(object_store.list_keys("datasets/default/")) == [], "A filed while B held the job"
+    assert not outcome
+    redis_client.set(NAMES.filed_marker("default", job), newer[1])  # B filed its entry ...
+    redis_client.delete(lock)  # ... and let go
+    waiting.join(timeout=20)
+    assert outcome == [Filed.SUPERSEDED]
+    assert redis_client.get(NAMES.filed_marker("default", job)) == newer[1].encode()
+    assert not redis_client.exists(lock)
+
+
+def test_a_reader_that_cannot_get_the_job_leaves_the_entry_pending(
+    redis_client: redis.Redis, object_store: ObjectStore
+) -> None:
+    job = "lock-2"
+    object_store.put_bytes(scored_image_key("default", job), small_png(4), "image/png")
+    reader = _ingester(redis_client, object_store, "c", wait_s=0.3)
+    publish_confirmation(redis_client, NAMES, Confirmation(job_id=job, label="normal"))
+    entry = _delivered(redis_client, "c")
+    redis_client.set(NAMES.filing_lock("default", job), "someone", px=60_000)
+    assert reader.process(entry) is Filed.RETRY
+    pending = redis_client.xpending_range(NAMES.confirmations, NAMES.dataset_group, entry[1], entry[1], 1)
+    assert [p["consumer"] for p in pending] == [b"c"]
+    assert redis_client.get(NAMES.filing_lock("default", job)) == b"someone", "another's lock is not released"
+    redis_client.delete(NAMES.filing_lock("default", job))
+    assert reader.process(entry) is Filed.WRITTEN
+    assert not redis_client.exists(NAMES.filing_lock("default", job))
+
+
+def test_the_filed_marker_only_moves_forward(redis_client: redis.Redis) -> None:
+    advance = redis_client.register_script(ADVANCE_FILED_MARKER)
+    marker = NAMES.filed_marker("default", "lock-3")
+    assert advance(keys=[marker], args=["200-1", 60]) == 1
+    assert advance(keys=[marker], args=["200-0", 60]) == 0
+    assert advance(keys=[marker], args=["99-7", 60]) == 0
+    assert redis_client.get(marker) == b"200-1"
+    assert advance(keys=[marker], args=["1000-0", 60]) == 1
+    assert redis_client.get(marker) == b"1000-0"
+    assert 0 < redis_client.ttl(marker) <= 60
