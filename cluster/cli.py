@@ -10,6 +10,7 @@ anomap publish PATH...           # images (files or folders) as jobs
 anomap results [--follow]        # print results
 anomap status [--watch] [--json] # streams, lag, pending, consumers, dead letters, throughput, Serve, model
 anomap loadgen --cameras 8 --fps 1 --duration 30   # a simulated camera fleet, open loop
+anomap dead list|redrive         # dead letters: read them, send them again once their cause is fixed
 """
 
 from __future__ import annotations
@@ -396,6 +397,10 @@ app.add_typer(datasets_app, name="datasets")
 from cluster.cli_retention import retention  # noqa: E402  (object-store expiry rules)
 
 app.command()(retention)
+
+from cluster.cli_dead import dead_app  # noqa: E402  (listing and re-driving dead letters)
+
+app.add_typer(dead_app, name="dead")
 
 
 def _unreachable(exc: BaseException) -> str | None:

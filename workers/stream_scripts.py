@@ -174,3 +174,23 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+
+# KEYS: the dead-letter stream, the dead letter's original stream (a job stream or the confirmations)
+# ARGV: the dead letter's entry id, its original entry's id
+# Returns {"gone"} when the dead letter is no longer there (another re-drive took it), {"trimmed"} when the
+# original entry is gone from its stream (nothing to send again; the dead letter stays), else
+# {"redriven", <new entry id>}: the original's fields added again as a new entry and the dead letter
+# deleted, in one step, so a re-drive that is interrupted or run twice sends each job once.
+REDRIVE_DEAD_LETTER = """
+local letter = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
+if #letter == 0 then
+  return {'gone'}
+end
+local original = redis.call('XRANGE', KEYS[2], ARGV[2], ARGV[2])
+if #original == 0 then
+  return {'trimmed'}
+end
+local new_id = redis.call('XADD', KEYS[2], '*', unpack(original[1][2]))
+redis.call('XDEL', KEYS[1], ARGV[1])
+return {'redriven', new_id}
+"""
