@@ -39,7 +39,7 @@ from workers.model_events import read_model_events
 from workers.retrain import RetrainOutcome, RetrainStatus, retrain_once, watch_retraining
 from workers.retrain_data import ConfirmedListing, list_confirmed, load_validation_set
 from workers.retrain_policy import RetrainPolicy, decide_trigger, finetune_config, judge
-from workers.retrain_state import RetrainAttempt, RetrainState, load_state
+from workers.retrain_state import LineLock, RetrainAttempt, RetrainState, load_state, record_attempt
 from workers.scored_images import scored_image_key
 
 NAMES = StreamNames()
@@ -279,6 +279,41 @@ def cli_env(
     point_cli_at(monkeypatch, stack_settings, object_store.bucket, tmp_path)
 
 
+def test_a_run_that_finished_while_this_one_waited_for_the_lock_is_not_repeated(
+    line_registry: ModelRegistry, redis_client: redis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another controller finishes the same parent and data between this run's decision and its lock: the
+    decision is taken again under the lock, and the run skips instead of fine-tuning the same data twice."""
+    parent = line_registry.live_version(LINE)
+    _confirm(redis_client, line_registry.store, range(30, 33))
+    take = LineLock.acquire
+
+    def the_other_run_finished_first(lock: LineLock) -> bool:
+        digest = list_confirmed(line_registry.store, LINE).digest()
+        attempt = RetrainAttempt(parent=parent, confirmations_digest=digest, candidate="v-other", decision="rejected")
+        record_attempt(line_registry, LINE, attempt)
+        return take(lock)
+
+    monkeypatch.setattr(LineLock, "acquire", the_other_run_finished_first)
+    outcome = _run(redis_client, line_registry, tmp_path, min_confirmations=3)
+    assert outcome.status is RetrainStatus.SKIPPED, outcome.lines()
+    assert "v-other was rejected" in outcome.reason
+    assert line_registry.versions() == [parent]
+    assert not redis_client.exists(f"{NAMES.prefix}:retrain:lock:{LINE}")
+
+
+def test_a_held_line_lock_is_renewed_past_its_ttl_and_released_by_its_holder(redis_client: redis.Redis) -> None:
+    lock = LineLock(redis_client, NAMES, "renewed", ttl_s=1)
+    assert lock.acquire()
+    try:
+        time.sleep(2.5)  # more than twice its ttl
+        assert redis_client.get(lock.key) == lock.token.encode()
+        assert not LineLock(redis_client, NAMES, "renewed").acquire()
+    finally:
+        lock.release()
+    assert not redis_client.exists(lock.key)
+
+
 def test_fewer_than_k_confirmations_skip_and_leave_the_live_version(
     line_registry: ModelRegistry, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
@@ -402,6 +437,8 @@ def test_an_operators_promotion_during_the_run_wins_and_the_candidate_is_rejecte
     card = line_registry.load_card(outcome.candidate_version or "")
     assert card.retraining is not None and card.retraining.decision is RetrainDecision.REJECTED
     assert [event.event for event in _events(redis_client)] == [ModelEventKind.REJECTED]
+    digest = list_confirmed(line_registry.store, LINE).digest()
+    assert load_state(line_registry, LINE).tried(parent, digest) is None, "not judged on merit: not tried"
 
 
 def test_a_run_whose_data_vanishes_after_listing_fails_and_leaves_the_live_version(

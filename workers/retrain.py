@@ -63,7 +63,7 @@ from workers.retrain_data import (
     load_training_data,
     load_validation_set,
 )
-from workers.retrain_policy import RetrainPolicy, Verdict, decide_trigger, finetune_config, judge
+from workers.retrain_policy import RetrainPolicy, Trigger, Verdict, decide_trigger, finetune_config, judge
 from workers.retrain_state import LineLock, RetrainAttempt, load_state, record_attempt
 
 log = logging.getLogger("anomap.retrain")
@@ -258,9 +258,8 @@ class _Run:
         )
         try:
             metrics, scores = self.measure(card, data, validation, parent_weights)
-            verdict = self._against_live(
-                judge(self.policy, metrics["candidate"], metrics["parent"], scores["candidate"])
-            )
+            on_merit = judge(self.policy, metrics["candidate"], metrics["parent"], scores["candidate"])
+            verdict = self._against_live(on_merit)
             decision = RetrainDecision.PROMOTED if verdict.promote else RetrainDecision.REJECTED
             judged = record.model_copy(
                 update={
@@ -278,10 +277,11 @@ class _Run:
             raise
         if event.changed or event.event is ModelEventKind.REJECTED:
             publish_model_event(self.client, self.names, event)
-        attempt = RetrainAttempt(
-            parent=self.parent.version, confirmations_digest=digest, candidate=card.version, decision=decision
-        )
-        record_attempt(self.registry, self.line, attempt)
+        if verdict.promote == on_merit.promote:  # a rejection only because the pointer moved does not count as
+            attempt = RetrainAttempt(  # tried: a rollback to this parent may retrain on the same data
+                parent=self.parent.version, confirmations_digest=digest, candidate=card.version, decision=decision
+            )
+            record_attempt(self.registry, self.line, attempt)
         outcome.status = RetrainStatus.PROMOTED if verdict.promote else RetrainStatus.REJECTED
         outcome.reason, outcome.checks, outcome.event = verdict.summary, verdict.reasons, event
         outcome.metrics, outcome.confirmed_scores = metrics, scores
@@ -327,9 +327,13 @@ def retrain_once(
         now: the time the period is measured to (default: now, UTC).
         ingest: how confirmations are filed first (default: consumer ``retrain`` of the ``datasets`` group).
 
-    Needs a Ray connection when it trains. Raises on any failure, the live pointer untouched:
-    `ModelNotFound` (no live version), `RetrainDataError` (no training or validation data),
-    `ObjectMissing` (data removed during the run), Ray Train's errors, connection errors.
+    Needs a Ray connection when it trains. Raises on any failure: `ModelNotFound` (no live version),
+    `RetrainDataError` (no training or validation data), `ObjectMissing` (data removed during the run), Ray
+    Train's errors, connection errors. The live pointer is untouched by a failure before the promotion; one
+    after it (announcing the promotion, recording the attempt) leaves the candidate live, as the log says.
+
+    The decision is taken again once the line's lock is held, so a run that just finished elsewhere (a new
+    parent, the same data tried) is not repeated; the lock is renewed for as long as the fine-tune runs.
     """
     policy = policy or RetrainPolicy()
     say = progress or (lambda message: log.info("%s", message))
@@ -338,8 +342,34 @@ def retrain_once(
     counts = ingest_confirmations(client, store, names, ingest or IngestConfig(consumer="retrain", block_ms=10))
     if filed := {outcome.value: n for outcome, n in counts.items() if n}:
         say(f"confirmations filed: {filed}")
+    planned = _plan(registry, line, policy, now, force)
+    parent, listing, new, trigger = planned
+    outcome = RetrainOutcome(RetrainStatus.SKIPPED, line, trigger.reason, parent.version, new_confirmations=new)
+    lock = LineLock(client, names, line)
+    if trigger.run and not lock.acquire():
+        outcome.reason = f"another retraining of line {line!r} is running (lock {lock.key})"
+    elif trigger.run:
+        try:  # decided again under the lock: a run that just finished may have moved the parent or tried the data
+            parent, listing, new, trigger = _plan(registry, line, policy, now, force)
+            outcome = RetrainOutcome(RetrainStatus.SKIPPED, line, trigger.reason, parent.version, new_confirmations=new)
+            if trigger.run:
+                say(f"line {line}: retraining {registry.name}/{parent.version}: {trigger.reason}")
+                run = _Run(client, registry, names, storage, line, policy, say, parent, listing, new, trigger.reason)
+                run.execute(outcome)
+        finally:
+            lock.release()
+    outcome.seconds = time.monotonic() - started
+    say(f"line {line}: {outcome.status.value}: {outcome.reason}")
+    return outcome
+
+
+def _plan(
+    registry: ModelRegistry, line: str, policy: RetrainPolicy, now: datetime | None, force: bool
+) -> tuple[ModelCard, ConfirmedListing, list[str], Trigger]:
+    """The line's live parent, its confirmed data, the confirmations the parent was not trained on, and whether
+    (and why) to retrain now."""
     parent = registry.load_card(registry.live_version(line))
-    listing = list_confirmed(store, line)
+    listing = list_confirmed(registry.store, line)
     used = set(parent.retraining.confirmations) if parent.retraining else set()
     new = sorted(set(listing.names) - used)
     tried = load_state(registry, line).tried(parent.version, listing.digest())
@@ -351,20 +381,7 @@ def retrain_once(
         force,
         None if tried is None else f"{tried.candidate} was {tried.decision.value}",
     )
-    outcome = RetrainOutcome(RetrainStatus.SKIPPED, line, trigger.reason, parent.version, new_confirmations=new)
-    lock = LineLock(client, names, line)
-    if trigger.run and not lock.acquire():
-        outcome.reason = f"another retraining of line {line!r} is running (lock {lock.key})"
-    elif trigger.run:
-        try:
-            say(f"line {line}: retraining {registry.name}/{parent.version}: {trigger.reason}")
-            run = _Run(client, registry, names, storage, line, policy, say, parent, listing, new, trigger.reason)
-            run.execute(outcome)
-        finally:
-            lock.release()
-    outcome.seconds = time.monotonic() - started
-    say(f"line {line}: {outcome.status.value}: {outcome.reason}")
-    return outcome
+    return parent, listing, new, trigger
 
 
 def _live_or_unknown(registry: ModelRegistry, line: str) -> str:
