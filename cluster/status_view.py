@@ -130,8 +130,12 @@ def _dead_table(dead: dict[str, Any]) -> Table:
     table.add_column("count", justify="right")
     for reason, count in dead["by_reason"].items():
         table.add_row(reason, f"{count:,}", style="red")
+    notes = []
     if dead["total"] and dead["sampled"] < dead["total"]:
-        table.caption = f"by reason over the newest {dead['sampled']:,}"
+        notes.append(f"by reason over the newest {dead['sampled']:,}")
+    if dead["by_reason"]:
+        notes.append("read them: anomap dead list; send again once fixed: anomap dead redrive --reason R")
+    table.caption = "; ".join(notes) or None
     return table
 
 

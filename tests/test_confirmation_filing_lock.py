@@ -8,12 +8,14 @@ import time
 
 import redis
 from helpers import small_png
+from minio import Minio
 
-from schemas import Confirmation, StreamNames
+from schemas import Confirmation, DeadReason, Settings, StreamNames
 from trainer.store import ObjectStore
 from trainer.synthetic import DefectKind
 from workers.confirmations import ConfirmationIngester, Filed, IngestConfig, publish_confirmation
 from workers.group_reader import Entry
+from workers.results import read_dead_letters
 from workers.scored_images import scored_image_key
 from workers.stream_scripts import ADVANCE_FILED_MARKER
 
@@ -89,3 +91,28 @@ def test_the_filed_marker_only_moves_forward(redis_client: redis.Redis) -> None:
     assert advance(keys=[marker], args=["1000-0", 60]) == 1
     assert redis_client.get(marker) == b"1000-0"
     assert 0 < redis_client.ttl(marker) <= 60
+
+
+def test_a_confirmation_given_up_after_failed_tries_says_how_the_last_one_failed(
+    redis_client: redis.Redis, object_store: ObjectStore, stack_settings: Settings
+) -> None:
+    """The store refuses the reader's requests (wrong secret key, a real SeaweedFS answer): each try is left
+    pending and its error kept; the dead letter that ends it names that error."""
+    assert stack_settings.s3_host is not None and stack_settings.s3_access_key is not None
+    refused = Minio(
+        stack_settings.s3_host,
+        access_key=stack_settings.s3_access_key.get_secret_value(),
+        secret_key="wrong",
+        secure=False,
+    )
+    reader = ConfirmationIngester(
+        redis_client, ObjectStore(refused, object_store.bucket), NAMES, IngestConfig(consumer="d", max_deliveries=1)
+    )
+    reader.reader.ensure_groups()
+    publish_confirmation(redis_client, NAMES, Confirmation(job_id="lock-4", label="normal"))
+    stream, entry_id, fields, _ = _delivered(redis_client, "d")
+    assert reader.process((stream, entry_id, fields, 1)) is Filed.RETRY
+    assert reader.process((stream, entry_id, fields, 2)) is Filed.DEAD
+    [letter] = [letter for _, letter in read_dead_letters(redis_client, NAMES) if letter.entry_id == entry_id]
+    assert letter.reason is DeadReason.TOO_MANY_DELIVERIES
+    assert "the last try failed: S3Error" in letter.detail and "SignatureDoesNotMatch" in letter.detail

@@ -37,7 +37,7 @@ from pydantic import ValidationError
 
 from schemas import Confirmation, DeadLetter, DeadReason, StreamNames
 from schemas.confirmation import CONFIRMATION_FIELD
-from schemas.envelope import parse_json, peek_raw_ids
+from schemas.envelope import parse_json, peek_raw_ids, printable
 from trainer.store import ObjectStore
 from workers.datasets import ConfirmationRejected, file_confirmation
 from workers.group_reader import Entry, GroupReader
@@ -68,6 +68,8 @@ FILING_LOCK_MS = 600_000
 """The longest a reader holds a job's filing lock (one filing: an image and a mask written, with the store's
 retries); a reader that crashed while filing blocks that job for at most this long."""
 FILING_POLL_S = 0.05
+FAILURE_CHARS = 500
+"""How much of a failed try's error is kept for the dead letter."""
 
 
 class Filed(StrEnum):
@@ -175,6 +177,8 @@ class ConfirmationIngester:
                     raise ConfirmationRejected(DeadReason.TRIMMED, detail)
                 if deliveries > self.config.max_deliveries:  # first: no failure may repeat forever
                     detail = f"delivered {deliveries} times (limit {self.config.max_deliveries}) without being filed"
+                    if failure := self._last_failure(entry_id):
+                        detail += f"; the last try failed: {failure}"
                     raise ConfirmationRejected(DeadReason.TOO_MANY_DELIVERIES, detail)
                 confirmation = decode_confirmation_entry(fields)
             except ConfirmationRejected as exc:
@@ -190,7 +194,24 @@ class ConfirmationIngester:
                 self._release(lock, token)
         except Exception as exc:  # the store or Redis away, or a bug: leave it pending, never crash
             log.warning("confirmation %s (job %r): not filed, left pending: %r", entry_id, job_id, exc)
+            self._note_failure(entry_id, exc)
             return Filed.RETRY
+
+    def _note_failure(self, entry_id: str, exc: BaseException) -> None:
+        """Keep why this try failed, for the dead letter if every try does; best effort (Redis may be why)."""
+        try:
+            text = printable(repr(exc), FAILURE_CHARS)
+            self.redis.set(self.names.failure_marker(self.stream, entry_id), text, ex=self.config.settled_ttl_s)
+        except redis.RedisError:
+            pass
+
+    def _last_failure(self, entry_id: str) -> str | None:
+        """Why the entry's last try failed (`_note_failure`), if that is known."""
+        try:
+            text = self.redis.get(self.names.failure_marker(self.stream, entry_id))
+        except redis.RedisError:
+            return None
+        return text.decode(errors="replace") if text is not None else None
 
     def _hold(self, lock: str) -> str | None:
         """Take a job's filing lock, waiting up to ``filing_wait_s`` for another reader's; its token, or None."""
