@@ -111,21 +111,27 @@ def redrive_cmd(
 ) -> None:
     """Send the matching dead letters' original entries again (once their cause is fixed) and remove the letters.
 
-    Exits 1 when some could not be re-driven: the original entry was trimmed (publish the image again) or the
-    letter is a ``duplicate_job`` (its job id has a result)."""
+    Exits 1 when some could not be re-driven: the original entry was trimmed (publish the image again), the
+    stream is at its cap (re-drive later), or Redis refused one. A ``duplicate_job`` is never re-driven."""
     if not (reason or line or job or every):
         fail("say which dead letters to re-drive: --reason, --line, --job, or --all")
     chosen, unreadable, names, client = _chosen(reason, line, job)
     from workers.dead_letters import NOT_REDRIVEN, Redrive, redrivable_stream, redrive
 
     tally = dict.fromkeys(Redrive, 0)
+    errors = 0
     for dead_id, letter in chosen:
         if dry_run:
             refused = letter.reason in NOT_REDRIVEN or not redrivable_stream(names, letter.stream)
             present = not refused and client.xrange(letter.stream, min=letter.entry_id, max=letter.entry_id)
             outcome, new_id = (Redrive.REFUSED if refused else Redrive.REDRIVEN if present else Redrive.TRIMMED), None
         else:
-            outcome, new_id = redrive(client, names, dead_id, letter)
+            try:
+                outcome, new_id = redrive(client, names, dead_id, letter)
+            except redis.ResponseError as exc:  # an entry the script cannot copy (thousands of fields, say)
+                errors += 1
+                err.print(f"{letter.job_id or '-'} ({dead_id}): not re-driven: {exc}", highlight=False)
+                continue
         tally[outcome] += 1
         if as_json:
             row = {"dead_id": dead_id, "job_id": letter.job_id, "reason": letter.reason.value, "outcome": outcome.value}
@@ -134,9 +140,14 @@ def redrive_cmd(
             action = {
                 Redrive.REDRIVEN: f"-> {new_id}" if new_id else "would be sent again",
                 Redrive.TRIMMED: "its entry was trimmed from the stream: publish the image again",
-                Redrive.GONE: "already re-driven by someone else",
+                Redrive.GONE: "the dead letter is gone (re-driven meanwhile, or trimmed from the dead-letter stream)",
+                Redrive.FULL: "not re-driven: the stream holds its cap of unanswered jobs; re-drive later",
                 Redrive.REFUSED: "not re-driven: "
-                + ("its job id has a result" if letter.reason in NOT_REDRIVEN else "not a job stream of this prefix"),
+                + (
+                    "its job id has a result, or another entry was scoring it"
+                    if letter.reason in NOT_REDRIVEN
+                    else "not a job stream of this prefix"
+                ),
             }[outcome]
             console.print(
                 f"{letter.job_id or '-'} ({letter.reason.value}): {letter.stream} {letter.entry_id} {action}",
@@ -145,9 +156,10 @@ def redrive_cmd(
     verb = "would re-drive" if dry_run else "re-drove"
     err.print(
         f"{verb} {tally[Redrive.REDRIVEN]} of {len(chosen)}; trimmed {tally[Redrive.TRIMMED]}, "
-        f"refused {tally[Redrive.REFUSED]}, already gone {tally[Redrive.GONE]}",
+        f"stream full {tally[Redrive.FULL]}, refused {tally[Redrive.REFUSED]}, already gone {tally[Redrive.GONE]}, "
+        f"errors {errors}",
         highlight=False,
     )
     _warn_unreadable(unreadable)
-    if tally[Redrive.TRIMMED] or tally[Redrive.REFUSED]:
+    if tally[Redrive.TRIMMED] or tally[Redrive.FULL] or errors:
         raise typer.Exit(1)

@@ -5,21 +5,31 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import UTC, datetime
 
 import redis
 from helpers import small_png
 from minio import Minio
 
-from schemas import Confirmation, DeadReason, Settings, StreamNames
+from schemas import Box, Confirmation, DeadReason, Settings, StreamNames
 from trainer.store import ObjectStore
 from trainer.synthetic import DefectKind
-from workers.confirmations import ConfirmationIngester, Filed, IngestConfig, publish_confirmation
+from workers.confirmations import (
+    ConfirmationIngester,
+    Filed,
+    IngestConfig,
+    filed_marker_value,
+    filed_order,
+    publish_confirmation,
+)
+from workers.dead_letters import Redrive, redrive
 from workers.group_reader import Entry
 from workers.results import read_dead_letters
 from workers.scored_images import scored_image_key
 from workers.stream_scripts import ADVANCE_FILED_MARKER
 
 NAMES = StreamNames()
+EARLIER = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def _delivered(client: redis.Redis, consumer: str) -> Entry:
@@ -44,8 +54,9 @@ def test_a_reader_waits_while_another_files_the_same_job_then_yields_to_its_newe
     job = "lock-1"
     object_store.put_bytes(scored_image_key("default", job), small_png(3, (DefectKind.SCRATCH,)), "image/png")
     reader_a = _ingester(redis_client, object_store, "a", wait_s=20.0)
-    publish_confirmation(redis_client, NAMES, Confirmation(job_id=job, label="normal"))
-    publish_confirmation(redis_client, NAMES, Confirmation(job_id=job, label="abnormal"))
+    later = Confirmation(job_id=job, label="abnormal")
+    publish_confirmation(redis_client, NAMES, Confirmation(job_id=job, label="normal", confirmed_at=EARLIER))
+    publish_confirmation(redis_client, NAMES, later)
     older, newer = _delivered(redis_client, "a"), _delivered(redis_client, "b")
     lock = NAMES.filing_lock("default", job)
     assert redis_client.set(lock, "reader-b", nx=True, px=60_000)  # B is filing the newer one
@@ -55,11 +66,12 @@ def test_a_reader_waits_while_another_files_the_same_job_then_yields_to_its_newe
     time.sleep(1.0)
     assert list(object_store.list_keys("datasets/default/")) == [], "A filed while B held the job"
     assert not outcome
-    redis_client.set(NAMES.filed_marker("default", job), newer[1])  # B filed its entry ...
+    b_filed = filed_marker_value(later, newer[1])
+    redis_client.set(NAMES.filed_marker("default", job), b_filed)  # B filed its entry ...
     redis_client.delete(lock)  # ... and let go
     waiting.join(timeout=20)
     assert outcome == [Filed.SUPERSEDED]
-    assert redis_client.get(NAMES.filed_marker("default", job)) == newer[1].encode()
+    assert redis_client.get(NAMES.filed_marker("default", job)) == b_filed.encode()
     assert not redis_client.exists(lock)
 
 
@@ -73,6 +85,8 @@ def test_a_reader_that_cannot_get_the_job_leaves_the_entry_pending(
     entry = _delivered(redis_client, "c")
     redis_client.set(NAMES.filing_lock("default", job), "someone", px=60_000)
     assert reader.process(entry) is Filed.RETRY
+    failure = redis_client.get(NAMES.failure_marker(NAMES.confirmations, entry[1]))
+    assert failure is not None and b"another reader held" in failure
     pending = redis_client.xpending_range(NAMES.confirmations, NAMES.dataset_group, entry[1], entry[1], 1)
     assert [p["consumer"] for p in pending] == [b"c"]
     assert redis_client.get(NAMES.filing_lock("default", job)) == b"someone", "another's lock is not released"
@@ -81,16 +95,39 @@ def test_a_reader_that_cannot_get_the_job_leaves_the_entry_pending(
     assert not redis_client.exists(NAMES.filing_lock("default", job))
 
 
-def test_the_filed_marker_only_moves_forward(redis_client: redis.Redis) -> None:
+def test_the_filed_marker_only_moves_forward_by_confirmation_time_then_entry(redis_client: redis.Redis) -> None:
     advance = redis_client.register_script(ADVANCE_FILED_MARKER)
     marker = NAMES.filed_marker("default", "lock-3")
-    assert advance(keys=[marker], args=["200-1", 60]) == 1
-    assert advance(keys=[marker], args=["200-0", 60]) == 0
-    assert advance(keys=[marker], args=["99-7", 60]) == 0
-    assert redis_client.get(marker) == b"200-1"
-    assert advance(keys=[marker], args=["1000-0", 60]) == 1
-    assert redis_client.get(marker) == b"1000-0"
+    assert advance(keys=[marker], args=["5000 200-1", 60]) == 1
+    assert advance(keys=[marker], args=["5000 200-0", 60]) == 0
+    assert advance(keys=[marker], args=["4999 900-7", 60]) == 0, "confirmed earlier, re-driven later: older"
+    assert redis_client.get(marker) == b"5000 200-1"
+    assert advance(keys=[marker], args=["5001 100-0", 60]) == 1
+    redis_client.set(marker, "7-0")  # an older release's marker: the entry id alone, 7 ms -> 7000 µs
+    assert advance(keys=[marker], args=["6999 8-0", 60]) == 0
+    assert advance(keys=[marker], args=["7000 8-0", 60]) == 1
     assert 0 < redis_client.ttl(marker) <= 60
+    assert filed_order("7000 8-0") > filed_order("7-0") > filed_order("6999 8-0")
+
+
+def test_a_redriven_confirmation_does_not_overrule_one_the_operator_sent_after_it(
+    redis_client: redis.Redis, object_store: ObjectStore
+) -> None:
+    """C1 (abnormal) is dead-lettered (the job's image was not kept yet); the operator then sends C2 (normal),
+    which is filed. Re-driving C1 gives it a new, later entry id, but it stays the older confirmation."""
+    job = "lock-5"
+    reader = _ingester(redis_client, object_store, "e", wait_s=5.0)
+    box = Box(x=1, y=1, width=4, height=4)
+    publish_confirmation(redis_client, NAMES, Confirmation(job_id=job, label="abnormal", boxes=[box]))
+    assert reader.process(_delivered(redis_client, "e")) is Filed.DEAD
+    [(dead_id, letter)] = [(i, d) for i, d in read_dead_letters(redis_client, NAMES) if d.job_id == job]
+    assert letter.reason is DeadReason.UNKNOWN_JOB
+    object_store.put_bytes(scored_image_key("default", job), small_png(6), "image/png")
+    publish_confirmation(redis_client, NAMES, Confirmation(job_id=job, label="normal"))
+    assert reader.process(_delivered(redis_client, "e")) is Filed.WRITTEN
+    assert redrive(redis_client, NAMES, dead_id, letter)[0] is Redrive.REDRIVEN
+    assert reader.process(_delivered(redis_client, "e")) is Filed.SUPERSEDED
+    assert list(object_store.list_keys("datasets/default/")) == [f"datasets/default/normal/{job}.png"]
 
 
 def test_a_confirmation_given_up_after_failed_tries_says_how_the_last_one_failed(

@@ -196,3 +196,14 @@ def test_redrive_needs_a_filter_and_known_reasons(
     unknown = runner.invoke(app, ["dead", "list", "--reason", "missing"])
     assert unknown.exit_code == 2 and "'missing' is not a dead-letter reason" in unknown.output
     assert "missing_object" in unknown.output
+
+
+def test_a_stream_at_its_cap_takes_no_redriven_entry(redis_client: redis.Redis, names: StreamNames) -> None:
+    entry = publish_job(redis_client, names, InspectionJob(job_id="cam01-full"), image=b"x")
+    dead = DeadLetter(
+        entry_id=entry, stream=names.jobs(), job_id="cam01-full", reason="missing_object", detail="d", delivery_count=1
+    )
+    dead_id = redis_client.xadd(names.dead, {b"dead": dead.model_dump_json().encode()}).decode()
+    assert redrive(redis_client, names, dead_id, dead, maxlen=1) == (Redrive.FULL, None)
+    assert redis_client.xlen(names.jobs()) == 1 and redis_client.xlen(names.dead) == 1
+    assert redrive(redis_client, names, dead_id, dead, maxlen=2)[0] is Redrive.REDRIVEN

@@ -11,9 +11,11 @@ exactly one answer:
 - filed: the image (and mask) are written by `workers.datasets.file_confirmation`, *then* the entry
   is acknowledged; filing is idempotent, so a redelivered entry writes nothing new; the job's newest
   filed entry is kept (``<prefix>:filed:<line>:<job_id>``), so an older confirmation retried late
-  is acknowledged without being filed over a newer one (``superseded``); a reader files a job only
-  while it holds the job's filing lock (``<prefix>:filing:<line>:<job_id>``), and the marker only
-  moves forward, so two readers (``anomap ingest`` and the retrain controller, say) handling an older
+  is acknowledged without being filed over a newer one (``superseded``). "Newer" is by the operator's
+  ``confirmed_at``, then by entry id, so a confirmation re-driven from a dead letter stays as old as it
+  was. A reader files a job only while it holds the job's filing lock
+  (``<prefix>:filing:<line>:<job_id>``, renewed while it files), and the marker only moves forward,
+  so two readers (``anomap confirmations ingest`` and the retrain controller, say) handling an older
   and a newer confirmation of one job at once cannot leave the older one filed;
 - dead letter on ``anomap:dead`` with a `DeadReason` (``invalid_json``, ``invalid_schema``,
   ``unknown_job``, ``box_outside_image``, ``mask_size_mismatch``, ``empty_mask``, ``missing_object``,
@@ -27,9 +29,8 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
 import redis
@@ -41,7 +42,8 @@ from schemas.envelope import parse_json, peek_raw_ids, printable
 from trainer.store import ObjectStore
 from workers.datasets import ConfirmationRejected, file_confirmation
 from workers.group_reader import Entry, GroupReader
-from workers.stream_scripts import ADVANCE_FILED_MARKER, COMMIT_DEAD, RELEASE_LOCK
+from workers.redis_lock import RenewedLock
+from workers.stream_scripts import ADVANCE_FILED_MARKER, COMMIT_DEAD
 
 log = logging.getLogger("anomap.confirmations")
 
@@ -64,10 +66,11 @@ class IngestConfig:
     filing_wait_s: float = 30.0
 
 
-FILING_LOCK_MS = 600_000
-"""The longest a reader holds a job's filing lock (one filing: an image and a mask written, with the store's
-retries); a reader that crashed while filing blocks that job for at most this long."""
-FILING_POLL_S = 0.05
+FILING_LOCK_MS = 20_000
+"""A job's filing lock is renewed while its reader files (`RenewedLock`) and expires this long after a
+reader crashed: shorter than ``filing_wait_s``, so a reader waiting behind a crashed one gets the job in the
+same delivery, and lock contention never uses up an entry's deliveries."""
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 FAILURE_CHARS = 500
 """How much of a failed try's error is kept for the dead letter."""
 
@@ -118,10 +121,23 @@ def decode_confirmation_entry(fields: dict[bytes, bytes]) -> Confirmation:
         raise ConfirmationRejected(DeadReason.INVALID_SCHEMA, problems[:1500]) from exc
 
 
-def _entry_order(entry_id: str) -> tuple[int, int]:
-    """A stream entry id (``<ms>-<seq>``) as a pair that sorts in the stream's order."""
+def filed_marker_value(confirmation: Confirmation, entry_id: str) -> str:
+    """What a job's filed marker holds for this confirmation: ``"<confirmed_at µs since the epoch> <entry id>"``."""
+    return f"{_epoch_us(confirmation.confirmed_at)} {entry_id}"
+
+
+def filed_order(marker: str) -> tuple[int, int, int]:
+    """A filed marker as (confirmed_at µs, entry ms, entry seq), which sorts confirmations of one job by when
+    the operator confirmed, then by entry: a confirmation re-driven from a dead letter (a new entry id, its
+    old ``confirmed_at``) stays older than one the operator sent after it. A bare entry id (an older
+    release's marker) counts as confirmed at its entry's millisecond."""
+    confirmed, _, entry_id = marker.rpartition(" ")
     ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
+    return (int(confirmed) if confirmed else int(ms) * 1000), int(ms), int(seq or 0)
+
+
+def _epoch_us(moment: datetime) -> int:
+    return (moment - _EPOCH) // timedelta(microseconds=1)
 
 
 class ConfirmationIngester:
@@ -138,7 +154,6 @@ class ConfirmationIngester:
         )
         self._commit_dead = client.register_script(COMMIT_DEAD)
         self._advance_marker = client.register_script(ADVANCE_FILED_MARKER)
-        self._release_lock = client.register_script(RELEASE_LOCK)
         self.counts: dict[Filed, int] = dict.fromkeys(Filed, 0)
 
     def _dead(self, entry: Entry, reason: DeadReason, detail: str, job_id: str | None, line: str | None) -> Filed:
@@ -183,15 +198,18 @@ class ConfirmationIngester:
                 confirmation = decode_confirmation_entry(fields)
             except ConfirmationRejected as exc:
                 return self._dead(entry, exc.reason, exc.detail, job_id, line)
-            lock = self.names.filing_lock(confirmation.line, confirmation.job_id)
-            token = self._hold(lock)
-            if token is None:
-                log.info("confirmation %s: job %s is being filed by another reader; left pending", entry_id, job_id)
+            lock = RenewedLock(
+                self.redis, self.names.filing_lock(confirmation.line, confirmation.job_id), FILING_LOCK_MS
+            )
+            if not lock.acquire(self.config.filing_wait_s):
+                waited = f"another reader held {lock.key} for {self.config.filing_wait_s:g} s"
+                log.warning("confirmation %s: %s; left pending", entry_id, waited)
+                self._note_failure(entry_id, TimeoutError(waited))
                 return Filed.RETRY
             try:
                 return self._file(entry_id, confirmation, entry)
             finally:
-                self._release(lock, token)
+                self._release(lock)
         except Exception as exc:  # the store or Redis away, or a bug: leave it pending, never crash
             log.warning("confirmation %s (job %r): not filed, left pending: %r", entry_id, job_id, exc)
             self._note_failure(entry_id, exc)
@@ -213,29 +231,20 @@ class ConfirmationIngester:
             return None
         return text.decode(errors="replace") if text is not None else None
 
-    def _hold(self, lock: str) -> str | None:
-        """Take a job's filing lock, waiting up to ``filing_wait_s`` for another reader's; its token, or None."""
-        token = uuid.uuid4().hex
-        deadline = time.monotonic() + self.config.filing_wait_s
-        while not self.redis.set(lock, token, nx=True, px=FILING_LOCK_MS):
-            if time.monotonic() >= deadline:
-                return None
-            time.sleep(FILING_POLL_S)
-        return token
-
-    def _release(self, lock: str, token: str) -> None:
+    def _release(self, lock: RenewedLock) -> None:
         try:
-            self._release_lock(keys=[lock], args=[token])
+            lock.release()
         except redis.RedisError as exc:  # it expires after FILING_LOCK_MS; the entry's own outcome stands
-            log.warning("could not release %s (expires in %d s): %r", lock, FILING_LOCK_MS // 1000, exc)
+            log.warning("could not release %s (expires in %d s): %r", lock.key, FILING_LOCK_MS // 1000, exc)
 
     def _file(self, entry_id: str, confirmation: Confirmation, entry: Entry) -> Filed:
         """File one decoded confirmation while its job's filing lock is held (superseded when a newer one was
         filed first), move the job's filed marker forward, then acknowledge."""
         job_id = confirmation.job_id
         latest = self.names.filed_marker(confirmation.line, job_id)
+        mine = filed_marker_value(confirmation, entry_id)
         newer = self.redis.get(latest)
-        if newer is not None and _entry_order(newer.decode()) > _entry_order(entry_id):
+        if newer is not None and filed_order(newer.decode()) > filed_order(mine):
             self.redis.xack(self.stream, self.reader.group, entry_id)
             log.info("confirmation %s: entry %s of job %s was filed already", entry_id, newer.decode(), job_id)
             return Filed.SUPERSEDED
@@ -243,7 +252,16 @@ class ConfirmationIngester:
             filed = file_confirmation(self.redis, self.store, self.names, confirmation)
         except ConfirmationRejected as exc:
             return self._dead(entry, exc.reason, exc.detail, job_id, confirmation.line)
-        self._advance_marker(keys=[latest], args=[entry_id, self.config.settled_ttl_s])
+        if not self._advance_marker(keys=[latest], args=[mine, self.config.settled_ttl_s]):
+            # only when the lock expired while Redis was away (its renewals failed) and another reader filed
+            # a later confirmation meanwhile: which one the dataset holds depends on whose writes came last
+            log.error(
+                "confirmation %s of job %s was filed while a later one (%s) was: confirm the job again to be sure "
+                "datasets/ holds the later label",
+                entry_id,
+                job_id,
+                self.redis.get(latest),
+            )
         self.redis.xack(self.stream, self.reader.group, entry_id)
         if filed.changed:
             log.info("confirmation %s: job %s filed as %s", entry_id, job_id, confirmation.label.value)

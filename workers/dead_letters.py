@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from schemas import DeadLetter, DeadReason, StreamNames
 from schemas.ids import LINE_PATTERN
+from workers.publisher import DEFAULT_JOBS_MAXLEN
 from workers.stream_scripts import REDRIVE_DEAD_LETTER
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,9 @@ class Redrive(StrEnum):
     TRIMMED = "trimmed"
     """The original entry is no longer in its stream: the job must be published again; the dead letter stays."""
     GONE = "gone"
-    """The dead letter was no longer there (another re-drive took it)."""
+    """The dead letter was no longer there (another re-drive took it, or the dead-letter stream's cap)."""
+    FULL = "full"
+    """The stream holds its cap (`DEFAULT_JOBS_MAXLEN`) already: nothing added; the dead letter stays."""
     REFUSED = "refused"
     """Not re-driven: a ``duplicate_job``, or a stream that is not a job or confirmation stream of this prefix."""
 
@@ -91,13 +94,16 @@ def redrivable_stream(names: StreamNames, stream: str) -> bool:
     return line_stream is not None and re.fullmatch(LINE_PATTERN, line_stream.group(1)) is not None
 
 
-def redrive(client: redis.Redis, names: StreamNames, dead_id: str, letter: DeadLetter) -> tuple[Redrive, str | None]:
+def redrive(
+    client: redis.Redis, names: StreamNames, dead_id: str, letter: DeadLetter, maxlen: int = DEFAULT_JOBS_MAXLEN
+) -> tuple[Redrive, str | None]:
     """Send a dead letter's original entry again as a new entry and delete the dead letter, in one step;
-    (outcome, the new entry's id when re-driven)."""
+    (outcome, the new entry's id when re-driven). A stream that holds ``maxlen`` entries takes none (`FULL`),
+    as `workers.publisher.publish_job` would refuse a camera's job."""
     if letter.reason in NOT_REDRIVEN or not redrivable_stream(names, letter.stream):
         return Redrive.REFUSED, None
     script = client.register_script(REDRIVE_DEAD_LETTER)
-    reply = script(keys=[names.dead, letter.stream], args=[dead_id, letter.entry_id])
+    reply = script(keys=[names.dead, letter.stream], args=[dead_id, letter.entry_id, maxlen])
     outcome = Redrive(reply[0].decode())
     new_id = reply[1].decode() if outcome is Redrive.REDRIVEN else None
     log.info("dead letter %s (job %s, %s): %s %s", dead_id, letter.job_id, letter.reason.value, outcome.value, new_id)

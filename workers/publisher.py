@@ -96,14 +96,18 @@ def publish_by_reference(
     (entry id, reference).
 
     A publish the line refuses (`LineBacklogFull`: certain that no job was added) deletes the upload
-    before the refusal is raised, so a refused job leaves nothing behind. Any other publish error keeps
-    the upload: the job may have been added before the connection failed, and its image must be there.
+    before the refusal is raised, so a refused job leaves nothing behind, unless the object was there
+    before this call: a retry of a job whose earlier publish may have been added (a connection error)
+    must not take that entry's image away. Any other publish error keeps the upload.
     """
     key = image_key(job, suffix)
+    existed = store.exists(key)
     ref = upload_image(store, key, image)
     try:
         entry_id = publish_job(client, names, job.model_copy(update={"image_ref": ref}), maxlen=maxlen)
     except LineBacklogFull:
+        if existed:
+            raise
         try:
             store.delete(key)
         except Exception as exc:  # the refusal is what the caller must hear; the orphan is only logged

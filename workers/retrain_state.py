@@ -17,9 +17,6 @@ state only keeps a parent from being fine-tuned again and again on data that was
 
 from __future__ import annotations
 
-import logging
-import threading
-import uuid
 from datetime import UTC, datetime
 
 import redis
@@ -29,15 +26,12 @@ from schemas import StreamNames
 from schemas.model_card import RetrainDecision
 from trainer.registry import ModelRegistry
 from trainer.store import ObjectMissing
-
-log = logging.getLogger(__name__)
+from workers.redis_lock import RenewedLock
 
 MAX_ATTEMPTS = 100
 """Attempts kept per line (the oldest are dropped)."""
 LOCK_TTL_S = 600
 """A crashed run's lock expires after this long; a running one renews it every third of it, however long it trains."""
-_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-_RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end return 0"
 
 
 class RetrainAttempt(BaseModel):
@@ -88,41 +82,9 @@ def record_attempt(registry: ModelRegistry, line: str, attempt: RetrainAttempt) 
     registry.store.put_bytes(state_key(registry, line), state.model_dump_json(indent=1).encode(), "application/json")
 
 
-class LineLock:
-    """``SET NX EX`` on ``<prefix>:retrain:lock:<line>``, renewed by a thread while held (a fine-tune may outlast
-    ``ttl_s``), released only by its holder (a Lua compare-and-delete)."""
+class LineLock(RenewedLock):
+    """``SET NX PX`` on ``<prefix>:retrain:lock:<line>``, renewed while held (a fine-tune may outlast ``ttl_s``),
+    released only by its holder (`workers.redis_lock.RenewedLock`)."""
 
     def __init__(self, client: redis.Redis, names: StreamNames, line: str, ttl_s: int = LOCK_TTL_S) -> None:
-        self.client = client
-        self.key = f"{names.prefix}:retrain:lock:{line}"
-        self.ttl_s = ttl_s
-        self.token = uuid.uuid4().hex
-        self._stop = threading.Event()
-        self._renewer: threading.Thread | None = None
-
-    def acquire(self) -> bool:
-        """Take the lock and start renewing it; False when another run holds it."""
-        if not self.client.set(self.key, self.token, nx=True, ex=self.ttl_s):
-            return False
-        self._stop.clear()
-        self._renewer = threading.Thread(target=self._renew, name=f"renew {self.key}", daemon=True)
-        self._renewer.start()
-        return True
-
-    def _renew(self) -> None:
-        """Every third of ``ttl_s``, push the expiry back while this holder still has the lock."""
-        while not self._stop.wait(self.ttl_s / 3):
-            try:
-                if not self.client.eval(_RENEW, 1, self.key, self.token, self.ttl_s):
-                    log.warning("lost %s (it expired and another run may hold it)", self.key)
-                    return
-            except redis.RedisError as exc:  # Redis away for a moment: the next renewal tries again
-                log.warning("could not renew %s: %r", self.key, exc)
-
-    def release(self) -> None:
-        """Stop renewing and give the lock back (a no-op when it expired and someone else took it)."""
-        self._stop.set()
-        if self._renewer is not None:
-            self._renewer.join()
-            self._renewer = None
-        self.client.eval(_RELEASE, 1, self.key, self.token)
+        super().__init__(client, f"{names.prefix}:retrain:lock:{line}", ttl_s * 1000)

@@ -147,19 +147,27 @@ return id
 """
 
 # KEYS: a job's filed marker (`StreamNames.filed_marker`)
-# ARGV: this confirmation's entry id ("<ms>-<seq>"), the marker's ttl (s)
-# Moves the marker to this entry unless it names a newer one already: returns 1 when set, 0 when the
-# marker stays (a newer confirmation of the job was filed first). The marker only ever moves forward.
+# ARGV: this confirmation's marker ("<confirmed_at µs> <entry id>", `workers.confirmations.filed_marker_value`),
+#       the marker's ttl (s)
+# Moves the marker to this confirmation unless it names a later one already: returns 1 when set, 0 when the
+# marker stays (a later confirmation of the job was filed first). Confirmations are ordered by when the
+# operator confirmed, then by entry id; a bare entry id (an older release's marker) counts as confirmed at
+# its entry's millisecond. The marker only ever moves forward.
 ADVANCE_FILED_MARKER = """
-local function order(id)
-  local ms, seq = string.match(id, '^(%d+)-?(%d*)$')
-  return tonumber(ms) or 0, tonumber(seq) or 0
+local function order(value)
+  local us, ms, seq = string.match(value, '^(%d+) (%d+)-(%d+)$')
+  if us then
+    return tonumber(us), tonumber(ms), tonumber(seq)
+  end
+  ms, seq = string.match(value, '^(%d+)-?(%d*)$')
+  ms = tonumber(ms) or 0
+  return ms * 1000, ms, tonumber(seq) or 0
 end
 local current = redis.call('GET', KEYS[1])
 if current then
-  local cms, cseq = order(current)
-  local ms, seq = order(ARGV[1])
-  if cms > ms or (cms == ms and cseq > seq) then
+  local cus, cms, cseq = order(current)
+  local us, ms, seq = order(ARGV[1])
+  if cus > us or (cus == us and (cms > ms or (cms == ms and cseq > seq))) then
     return 0
   end
 end
@@ -167,18 +175,11 @@ redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[2]))
 return 1
 """
 
-# KEYS: a lock key; ARGV: the holder's token. Deletes the lock only while this holder still has it.
-RELEASE_LOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
-
 # KEYS: the dead-letter stream, the dead letter's original stream (a job stream or the confirmations)
-# ARGV: the dead letter's entry id, its original entry's id
+# ARGV: the dead letter's entry id, its original entry's id, the stream's cap (entries)
 # Returns {"gone"} when the dead letter is no longer there (another re-drive took it), {"trimmed"} when the
-# original entry is gone from its stream (nothing to send again; the dead letter stays), else
+# original entry is gone from its stream (nothing to send again; the dead letter stays), {"full"} when the
+# stream holds its cap already (as a refused publish: nothing added, the dead letter stays), else
 # {"redriven", <new entry id>}: the original's fields added again as a new entry and the dead letter
 # deleted, in one step, so a re-drive that is interrupted or run twice sends each job once.
 REDRIVE_DEAD_LETTER = """
@@ -189,6 +190,9 @@ end
 local original = redis.call('XRANGE', KEYS[2], ARGV[2], ARGV[2])
 if #original == 0 then
   return {'trimmed'}
+end
+if redis.call('XLEN', KEYS[2]) >= tonumber(ARGV[3]) then
+  return {'full'}
 end
 local new_id = redis.call('XADD', KEYS[2], '*', unpack(original[1][2]))
 redis.call('XDEL', KEYS[1], ARGV[1])
