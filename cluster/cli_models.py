@@ -40,7 +40,8 @@ def _metrics_summary(metrics: dict[str, float], limit: int = 4) -> str:
 
 
 def versions_document(registry: ModelRegistry, line: str | None) -> dict[str, Any]:
-    """What `list` shows: every version with its card's summary, and the live version per line."""
+    """What `list` shows: every version with its card's summary, and the live version per line. A version whose
+    card cannot be read (corrupt, or another version's copied under this name) is listed with its ``problem``."""
     from trainer.registry import ModelNotFound
 
     pointers = registry.live_pointers()
@@ -53,7 +54,12 @@ def versions_document(registry: ModelRegistry, line: str | None) -> dict[str, An
         live = pointers
     versions = []
     for version in registry.versions():
-        card = registry.load_card(version)
+        live_on = sorted(name for name, live_version in live.items() if live_version == version)
+        try:
+            card = registry.load_card(version)
+        except (ModelNotFound, ValueError) as exc:  # ValueError: a card that does not parse or is not this version's
+            versions.append({"version": version, "problem": str(exc)[:500], "live_on": live_on})
+            continue
         versions.append(
             {
                 "version": version,
@@ -65,7 +71,7 @@ def versions_document(registry: ModelRegistry, line: str | None) -> dict[str, An
                 "retrained": None
                 if card.retraining is None
                 else {"line": card.retraining.line, "decision": str(card.retraining.decision)},
-                "live_on": sorted(name for name, live_version in live.items() if live_version == version),
+                "live_on": live_on,
             }
         )
     document: dict[str, Any] = {"model": registry.name, "live": live, "versions": versions}
@@ -92,6 +98,9 @@ def list_cmd(
         live_on = ", ".join(row["live_on"])
         if live_on and document.get("follows_default"):
             live_on += " (via default)"
+        if "problem" in row:
+            table.add_row(row["version"], "[red]unreadable card[/red]", "-", "-", "-", "-", row["problem"], live_on)
+            continue
         table.add_row(
             row["version"],
             row["created_at"][:19].replace("T", " "),

@@ -79,6 +79,9 @@ class Thresholds(BaseModel):
     pixel_quantile: float = Field(gt=0, lt=1)
     image_quantile: float = Field(gt=0, le=1)
     n_calibration_images: int = Field(ge=1)
+    warnings: tuple[str, ...] = ()
+    """What makes these thresholds less trustworthy than usual (`trainer.calibration.calibration_warnings`),
+    e.g. too few calibration images; empty for cards written before this field existed."""
 
 
 class RetrainDecision(StrEnum):
@@ -116,6 +119,17 @@ class RetrainRecord(BaseModel):
     confirmed_scores: list[float] = Field(default_factory=list)
     parent_confirmed_scores: list[float] = Field(default_factory=list)
     policy: dict[str, float | int | str | bool | None] = Field(default_factory=dict)
+
+
+def tiling_problem(patch_size: int, stride: int) -> str | None:
+    """Why ``stride`` cannot tile patches of ``patch_size`` (None when it can).
+
+    `trainer.tiling.plan_tiles` pads by P − S and steps by S, so it needs 1 <= S <= P; `trainer.config.TrainConfig`
+    checks the same when a version is trained.
+    """
+    if not 1 <= stride <= patch_size:
+        return f"stride must be in [1, patch_size={patch_size}], got {stride}"
+    return None
 
 
 def filter_shapes_problem(line_length: int, short_segment_weight: float, blob_radius: int) -> str | None:
@@ -177,6 +191,13 @@ class ModelCard(BaseModel):
     @model_validator(mode="after")
     def _filter_shapes_need_the_line_filter(self) -> ModelCard:
         problem = filter_shapes_problem(self.line_length, self.short_segment_weight, self.blob_radius)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
+    def _stride_tiles_the_patch(self) -> ModelCard:
+        problem = tiling_problem(self.patch_size, self.stride)
         if problem:
             raise ValueError(problem)
         return self

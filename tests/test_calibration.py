@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 
-from trainer.calibration import MIN_THRESHOLD, calibrate
+from trainer.calibration import MIN_CALIBRATION_IMAGES, MIN_THRESHOLD, calibrate, calibration_warnings
 
 
 def _maps(n: int, seed: int = 0) -> list[np.ndarray]:
@@ -56,3 +58,20 @@ def test_empty_or_bad_input_is_rejected() -> None:
         calibrate(_maps(1), pixel_quantile=1.0)
     with pytest.raises(ValueError, match="finite"):
         calibrate([np.full((4, 4), np.inf)])
+
+
+def test_few_calibration_images_warn_and_the_thresholds_say_so(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="trainer.calibration"):
+        one = calibrate(_maps(1))
+    assert one.n_calibration_images == 1
+    assert len(one.warnings) == 1 and "calibrated on 1 held-out normal image " in one.warnings[0]
+    assert "that one image's score" in one.warnings[0]
+    assert one.image == pytest.approx(float(_maps(1)[0].max()))  # still calibrated: small demos train on few
+    assert [record.getMessage() for record in caplog.records] == [f"thresholds {one.warnings[0]}"]
+    few = calibrate(_maps(MIN_CALIBRATION_IMAGES - 1))
+    assert few.warnings == calibration_warnings(MIN_CALIBRATION_IMAGES - 1)
+    assert f"{MIN_CALIBRATION_IMAGES - 1} held-out normal images" in few.warnings[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="trainer.calibration"):
+        enough = calibrate(_maps(MIN_CALIBRATION_IMAGES))
+    assert enough.warnings == () and caplog.records == []

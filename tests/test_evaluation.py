@@ -211,7 +211,9 @@ def test_eval_of_a_model_whose_maps_are_nan_is_one_line_not_a_traceback(s3_env: 
         k: v.fill_(float("nan")) if k.startswith("generator.") and v.is_floating_point() else v
         for k, v in state.items()
     }
-    ModelRegistry(s3_env, card.name).save(card, weights_to_bytes(broken))
+    prefix = f"models/{card.name}/{card.version}/"  # written as an older release would have: save() refuses NaN
+    s3_env.put_bytes(prefix + "weights.safetensors", weights_to_bytes(broken))
+    s3_env.put_bytes(prefix + "card.json", card.model_dump_json().encode(), "application/json")
     result = runner.invoke(app, ["eval", "--model", card.version, "--data", str(folder), "--device", "cpu"])
     assert result.exit_code == 2, result.output
     assert f"cannot evaluate metal/{card.version}" in result.output and "NaN" in result.output

@@ -3,6 +3,7 @@ registry and an event on ``anomap:models`` for every move (real Valkey and Seawe
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -15,6 +16,9 @@ from cluster.cli import app
 from cluster.connections import redis_from_url
 from cluster.ports import free_port
 from schemas import ModelCard, ModelEventKind, Settings, StreamNames, Thresholds
+from trainer.config import TrainConfig
+from trainer.gan import NoisyAnoGAN
+from trainer.model_io import weights_to_bytes
 from trainer.registry import ModelRegistry, NothingToRollBack
 from trainer.store import ObjectStore
 from workers.model_events import ModelEventNotAnnounced, promote_model, read_model_events, rollback_model
@@ -24,7 +28,7 @@ runner = CliRunner()
 
 
 def _version(registry: ModelRegistry, version: str, parent: str | None = None, auroc: float = 0.9) -> str:
-    """A model version with a card and placeholder weights (enough for the registry and the listing)."""
+    """A model version with a card and untrained weights (enough for the registry and the listing)."""
     card = ModelCard(
         name=registry.name,
         version=version,
@@ -42,7 +46,15 @@ def _version(registry: ModelRegistry, version: str, parent: str | None = None, a
         thresholds=Thresholds(pixel=0.1, image=0.2, pixel_quantile=0.99, image_quantile=0.99, n_calibration_images=3),
         metrics={"image_auroc": auroc, "pixel_auroc": auroc - 0.1},
     )
-    return registry.save(card, b"weights")
+    return registry.save(card, _weights())
+
+
+@functools.cache
+def _weights() -> bytes:
+    """Untrained weights of the cards' architecture (P = 32, latent 16, 8 channels): the registry saves only
+    weights that load and score."""
+    config = TrainConfig(patch_size=32, stride=16, latent_dim=16, base_channels=8)
+    return weights_to_bytes(NoisyAnoGAN(config, device="cpu").weights())
 
 
 @pytest.fixture
@@ -174,6 +186,23 @@ def test_models_commands_promote_list_and_roll_back(cli_env: ModelRegistry, redi
     assert "model 'metal' has no version 'v9'" in outcome.output
     outcome = runner.invoke(app, ["models", "promote", "latest/"])
     assert outcome.exit_code == 2 and "is not a version name" in outcome.output, outcome.output
+
+
+def test_a_version_folder_copied_under_another_name_is_listed_as_unreadable(
+    cli_env: ModelRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """v1's card copied to v9 (a restore under the wrong name): the listing names the problem and goes on."""
+    store = cli_env.store
+    for name in ("card.json", "weights.safetensors"):
+        store.put_bytes(f"models/metal/v9/{name}", store.get_bytes(f"models/metal/v1/{name}"))
+    outcome = runner.invoke(app, ["models", "list", "--json"])
+    assert outcome.exit_code == 0, outcome.output
+    rows = {row["version"]: row for row in json.loads(outcome.stdout)["versions"]}
+    assert "v1" in rows["v9"]["problem"] and rows["v2"]["gamma"] == 0.9
+    outcome = runner.invoke(app, ["models", "promote", "v9"])
+    assert outcome.exit_code == 2 and "v9" in outcome.output, outcome.output
+    monkeypatch.setenv("COLUMNS", "250")
+    assert "unreadable card" in runner.invoke(app, ["models", "list"]).output
 
 
 def test_a_move_while_redis_is_away_moves_nothing(registry: ModelRegistry) -> None:

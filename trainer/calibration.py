@@ -13,10 +13,15 @@ largest normal score seen, and about 1 in n+1 new normal images will score above
 is added: the threshold is stored in the model card and can be adjusted at inference, and a
 hidden factor would make the card's quantiles lie. Use more calibration images rather than a margin.
 The pixel threshold is computed from ~10⁶ pixels per image and is stable with a few images.
+
+Fewer than `MIN_CALIBRATION_IMAGES` images are allowed (demos and tests train on a handful), but
+`calibrate` logs a warning and records it in ``Thresholds.warnings``, so the model card says that its
+image threshold is about the largest of a few normal scores (with one image: that image's score).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -24,8 +29,24 @@ import numpy as np
 from schemas import Thresholds
 from trainer.postprocess import image_score
 
+log = logging.getLogger(__name__)
+
 MIN_THRESHOLD = 1e-9
 """Floor for both thresholds (they must be > 0): a model whose normal maps are all zero still works."""
+MIN_CALIBRATION_IMAGES = 20
+"""Fewer held-out normal images than this calibrate with a warning (see the module docstring)."""
+
+
+def calibration_warnings(n_images: int) -> tuple[str, ...]:
+    """What to say about thresholds calibrated on ``n_images`` images: one warning below `MIN_CALIBRATION_IMAGES`."""
+    if n_images >= MIN_CALIBRATION_IMAGES:
+        return ()
+    scores = "that one image's score" if n_images == 1 else f"a quantile of only {n_images} image scores"
+    return (
+        f"calibrated on {n_images} held-out normal image{'s' if n_images != 1 else ''} "
+        f"(fewer than {MIN_CALIBRATION_IMAGES}): the image threshold is {scores} and may flag many normal "
+        "images; calibrate on more",
+    )
 
 
 def _pixel_quantile(flat_maps: Sequence[np.ndarray], q: float) -> float:
@@ -54,7 +75,8 @@ def calibrate(
     Pixel threshold: the ``pixel_quantile`` of all pixels of all maps. Image threshold: the
     ``image_quantile`` of the maps' image scores (`trainer.postprocess.image_score`, the max). Both
     use linear interpolation, as `numpy.quantile`, and are floored at `MIN_THRESHOLD`. Maps may
-    differ in size. Raises ValueError on an empty list, a map that is not a finite non-empty (H, W)
+    differ in size. Fewer than `MIN_CALIBRATION_IMAGES` maps log a warning and record it in the thresholds'
+    ``warnings``. Raises ValueError on an empty list, a map that is not a finite non-empty (H, W)
     array, or a quantile outside (0, 1) (the image quantile may be 1: the largest score).
     """
     if len(normal_maps) == 0:
@@ -69,10 +91,14 @@ def calibrate(
     scores = np.array([image_score(m) for m in normal_maps], dtype=np.float64)  # checks shape, finiteness
     pixel = _pixel_quantile([np.asarray(m).ravel() for m in normal_maps], pixel_quantile)
     image = float(np.quantile(scores, image_quantile))
+    warnings = calibration_warnings(len(normal_maps))
+    for warning in warnings:
+        log.warning("thresholds %s", warning)
     return Thresholds(
         pixel=max(pixel, MIN_THRESHOLD),
         image=max(image, MIN_THRESHOLD),
         pixel_quantile=pixel_quantile,
         image_quantile=image_quantile,
         n_calibration_images=len(normal_maps),
+        warnings=warnings,
     )

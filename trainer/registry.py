@@ -16,6 +16,12 @@ A line without a pointer of its own follows the default one. Every move of a poi
     registry.rollback("press-2")                                 # press-2: v2 -> v1
     registry.rollback("press-2")                                 # press-2 follows the default again
 
+Every version the registry saves or promotes has been checked to serve (`check_servable`): its weights
+load into its card's architecture on a CPU and score a small patch batch to finite maps. A version that
+could not would fail on every scorer it reaches, and promoted on the default line it would stop every
+line. A card is only read back under its own name and version (`load_card`), so a version folder copied
+under another name is refused rather than scored as the version it is not.
+
 History keys end in ``.json`` and line ids hold no dots, so no line's pointer can collide with them.
 The history is read, extended and written back without a lock: two people moving the same pointer at
 the same moment can lose one history entry (the pointer itself is always whatever was written last).
@@ -27,6 +33,7 @@ import json
 import re
 from datetime import UTC, datetime
 
+import numpy as np
 from pydantic import TypeAdapter
 
 from schemas import LINE_PATTERN, ModelCard, ModelEvent, ModelEventKind
@@ -35,6 +42,8 @@ from trainer.store import ObjectMissing, ObjectStore
 
 MAX_HISTORY = 1000
 """Events kept per pointer history (the oldest are dropped)."""
+CHECK_PATCHES = 2
+"""Patches in the batch `check_servable` scores."""
 _EVENTS = TypeAdapter(list[ModelEvent])
 
 
@@ -44,6 +53,61 @@ class ModelNotFound(LookupError):
 
 class NothingToRollBack(LookupError):
     """A pointer's history holds no earlier version to go back to."""
+
+
+def check_patches(patch_size: int, n: int = CHECK_PATCHES) -> np.ndarray:
+    """``n`` fixed (P, P) float32 patches in [0, 1] for `check_servable`: a diagonal ramp, then flat grey.
+
+    Returns (n, P, P).
+    """
+    ramp = np.add.outer(np.arange(patch_size), np.arange(patch_size)) / max(2 * (patch_size - 1), 1)
+    patches = np.full((n, patch_size, patch_size), 0.5, dtype=np.float32)
+    patches[0] = ramp
+    return patches
+
+
+def servable_problem(card: ModelCard, weights: bytes) -> str | None:
+    """Why ``weights`` (safetensors bytes) cannot serve ``card`` (None when they can).
+
+    They must parse, hold only finite tensors, load into the card's architecture (`PatchModel.from_safetensors`
+    on the CPU, with the discriminator where the card's map or score mode needs it) and score `check_patches`
+    to finite maps of shape (n, P, P). A search (score mode ``search``, or ``refine_steps``) runs one step, not
+    the card's Γ: it is the weights that are checked, not the search.
+    """
+    import torch  # here, not at the top: listing or pointing at versions needs no torch
+
+    from trainer.model_io import weights_from_bytes
+    from trainer.scoring import LatentOptions, PatchModel
+
+    try:
+        state = weights_from_bytes(weights)
+        latent = LatentOptions.for_card(card)
+    except ValueError as exc:
+        return str(exc)
+    bad = sorted(key for key, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all())
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        return f"weights hold NaN or infinite values in {shown}"
+    steps = min(latent.steps, 1)
+    try:
+        model = PatchModel.from_state(card, state, device="cpu", search_steps=steps, refine_steps=steps)
+        patches = check_patches(card.patch_size)
+        maps = model.score_patches(patches)
+    except (ValueError, KeyError, RuntimeError) as exc:  # from_state names a mismatch; torch raises RuntimeError
+        return f"weights do not load into the card's architecture or score with it: {exc}"
+    if maps.shape != patches.shape:
+        return f"scoring {patches.shape} patches gave maps of shape {maps.shape}"
+    if not np.isfinite(maps).all():
+        return f"scoring {len(patches)} test patches gave NaN or infinite maps"
+    return None
+
+
+def check_servable(card: ModelCard, weights: bytes) -> None:
+    """Raise ValueError naming the version and the problem unless ``weights`` serve ``card`` (`servable_problem`)."""
+    problem = servable_problem(card, weights)
+    if problem:
+        msg = f"model {card.name}/{card.version} cannot be served: {problem}"
+        raise ValueError(msg)
 
 
 def new_version_id(now: datetime | None = None) -> str:
@@ -66,11 +130,16 @@ class ModelRegistry:
         return f"models/{self.name}/{version}/"
 
     def save(self, card: ModelCard, weights: bytes) -> str:
-        """Store a version's weights then its card (the card's presence marks it complete)."""
+        """Store a version's weights then its card (the card's presence marks it complete).
+
+        Raises ValueError, storing nothing, if the card is another model's or the weights cannot serve it
+        (`check_servable`).
+        """
         if card.name != self.name:
             msg = f"card is for model {card.name!r}, registry is for {self.name!r}"
             raise ValueError(msg)
         prefix = self._prefix(card.version)
+        check_servable(card, weights)
         self.store.put_bytes(prefix + "weights.safetensors", weights)
         self.store.put_bytes(prefix + "card.json", card.model_dump_json(indent=2).encode(), "application/json")
         return card.version
@@ -88,16 +157,26 @@ class ModelRegistry:
         self.store.put_bytes(key, card.model_dump_json(indent=2).encode(), "application/json")
 
     def load_card(self, version: str) -> ModelCard:
-        """The card of ``version``."""
+        """The card of ``version``.
+
+        Raises `ModelNotFound` if there is none, ValueError if the card stored there names another version or
+        model (a version folder copied under another name: its results would name a version that did not
+        score them).
+        """
+        key = self._prefix(version) + "card.json"
         try:
-            raw = self.store.get_bytes(self._prefix(version) + "card.json")
+            raw = self.store.get_bytes(key)
         except ObjectMissing as exc:
             msg = f"model {self.name!r} has no version {version!r}"
             raise ModelNotFound(msg) from exc
-        return ModelCard.model_validate_json(raw)
+        card = ModelCard.model_validate_json(raw)
+        if (card.name, card.version) != (self.name, version):
+            msg = f"{key} holds the card of {card.name}/{card.version}, not of {self.name}/{version}"
+            raise ValueError(msg)
+        return card
 
     def load(self, version: str) -> tuple[ModelCard, bytes]:
-        """The card and the safetensors bytes of ``version``."""
+        """The card and the safetensors bytes of ``version`` (the card checked as in `load_card`)."""
         card = self.load_card(version)
         weights = self.store.get_bytes(self._prefix(version) + "weights.safetensors")
         return card, weights
@@ -167,8 +246,9 @@ class ModelRegistry:
     def promote(self, version: str, line: str | None = None, reason: str = "") -> ModelEvent:
         """Make ``version`` live on ``line`` (default: the default pointer) and record the move.
 
-        Raises `ModelNotFound` if the version does not exist. Promoting the version the pointer already
-        names changes and records nothing (the event's ``changed`` is False).
+        Raises `ModelNotFound` if the version does not exist, ValueError (the pointer unmoved) if it cannot
+        be served (`check_servable`: versions saved before `save` checked). Promoting the version the
+        pointer already names changes and records nothing (the event's ``changed`` is False).
         """
         self.load_card(version)
         line = line or "default"
@@ -177,6 +257,7 @@ class ModelRegistry:
             event=ModelEventKind.PROMOTE, name=self.name, line=line, version=version, previous=previous, reason=reason
         )
         if event.changed:
+            check_servable(*self.load(version))
             self._point(line, version)  # the pointer first: it is what serves; history follows it
             self._record(event)
         return event

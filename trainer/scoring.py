@@ -10,7 +10,7 @@ Images and patches are float32 in [0, 1] outside this module; the networks see [
 (patch − its mean)·gain with a `TrainConfig.contrast_gain`), and residuals come back in [0, 1] intensity
 units (0.05 = 5 % of full scale).
 
-Example (1024×1024 image, P = 64, S = 32 -> 1024 patches)::
+Example (1024×1024 image, P = 64, S = 32 -> 33 × 33 = 1089 patches of the padded image, `trainer.tiling`)::
 
     model = PatchModel.from_safetensors(card, weights_bytes)       # card: schemas.ModelCard
     maps = model.score_patches(patches)                              # (N, 64, 64) -> (N, 64, 64), >= 0

@@ -27,7 +27,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -191,7 +191,7 @@ class HttpGateway:
         try:
             scored = await self.service.inspect.remote(image, pixel_threshold, line)
         except Exception as exc:
-            raise _scoring_error(exc, line) from exc
+            _raise_scoring_error(exc, line)
         scored_at = time.perf_counter()
         objects = await asyncio.to_thread(map_objects, job, image, scored, HTTP_FOLDER)  # npz + JPEG encoding
         written: list[str] = []
@@ -223,6 +223,14 @@ def _scoring_error(exc: Exception, line: str) -> Exception:
     if isinstance(cause, ModelNotFound):
         return _refusal(404, GatewayReason.NO_LIVE_MODEL, f"line {line!r}: {cause}")
     return exc
+
+
+def _raise_scoring_error(exc: Exception, line: str) -> NoReturn:
+    """Raise `_scoring_error` of ``exc``, chained to it, or ``exc`` itself as it was (never its own cause)."""
+    error = _scoring_error(exc, line)
+    if error is exc:
+        raise exc
+    raise error from exc
 
 
 def app_builder(args: Mapping[str, Any]) -> serve.Application:

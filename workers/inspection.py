@@ -136,8 +136,8 @@ class InspectionPlan:
 
 
 def plan_inspection(image: np.ndarray, card: ModelCard, chunk_patches: int, batch_patches: int = 1) -> InspectionPlan:
-    """Flatten ``image`` (H, W) in [0, 1] as the card's version was trained (`trainer.detrend`), pad it for the
-    card's patch size and stride and split its patches into ranges.
+    """Flatten ``image`` (H, W) in [0, 1] (uint8 and uint16 are scaled first, `as_unit_float`) as the card's version
+    was trained (`trainer.detrend`), pad it for the card's patch size and stride and split its patches into ranges.
 
     Ranges hold whole forward batches of ``batch_patches`` (at most ``chunk_patches``), as many as fit in
     ``chunk_patches``, and are as few and as even as that allows; each starts at a multiple of the batch,
@@ -151,7 +151,9 @@ def plan_inspection(image: np.ndarray, card: ModelCard, chunk_patches: int, batc
     if chunk_patches < 1 or batch_patches < 1:
         msg = f"chunk_patches and batch_patches must be >= 1, got {chunk_patches} and {batch_patches}"
         raise ValueError(msg)
-    image = Detrend.of(card.train_config)(image)  # as the version was trained (trainer.detrend)
+    # scaled whether or not the card flattens (Detrend scales only when active): the plan of a uint8 image is that
+    # of the same image in [0, 1]; float input passes as it is
+    image = Detrend.of(card.train_config)(as_unit_float(image))  # as the version was trained (trainer.detrend)
     layout = plan_tiles(image.shape[0], image.shape[1], card.patch_size, card.stride)
     grid, n = layout.grid, layout.n_patches
     batch = min(batch_patches, chunk_patches)

@@ -6,8 +6,10 @@
                                                            no ``/``, so these never meet a streamed job's)
 
 Maps are stored as float16: 2.1 MB for 1024² where float32 took 4.2 MB, the largest object a job
-writes. A stored value is the computed one to within 2⁻¹¹ (0.05 %) relative; the result's scores
-and regions are computed from the float32 map before it is stored. A map with a value float16
+writes. A stored value of magnitude at least 2⁻¹⁴ ≈ 6.1e-5 (float16's smallest normal number) is the
+computed one to within 2⁻¹¹ (0.05 %) relative; a smaller one is within 2⁻²⁵ ≈ 3e-8 absolute (float16's
+subnormal spacing halved), so values under 3e-8 are stored as 0. The result's scores and regions are
+computed from the float32 map before it is stored. A map with a value float16
 cannot hold (beyond ±65504, or not finite) is stored as float32. `decode_map` returns float32
 either way, and reads the float32 maps written before.
 
