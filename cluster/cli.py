@@ -28,9 +28,9 @@ from typing import Annotated, Any
 
 import typer
 
-from cluster.cli_common import checked_line, console, env_settings, err, fail, resolved_settings
-from cluster.cli_train import eval_cmd, train
-from schemas import InspectionJob, StreamNames
+from cluster.cli_common import checked_line, console, env_settings, err, fail, first_line, resolved_settings
+from cluster.cli_train import check_output_paths, eval_cmd, train
+from schemas import InspectionJob, Settings, StreamNames
 
 app = typer.Typer(
     help="anomap: pixel-level anomaly maps for factory camera images, at fleet scale.",
@@ -49,14 +49,17 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
 @stack_app.command("up")
 def stack_up_cmd() -> None:
-    """Start what is not configured (Valkey, `weed mini`, Ray head) and record it in the state file."""
+    """Start what is not configured (Valkey, `weed mini`, Ray head) and record it in the state file.
+
+    Progress goes to stderr, the state (as JSON) to stdout: `anomap stack up | jq` works.
+    """
     from cluster.stack import StackError, stack_up
     from cluster.start_lock import StartLockTimeout
 
     try:
-        state = stack_up(env_settings(), progress=console.log)
+        state = stack_up(env_settings(), progress=err.log)
     except (StackError, StartLockTimeout, ValueError) as exc:  # ValueError: an unreadable state file
-        fail(str(exc))
+        fail(first_line(exc))
     console.print_json(state.public_json())
 
 
@@ -64,10 +67,11 @@ def stack_up_cmd() -> None:
 def stack_down_cmd() -> None:
     """Stop exactly the processes `anomap stack up` started."""
     from cluster.stack import StackError, stack_down
+    from cluster.start_lock import StartLockTimeout
 
     try:
         stopped = stack_down(env_settings())
-    except (StackError, ValueError) as exc:  # ValueError: an unreadable state file
+    except (StackError, StartLockTimeout, ValueError) as exc:  # ValueError: an unreadable state file
         fail(str(exc))
     console.print(f"stopped: {', '.join(stopped) if stopped else 'nothing'}")
 
@@ -109,19 +113,16 @@ def serve(
     ] = None,
 ) -> None:
     """Run the Serve app and stream consumers until interrupted (SIGINT/SIGTERM drain gracefully)."""
+    line_ids = _serve_lines(lines)  # before anything starts: a bad value is one line, not a deployed app
+    if version is not None:
+        _check_version(version)
     settings = resolved_settings(redis=True, s3=True, ray=True)
-    from cluster.connections import connect_ray, object_store
+    from cluster.connections import connect_ray
     from cluster.serving import ConsumerDied, InspectionServer
-    from trainer.registry import ModelNotFound, ModelRegistry
     from workers.logs import configure_logging
 
-    registry = ModelRegistry(object_store(settings), settings.model_name)
-    line_ids = tuple(line.strip() for line in lines.split(",") if line.strip())
-    try:
-        registry.load_card(version or registry.live_version())
-        live = {line: registry.live_version(line) for line in line_ids}
-    except ModelNotFound as exc:
-        fail(str(exc))
+    live = _check_models(settings, version, line_ids)
+    _check_redis(settings)
     try:
         configure_logging(logging.INFO)  # ANOMAP_LOG_FORMAT=json: one JSON object per line
     except ValueError as exc:
@@ -129,12 +130,13 @@ def serve(
     connect_ray(settings)
     from workers.serve_app import ServeHttpConflict
 
+    server = InspectionServer(
+        settings, version, consumers=consumers, lines=line_ids, scorer_replicas=replicas, http_port=http_port
+    )
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before the deploy: a signal during it drains once it is up
+        signal.signal(sig, lambda *_: server.request_stop())
     try:
-        with InspectionServer(
-            settings, version, consumers=consumers, lines=line_ids, scorer_replicas=replicas, http_port=http_port
-        ) as server:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, lambda *_: server.stop.set())
+        with server:
             pointers = ", ".join(f"{line}: {v}" for line, v in live.items())
             models = f"model {version} (pinned)" if version else f"live models {pointers}"
             console.log(f"serving lines {', '.join(line_ids)} with {models}; Ctrl-C drains and stops")
@@ -144,6 +146,58 @@ def serve(
     except ConsumerDied as exc:  # the rest drained; exit non-zero so that a supervisor starts a fresh process
         fail(f"{exc}; the others drained and stopped, and its pending jobs are reclaimed at the next start")
     console.log("drained and stopped")
+
+
+def _serve_lines(lines: str) -> tuple[str, ...]:
+    """The line ids of ``--lines``, each checked; exit 2 when one is not a line id or there are none."""
+    line_ids = tuple(checked_line(line.strip(), "--lines") for line in lines.split(",") if line.strip())
+    if not line_ids:
+        fail(f"--lines {lines!r} names no line; give comma-separated line ids, e.g. --lines default,line2")
+    return line_ids
+
+
+def _check_version(version: str) -> None:
+    """Exit 2 unless ``version`` is a model version name (``../x`` would read other keys)."""
+    import re
+
+    from schemas.ids import MODEL_VERSION_PATTERN
+
+    if not re.fullmatch(MODEL_VERSION_PATTERN, version):
+        fail(f"--version {version!r} is not a model version (letters, digits, '-', '_'; at most 64)")
+
+
+def _check_models(settings: Settings, version: str | None, line_ids: tuple[str, ...]) -> dict[str, str]:
+    """The pinned version's card must be found, else each line's live one: exit 2 if not. Returns the live
+    version per line (none when pinned)."""
+    from cluster.connections import object_store
+    from trainer.registry import ModelNotFound, ModelRegistry
+
+    registry = ModelRegistry(object_store(settings), settings.model_name)
+    try:
+        if version is not None:
+            registry.load_card(version)
+            return {}
+        live = {line: registry.live_version(line) for line in line_ids}
+        for live_version in set(live.values()):
+            registry.load_card(live_version)
+    except (ModelNotFound, ValueError) as exc:  # ValueError: a card that names another version
+        fail(str(exc))
+    return live
+
+
+def _check_redis(settings: Settings) -> None:
+    """Exit 2 unless Redis answers PING: the consumers would fail only after the app is deployed."""
+    import redis
+
+    from cluster.connections import redis_client
+
+    client = redis_client(settings, socket_timeout=5.0)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        fail(f"cannot reach Redis ({first_line(exc)}); is the stack up (`anomap stack status`) and REDIS_URL right?")
+    finally:
+        client.close()
 
 
 def _image_files(paths: list[Path]) -> list[Path]:
@@ -365,14 +419,17 @@ def demo(
     """Run the whole system once: stack, data, training, serving, a camera fleet, a report."""
     from cluster.demo import DemoOptions, DemoRefused, run_demo
     from cluster.stack import StackError
+    from cluster.start_lock import StartLockTimeout
+    from cluster.state import StateFileError
 
     env_settings()  # a wrong variable is one line, before anything starts
+    check_output_paths(json_path, report)  # before minutes of running, not after
     try:
         summary = run_demo(
             DemoOptions(jobs=jobs, cameras=cameras, image_size=size, report_dir=report, json_path=json_path), console
         )
-    except (DemoRefused, StackError) as exc:
-        fail(str(exc))
+    except (DemoRefused, StackError, StartLockTimeout, StateFileError) as exc:  # StackStartError: names the log
+        fail(first_line(exc))
     if summary["results"] != summary["published"] or summary["dead_letters"]:
         err.print("[red]not every job produced a result[/red]")
         raise typer.Exit(1)
@@ -403,25 +460,70 @@ from cluster.cli_dead import dead_app  # noqa: E402  (listing and re-driving dea
 app.add_typer(dead_app, name="dead")
 
 
-def _unreachable(exc: BaseException) -> str | None:
-    """A one-line message when ``exc`` means a service could not be reached, else None."""
-    import redis
-    import urllib3.exceptions
+S3_CREDENTIAL_CODES = {"SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "InvalidToken"}
+"""S3 error codes that mean the keys are wrong (or lack a permission)."""
 
-    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
-        return f"cannot reach Redis ({exc}); is the stack up (`anomap stack status`) and REDIS_URL right?"
-    if isinstance(exc, urllib3.exceptions.MaxRetryError | urllib3.exceptions.NewConnectionError):
-        return f"cannot reach the object store ({exc.__class__.__name__}); check S3_ENDPOINT and `anomap stack status`"
+
+def _configured_s3_endpoint() -> str:
+    """The object store's endpoint as the commands resolve it (for messages; never its keys)."""
+    from cluster.connections import resolve_settings
+
+    try:
+        endpoint = resolve_settings().s3_endpoint
+    except Exception:  # a message about another failure must not fail itself
+        endpoint = None
+    return endpoint or "(S3_ENDPOINT not set)"
+
+
+def _s3_message(exc: BaseException) -> str | None:
+    """One line for an error the object store answered with, naming its code and endpoint, else None."""
+    from minio.error import InvalidResponseError, S3Error, ServerError
+
+    endpoint = _configured_s3_endpoint
+    if isinstance(exc, S3Error):
+        hint = "; check S3_ACCESS_KEY and S3_SECRET_KEY" if exc.code in S3_CREDENTIAL_CODES else ""
+        return f"the object store at {endpoint()} refused the request: {exc.code}: {exc.message}{hint}"
+    if isinstance(exc, ServerError):
+        return f"the object store at {endpoint()} failed (HTTP {exc.status_code}): {first_line(exc)}"
+    if isinstance(exc, InvalidResponseError):
+        return f"the object store at {endpoint()} gave an answer that is not S3's: {first_line(exc)[:200]}"
     return None
 
 
+def _unreachable(exc: BaseException) -> str | None:
+    """A one-line message when ``exc`` means a service could not be reached or refused us, else None."""
+    import redis
+    import urllib3.exceptions
+
+    from cluster.connections import RayUnreachable
+
+    if isinstance(exc, redis.exceptions.AuthenticationError):  # a wrong password, or none where one is needed
+        return f"Redis refused the credentials ({first_line(exc)}); check the password in REDIS_URL"
+    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        return f"cannot reach Redis ({first_line(exc)}); is the stack up (`anomap stack status`) and REDIS_URL right?"
+    if isinstance(exc, urllib3.exceptions.MaxRetryError | urllib3.exceptions.NewConnectionError):
+        return (
+            f"cannot reach the object store at {_configured_s3_endpoint()} ({exc.__class__.__name__}); "
+            "check S3_ENDPOINT and `anomap stack status`"
+        )
+    if isinstance(exc, RayUnreachable):
+        return first_line(exc)
+    return _s3_message(exc)
+
+
 def main() -> None:
-    """Console-script entry point: an unreachable Redis or object store is a one-line error, not a traceback."""
+    """Console-script entry point: a service that cannot be reached, or refuses us, is a one-line error.
+
+    The click command is run directly, not through ``app()``: Typer's ``__call__`` sets an attribute on
+    any exception passing through it, which frozen exceptions (minio's `S3Error`) refuse with an
+    AttributeError of their own.
+    """
+    command = typer.main.get_command(app)
     try:
-        sys.exit(app(standalone_mode=True))
+        command(standalone_mode=True)  # exits by itself
     except Exception as exc:
         message = _unreachable(exc)
         if message is None:
             raise
-        err.print(f"[red]error:[/red] {message}")
+        err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -59,8 +59,14 @@ def resolved_settings(*, redis: bool = False, s3: bool = False, ray: bool = Fals
     return settings
 
 
-def checked_line(line: str) -> str:
-    """``line`` if it is a valid line id, else exit 2 saying what one looks like."""
+def checked_line(line: str, option: str = "--line") -> str:
+    """``line`` if it is a valid line id, else exit 2 saying (for ``option``) what one looks like."""
     if not re.fullmatch(LINE_PATTERN, line):
-        fail(f"--line {line!r} is not a line id: lower-case letters, digits, '_' and '-', at most 32")
+        fail(f"{option} {line!r} is not a line id: lower-case letters, digits, '_' and '-', at most 32")
     return line
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message, without a trailing colon (a log tail often follows it)."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__).rstrip(":").rstrip()

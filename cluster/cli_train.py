@@ -21,7 +21,9 @@ from cluster.cli_common import console, err, fail, resolved_settings
 from schemas import StreamNames
 
 if TYPE_CHECKING:
+    from schemas import Settings
     from trainer.folder_dataset import FolderDataset
+    from trainer.registry import ModelRegistry
 
 
 def load_folder(data: Path, part: str) -> FolderDataset:
@@ -246,13 +248,30 @@ def train(
         )
     except ValueError as exc:  # data or settings the run cannot use (the pipeline names what)
         fail(f"training failed: {exc}")
+    console.print_json(card.model_dump_json())  # first: the version is registered, whatever follows
     if live:
-        from cluster.connections import redis_client
-        from workers.model_events import promote_model
+        _make_live(settings, registry, card.version)
 
-        names = StreamNames(settings.stream_prefix)
-        promote_model(registry, redis_client(settings), names, card.version, None, "trained by `anomap train`")
-    console.print_json(card.model_dump_json())
+
+def _make_live(settings: Settings, registry: ModelRegistry, version: str) -> None:
+    """Make the trained ``version`` live on the default line and announce it; a failure is one line that says
+    the version is registered and what to do."""
+    import redis
+
+    from cluster.connections import redis_client
+    from workers.model_events import ModelEventNotAnnounced, promote_model
+
+    names = StreamNames(settings.stream_prefix)
+    try:
+        promote_model(registry, redis_client(settings), names, version, None, "trained by `anomap train`")
+    except ModelEventNotAnnounced as exc:  # live, but serving hears of it only from the pointer
+        fail(f"model version {version} was trained, registered and made live, but: {exc}")
+    except redis.RedisError as exc:  # Redis went away during training: nothing moved
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        fail(
+            f"model version {version} was trained and registered but not made live: Redis failed ({msg}); "
+            f"make it live with `anomap models promote {version}`"
+        )
 
 
 def eval_cmd(
@@ -268,7 +287,7 @@ def eval_cmd(
     search_steps: Annotated[int | None, typer.Option(help="search mode: Γ, Adam steps per patch (500).")] = None,
 ) -> None:
     """Evaluate a model version on a folder's test images: image/pixel AUROC, pixel AP, AUPRO; optional report."""
-    _check_output_paths(json_path, report)  # before minutes of scoring, not after
+    check_output_paths(json_path, report)  # before minutes of scoring, not after
     dataset = load_folder(data, "test")
     settings = resolved_settings(s3=True)
     from cluster.connections import object_store
@@ -319,7 +338,7 @@ def eval_cmd(
         fail(f"evaluated (metrics above), but could not write the output: {exc}")
 
 
-def _check_output_paths(json_path: Path | None, report: Path | None) -> None:
+def check_output_paths(json_path: Path | None, report: Path | None) -> None:
     """Fail now, naming the path, unless ``--json``'s folder and the ``--report`` folder can be written.
 
     Creates the folders (as writing would); a path under a file, or a folder without write permission,

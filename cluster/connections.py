@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -44,6 +45,7 @@ __all__ = [
     "RAY_ENV",
     "LocalRay",
     "MissingEndpoint",
+    "RayUnreachable",
     "apply_ray_env",
     "connect_ray",
     "minio_client",
@@ -63,6 +65,29 @@ RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"
 
 class MissingEndpoint(LookupError):
     """No endpoint is configured for a component and no running embedded stack provides one."""
+
+
+class RayUnreachable(ConnectionError):
+    """Nothing accepts connections at the Ray address (``ray.init`` would retry it without end)."""
+
+
+RAY_PROBE_TIMEOUT_S = 3.0
+"""How long `connect_ray` waits for the Ray address to accept a TCP connection."""
+
+
+def probe_ray_address(address: str, timeout_s: float = RAY_PROBE_TIMEOUT_S) -> None:
+    """Raise `RayUnreachable` unless ``address`` (``host:port`` or ``ray://host:port``) accepts a TCP
+    connection within ``timeout_s``; ``auto``, ``local`` and addresses without a port are not probed."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout_s):
+            return
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        msg = f"cannot reach Ray at {address} ({reason}); is the stack up (`anomap stack status`), RAY_ADDRESS right?"
+        raise RayUnreachable(msg) from exc
 
 
 def resolve_settings(settings: Settings | None = None) -> Settings:
@@ -199,6 +224,8 @@ def connect_ray(
     """Connect this process to the stack's Ray cluster; returns its GCS address.
 
     Idempotent: when Ray is already initialised here, returns the current address and does nothing.
+    Raises `RayUnreachable` when nothing answers at the address (checked first: ``ray.init`` would wait
+    for it without end).
     """
     import ray  # slow to import: only commands that use Ray pay for it
 
@@ -208,6 +235,7 @@ def connect_ray(
     settings = resolve_settings(settings)
     if settings.ray_address is None:
         raise _missing("Ray cluster", "RAY_ADDRESS", settings)
+    probe_ray_address(settings.ray_address)
     ray.init(address=settings.ray_address, log_to_driver=log_to_driver, namespace=namespace, **init_kwargs)
     return settings.ray_address
 

@@ -1,7 +1,8 @@
 """Free TCP ports on the loopback interface, for servers the embedded stack starts.
 
 Ports are drawn at random below the kernel's ephemeral range (so that outgoing connections never
-take them between the check and the server's ``bind``) and checked by binding them. SeaweedFS opens
+take them between the check and the server's ``bind``) and checked by binding them; where that range
+starts too low to leave room below it, the kernel assigns them (bind to port 0). SeaweedFS opens
 a gRPC port at HTTP port + 10000 for every HTTP port, so it needs pairs:
 
     >>> port = free_port()                   # e.g. 24117
@@ -24,6 +25,8 @@ GRPC_OFFSET = 10000
 
 _LOWEST = 20000
 _ATTEMPTS = 500
+_MIN_ROOM = 1000
+"""Fewer free-to-draw ports than this below the ephemeral range: let the kernel assign them instead."""
 _rng = random.SystemRandom()
 
 
@@ -54,38 +57,62 @@ def _os_assigned_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
+def _room_below_ephemeral(offset: int = 0) -> tuple[int, int] | None:
+    """``(low, high)``: where to draw P from so that P + ``offset`` stays below the ephemeral range; None
+    when the range starts too low to leave ``_MIN_ROOM`` ports there."""
+    high = min(_ephemeral_low(), 65536) - offset
+    low = _LOWEST if high - _LOWEST > _MIN_ROOM else 1024
+    return (low, high) if high - low >= _MIN_ROOM else None
+
+
 def free_port(host: str = "127.0.0.1", exclude: Iterable[int] = ()) -> int:
-    """A TCP port on ``host`` that is free now and not in ``exclude``."""
+    """A TCP port on ``host`` that is free now and not in ``exclude``.
+
+    Drawn below the ephemeral range when there is room there, else assigned by the kernel (bind to port 0).
+    """
     taken = set(exclude)
-    high = _ephemeral_low()
-    low = _LOWEST if high - _LOWEST > 1000 else 1024
-    for _ in range(_ATTEMPTS):
-        port = _rng.randrange(low, high)
-        if port not in taken and port_is_free(port, host):
-            return port
+    room = _room_below_ephemeral()
+    if room is not None:
+        for _ in range(_ATTEMPTS):
+            port = _rng.randrange(*room)
+            if port not in taken and port_is_free(port, host):
+                return port
     for _ in range(_ATTEMPTS):
         port = _os_assigned_port(host)
         if port not in taken:
             return port
-    msg = f"no free TCP port found on {host} (tried {2 * _ATTEMPTS} candidates)"
+    msg = f"no free TCP port found on {host} (tried up to {2 * _ATTEMPTS} candidates)"
     raise RuntimeError(msg)
 
 
+def _pair_is_free(port: int, offset: int, host: str, taken: set[int]) -> bool:
+    if port in taken or port + offset in taken:
+        return False
+    return port_is_free(port, host) and port_is_free(port + offset, host)
+
+
 def free_port_pair(host: str = "127.0.0.1", offset: int = GRPC_OFFSET, exclude: Iterable[int] = ()) -> int:
-    """A port P such that P and P + ``offset`` are both free on ``host`` (and not in ``exclude``)."""
+    """A port P such that P and P + ``offset`` are both free on ``host`` (and not in ``exclude``).
+
+    Drawn so that both lie below the ephemeral range when there is room there, else from all of
+    1024 .. 65535 - ``offset`` (a kernel-assigned P, then random ones).
+    """
     taken = set(exclude)
-    high = min(_ephemeral_low(), 65536) - offset
-    low = _LOWEST if high - _LOWEST > 1000 else 1024
-    if high <= low:
-        msg = f"no room for a port pair with offset {offset} below the ephemeral range"
-        raise RuntimeError(msg)
-    for _ in range(_ATTEMPTS):
-        port = _rng.randrange(low, high)
-        if port in taken or port + offset in taken:
-            continue
-        if port_is_free(port, host) and port_is_free(port + offset, host):
-            return port
-    msg = f"no free port pair (P, P+{offset}) found on {host} after {_ATTEMPTS} tries"
+    room = _room_below_ephemeral(offset)
+    if room is not None:
+        for _ in range(_ATTEMPTS):
+            port = _rng.randrange(*room)
+            if _pair_is_free(port, offset, host, taken):
+                return port
+    highest = 65535 - offset
+    if highest >= 1024:
+        for _ in range(_ATTEMPTS):
+            port = _os_assigned_port(host)
+            if port > highest:
+                port = _rng.randrange(1024, highest + 1)
+            if _pair_is_free(port, offset, host, taken):
+                return port
+    msg = f"no free port pair (P, P+{offset}) found on {host} after {2 * _ATTEMPTS} tries"
     raise RuntimeError(msg)
 
 

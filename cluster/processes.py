@@ -30,7 +30,7 @@ import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, PrivateAttr
 
@@ -299,6 +299,17 @@ class ManagedServer(BaseModel):
                 path.unlink(missing_ok=True)
 
 
+def _private_log(path: Path) -> BinaryIO:
+    """``path`` opened for appending, mode 600 (a server's log can show its credentials)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # a log written before this rule
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "ab")
+
+
 def _spawn(
     name: str,
     argv: Sequence[str],
@@ -316,7 +327,7 @@ def _spawn(
             child_env.pop(key, None)
         else:
             child_env[key] = value
-    with log_path.open("ab") as log:
+    with _private_log(log_path) as log:
         popen = subprocess.Popen(  # argv built by this package, no shell
             list(argv),
             cwd=data_dir,
@@ -349,7 +360,7 @@ def launch(
     die_with_parent: bool = False,
     log_name: str | None = None,
 ) -> ManagedServer:
-    """Start ``argv`` in its own session, cwd ``data_dir``, stdout+stderr to ``data_dir/<name>.log``.
+    """Start ``argv`` in its own session, cwd ``data_dir``, stdout+stderr to ``data_dir/<name>.log`` (mode 600).
 
     ``env`` is added to the current environment (a None value removes that variable). With
     ``die_with_parent`` the server gets SIGTERM when this process dies (for test sessions and

@@ -5,15 +5,19 @@
     server.stats                 # outcomes per consumer
 
 Leaving the block stops the consumers after the jobs they hold (graceful drain), then deletes the
-Serve application.
+Serve application; so does a failure on entry after the deploy. A signal handler calls
+``server.request_stop()``: during the deploy the server then drains and stops as soon as it is up (a
+second request aborts the deploy), so no Serve app is left behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from ray import serve
 
@@ -22,6 +26,9 @@ from schemas import Settings, StreamNames
 from workers.consumer import ConsumerConfig, ConsumerStats, StreamConsumer
 from workers.http_api import HTTP_APP_NAME
 from workers.serve_app import APP_NAME, ServeInspector, deploy
+
+if TYPE_CHECKING:
+    from ray.serve.handle import DeploymentHandle
 
 
 class ConsumerDied(RuntimeError):
@@ -59,9 +66,33 @@ class InspectionServer:
         self.stop = threading.Event()
         self.stats: list[ConsumerStats] = []
         self._threads: list[threading.Thread] = []
+        self._deploying = False
+
+    def request_stop(self) -> None:
+        """Drain and stop (for signal handlers). A second request while the app deploys aborts the deploy
+        (KeyboardInterrupt; the app is deleted) rather than wait for it."""
+        if self._deploying and self.stop.is_set():
+            raise KeyboardInterrupt
+        self.stop.set()
 
     def __enter__(self) -> InspectionServer:
-        handle = deploy(self.settings, self.version, scorer_replicas=self.scorer_replicas, http_port=self.http_port)
+        self._deploying = True
+        try:
+            handle = deploy(self.settings, self.version, scorer_replicas=self.scorer_replicas, http_port=self.http_port)
+        except (KeyboardInterrupt, SystemExit):  # aborted: the app may have been submitted already
+            self._delete_apps()
+            raise
+        finally:
+            self._deploying = False
+        try:
+            self._start_consumers(handle)
+        except BaseException:  # no Serve app left running for nobody
+            with contextlib.suppress(Exception):  # the entry's own error is the one to see
+                self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _start_consumers(self, handle: DeploymentHandle) -> None:
         inspector = ServeInspector(handle)
         names = StreamNames(self.settings.stream_prefix)
         store = object_store(self.settings)
@@ -80,7 +111,6 @@ class InspectionServer:
             thread = threading.Thread(target=consumer.run, args=(self.stop,), name=config.consumer, daemon=True)
             thread.start()
             self._threads.append(thread)
-        return self
 
     def wait(self) -> None:
         """Block until `stop` is set (by a signal handler, say).
@@ -105,3 +135,9 @@ class InspectionServer:
         if self.http_port is not None:
             serve.delete(HTTP_APP_NAME)
         serve.delete(APP_NAME)
+
+    def _delete_apps(self) -> None:
+        """Best effort: delete the app(s) of an aborted deploy."""
+        for name in ([HTTP_APP_NAME] if self.http_port is not None else []) + [APP_NAME]:
+            with contextlib.suppress(Exception):
+                serve.delete(name)

@@ -19,6 +19,7 @@ state (endpoints, keys, PIDs) written to ``<state_dir>/stack.json`` (mode 600).
 
 from __future__ import annotations
 
+import os
 import secrets
 import time
 from collections.abc import Callable
@@ -30,7 +31,7 @@ import redis
 from pydantic import SecretStr
 
 from cluster.connections import minio_from_endpoint, redact_url, resolve_settings
-from cluster.processes import ManagedServer, tcp_accepts
+from cluster.processes import ManagedServer, ServerStartError, tcp_accepts
 from cluster.servers import S3Keys, start_ray_head, start_seaweed, start_valkey, valkey_url
 from cluster.start_lock import start_lock
 from cluster.state import (
@@ -51,6 +52,7 @@ __all__ = [
     "ProgressFn",
     "S3Keys",
     "StackError",
+    "StackStartError",
     "stack_down",
     "stack_status",
     "stack_up",
@@ -67,8 +69,42 @@ class StackError(RuntimeError):
     """The recorded stack is in a state that needs a person (partly up, failed to stop)."""
 
 
+class StackStartError(StackError):
+    """A server of the stack could not be started (one line: what failed, and the server's log when it has one).
+
+    The full exception (with the end of the log) is its ``__cause__``.
+    """
+
+
 def _quiet(_message: str) -> None:
     return None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__).rstrip(":").rstrip()
+
+
+def _private_dir(path: Path) -> None:
+    """Create ``path`` (mode 700) or make it 700: server data and logs (with keys in them) are ours alone."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
+def _roll_back(started: list[ManagedServer], say: ProgressFn) -> None:
+    for server in reversed(started):
+        say(f"rolling back: {server.stop(timeout=10)}")
+
+
+def _clean_up_dead(recorded: StackState, say: ProgressFn) -> None:
+    """`ManagedServer.stop` each dead server of ``recorded``: it kills leftovers of its process group and
+    removes its cleanup paths (Ray's /tmp/anomap-ray-*, weed's sockets)."""
+    for server in recorded.dead_servers():
+        try:
+            say(f"cleaning up: {server.stop(timeout=10)}")
+        except RuntimeError as exc:  # leftovers that survived SIGKILL
+            msg = f"could not clean up after {server.name} (pid {server.pid}): {exc}; run `anomap stack down`"
+            raise StackError(msg) from exc
 
 
 def _bring_up(settings: Settings, say: ProgressFn, *, with_ray: bool, die_with_parent: bool) -> StackState:
@@ -82,6 +118,7 @@ def _bring_up(settings: Settings, say: ProgressFn, *, with_ray: bool, die_with_p
         return time.monotonic()
 
     try:
+        _private_dir(data_dir)
         if settings.redis_url is not None:
             redis_url = settings.redis_url
             components[Component.REDIS] = ComponentState(origin=Origin.EXTERNAL, endpoint=redact_url(redis_url))
@@ -132,9 +169,11 @@ def _bring_up(settings: Settings, say: ProgressFn, *, with_ray: bool, die_with_p
             components[Component.RAY] = ComponentState(origin=Origin.EMBEDDED, endpoint=ray_address, server=server)
             metrics = server.ports.get("metrics")
             say(f"ray head ready at {ray_address}, metrics on port {metrics} ({time.monotonic() - t0:.1f} s)")
+    except (ServerStartError, OSError, RuntimeError) as exc:  # a server that did not start, no binary, no ports
+        _roll_back(started, say)
+        raise StackStartError(f"stack not started: {_first_line(exc)}") from exc
     except BaseException:
-        for server in reversed(started):
-            say(f"rolling back: {server.stop(timeout=10)}")
+        _roll_back(started, say)
         raise
     return StackState(
         redis_url=redis_url,
@@ -165,6 +204,7 @@ def stack_up(settings: Settings, progress: ProgressFn | None = None, *, with_ray
                 say(f"stack already up (state {path}); reusing it")
                 return existing
             _refuse_partly_up(existing, path)
+            _clean_up_dead(existing, say)
             say(f"replacing stale state file {path} (its servers are gone)")
             remove_state(settings.state_dir)
         state = _bring_up(settings, say, with_ray=with_ray, die_with_parent=False)
@@ -194,14 +234,27 @@ def stack_down(settings: Settings, progress: ProgressFn | None = None) -> list[s
     """Stop exactly the servers the state file records (if they still are ours); remove the file.
 
     External components are left alone. Returns one line per component. If a server cannot be
-    stopped the state file is kept and `StackError` raised.
+    stopped the state file is kept and `StackError` raised. Holds the start lock (`start_lock`), so a
+    stop never runs during a start in the same state dir.
     """
     say = progress or _quiet
+    if not settings.state_dir.is_dir():  # no lock file made for nothing
+        return [_nothing_recorded(settings, say)]
+    with start_lock(settings.state_dir):
+        return _stop_recorded(settings, say)
+
+
+def _nothing_recorded(settings: Settings, say: ProgressFn) -> str:
+    line = f"no stack recorded in {state_path(settings.state_dir)}; nothing to stop"
+    say(line)
+    return line
+
+
+def _stop_recorded(settings: Settings, say: ProgressFn) -> list[str]:
+    """`stack_down` while holding the start lock."""
     state = read_state(settings.state_dir)
     if state is None:
-        line = f"no stack recorded in {state_path(settings.state_dir)}; nothing to stop"
-        say(line)
-        return [line]
+        return [_nothing_recorded(settings, say)]
     lines: list[str] = []
     failures: list[str] = []
     for kind, component in reversed(state.components.items()):
@@ -358,6 +411,7 @@ class EmbeddedStack:
             recorded = read_state(base.state_dir)
             if recorded is not None:
                 _refuse_partly_up(recorded, state_path(base.state_dir))
+                _clean_up_dead(recorded, self._say)
             state = _bring_up(base, self._say, with_ray=self.with_ray, die_with_parent=self.die_with_parent)
             self.state = state
             self.settings = state.apply_to(base)

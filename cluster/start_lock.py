@@ -34,8 +34,11 @@ def _exit_on_sigterm(signum: int, _frame: FrameType | None) -> None:
 
 @contextlib.contextmanager
 def start_lock(state_dir: Path, timeout_s: float = 120.0, poll_s: float = 0.2) -> Iterator[None]:
-    """Hold ``<state_dir>/stack.lock`` for the block (waiting up to ``timeout_s`` for another holder)."""
-    state_dir.mkdir(parents=True, exist_ok=True)
+    """Hold ``<state_dir>/stack.lock`` for the block (waiting up to ``timeout_s`` for another holder).
+
+    A state dir created here is made mode 700: it will hold the stack's credentials, data and logs.
+    """
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = state_dir / LOCK_NAME
     with path.open("a") as handle:
         deadline = time.monotonic() + timeout_s

@@ -32,6 +32,10 @@ STATE_FILE = "stack.json"
 STATE_VERSION = 1
 
 
+class StateFileError(ValueError):
+    """The state file exists but cannot be read as a stack state (the message names it and what is wrong)."""
+
+
 class Component(StrEnum):
     """The servers a stack is made of."""
 
@@ -138,13 +142,16 @@ def state_path(state_dir: Path) -> Path:
 def read_state(state_dir: Path) -> StackState | None:
     """The recorded stack, or None when there is no state file.
 
-    Raises ValueError naming the file when it exists but cannot be read as a stack state.
+    Raises `StateFileError` (a ValueError) naming the file when it exists but cannot be read as a stack state.
     """
     path = state_path(state_dir)
     try:
         text = path.read_text()
     except FileNotFoundError:
         return None
+    except (OSError, UnicodeDecodeError) as exc:  # e.g. no permission, a folder of that name
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise StateFileError(f"{path} cannot be read as a stack state file ({reason})") from exc
     try:
         return StackState.model_validate_json(text)
     except ValidationError as exc:
@@ -154,7 +161,7 @@ def read_state(state_dir: Path) -> StackState | None:
             f"{path} is not a valid stack state file ({exc.error_count()} errors; first: {where}: {first['msg']}); "
             "if no stack of it runs, remove it by hand"
         )
-        raise ValueError(msg) from exc
+        raise StateFileError(msg) from exc
 
 
 def write_state(state_dir: Path, state: StackState) -> Path:

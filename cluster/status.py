@@ -23,6 +23,7 @@ letters are sampled from the newest end, at most ``results_sample`` / ``dead_sam
 from __future__ import annotations
 
 import json
+import logging
 import socket
 from collections import Counter
 from collections.abc import Iterable
@@ -266,21 +267,38 @@ def summarize_serve(status: Any) -> dict[str, Any]:
 
 
 def serve_status(settings: Settings) -> dict[str, Any]:
-    """Serve's applications and replicas, or ``{"available": false, "reason": ...}`` when Ray is not reachable."""
+    """Serve's applications and replicas, or ``{"available": false, "reason": ...}`` when Ray is not reachable.
+
+    Unless Ray is already initialised in this process, it connects for this one query and disconnects
+    after: a process that stays a Ray driver is terminated by Ray about a minute after the cluster's GCS
+    goes away, and ``anomap status --watch`` must live on and say so in each sample.
+    """
     address = settings.ray_address
     if address is None:
         return {"available": False, "reason": "RAY_ADDRESS not set and no embedded stack is up"}
     if address not in ("auto", "local") and not _answers(address):
-        return {"available": False, "reason": f"Ray at {address} does not answer"}
+        return {"available": False, "reason": f"Ray: unreachable (nothing answers at {address})"}
     try:
-        from ray import serve
-
-        from cluster.connections import connect_ray
-
-        connect_ray(settings)
-        return summarize_serve(serve.status())
+        import ray
     except Exception as exc:  # Ray is optional here: report it and show the streams anyway
         return {"available": False, "reason": f"{type(exc).__name__}: {exc}"}
+    connected_here = not ray.is_initialized()
+    try:
+        return _query_serve(settings)
+    except Exception as exc:  # Ray is optional here: report it and show the streams anyway
+        return {"available": False, "reason": f"{type(exc).__name__}: {exc}"}
+    finally:
+        if connected_here and ray.is_initialized():
+            ray.shutdown()
+
+
+def _query_serve(settings: Settings) -> dict[str, Any]:
+    from ray import serve
+
+    from cluster.connections import connect_ray
+
+    connect_ray(settings, logging_level=logging.WARNING)  # no "Connecting to existing Ray cluster" per sample
+    return summarize_serve(serve.status())
 
 
 def _redis_endpoint(settings: Settings) -> str | None:
