@@ -182,7 +182,7 @@ def test_status_table_shows_streams_dead_letters_and_model(
     monkeypatch.setenv("COLUMNS", "200")
     outcome = runner.invoke(app, ["status"])
     assert outcome.exit_code == 0, outcome.output
-    for text in ("anomap:jobs:line2", "worker-a", "undecodable_image", version, "serve: not shown"):
+    for text in ("anomap:jobs:line2", "worker-a", "undecodable_image", version, "serve: not shown", "anomap dead list"):
         assert text in outcome.output
 
 
