@@ -6,6 +6,12 @@
 Writes ``rescore/<version>/maps/…`` and Parquet manifest parts ``rescore/<version>/manifest/`` in the
 settings' bucket (`workers.rescore_manifest`); a second run skips what a first one scored. Registered
 on the ``anomap`` app by `cluster.cli`.
+
+Exit status: 0 when every listed image is in the manifest (scored, bad or skipped); 1 when some images
+could not be scored this time (error rows: run again) or the manifest could not be written; 2 for a
+bad source or option, a source without images, a folder that could not be read, a manifest part that
+cannot be read, or another run of the same source and version still going (``--force`` takes over a
+run that died).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import json
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from cluster.cli_common import err, fail
@@ -37,6 +44,10 @@ def rescore(
         str, typer.Option(help="JPEG overlays for: all | anomalous (images at or above the threshold) | none.")
     ] = "anomalous",
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Take over the marker of another run of this source and version (one that died)."),
+    ] = False,
 ) -> None:
     """Re-score an archive: a map per image (an overlay for anomalous ones) and a Parquet manifest row (bad too).
 
@@ -46,7 +57,7 @@ def rescore(
     from trainer.registry import ModelNotFound, ModelRegistry
     from trainer.store import ObjectStore
     from workers.archive import ArchiveSource, SourceError
-    from workers.rescore import RescoreOptions, RescoreProgress
+    from workers.rescore import ManifestError, ManifestWriteError, RescoreBusy, RescoreOptions, RescoreProgress
     from workers.rescore import rescore as run_rescore
     from workers.rescore_manifest import OverlayPolicy, check_version
 
@@ -70,6 +81,7 @@ def rescore(
         torch_threads=torch_threads,
         forward_patches=forward_patches,
         overlays=overlay_policy,
+        force=force,
     )
     bar = Progress(
         TextColumn(f"rescoring with {version}"),
@@ -88,8 +100,11 @@ def rescore(
     try:
         with bar:
             summary = run_rescore(settings, source, version, options, progress=show)
-    except (SourceError, ModelNotFound, ValueError) as exc:
-        fail(str(exc))
+    except (SourceError, ModelNotFound, ManifestError, RescoreBusy, ValueError) as exc:
+        fail(escape(str(exc)))  # paths and keys may hold [brackets]: not markup
+    except ManifestWriteError as exc:  # the store refused the manifest: what was recorded is in the message
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
     if json_out:
         print(json.dumps(summary.as_dict()), flush=True)
     else:
@@ -100,11 +115,20 @@ def rescore(
             f"new under s3://{settings.bucket}/rescore/{version}/manifest/",
             flush=True,
         )
+    if summary.took_over:
+        taken = escape(summary.took_over)
+        err.print(f"[yellow]took over the marker of {taken}[/yellow]", highlight=False, soft_wrap=True)
+    if summary.errors:
+        shown = escape("; ".join(summary.failed[:5]) + (" …" if summary.errors > 5 else ""))
+        failed = f"{summary.errors} images could not be read, scored or stored this time"
+        err.print(f"[yellow]{failed}; run again to retry them: {shown}[/yellow]", highlight=False, soft_wrap=True)
     if summary.unreadable:
         shown = "; ".join(summary.unreadable[:5]) + (" …" if len(summary.unreadable) > 5 else "")
-        count = len(summary.unreadable)
-        err.print(f"[yellow]{count} folders could not be read; their images are not in this run: {shown}[/yellow]")
+        fail(
+            escape(
+                f"{len(summary.unreadable)} folders of {summary.source} could not be read; their images are not "
+                f"in this run (fix their permissions, then run again): {shown}"
+            )
+        )
     if summary.errors:
-        failed = f"{summary.errors} images could not be read, scored or stored this time"
-        err.print(f"[yellow]{failed}; run again to retry them[/yellow]")
         raise typer.Exit(1)

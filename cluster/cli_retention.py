@@ -5,7 +5,8 @@ anomap retention --maps-days 30 --images-days 14   # expire maps/ after 30 days,
 anomap retention --maps-days 0                     # keep maps forever again (the rule is removed)
 
 Only anomap's own rules (ids ``anomap-maps``, ``anomap-images``) change; other rules of the bucket
-stay. See `workers.retention`.
+are written back element for element, including what anomap does not understand (shown as such).
+See `workers.retention`.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from typing import Annotated
 
 import typer
 from minio.error import S3Error
+from rich.markup import escape
 from rich.table import Table
 
 from cluster.cli_common import console, fail, resolved_settings
-from workers.retention import RETAINED, ExpiryRule, expiry_rules, with_expiry
+from workers.retention import RETAINED, ExpiryRule, expiry_rules, read_lifecycle, with_expiry, write_lifecycle
 
 DaysOption = Annotated[
     int | None,
@@ -41,10 +43,10 @@ def retention(
     }
     try:
         if changes:
-            store.set_lifecycle(with_expiry(store.lifecycle(), changes))
-        rules = expiry_rules(store.lifecycle())
-    except ValueError as exc:
-        fail(str(exc))
+            write_lifecycle(store, with_expiry(read_lifecycle(store), changes))
+        rules = expiry_rules(read_lifecycle(store))
+    except ValueError as exc:  # a bad day count, or a configuration that is not lifecycle XML
+        fail(escape(str(exc)))
     except S3Error as exc:  # e.g. a store without lifecycle support, or keys without the permission
         fail(f"the object store refused the bucket's lifecycle configuration: {exc.code}: {exc.message}")
     if json_out:
@@ -57,6 +59,7 @@ def _rule_dict(rule: ExpiryRule) -> dict[str, object]:
     return {
         "id": rule.rule_id,
         "prefix": rule.prefix,
+        "applies_to": rule.scope,
         "days": rule.days,
         "enabled": rule.enabled,
         "managed_by_anomap": rule.managed,
@@ -66,12 +69,12 @@ def _rule_dict(rule: ExpiryRule) -> dict[str, object]:
 def _print_rules(bucket: str, rules: list[ExpiryRule]) -> None:
     kept = set(RETAINED.values()) - {rule.prefix for rule in rules if rule.managed and rule.days}
     table = Table(title=f"lifecycle rules of bucket {bucket}")
-    for column in ("id", "prefix", "expires after", "enabled", "set by"):
+    for column in ("id", "applies to", "expires after", "enabled", "set by"):
         table.add_column(column)
     for rule in rules:
         days = f"{rule.days} days" if rule.days is not None else "(not by days)"
         owner = "anomap" if rule.managed else "someone else"
-        table.add_row(rule.rule_id or "-", rule.prefix or "(not a prefix)", days, str(rule.enabled), owner)
+        table.add_row(escape(rule.rule_id or "-"), escape(rule.scope), days, str(rule.enabled), owner)
     if rules:
         console.print(table)
     else:

@@ -3,8 +3,11 @@
     summary = rescore(settings, "s3://archive/lot7", version, RescoreOptions(concurrency=2), progress=print)
     summary.scored, summary.bad, summary.skipped      # e.g. 48, 2, 0; a second run: 0, 0, 50
 
-The driver lists the source (`workers.archive`), leaves out every image already in a manifest part of
-that version (ok or bad: the run is resumable), and makes a Ray Dataset of the rest (``from_items``,
+The driver takes the source's marker object for the version (`RunLock`: a second run of the same source
+and version is refused with `RescoreBusy` naming the first; a marker whose heartbeat stopped
+``lock_stale_s`` ago, or ``force``, is taken over), lists the source (`workers.archive`; no images at
+all is a `SourceError`), leaves out every image already in a manifest part of that version (ok or bad:
+the run is resumable), and makes a Ray Dataset of the rest (``from_items``,
 one block per image up to `MAX_BLOCKS`). ``map_batches`` runs `workers.rescore_actor.ImageRescorer`, a
 callable class, on ``concurrency`` actors: each loads the model once, then per image reads the bytes,
 decodes them with the consumers' bounded decoder (`trainer.imaging.decode_image`, so a bad image gets
@@ -13,15 +16,25 @@ path, `workers.inspection`) and writes the ``.npz`` map and JPEG overlay. The dr
 actors' rows back (``iter_batches``), shows progress, and writes them to Parquet manifest parts
 (`workers.rescore_manifest`) every ``flush_rows`` rows or ``flush_s`` seconds and when the run ends,
 so an interrupted run keeps what it finished. A bad image is a manifest row, never an aborted run.
+
+An image whose actor dies while scoring it (a crash in a decoder, memory) is tried
+``1 + ACTOR_TASK_RETRIES`` times, each on a restarted actor, then comes back as an ``error`` row
+naming what happened (not recorded: the next run tries it again, as often); the run goes on. A
+manifest part that cannot be read, or written past its retries, ends the run with `ManifestError` /
+`ManifestWriteError` naming the object key and what was recorded.
 """
 
 from __future__ import annotations
 
 import io
+import logging
+import os
+import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -29,19 +42,33 @@ from typing import Any, NamedTuple
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from minio.error import S3Error
 
 from schemas import DeadReason, Settings
 from trainer.registry import ModelRegistry
 from trainer.store import ObjectStore
-from workers.archive import ArchiveImage, ArchiveSource, manifest_name
+from workers.archive import (
+    ArchiveImage,
+    ArchiveSource,
+    SourceError,
+    manifest_name,
+    no_images_message,
+)
 from workers.inspection import default_sizes
 from workers.overlay import OVERLAY_SUFFIX
-from workers.rescore_actor import STORE_RETRY_S, ImageRescorer
+from workers.rescore_actor import STORE_RETRY_S, ImageRescorer, retry_transient, root_cause
 from workers.rescore_manifest import (
+    LOCK_HEARTBEAT_S,
+    LOCK_STALE_S,
+    LockState,
     OverlayPolicy,
     RowStatus,
+    RunMarker,
     bad_row,
     check_version,
+    latest_rows,
+    lock_key,
+    lock_state,
     manifest_prefix,
     map_stem,
     part_key,
@@ -49,10 +76,31 @@ from workers.rescore_manifest import (
     rows_table,
     source_tag,
 )
-from workers.retry import retry_call
+
+log = logging.getLogger("anomap.rescore")
 
 MAX_BLOCKS = 2000
 """At most this many Ray Data blocks (one image each below it): bounds the driver's object refs."""
+ACTOR_TASK_RETRIES = 2
+"""Tries, after the first, of a batch whose scoring actor died (Ray restarts the actor each time); then its
+images are error rows. Ray Data's default retries such a batch for ever, so one image that kills its actor
+would hold the run for ever."""
+MAX_FAILED_SHOWN = 100
+"""`RescoreSummary.failed` keeps at most this many ``"<image>: <detail>"`` lines."""
+_CONFLICT_CODES = frozenset({"PreconditionFailed", "ConditionalRequestConflict"})
+"""What S3 answers a conditional write (If-None-Match, If-Match) that lost."""
+
+
+class ManifestError(ValueError):
+    """A manifest part cannot be read: which images are done is unknown, so no run starts."""
+
+
+class ManifestWriteError(RuntimeError):
+    """Manifest rows could not be written past their retries; the message says what was and was not recorded."""
+
+
+class RescoreBusy(RuntimeError):
+    """Another run is scoring the same source with the same version (or took this run's marker over)."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +120,10 @@ class RescoreOptions:
     max_file_bytes: int = 256 * 1024 * 1024
     flush_rows: int = 500
     flush_s: float = 60.0
+    force: bool = False
+    """Take over the source's marker even when another run's heartbeat is fresh (that run died, say)."""
+    lock_stale_s: float = LOCK_STALE_S
+    """A marker whose heartbeat is this old belongs to a run that died: taken over without ``force``."""
 
     @property
     def forward_size(self) -> int:
@@ -114,6 +166,10 @@ class RescoreSummary:
     manifest_parts: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
     """Local folders that could not be listed (``"<path>: <error>"``): their images are not in this run."""
+    failed: list[str] = field(default_factory=list)
+    """``"<image>: <detail>"`` of the first `MAX_FAILED_SHOWN` error rows (not recorded; a re-run retries them)."""
+    took_over: str | None = None
+    """The run whose stale (or, with ``force``, live) marker this run took over, described; None if none."""
 
     @property
     def images_per_s(self) -> float:
@@ -125,23 +181,62 @@ class RescoreSummary:
         return {**asdict(self), "images_per_s": round(self.images_per_s, 4)}
 
 
+def _read_part(store: ObjectStore, key: str, columns: Sequence[str] | None = None) -> pa.Table:
+    """One manifest part; raises `ManifestError` naming it when it is not Parquet of the manifest's columns."""
+    try:
+        return pq.read_table(io.BytesIO(store.get_bytes(key)), columns=list(columns) if columns else None)
+    except (pa.ArrowException, OSError) as exc:
+        msg = (
+            f"manifest part {store.ref(key)} cannot be read ({exc}); move it away (its images are then scored "
+            "again) or restore it, then run again"
+        )
+        raise ManifestError(msg) from exc
+
+
+def _part_keys(store: ObjectStore, version: str) -> list[str]:
+    return sorted(key for key in store.list_keys(manifest_prefix(version)) if key.endswith(".parquet"))
+
+
 def scored_images(store: ObjectStore, version: str) -> set[str]:
-    """The ``image`` of every row in the manifest parts of ``version`` (ok or bad)."""
+    """The ``image`` of every row in the manifest parts of ``version`` (ok or bad); `ManifestError` when a
+    part cannot be read."""
     done: set[str] = set()
-    for key in store.list_keys(manifest_prefix(version)):
-        if key.endswith(".parquet"):
-            table = pq.read_table(io.BytesIO(store.get_bytes(key)), columns=["image"])
-            done.update(table.column("image").to_pylist())
+    for key in _part_keys(store, version):
+        done.update(_read_part(store, key, ["image"]).column("image").to_pylist())
     return done
 
 
-class ManifestWriter:
-    """Buffers manifest rows (ok and bad; error rows are dropped) and writes them as Parquet parts."""
+def read_manifest(store: ObjectStore, version: str) -> pa.Table:
+    """The manifest of ``version``: one row per image, the latest one where runs left several (`latest_rows`)."""
+    parts = [_read_part(store, key) for key in _part_keys(store, version)]
+    if not parts:
+        return rows_table([])
+    return latest_rows(pa.concat_tables(parts, promote_options="permissive"))
 
-    def __init__(self, store: ObjectStore, version: str, run_id: str, flush_rows: int, flush_s: float) -> None:
+
+class ManifestWriter:
+    """Buffers manifest rows (ok and bad; error rows are dropped) and writes them as Parquet parts.
+
+    A write is retried for ``retry_s`` while the store may come back (`is_transient_error`); then, or at
+    once for any other failure, `ManifestWriteError` names the part and what was recorded, and the writer
+    writes nothing more (``failed``).
+    """
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        version: str,
+        run_id: str,
+        flush_rows: int,
+        flush_s: float,
+        retry_s: float = STORE_RETRY_S,
+    ) -> None:
         self.store, self.version, self.run_id = store, version, run_id
-        self.flush_rows, self.flush_s = flush_rows, flush_s
+        self.flush_rows, self.flush_s, self.retry_s = flush_rows, flush_s, retry_s
         self.parts: list[str] = []
+        self.recorded = 0
+        """Rows written in ``parts``."""
+        self.failed = False
         self._tables: list[pa.Table] = []
         self._rows = 0
         self._last = time.monotonic()
@@ -156,21 +251,153 @@ class ManifestWriter:
             self.flush()
 
     def flush(self) -> None:
-        """Write the buffered rows as the next part (nothing if none)."""
-        if self._rows:
+        """Write the buffered rows as the next part (nothing if none); `ManifestWriteError` when it cannot."""
+        if self._rows and not self.failed:
             buffer = io.BytesIO()
             pq.write_table(pa.concat_tables(self._tables), buffer, compression="zstd")
             key, data = part_key(self.version, self.run_id, len(self.parts)), buffer.getvalue()
-            retry_call(  # a blip of the store must not end a long run
-                lambda: self.store.put_bytes(key, data, "application/vnd.apache.parquet"),
-                transient=(Exception,),
-                limit_s=STORE_RETRY_S,
-                abort=threading.Event(),
-                what=f"writing {key}",
-            )
+            try:
+                self._put(key, data)
+            except Exception as exc:
+                self.failed = True
+                raise ManifestWriteError(self._failure(key, exc)) from exc
             self.parts.append(key)
+            self.recorded += self._rows
             self._tables, self._rows = [], 0
         self._last = time.monotonic()
+
+    def _put(self, key: str, data: bytes) -> None:
+        retry_transient(  # a blip of the store must not end a long run
+            lambda: self.store.put_bytes(key, data, "application/vnd.apache.parquet"),
+            f"writing {key}",
+            self.retry_s,
+            threading.Event(),
+        )
+
+    def _failure(self, key: str, exc: BaseException) -> str:
+        exc = root_cause(exc)
+        cause = f"{exc.code} ({exc.message})" if isinstance(exc, S3Error) else repr(exc)
+        return (
+            f"could not write manifest part {self.store.ref(key)}: {cause}; not recorded: {self._rows} rows "
+            f"(their maps are stored; a re-run scores those images again); recorded by this run: {self.recorded} "
+            f"rows in {len(self.parts)} parts"
+        )
+
+
+class RunLock:
+    """The marker object that keeps a second run of one (version, source) out while this run goes on.
+
+        lock = RunLock(store, lock_key(version, tag), marker, subject="s3://a/lot7 with v1")
+        lock.acquire(force=False)    # RescoreBusy naming the other run when its heartbeat is fresh
+        ...                          # a thread rewrites the marker every heartbeat_s; lock.lost says if it was taken
+        lock.release()               # deletes the marker if it is still this run's
+
+    Writes are conditional (``If-None-Match: *`` to create, ``If-Match: <etag>`` to take over or beat), so
+    two runs starting together cannot both get it on stores that honour them (AWS S3, MinIO, SeaweedFS);
+    reading the marker back after writing it covers stores that ignore them.
+    """
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        key: str,
+        marker: RunMarker,
+        subject: str,
+        stale_s: float = LOCK_STALE_S,
+        heartbeat_s: float = LOCK_HEARTBEAT_S,
+    ) -> None:
+        self.store, self.key, self.marker, self.subject = store, key, marker, subject
+        self.stale_s, self.heartbeat_s = stale_s, heartbeat_s
+        self.lost: str | None = None
+        """Set by the heartbeat when another run took the marker (it describes that run)."""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def acquire(self, force: bool = False) -> RunMarker | None:
+        """Take the marker; returns the marker of the run it took over (stale, or live with ``force``), None if
+        it was free. Raises `RescoreBusy` naming the other run when that run's heartbeat is fresh."""
+        now = datetime.now(UTC)
+        exists, current, etag = self._read()
+        state = lock_state(current, exists, now, self.stale_s, force)
+        if state is LockState.HELD:
+            assert current is not None
+            raise RescoreBusy(self._busy(current, now))
+        condition = {"If-Match": f'"{etag}"'} if exists and etag else {"If-None-Match": "*"}
+        written = self._put(self.marker.beat(now), condition)
+        _, mine, _ = self._read()
+        if written is None or mine is None or mine.run_id != self.marker.run_id:
+            other = f"{mine.describe(now)}" if mine is not None else "another run"
+            raise RescoreBusy(f"{other} took {self.store.ref(self.key)} at the same moment; {self.subject} is theirs")
+        self._thread = threading.Thread(target=self._beat, name="rescore-lock-heartbeat", daemon=True)
+        self._thread.start()
+        return current if state is LockState.STALE else None
+
+    def release(self) -> None:
+        """Stop the heartbeat and delete the marker if it is still this run's (best effort: a marker left
+        behind is taken over once it is ``stale_s`` old)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        try:
+            _, current, _ = self._read()
+            if current is not None and current.run_id == self.marker.run_id:
+                self.store.delete(self.key)
+        except Exception as exc:
+            log.warning("could not remove %s (the next run takes it over when stale): %r", self.key, exc)
+
+    def _busy(self, other: RunMarker, now: datetime) -> str:
+        return (
+            f"another rescore of {self.subject} is running: {other.describe(now)} (marker {self.store.ref(self.key)}); "
+            f"wait for it to finish, or if it died run again with --force (a marker whose heartbeat is "
+            f"{self.stale_s:.0f} s old is taken over without it)"
+        )
+
+    def _read(self) -> tuple[bool, RunMarker | None, str | None]:
+        """(whether the marker object exists, its content if readable, its ETag)."""
+        try:
+            response = self.store.client.get_object(self.store.bucket, self.key)
+        except S3Error as exc:
+            if exc.code in {"NoSuchKey", "NoSuchObject"}:
+                return False, None, None
+            raise
+        try:
+            data, etag = response.read(), (response.headers.get("etag") or "").strip('"') or None
+        finally:
+            response.close()
+            response.release_conn()
+        try:
+            return True, RunMarker.from_json(data), etag
+        except ValueError:
+            return True, None, etag
+
+    def _put(self, marker: RunMarker, condition: dict[str, str]) -> str | None:
+        """Write ``marker`` if ``condition`` holds; its ETag, None when the condition failed. minio-py's
+        ``put_object`` turns such headers into metadata, so this makes the signed request itself."""
+        headers = {"Content-Type": "application/json", **condition}
+        try:
+            response = self.store.client._execute(  # private: see the docstring
+                "PUT", self.store.bucket, self.key, body=marker.to_json(), headers=headers
+            )
+        except S3Error as exc:
+            if exc.code in _CONFLICT_CODES:
+                return None
+            raise
+        self.marker = marker
+        return (response.headers.get("etag") or "").strip('"') or "written"
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                now = datetime.now(UTC)
+                _, current, etag = self._read()
+                if current is None or current.run_id != self.marker.run_id or etag is None:
+                    self.lost = current.describe(now) if current is not None else "the marker was removed"
+                    return
+                if self._put(self.marker.beat(now), {"If-Match": f'"{etag}"'}) is None:
+                    self.lost = "another run wrote the marker meanwhile"
+                    return
+            except Exception as exc:  # the store is away: beat again later (stale only after stale_s)
+                log.warning("could not renew %s: %r", self.key, exc)
 
 
 def default_concurrency(options: RescoreOptions) -> int:
@@ -215,6 +442,71 @@ def plan_items(
     return items, early
 
 
+def lost_rows(items: Sequence[dict[str, Any]], returned: set[str], version: str, run_id: str) -> list[dict[str, Any]]:
+    """Error rows for the items whose image came back from no actor (their actor died on every try)."""
+    now = datetime.now(UTC)
+    detail = (
+        f"no result came back: its scoring actor died (or raised) on each of {1 + ACTOR_TASK_RETRIES} tries "
+        "(a crash in a decoder, memory?); see the Ray logs"
+    )
+    return [
+        bad_row(
+            item["image"], item["relative"], DeadReason.SCORING_FAILED, detail, version, run_id, now, RowStatus.ERROR
+        )
+        for item in items
+        if item["image"] not in returned
+    ]
+
+
+def scored_batches(
+    items: list[dict[str, Any]],
+    rescorer: type,
+    constructor_args: tuple[Any, ...],
+    options: RescoreOptions,
+    concurrency: int,
+    version: str,
+    run_id: str,
+) -> Iterator[pa.Table]:
+    """Run ``rescorer`` (`ImageRescorer`) over ``items`` on ``concurrency`` Ray Data actors; yields their
+    `MANIFEST_SCHEMA` tables as they come, then one of error rows for the items no actor answered.
+
+    A batch whose actor died is tried ``1 + ACTOR_TASK_RETRIES`` times (the actor restarted each time), then
+    dropped (``max_errored_blocks``, on this dataset only) rather than ending or stalling the run.
+    """
+    import ray.data
+
+    dataset = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_BLOCKS))
+    context = dataset.context  # this dataset's own copy of the DataContext
+    context.enable_progress_bars = False  # ours (``progress``) says the same in one line
+    context.print_on_execution_start = False
+    context.max_errored_blocks = -1  # a batch that failed every try: its images become error rows below
+    with warnings.catch_warnings():  # Ray 2.60 has no named parameter for these two yet
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+        mapped = dataset.map_batches(
+            rescorer,
+            fn_constructor_args=constructor_args,
+            batch_size=options.batch_images,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=concurrency),
+            num_cpus=options.cpus_per_actor,
+            num_gpus=options.gpus_per_actor or None,
+            max_restarts=-1,  # a dead actor is replaced (bounded by the task retries: each death costs one)
+            max_task_retries=ACTOR_TASK_RETRIES,
+        )
+    returned: set[str] = set()
+    for table in mapped.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+        returned.update(table.column("image").to_pylist())
+        yield table
+    lost = lost_rows(items, returned, version, run_id)
+    if lost:
+        yield rows_table(lost)
+
+
+def _run_marker(run_id: str, source: str) -> RunMarker:
+    now = datetime.now(UTC)
+    return RunMarker(run_id, source, socket.gethostname(), os.getpid(), now, now)
+
+
 def rescore(
     settings: Settings,
     source: str,
@@ -224,11 +516,11 @@ def rescore(
 ) -> RescoreSummary:
     """Score every image of ``source`` not yet in ``version``'s manifest; Ray must be connected.
 
-    Raises `workers.archive.SourceError` for a bad source, `trainer.registry.ModelNotFound` for an unknown
-    version, ValueError for an invalid one.
+    Raises `workers.archive.SourceError` for a bad source or one without images, `RescoreBusy` while another
+    run scores the same source with ``version``, `trainer.registry.ModelNotFound` for an unknown version,
+    ValueError for an invalid one, `ManifestError` for a manifest part that cannot be read, and
+    `ManifestWriteError` when rows could not be recorded.
     """
-    import ray.data
-
     options = options or RescoreOptions()
     started = time.monotonic()
     check_version(version)
@@ -237,55 +529,88 @@ def rescore(
     archive = ArchiveSource.parse(source)
     run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     summary = RescoreSummary(archive.uri, version, run_id)
+    tag = source_tag(archive.uri)
+    lock = RunLock(
+        store,
+        lock_key(version, tag),
+        _run_marker(run_id, archive.uri),
+        subject=f"{archive.uri} with {version}",
+        stale_s=options.lock_stale_s,
+        heartbeat_s=min(LOCK_HEARTBEAT_S, options.lock_stale_s / 10),
+    )
+    taken = lock.acquire(options.force)
+    if taken is not None:
+        summary.took_over = taken.describe(datetime.now(UTC))
+        log.warning("took over the marker of %s", summary.took_over)
+    try:
+        return _rescore_locked(settings, archive, version, options, progress, store, summary, lock, started)
+    finally:
+        lock.release()
+
+
+def _rescore_locked(
+    settings: Settings,
+    archive: ArchiveSource,
+    version: str,
+    options: RescoreOptions,
+    progress: Callable[[RescoreProgress], None] | None,
+    store: ObjectStore,
+    summary: RescoreSummary,
+    lock: RunLock,
+    started: float,
+) -> RescoreSummary:
+    """`rescore` while this run holds the source's marker."""
+    run_id = summary.run_id
     images = archive.list_images(store, summary.unreadable)
+    if not images:
+        raise SourceError(no_images_message(archive.uri, summary.unreadable))
     done = scored_images(store, version)
     todo = [image for image in images if manifest_name(image.image) not in done]
     summary.listed, summary.skipped = len(images), len(images) - len(todo)
     writer = ManifestWriter(store, version, run_id, options.flush_rows, options.flush_s)
     items, early = plan_items(todo, version, source_tag(archive.uri), run_id, options.max_file_bytes)
     summary.bad = len(early)
-    if early:
-        writer.add(rows_table(early))
 
     def report() -> None:
         if progress is not None:
             done_now = summary.scored + summary.bad + summary.errors
             progress(RescoreProgress(done_now, len(todo), summary.bad, summary.errors, time.monotonic() - started))
 
-    report()
     try:
+        if early:
+            writer.add(rows_table(early))
+        report()
         if items:
             summary.concurrency = default_concurrency(options)
             threads = options.torch_threads or max(1, int(options.cpus_per_actor))
-            context = ray.data.DataContext.get_current()
-            context.enable_progress_bars = False  # ours (``progress``) says the same in one line
-            context.print_on_execution_start = False
-            dataset = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_BLOCKS)).map_batches(
-                ImageRescorer,
-                fn_constructor_args=(
-                    settings,
-                    version,
-                    archive,
-                    run_id,
-                    threads,
-                    options.forward_size,
-                    options.overlays,
-                ),
-                batch_size=options.batch_images,
-                batch_format="pyarrow",
-                compute=ray.data.ActorPoolStrategy(size=summary.concurrency),
-                num_cpus=options.cpus_per_actor,
-                num_gpus=options.gpus_per_actor or None,
-            )
-            for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-                statuses = table.column("status").to_pylist()
-                summary.scored += statuses.count(str(RowStatus.OK))
-                summary.bad += statuses.count(str(RowStatus.BAD))
-                summary.errors += statuses.count(str(RowStatus.ERROR))
+            args = (settings, version, archive, run_id, threads, options.forward_size, options.overlays)
+            for table in scored_batches(items, ImageRescorer, args, options, summary.concurrency, version, run_id):
+                _count(summary, table)
                 writer.add(table)
                 report()
+                if lock.lost is not None:
+                    msg = (
+                        f"another run took over {store.ref(lock.key)} ({lock.lost}); this run stopped, "
+                        f"its rows so far are recorded"
+                    )
+                    raise RescoreBusy(msg)
     finally:  # an interrupted run keeps the rows it has: the next run skips those images
-        writer.flush()
-        summary.manifest_parts = writer.parts
         summary.seconds = time.monotonic() - started
+        try:
+            writer.flush()  # after a failed write, nothing more is tried (`ManifestWriter.failed`)
+        finally:
+            summary.manifest_parts = writer.parts
     return summary
+
+
+def _count(summary: RescoreSummary, table: pa.Table) -> None:
+    """Add a batch of rows to ``summary``: ok, bad and error counts, and the first error rows' details."""
+    statuses = table.column("status").to_pylist()
+    summary.scored += statuses.count(str(RowStatus.OK))
+    summary.bad += statuses.count(str(RowStatus.BAD))
+    summary.errors += statuses.count(str(RowStatus.ERROR))
+    if str(RowStatus.ERROR) in statuses and len(summary.failed) < MAX_FAILED_SHOWN:
+        errors = table.filter(pc.equal(table.column("status"), str(RowStatus.ERROR)))
+        for image, detail in zip(errors.column("image").to_pylist(), errors.column("detail").to_pylist(), strict=True):
+            summary.failed.append(f"{image}: {detail}")
+        del summary.failed[MAX_FAILED_SHOWN:]

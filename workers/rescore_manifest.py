@@ -5,6 +5,7 @@ Everything a re-scoring run writes lives under one prefix per model version, in 
     rescore/<version>/maps/<source>/<relative path>.npz      float16 (H, W) map, array "map" (`encode_map`)
     rescore/<version>/maps/<source>/<relative path>.jpg      RGB overlay for people (JPEG)
     rescore/<version>/manifest/part-<run>-<seq>.parquet      one row per image (`MANIFEST_SCHEMA`)
+    rescore/<version>/locks/<source>.json                    the run scoring that source now (`RunMarker`)
 
 ``<source>`` tells archives apart (``lot7-3f9c2a1b``: the source's last name and a digest of its
 URI), so two folders that both hold ``a.png`` never share a map. The relative path keeps its suffix
@@ -20,18 +21,26 @@ A manifest row's ``status`` is ``ok`` (scored: scores, regions and map keys set)
 cannot be scored: ``reason`` is the dead-letter reason code the service would give, ``detail`` what
 was wrong). Rows a scoring actor returns as ``error`` (the object store stayed away) are not written,
 so a re-run scores those images again.
+
+One run at a time scores a (version, source): it holds the source's marker object, which names it and
+is rewritten every `LOCK_HEARTBEAT_S`; a marker older than the run's ``stale_s`` belongs to a run that
+died and may be taken over (`lock_state`). Should two runs still have scored an image (a forced take-over,
+or parts from before the marker existed), readers keep its latest row (`latest_rows`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from schemas import DeadReason, Region
 from schemas.ids import MODEL_VERSION_PATTERN
@@ -39,6 +48,10 @@ from trainer.progress import format_eta
 from workers.inspection import ScoredImage
 
 RESCORE_PREFIX = "rescore"
+LOCK_HEARTBEAT_S = 30.0
+"""How often a run rewrites its marker object."""
+LOCK_STALE_S = 300.0
+"""A marker not rewritten for this long belongs to a run that died: the next run takes it over."""
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
 _SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.=-]{0,200}$")
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9_.=-]")
@@ -122,6 +135,107 @@ def manifest_prefix(version: str) -> str:
 def part_key(version: str, run_id: str, seq: int) -> str:
     """The key of one manifest part: ``rescore/<version>/manifest/part-<run_id>-<seq:05d>.parquet``."""
     return f"{manifest_prefix(version)}part-{run_id}-{seq:05d}.parquet"
+
+
+def lock_key(version: str, tag: str) -> str:
+    """The marker object of the run scoring source ``tag`` with ``version``: ``rescore/<version>/locks/<tag>.json``."""
+    if not _SAFE_SEGMENT.fullmatch(tag):
+        msg = f"invalid source tag {tag!r}"
+        raise ValueError(msg)
+    return f"{version_prefix(version)}locks/{tag}.json"
+
+
+@dataclass(frozen=True)
+class RunMarker:
+    """Who is scoring a (version, source) now: the content of its marker object (JSON)."""
+
+    run_id: str
+    source: str
+    host: str
+    pid: int
+    started_at: datetime
+    heartbeat_at: datetime
+
+    def to_json(self) -> bytes:
+        """The marker object's bytes."""
+        fields = asdict(self) | {
+            "started_at": self.started_at.isoformat(),
+            "heartbeat_at": self.heartbeat_at.isoformat(),
+        }
+        return json.dumps(fields).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> RunMarker:
+        """Parse a marker object; ValueError when it is not one."""
+        try:
+            fields = json.loads(data)
+            marker = cls(
+                run_id=str(fields["run_id"]),
+                source=str(fields["source"]),
+                host=str(fields["host"]),
+                pid=int(fields["pid"]),
+                started_at=datetime.fromisoformat(fields["started_at"]),
+                heartbeat_at=datetime.fromisoformat(fields["heartbeat_at"]),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            msg = f"not a rescore run marker: {data[:120]!r}"
+            raise ValueError(msg) from exc
+        if marker.heartbeat_at.tzinfo is None or marker.started_at.tzinfo is None:
+            msg = f"a rescore run marker without time zones: {data[:120]!r}"
+            raise ValueError(msg)
+        return marker
+
+    def beat(self, at: datetime) -> RunMarker:
+        """The marker with its heartbeat at ``at``."""
+        return replace(self, heartbeat_at=at)
+
+    def age_s(self, now: datetime) -> float:
+        """Seconds since its last heartbeat (negative if its host's clock is ahead)."""
+        return (now - self.heartbeat_at).total_seconds()
+
+    def describe(self, now: datetime) -> str:
+        """``'run 20261130T101500-3f9c2a on host-a (pid 4242), started 2026-11-30 10:15:00+0000, last heartbeat
+        12 s ago'``."""
+        return (
+            f"run {self.run_id} on {self.host} (pid {self.pid}), started {self.started_at:%Y-%m-%d %H:%M:%S%z}, "
+            f"last heartbeat {self.age_s(now):.0f} s ago"
+        )
+
+
+class LockState(StrEnum):
+    """What a run finds at its source's marker key."""
+
+    FREE = "free"
+    """No marker: take it."""
+    STALE = "stale"
+    """A marker not rewritten for ``stale_s`` (its run died), unreadable, or ``force``: take it over."""
+    HELD = "held"
+    """Another live run: refuse."""
+
+
+def lock_state(marker: RunMarker | None, exists: bool, now: datetime, stale_s: float, force: bool) -> LockState:
+    """Whether a run may take the marker key: ``marker`` is what it holds (None: nothing readable), ``exists``
+    whether there is an object at all."""
+    if not exists:
+        return LockState.FREE
+    if force or marker is None or marker.age_s(now) >= stale_s:
+        return LockState.STALE
+    return LockState.HELD
+
+
+def latest_rows(table: pa.Table) -> pa.Table:
+    """One row per ``image`` of a manifest table: the one with the latest ``scored_at`` (of equal ones, the
+    later row). Two runs that scored the same image left two rows; history is counted once."""
+    if table.num_rows < 2:
+        return table
+    order = pa.array(range(table.num_rows), pa.int64())
+    ranked = table.append_column("_row", order).sort_by(
+        [("image", "ascending"), ("scored_at", "descending"), ("_row", "descending")]
+    )
+    images = ranked.column("image").combine_chunks()
+    first = pc.not_equal(images.slice(1), images.slice(0, len(images) - 1))
+    keep = pa.concat_arrays([pa.array([True]), first])
+    return ranked.filter(keep).drop_columns(["_row"])
 
 
 def _digest(text: str) -> str:
