@@ -25,13 +25,12 @@ from trainer.store import ObjectStore
 from workers.archive import ArchiveSource
 from workers.rescore import (
     ManifestWriter,
-    RescoreBusy,
     RescoreOptions,
-    RunLock,
     read_manifest,
     rescore,
     scored_images,
 )
+from workers.rescore_lock import RescoreBusy, RunLock
 from workers.rescore_manifest import (
     LockState,
     RowStatus,
