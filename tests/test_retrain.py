@@ -447,10 +447,13 @@ def test_a_run_whose_data_vanishes_after_listing_fails_and_leaves_the_live_versi
     parent = line_registry.live_version(LINE)
     jobs = _confirm(redis_client, line_registry.store, range(30, 33))
     real_listing = retrain_module.list_confirmed
+    listings: list[ConfirmedListing] = []
 
     def listing_then_delete(store: ObjectStore, line: str) -> ConfirmedListing:
         listing = real_listing(store, line)
-        store.delete(f"datasets/{line}/abnormal/{jobs[1]}.png")  # gone between listing and loading
+        listings.append(listing)
+        if len(listings) == 2:  # the listing taken again under the line's lock, which the run trains on
+            store.delete(f"datasets/{line}/abnormal/{jobs[1]}.png")  # gone between listing and loading
         return listing
 
     monkeypatch.setattr(retrain_module, "list_confirmed", listing_then_delete)
