@@ -6,11 +6,14 @@ result = a_result("cam01-1", latency_ms=200.0)  # an InspectionResult as a consu
 point_cli_at(monkeypatch, settings, bucket, tmp_path)   # the environment of a shell using these servers
 with small_service(stack_settings, "e2e", scorer_replicas=2) as (settings, card):  # the Serve app, deployed
     ...
+settings, card = live_small_model(stack_settings, "rescore")   # a bucket of its own with a small live model
+with running(consumer): ...                    # a StreamConsumer in a thread, drained and stopped on exit
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -26,6 +29,7 @@ from trainer.pipeline import initial_model_version
 from trainer.registry import ModelRegistry
 from trainer.store import ObjectStore
 from trainer.synthetic import DefectKind, synth_image
+from workers.consumer import StreamConsumer
 
 SIZE = 128
 
@@ -109,3 +113,27 @@ def small_service(
         yield settings, card
     finally:
         serve.delete(APP_NAME)
+
+
+def live_small_model(stack_settings: Settings, bucket_prefix: str) -> tuple[Settings, ModelCard]:
+    """A bucket of its own (``<bucket_prefix>-<random>``) holding a small model version, live on the default line."""
+    settings = stack_settings.model_copy(update={"bucket": f"{bucket_prefix}-{uuid.uuid4().hex[:8]}"})
+    store = ObjectStore.from_settings(settings)
+    store.ensure_bucket()
+    card = register_small_model(store, settings.model_name)
+    ModelRegistry(store, settings.model_name).set_live(card.version)
+    return settings, card
+
+
+@contextlib.contextmanager
+def running(consumer: StreamConsumer) -> Iterator[None]:
+    """``consumer`` in a thread of its own; stopped (graceful drain) on exit."""
+    stop = threading.Event()
+    thread = threading.Thread(target=consumer.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert not thread.is_alive(), "the consumer did not stop"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from helpers import point_cli_at, register_small_model, small_png
+from helpers import point_cli_at, register_small_model, running, small_png
 from typer.testing import CliRunner
 
 from cluster.cli import app
@@ -42,18 +41,12 @@ def consumer_running(client: redis.Redis, store: ObjectStore, names: StreamNames
     card = register_small_model(store, "metal")
     _, weights = ModelRegistry(store, "metal").load(card.version)
     inspector = LocalInspector(PatchModel.from_safetensors(card, weights, device="cpu"))
-    config = ConsumerConfig(consumer="c", block_ms=50, claim_every_s=0.2)
-    consumer = StreamConsumer(client, store, inspector, names, config)
+    consumer = StreamConsumer(
+        client, store, inspector, names, ConsumerConfig(consumer="c", block_ms=50, claim_every_s=0.2)
+    )
     consumer.ensure_groups()
-    stop = threading.Event()
-    thread = threading.Thread(target=consumer.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
+    with running(consumer):
         yield
-    finally:
-        stop.set()
-        thread.join(timeout=60)
-    assert not thread.is_alive(), "the consumer did not stop"
 
 
 def _wait_for(client: redis.Redis, names: StreamNames, results: int, dead: int, timeout: float = 60) -> None:

@@ -6,16 +6,14 @@ object, equal entry ids on two lines. Real Valkey and SeaweedFS; jobs are scored
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import redis
-from helpers import register_small_model, small_png
+from helpers import register_small_model, running, small_png
 
 from schemas import DeadLetter, DeadReason, InspectionJob, InspectionResult, Settings, StreamNames
 from schemas.stream import encode_job_entry
@@ -89,20 +87,6 @@ def _answers(client: redis.Redis, names: StreamNames) -> tuple[list[InspectionRe
         [result for _, result in read_results(client, names)],
         [letter for _, letter in read_dead_letters(client, names)],
     )
-
-
-@contextlib.contextmanager
-def running(consumer: StreamConsumer) -> Iterator[None]:
-    """``consumer`` in a thread of its own; stopped (graceful drain) on exit."""
-    stop = threading.Event()
-    thread = threading.Thread(target=consumer.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(timeout=60)
-    assert not thread.is_alive(), "the consumer did not stop"
 
 
 def _wait_for(client: redis.Redis, names: StreamNames, answers: int, timeout: float = 60) -> None:

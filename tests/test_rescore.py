@@ -8,7 +8,6 @@ what it wrote and run again.
 from __future__ import annotations
 
 import io
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,7 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import point_cli_at, register_small_model
+from helpers import live_small_model, point_cli_at
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -70,12 +69,7 @@ def _manifest(store: ObjectStore, version: str) -> list[dict[str, object]]:
 
 @pytest.fixture(scope="module")
 def model(stack_settings: Settings, ray_cluster: object) -> tuple[Settings, ModelCard]:
-    settings = stack_settings.model_copy(update={"bucket": f"rescore-{uuid.uuid4().hex[:8]}"})
-    store = ObjectStore.from_settings(settings)
-    store.ensure_bucket()
-    card = register_small_model(store, settings.model_name)
-    ModelRegistry(store, settings.model_name).set_live(card.version)
-    return settings, card
+    return live_small_model(stack_settings, "rescore")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import os
 import shutil
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,13 +20,12 @@ import pytest
 import ray.cloudpickle
 import torch
 import urllib3.exceptions
-from helpers import point_cli_at, register_small_model, small_png
+from helpers import live_small_model, point_cli_at, small_png
 from minio.error import S3Error
 from typer.testing import CliRunner
 
 from cluster.cli import app
 from schemas import DeadReason, ModelCard, Settings
-from trainer.registry import ModelRegistry
 from trainer.store import ObjectMissing, ObjectStore
 from workers.archive import (
     ArchiveSource,
@@ -60,12 +58,7 @@ def _s3_error(code: str) -> S3Error:
 
 @pytest.fixture(scope="module")
 def model(stack_settings: Settings) -> tuple[Settings, ModelCard]:
-    settings = stack_settings.model_copy(update={"bucket": f"rescore-fail-{uuid.uuid4().hex[:8]}"})
-    store = ObjectStore.from_settings(settings)
-    store.ensure_bucket()
-    card = register_small_model(store, settings.model_name)
-    ModelRegistry(store, settings.model_name).set_live(card.version)
-    return settings, card
+    return live_small_model(stack_settings, "rescore-fail")
 
 
 @pytest.fixture

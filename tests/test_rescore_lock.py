@@ -9,18 +9,16 @@ from __future__ import annotations
 import io
 import threading
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import point_cli_at, register_small_model, small_png
+from helpers import live_small_model, point_cli_at, small_png
 from typer.testing import CliRunner
 
 from cluster.cli import app
 from schemas import DeadReason, ModelCard, Settings
-from trainer.registry import ModelRegistry
 from trainer.store import ObjectStore
 from workers.archive import ArchiveSource
 from workers.rescore import (
@@ -53,12 +51,7 @@ def _marker(run_id: str, heartbeat: datetime | None = None) -> RunMarker:
 
 @pytest.fixture(scope="module")
 def model(stack_settings: Settings) -> tuple[Settings, ModelCard]:
-    settings = stack_settings.model_copy(update={"bucket": f"rescore-lock-{uuid.uuid4().hex[:8]}"})
-    store = ObjectStore.from_settings(settings)
-    store.ensure_bucket()
-    card = register_small_model(store, settings.model_name)
-    ModelRegistry(store, settings.model_name).set_live(card.version)
-    return settings, card
+    return live_small_model(stack_settings, "rescore-lock")
 
 
 def test_run_marker_round_trips_and_says_who_holds_it() -> None:
