@@ -254,6 +254,16 @@ def shutdown_ray() -> None:
     ray.shutdown()
 
 
+LOCAL_RAY_TRAIN_ENV = {
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+"""Ray Train settings for a one-node cluster on this machine (set where not already set): the controller
+polls its workers every 0.5 s (Ray's default, 2 s, adds up to 2 s to every report and to the end of every
+run), and no preemption watcher is started (an actor process per run, watching for cloud nodes being
+reclaimed; this node is the machine itself). Together they save ~5 s of every training run on 2 cores."""
+
+
 class LocalRay:
     """An in-process local Ray cluster on 127.0.0.1 with its own short temp dir.
 
@@ -265,7 +275,8 @@ class LocalRay:
     Uses ``address="local"``: never joins another cluster found via ``RAY_ADDRESS`` or
     ``/tmp/ray``. Ray's metrics are served on ``metrics_port`` (free, chosen here unless given);
     ``metrics_report_interval_ms`` sets how often every process reports them (Ray's default: 10 s).
-    On exit Serve is shut down, Ray stopped and the temp dir removed.
+    Ray Train runs from this process poll their workers every 0.5 s, with no preemption watcher
+    (`LOCAL_RAY_TRAIN_ENV`). On exit Serve is shut down, Ray stopped and the temp dir removed.
     """
 
     def __init__(
@@ -297,6 +308,8 @@ class LocalRay:
         import ray
 
         apply_ray_env()
+        for name, value in LOCAL_RAY_TRAIN_ENV.items():
+            os.environ.setdefault(name, value)
         if ray.is_initialized():
             msg = "Ray is already initialised in this process; LocalRay starts its own cluster"
             raise RuntimeError(msg)

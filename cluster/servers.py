@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from cluster.connections import RAY_ENV, minio_from_endpoint
 from cluster.ports import GRPC_OFFSET, free_port, free_port_pairs, free_ports
@@ -143,8 +145,15 @@ def start_valkey(
         with os.fdopen(fd, "w") as out:
             out.write("\n".join(lines) + "\n")
 
-        def ping() -> bool:
-            client = redis.Redis(host=HOST, port=chosen, password=password, socket_timeout=1, socket_connect_timeout=1)
+        def ping() -> bool:  # one try: redis-py's default retries (~5 s when refused) would hide an exit
+            client = redis.Redis(
+                host=HOST,
+                port=chosen,
+                password=password,
+                socket_timeout=1,
+                socket_connect_timeout=1,
+                retry=Retry(NoBackoff(), 0),
+            )
             try:
                 return bool(client.ping())
             finally:
