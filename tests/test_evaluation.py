@@ -283,6 +283,8 @@ def test_train_on_a_folder_then_eval_the_live_version(
     assert (
         card.abnormal_patch_source == AbnormalPatchSource.MASK and card.n_train_images == 2
     )  # calibration/good exists
+    assert card.gamma == 0.9 and card.n_abnormal_images == 1 and "abnormal-patch bank" in trained.output
+    assert card.thresholds.n_calibration_images > 0 and card.thresholds.pixel > 0
     out = tmp_path / "metrics.json"
     evaluated = runner.invoke(app, ["eval", "--data", str(root), "--json", str(out), "--device", "cpu"])
     assert evaluated.exit_code == 0, evaluated.output

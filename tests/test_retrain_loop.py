@@ -93,14 +93,14 @@ def loop_stack(stack_settings: Settings, ray_cluster: object, tmp_path_factory: 
 def _publish_steadily(
     client: redis.Redis, names: StreamNames, stop: threading.Event, pngs: list[bytes], sent: list[str]
 ) -> None:
-    """A camera on the line: one job every 0.25 s until ``stop``."""
+    """A camera on the line: one job a second until ``stop`` (the fine-tune shares the 2 test cores with it)."""
     i = 0
     while not stop.is_set():
         job = InspectionJob(job_id=f"steady-{i:05d}", camera_id="cam-steady")
         publish_job(client, names, job, image=pngs[i % len(pngs)])
         sent.append(job.job_id)
         i += 1
-        time.sleep(0.25)
+        time.sleep(1.0)
 
 
 def _score_through_service(
@@ -156,9 +156,11 @@ def test_confirmed_defects_retrain_promote_and_swap_under_load(loop_stack, redis
                 publish_confirmation(redis_client, names, confirmation)
 
             # γ = 0.3: at 0.5 the candidate reached 1.0 on 5 of 5 confirmed images on one CPU (machine B)
-            # and 3 of 5 on another (machine A); at 0.3 on machine A all 5 score 1.21-2.23.
+            # and 3 of 5 on another (machine A); at 0.3 on machine A all 5 score 1.21-2.23. 450 + 250 steps
+            # (600 + 300 until the twentieth session): on machine A the confirmed stains score 1.24-1.98 and
+            # 7 of the 8 held-out ones >= 1, as after 600 + 300 steps, in 60 s of training rather than 120.
             policy = RetrainPolicy(
-                min_confirmations=K_CONFIRMED, gamma=0.3, gan_steps=600, encoder_steps=300,
+                min_confirmations=K_CONFIRMED, gamma=0.3, gan_steps=450, encoder_steps=250,
                 map_mode=MapMode.RESIDUAL_LOGIT, tolerance=0.1, required_above=0.8,
             )  # fmt: skip
             storage = CheckpointStorage.local(workdir / "train-runs")
