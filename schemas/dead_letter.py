@@ -32,6 +32,9 @@ class DeadReason(StrEnum):
     IMAGE_TOO_SMALL = "image_too_small"
     UNSUPPORTED_IMAGE_MODE = "unsupported_image_mode"
     MISSING_OBJECT = "missing_object"
+    FORBIDDEN_OBJECT = "forbidden_object"
+    """The ``s3://`` object may not be read: its bucket is neither the service's nor in
+    ``ANOMAP_REFERENCE_BUCKETS`` (not read at all), or the store refused (``AccessDenied``, an archived object)."""
     DUPLICATE_JOB = "duplicate_job"
     """A different entry already produced a result under the same ``job_id``."""
     TOO_MANY_DELIVERIES = "too_many_deliveries"

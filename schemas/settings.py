@@ -8,6 +8,7 @@
 | ``S3_SECURE`` | ``1`` to use TLS (an ``https://`` endpoint always does; ``0`` with one is an error) | ``0`` |
 | ``S3_REGION`` | region to sign S3 requests for (AWS; MinIO and SeaweedFS accept any) | unset (below) |
 | ``ANOMAP_BUCKET`` | bucket for models, maps, datasets, images | ``anomap`` |
+| ``ANOMAP_REFERENCE_BUCKETS`` | other buckets that ``image_ref`` and ``mask_ref`` may name, comma-separated | none |
 | ``RAY_ADDRESS`` | an existing Ray cluster | embedded Ray head |
 | ``ANOMAP_STREAM_PREFIX`` | prefix of every stream name | ``anomap`` |
 | ``ANOMAP_MODEL_NAME`` | model name in the registry | ``metal`` |
@@ -48,7 +49,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
@@ -173,6 +174,9 @@ class Settings(BaseModel):
     """TLS for a bare ``host:port`` endpoint; an ``https://`` one uses TLS anyway (`s3_tls` decides)."""
     s3_region: str | None = Field(default=None, pattern=r"^[a-z0-9-]{1,32}$")
     bucket: str = Field(default="anomap", pattern=BUCKET_PATTERN)
+    reference_buckets: tuple[Annotated[str, Field(pattern=BUCKET_PATTERN)], ...] = ()
+    """Buckets besides ``bucket`` that ``s3://`` references in jobs and confirmations may name; a reference to
+    any other is a ``forbidden_object`` dead letter, unread (`trainer.store.ObjectStore.read_reference`)."""
     ray_address: str | None = None
     stream_prefix: str = Field(default="anomap", pattern=r"^[a-z][a-z0-9_-]{0,31}$")
     model_name: str = Field(default="metal", pattern=MODEL_NAME_PATTERN)
@@ -260,17 +264,27 @@ class Settings(BaseModel):
         for field, variable in optional.items():
             if (value := get(variable)) is not None:
                 values[field] = value
+        if (listed := get("ANOMAP_REFERENCE_BUCKETS")) is not None:
+            values["reference_buckets"] = tuple(name.strip() for name in listed.split(",") if name.strip())
         serving = {field: value for field, name in SERVING_VARIABLES.items() if (value := get(name)) is not None}
         if serving:
             values["serving"] = serving
         try:
             return cls.model_validate(values)
         except ValidationError as exc:  # named by field, without the values (pydantic would print a bad secret)
-            variables = {"redis_url": "REDIS_URL", "s3_region": "S3_REGION", **optional, **SERVING_VARIABLES}
+            variables = {
+                "redis_url": "REDIS_URL",
+                "s3_region": "S3_REGION",
+                "reference_buckets": "ANOMAP_REFERENCE_BUCKETS",
+                **optional,
+                **SERVING_VARIABLES,
+            }
             problems = []
             for error in exc.errors():
                 field = ".".join(map(str, error["loc"])) or "settings"
-                variable = variables.get(str(error["loc"][-1])) if error["loc"] else None
+                variable = next(
+                    (variables[str(part)] for part in reversed(error["loc"]) if str(part) in variables), None
+                )
                 problems.append(f"{field}{f' ({variable})' if variable else ''}: {error['msg']}")
             msg = f"invalid settings from the environment: {'; '.join(problems)}"
             raise ValueError(msg) from None

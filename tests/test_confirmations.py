@@ -121,22 +121,26 @@ def test_bad_confirmations_become_dead_letters_with_a_reason_and_the_reader_goes
     redis_client.xadd(NAMES.confirmations, {CONFIRMATION_FIELD: b"{not json"})
     redis_client.xadd(NAMES.confirmations, {CONFIRMATION_FIELD: b'{"job_id": "cam01-5", "label": "maybe"}'})
     publish_confirmation(redis_client, NAMES, Confirmation(job_id="cam01-5", label="abnormal", mask_ref=mask_ref))
+    elsewhere = "s3://another-teams-bucket/masks/m.png"  # not the service's bucket: refused unread
+    publish_confirmation(redis_client, NAMES, Confirmation(job_id="cam01-5", label="abnormal", mask_ref=elsewhere))
     outside = Box(x=500, y=0, width=4, height=4)
     publish_confirmation(redis_client, NAMES, Confirmation(job_id="cam01-5", label="abnormal", boxes=[outside]))
     publish_confirmation(redis_client, NAMES, Confirmation(job_id="cam01-5", label="normal"))
-    assert _ingest(redis_client, object_store) == {"dead": 5, "written": 1}
+    assert _ingest(redis_client, object_store) == {"dead": 6, "written": 1}
     reasons = [(letter.job_id, letter.reason) for letter in _dead(redis_client)]
     assert reasons == [
         ("nobody-1", DeadReason.UNKNOWN_JOB),
         (None, DeadReason.INVALID_JSON),
         ("cam01-5", DeadReason.INVALID_SCHEMA),
         ("cam01-5", DeadReason.MASK_SIZE_MISMATCH),
+        ("cam01-5", DeadReason.FORBIDDEN_OBJECT),
         ("cam01-5", DeadReason.BOX_OUTSIDE_IMAGE),
     ]
     letters = _dead(redis_client)
     assert all(letter.stream == NAMES.confirmations for letter in letters)
     assert "64×64" in letters[3].detail and f"{SIZE}×{SIZE}" in letters[3].detail
     assert "nobody-1" in letters[0].detail
+    assert letters[4].detail.startswith("mask: s3://another-teams-bucket/masks/m.png is in bucket")
     assert _keys(object_store) == {f"{NORMAL}/cam01-5.png"}
     assert _pending(redis_client) == 0
 

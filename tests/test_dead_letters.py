@@ -1,6 +1,7 @@
 """Dead letters listed and re-driven (`workers.dead_letters`, ``anomap dead``): a job dead-lettered for a
-missing object is scored once the object is uploaded and its letter re-driven; a trimmed original, a
-duplicate job and a stream of another prefix are not sent again. Real Valkey, SeaweedFS and consumer."""
+missing object is scored once the object is uploaded and its letter re-driven, one for an object in a bucket
+references may not name once that bucket is allowed; a trimmed original, a duplicate job and a stream of
+another prefix are not sent again. Real Valkey, SeaweedFS and consumer."""
 
 from __future__ import annotations
 
@@ -47,6 +48,41 @@ def consumer_running(client: redis.Redis, store: ObjectStore, names: StreamNames
     consumer.ensure_groups()
     with running(consumer):
         yield
+
+
+def test_a_reference_to_another_bucket_is_a_forbidden_object_until_that_bucket_is_allowed(
+    redis_client: redis.Redis, object_store: ObjectStore, names: StreamNames
+) -> None:
+    """A camera's ``image_ref`` may name only the service's bucket and ``ANOMAP_REFERENCE_BUCKETS``: another is a
+    ``forbidden_object`` dead letter at the first delivery, and the object is not read. With the bucket
+    allowed, the re-driven job is scored."""
+    cams = ObjectStore(object_store.client, f"{object_store.bucket}-cams")
+    cams.ensure_bucket()
+    try:
+        cams.put_bytes("cam01/0001.png", small_png(3), "image/png")
+        job = InspectionJob(job_id="cam01-0001", camera_id="cam01", image_ref=cams.ref("cam01/0001.png"))
+        publish_job(redis_client, names, job)
+        with consumer_running(redis_client, object_store, names):
+            _wait_for(redis_client, names, results=0, dead=1)
+        ((dead_id, letter),) = dead_letters(redis_client, names)
+        assert (letter.reason, letter.delivery_count) == (DeadReason.FORBIDDEN_OBJECT, 1)
+        assert f"bucket {cams.bucket!r}" in letter.detail and "ANOMAP_REFERENCE_BUCKETS (none)" in letter.detail
+
+        allowed = ObjectStore(object_store.client, object_store.bucket, frozenset({cams.bucket}))
+        assert redrive(redis_client, names, dead_id, letter)[0] is Redrive.REDRIVEN
+        with consumer_running(redis_client, allowed, names):
+            _wait_for(redis_client, names, results=1, dead=0)
+        assert [result.job_id for _, result in read_results(redis_client, names)] == ["cam01-0001"]
+    finally:
+        cams.delete("cam01/0001.png")
+        cams.client.remove_bucket(cams.bucket)
+
+
+def test_settings_name_the_buckets_references_may_name() -> None:
+    settings = Settings.from_env({"ANOMAP_REFERENCE_BUCKETS": "cams-a, cams-b,"})
+    assert settings.reference_buckets == ("cams-a", "cams-b")
+    with pytest.raises(ValueError, match="ANOMAP_REFERENCE_BUCKETS"):
+        Settings.from_env({"ANOMAP_REFERENCE_BUCKETS": "cams-a,Not_A_Bucket"})
 
 
 def _wait_for(client: redis.Redis, names: StreamNames, results: int, dead: int, timeout: float = 60) -> None:

@@ -26,6 +26,7 @@ from minio.error import S3Error
 from minio.lifecycleconfig import LifecycleConfig
 
 from schemas import Settings
+from schemas.ids import S3Ref
 
 if TYPE_CHECKING:
     import pyarrow.fs
@@ -36,12 +37,20 @@ DEFAULT_S3_REGION = "us-east-1"
 """Region requests are signed for when ``S3_REGION`` is unset (MinIO's and SeaweedFS's default)."""
 
 _MISSING_CODES = {"NoSuchKey", "NoSuchObject", "NoSuchBucket", "ResourceNotFound"}
+FORBIDDEN_CODES = frozenset({"AccessDenied", "AllAccessDisabled", "InvalidObjectState"})
+"""S3 error codes that mean "this object may not be read with these keys, now or on a retry" (an archived
+object, ``InvalidObjectState``, needs a restore first)."""
 _READ_CHUNK = 1 << 20
 """Bytes per read of a bounded `ObjectStore.get_bytes`."""
 
 
 class ObjectMissing(KeyError):
     """The object (or its bucket) does not exist."""
+
+
+class ObjectForbidden(Exception):
+    """The object may not be read: the store refused (`FORBIDDEN_CODES`), or a reference names a bucket that
+    references may not name (`ObjectStore.read_reference`)."""
 
 
 class ObjectTooLarge(ValueError):
@@ -54,11 +63,13 @@ class ObjectTooLarge(ValueError):
 
 
 class ObjectStore:
-    """A bucket in an S3 store."""
+    """A bucket in an S3 store; ``reference_buckets``: the other buckets that jobs' and confirmations'
+    ``s3://`` references may name (`read_reference`)."""
 
-    def __init__(self, client: Minio, bucket: str) -> None:
+    def __init__(self, client: Minio, bucket: str, reference_buckets: frozenset[str] = frozenset()) -> None:
         self.client = client
         self.bucket = bucket
+        self.reference_buckets = reference_buckets
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ObjectStore:
@@ -73,7 +84,7 @@ class ObjectStore:
             secure=settings.s3_tls,
             region=settings.s3_region,
         )
-        return cls(client, settings.bucket)
+        return cls(client, settings.bucket, frozenset(settings.reference_buckets))
 
     def ensure_bucket(self) -> None:
         """Create the bucket if it does not exist."""
@@ -101,6 +112,8 @@ class ObjectStore:
         except S3Error as exc:
             if exc.code in _MISSING_CODES:
                 raise ObjectMissing(ref) from exc
+            if exc.code in FORBIDDEN_CODES:
+                raise ObjectForbidden(f"the store refuses to read {ref}: {exc.code}") from exc
             raise
         try:
             if max_bytes is None:
@@ -117,6 +130,22 @@ class ObjectStore:
         finally:
             response.close()
             response.release_conn()
+
+    def read_reference(self, ref: S3Ref, max_bytes: int) -> bytes:
+        """Read the object a job's ``image_ref`` or a confirmation's ``mask_ref`` names, at most ``max_bytes``.
+
+        Only this bucket and ``reference_buckets`` may be named: a publisher's reference must not make the
+        service read whatever its keys can reach. Raises `ObjectForbidden` for another bucket (unread) or
+        when the store refuses, and as `get_bytes` otherwise.
+        """
+        if ref.bucket != self.bucket and ref.bucket not in self.reference_buckets:
+            allowed = ", ".join(sorted(self.reference_buckets)) or "none"
+            msg = (
+                f"{ref} is in bucket {ref.bucket!r}; references may name only {self.bucket!r} and the buckets "
+                f"in ANOMAP_REFERENCE_BUCKETS ({allowed})"
+            )
+            raise ObjectForbidden(msg)
+        return self.get_bytes(ref.key, ref.bucket, max_bytes=max_bytes)
 
     def exists(self, key: str) -> bool:
         """Whether ``key`` exists in the bucket."""

@@ -33,7 +33,7 @@ import urllib3.exceptions
 from minio.error import InvalidResponseError, S3Error, ServerError
 
 from schemas.ids import BUCKET_PATTERN
-from trainer.store import ObjectMissing, ObjectStore
+from trainer.store import ObjectForbidden, ObjectMissing, ObjectStore
 from workers.rescore_manifest import IMAGE_SUFFIXES, RESCORE_PREFIX, is_image_name
 
 SCORED_FOLDER = "scored"
@@ -99,6 +99,8 @@ def permanent_read_detail(image: str, exc: BaseException) -> str | None:
     """What makes reading ``image`` fail for good, naming the S3 code or errno; None when a retry might help."""
     if isinstance(exc, ObjectMissing):
         return f"{image} does not exist (any more)"
+    if isinstance(exc, ObjectForbidden):
+        return f"cannot read {image}: {exc}"
     if isinstance(exc, S3Error) and exc.code in PERMANENT_S3_CODES:
         return f"cannot read {image}: {exc.code} ({exc.message})"
     if isinstance(exc, OSError) and exc.errno in PERMANENT_ERRNOS:

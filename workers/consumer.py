@@ -51,9 +51,10 @@ import redis
 
 from schemas import DeadLetter, DeadReason, InspectionJob, JobRejected, StreamNames
 from schemas.envelope import peek_raw_ids, printable
+from schemas.ids import parse_s3_ref
 from schemas.stream import JOB_FIELD, decode_job_entry, entry_marker, parse_entry_marker
 from trainer.imaging import ImageRejected, decode_image
-from trainer.store import ObjectMissing, ObjectStore, ObjectTooLarge
+from trainer.store import ObjectForbidden, ObjectMissing, ObjectStore, ObjectTooLarge
 from workers import telemetry
 from workers.consumer_config import REDIS_TRANSIENT, ConsumerConfig, ConsumerStats, Outcome
 from workers.group_reader import Entry, EntryKey, GroupReader
@@ -140,8 +141,8 @@ class StreamConsumer:
     def _store_call(self, what: str, op: Callable[[], T], jlog: JobLog) -> T:
         return retry_call(
             op,
-            transient=(Exception,),  # connection refused, timeouts, 5xx: anything but a missing or oversized object
-            permanent=(ObjectMissing, ObjectTooLarge),
+            transient=(Exception,),  # connection refused, timeouts, 5xx: not a missing, forbidden or oversized object
+            permanent=(ObjectMissing, ObjectForbidden, ObjectTooLarge),
             limit_s=self.config.store_retry_s,
             abort=self._abort,
             what=what,
@@ -199,15 +200,17 @@ class StreamConsumer:
         if inline is not None:
             return inline
         assert job.image_ref is not None  # decode_job_entry guarantees one of them
-        bucket, key = job.image_ref.removeprefix("s3://").split("/", 1)
+        ref = parse_s3_ref(job.image_ref)
         try:
             return self._store_call(
                 f"job {job.job_id}: reading {job.image_ref}",
-                lambda: self.store.get_bytes(key, bucket, max_bytes=self.config.max_image_ref_bytes),
+                lambda: self.store.read_reference(ref, max_bytes=self.config.max_image_ref_bytes),
                 jlog,
             )
         except ObjectMissing as exc:
             raise JobRejected(DeadReason.MISSING_OBJECT, f"{job.image_ref} does not exist", job.job_id) from exc
+        except ObjectForbidden as exc:
+            raise JobRejected(DeadReason.FORBIDDEN_OBJECT, str(exc), job.job_id) from exc
         except ObjectTooLarge as exc:
             raise JobRejected(DeadReason.PAYLOAD_TOO_LARGE, str(exc), job.job_id) from exc
 

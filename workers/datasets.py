@@ -36,7 +36,7 @@ from PIL import Image
 from schemas import Box, Confirmation, ConfirmationLabel, DeadReason, JobRejected, StreamNames, parse_s3_ref
 from schemas.stream import MAX_REFERENCED_IMAGE_BYTES, decode_job_entry, parse_entry_marker
 from trainer.imaging import ImageRejected, decode_image, encode_png
-from trainer.store import ObjectMissing, ObjectStore, ObjectTooLarge
+from trainer.store import ObjectForbidden, ObjectMissing, ObjectStore, ObjectTooLarge
 from workers.retrain_data import MASK_SUFFIX
 from workers.scored_images import scored_image_key, scored_png
 
@@ -64,7 +64,8 @@ def find_job_image(client: redis.Redis, store: ObjectStore, names: StreamNames, 
     """The PNG of the image the model scored for ``job_id`` on ``line`` (see the module docstring).
 
     Raises `ConfirmationRejected`: ``unknown_job`` when neither source has it, ``missing_object`` when
-    the job's ``image_ref`` is gone, ``payload_too_large`` when the object is over
+    the job's ``image_ref`` is gone, ``forbidden_object`` when it may not be read
+    (`ObjectStore.read_reference`), ``payload_too_large`` when the object is over
     ``MAX_REFERENCED_IMAGE_BYTES``, or the image's own reason when its bytes do not decode.
     """
     kept = scored_image_key(line, job_id)
@@ -96,10 +97,12 @@ def find_job_image(client: redis.Redis, store: ObjectStore, names: StreamNames, 
         assert job.image_ref is not None  # decode_job_entry guarantees one of them
         ref = parse_s3_ref(job.image_ref)
         try:
-            inline = store.get_bytes(ref.key, ref.bucket, max_bytes=MAX_REFERENCED_IMAGE_BYTES)
+            inline = store.read_reference(ref, max_bytes=MAX_REFERENCED_IMAGE_BYTES)
         except ObjectMissing as exc:
             msg = f"job {job_id!r}: its image {job.image_ref} no longer exists"
             raise ConfirmationRejected(DeadReason.MISSING_OBJECT, msg) from exc
+        except ObjectForbidden as exc:
+            raise ConfirmationRejected(DeadReason.FORBIDDEN_OBJECT, f"job {job_id!r}: its image: {exc}") from exc
         except ObjectTooLarge as exc:
             raise ConfirmationRejected(DeadReason.PAYLOAD_TOO_LARGE, f"job {job_id!r}: its image {exc}") from exc
     return _as_png(job_id, inline)
@@ -133,13 +136,16 @@ def box_mask(boxes: list[Box], width: int, height: int) -> np.ndarray:
 def referenced_mask(store: ObjectStore, mask_ref: str, width: int, height: int) -> np.ndarray:
     """The mask at ``mask_ref`` as an (height, width) bool array (any non-black pixel is marked).
 
-    An object over ``MAX_REFERENCED_IMAGE_BYTES`` is refused (``payload_too_large``) unread.
+    An object over ``MAX_REFERENCED_IMAGE_BYTES`` is refused (``payload_too_large``) unread, and so is one
+    in a bucket references may not name (``forbidden_object``, `ObjectStore.read_reference`).
     """
     ref = parse_s3_ref(mask_ref)
     try:
-        data = store.get_bytes(ref.key, ref.bucket, max_bytes=MAX_REFERENCED_IMAGE_BYTES)
+        data = store.read_reference(ref, max_bytes=MAX_REFERENCED_IMAGE_BYTES)
     except ObjectMissing as exc:
         raise ConfirmationRejected(DeadReason.MISSING_OBJECT, f"mask {mask_ref} does not exist") from exc
+    except ObjectForbidden as exc:
+        raise ConfirmationRejected(DeadReason.FORBIDDEN_OBJECT, f"mask: {exc}") from exc
     except ObjectTooLarge as exc:
         raise ConfirmationRejected(DeadReason.PAYLOAD_TOO_LARGE, f"mask {exc}") from exc
     try:
