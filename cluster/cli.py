@@ -479,7 +479,11 @@ def _s3_message(exc: BaseException) -> str | None:
     """One line for an error the object store answered with, naming its code and endpoint, else None."""
     from minio.error import InvalidResponseError, S3Error, ServerError
 
+    from trainer.store import ObjectForbidden
+
     endpoint = _configured_s3_endpoint
+    if isinstance(exc, ObjectForbidden) and isinstance(exc.__cause__, S3Error):  # the store's refusal, kept typed
+        exc = exc.__cause__
     if isinstance(exc, S3Error):
         hint = "; check S3_ACCESS_KEY and S3_SECRET_KEY" if exc.code in S3_CREDENTIAL_CODES else ""
         return f"the object store at {endpoint()} refused the request: {exc.code}: {exc.message}{hint}"

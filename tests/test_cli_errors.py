@@ -75,3 +75,17 @@ def test_an_unreachable_ray_address_is_a_quick_one_line_error(stack_settings: Se
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     assert f"error: cannot reach Ray at {closed}" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_an_object_the_store_refuses_is_one_line_naming_the_code() -> None:
+    """`ObjectStore.get_bytes` raises `ObjectForbidden` for ``AccessDenied``; the CLI names the store's code."""
+    from minio.error import S3Error
+
+    from cluster.cli import _s3_message
+    from trainer.store import ObjectForbidden
+
+    refused = ObjectForbidden("the store refuses to read s3://b/k: AccessDenied")
+    refused.__cause__ = S3Error(None, "AccessDenied", "Access Denied.", "/b/k", "req", "host")  # type: ignore[arg-type]
+    message = _s3_message(refused)
+    assert message is not None and "refused the request: AccessDenied: Access Denied." in message
+    assert _s3_message(ObjectForbidden("s3://x/k is in bucket 'x'; references may name only ...")) is None
