@@ -33,14 +33,12 @@ import urllib3.exceptions
 from minio.error import InvalidResponseError, S3Error, ServerError
 
 from schemas.ids import BUCKET_PATTERN
-from trainer.store import ObjectForbidden, ObjectMissing, ObjectStore
+from trainer.store import FORBIDDEN_CODES, ObjectForbidden, ObjectMissing, ObjectStore
 from workers.rescore_manifest import IMAGE_SUFFIXES, RESCORE_PREFIX, is_image_name
 
 SCORED_FOLDER = "scored"
 """The consumer keeps each job's image bytes as ``images/<line>/scored/<job_id>``: no suffix."""
-PERMANENT_S3_CODES = frozenset(
-    {"AccessDenied", "AllAccessDisabled", "InvalidObjectState", "MethodNotAllowed", "NoSuchBucket", "NoSuchKey"}
-)
+PERMANENT_S3_CODES = FORBIDDEN_CODES | {"MethodNotAllowed", "NoSuchBucket", "NoSuchKey"}
 """S3 error codes of a read that no retry fixes (forbidden, archived to a cold tier, gone)."""
 TRANSIENT_S3_CODES = frozenset(
     {"InternalError", "OperationAborted", "RequestTimeout", "ServiceUnavailable", "SlowDown", "ThrottlingException"}
@@ -100,7 +98,7 @@ def permanent_read_detail(image: str, exc: BaseException) -> str | None:
     if isinstance(exc, ObjectMissing):
         return f"{image} does not exist (any more)"
     if isinstance(exc, ObjectForbidden):
-        return f"cannot read {image}: {exc}"
+        return str(exc)  # "the store refuses to read s3://…: AccessDenied"
     if isinstance(exc, S3Error) and exc.code in PERMANENT_S3_CODES:
         return f"cannot read {image}: {exc.code} ({exc.message})"
     if isinstance(exc, OSError) and exc.errno in PERMANENT_ERRNOS:
