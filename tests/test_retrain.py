@@ -38,7 +38,7 @@ from workers.dataset_upload import upload_dataset_folder
 from workers.model_events import read_model_events
 from workers.retrain import RetrainOutcome, RetrainStatus, retrain_once, watch_retraining
 from workers.retrain_data import ConfirmedListing, list_confirmed, load_validation_set
-from workers.retrain_policy import RetrainPolicy, decide_trigger, finetune_config, judge
+from workers.retrain_policy import RetrainPolicy, Verdict, decide_trigger, finetune_config, judge
 from workers.retrain_state import LineLock, RetrainAttempt, RetrainState, load_state, record_attempt
 from workers.scored_images import scored_image_key
 
@@ -510,3 +510,27 @@ def test_watch_logs_failing_rounds_goes_on_and_stops_cleanly_on_sigterm(
                 proc.wait()
     text = log.read_text()
     assert "has no live version yet" in text and "SIGTERM: stopping" in text
+
+
+def test_a_run_that_lost_the_lines_lock_does_not_promote_its_candidate(
+    line_registry: ModelRegistry, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """The lock expired while Redis was away and another run took it: this run's candidate, however good, must
+    not go live (the other run may promote its own). Judged at the promotion, not at the next renewal."""
+    parent = line_registry.load_card(line_registry.live_version(LINE))
+    lock = LineLock(redis_client, NAMES, LINE)
+    assert lock.acquire()
+    run = retrain_module._Run(
+        redis_client, line_registry, NAMES, str(tmp_path), LINE, RetrainPolicy(), print, parent,
+        list_confirmed(line_registry.store, LINE), [], "test", lock,
+    )  # fmt: skip
+    good = Verdict(promote=True, passed=["every check"], failures=[])
+    try:
+        assert run._against_live(good) is good
+        redis_client.set(lock.key, "another-run's-token")  # expired meanwhile, and taken
+        verdict = run._against_live(good)
+    finally:
+        lock.release()
+    assert not verdict.promote and verdict.passed == ["every check"]
+    assert f"retraining lock of line {LINE!r} ({lock.key}) was lost during the run" in verdict.summary
+    assert redis_client.get(lock.key) == b"another-run's-token", "release leaves the other holder's lock"

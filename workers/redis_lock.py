@@ -66,6 +66,10 @@ class RenewedLock:
             except redis.RedisError as exc:  # Redis away for a moment: the next renewal tries again
                 log.warning("could not renew %s: %r", self.key, exc)
 
+    def held(self) -> bool:
+        """Whether this holder has the lock right now (asked of Redis, not only of the last renewal)."""
+        return not self.lost.is_set() and self.client.get(self.key) == self.token.encode()
+
     def release(self) -> None:
         """Stop renewing and give the lock back (a no-op when it expired and someone else took it)."""
         self._stop.set()

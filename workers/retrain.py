@@ -19,7 +19,8 @@ One run (`retrain_once`), for one line:
    (none: the trainer mines patches), calibration = ``validation/good`` (see `workers.retrain_data`);
 5. evaluate candidate and parent on the frozen validation set, and both on the confirmed abnormal images;
 6. `judge`: promote (as `promote_model`: pointer, history, a ``promote`` event on ``anomap:models``)
-   or reject (a ``rejected`` event; the pointer stays). The candidate's card records everything:
+   or reject (a ``rejected`` event; the pointer stays). A candidate that passed is still rejected when
+   the live version moved during the run, or the run lost the line's lock. The card records everything:
    ``parent_version``, ``data_digest`` (keys and bytes of what it was trained on), ``metrics``
    (``validation_*``, ``parent_validation_*``, ``confirmed_above_share``) and a `RetrainRecord`
    (decision, each check, the confirmations used, the policy).
@@ -165,6 +166,7 @@ class _Run:
     listing: ConfirmedListing
     new: list[str]
     trigger: str
+    lock: LineLock
 
     def fine_tune(self) -> tuple[ModelCard, RetrainData, ValidationSet, bytes]:
         """Load the data, fine-tune the parent on Ray Train; the candidate (not live), data and parent weights."""
@@ -211,9 +213,16 @@ class _Run:
     def _against_live(self, verdict: Verdict) -> Verdict:
         """``verdict``, unless the line's live version is no longer the parent the candidate was judged against:
         an operator's promotion or rollback during the run wins, and the candidate is rejected (the next run
-        fine-tunes the new live version)."""
+        fine-tunes the new live version). Rejected too when this run no longer holds the line's lock (it
+        expired while Redis was away, and another run may be promoting its own candidate)."""
         if not verdict.promote:
             return verdict
+        if not self.lock.held():
+            lost = (
+                f"the retraining lock of line {self.line!r} ({self.lock.key}) was lost during the run (it expired "
+                "while Redis was away, and another run may hold it), so the candidate is not promoted"
+            )
+            return Verdict(promote=False, passed=verdict.passed, failures=[lost])
         live = self.registry.live_version(self.line)
         if live == self.parent.version:
             return verdict
@@ -354,7 +363,9 @@ def retrain_once(
             outcome = RetrainOutcome(RetrainStatus.SKIPPED, line, trigger.reason, parent.version, new_confirmations=new)
             if trigger.run:
                 say(f"line {line}: retraining {registry.name}/{parent.version}: {trigger.reason}")
-                run = _Run(client, registry, names, storage, line, policy, say, parent, listing, new, trigger.reason)
+                run = _Run(
+                    client, registry, names, storage, line, policy, say, parent, listing, new, trigger.reason, lock
+                )
                 run.execute(outcome)
         finally:
             lock.release()
