@@ -194,7 +194,7 @@ def minio_client(settings: Settings) -> Minio:
 
 def object_store(settings: Settings, bucket: str | None = None) -> ObjectStore:
     """An `ObjectStore` on ``bucket`` (default ``settings.bucket``); the bucket is created if missing."""
-    store = ObjectStore(minio_client(settings), bucket or settings.bucket, frozenset(settings.reference_buckets))
+    store = ObjectStore(minio_client(settings), bucket or settings.bucket, settings.reference_buckets)
     store.ensure_bucket()
     return store
 

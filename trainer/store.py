@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -66,10 +66,10 @@ class ObjectStore:
     """A bucket in an S3 store; ``reference_buckets``: the other buckets that jobs' and confirmations'
     ``s3://`` references may name (`read_reference`)."""
 
-    def __init__(self, client: Minio, bucket: str, reference_buckets: frozenset[str] = frozenset()) -> None:
+    def __init__(self, client: Minio, bucket: str, reference_buckets: Iterable[str] = ()) -> None:
         self.client = client
         self.bucket = bucket
-        self.reference_buckets = reference_buckets
+        self.reference_buckets = frozenset(reference_buckets)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ObjectStore:
@@ -84,7 +84,7 @@ class ObjectStore:
             secure=settings.s3_tls,
             region=settings.s3_region,
         )
-        return cls(client, settings.bucket, frozenset(settings.reference_buckets))
+        return cls(client, settings.bucket, settings.reference_buckets)
 
     def ensure_bucket(self) -> None:
         """Create the bucket if it does not exist."""

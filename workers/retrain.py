@@ -222,7 +222,7 @@ class _Run:
                 f"the retraining lock of line {self.line!r} ({self.lock.key}) was lost during the run (it expired "
                 "while Redis was away, and another run may hold it), so the candidate is not promoted"
             )
-            return Verdict(promote=False, passed=verdict.passed, failures=[lost])
+            return verdict.overruled(lost)
         live = self.registry.live_version(self.line)
         if live == self.parent.version:
             return verdict
@@ -230,7 +230,7 @@ class _Run:
             f"the live version of line {self.line!r} moved from {self.parent.version} to {live} during the run "
             f"(a promotion or rollback); the candidate was judged against {self.parent.version}, so it is not promoted"
         )
-        return Verdict(promote=False, passed=verdict.passed, failures=[moved])
+        return verdict.overruled(moved)
 
     def settle(self, card: ModelCard, record: RetrainRecord, verdict: Verdict) -> ModelEvent:
         """Write the judged card, then move the pointer (promoted) or build the ``rejected`` event."""

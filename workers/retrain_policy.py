@@ -192,6 +192,10 @@ class Verdict:
         """Failures first, then what passed."""
         return [*self.failures, *self.passed]
 
+    def overruled(self, why: str) -> Verdict:
+        """Not promoted, for ``why`` alone (a reason outside the checks); what passed is kept."""
+        return Verdict(promote=False, passed=self.passed, failures=[why])
+
     @property
     def summary(self) -> str:
         """One line: why it was promoted or rejected."""
