@@ -2,6 +2,7 @@
 
 anomap train --synthetic [--size 1024 --contamination 0.1 --abnormal-k 4] [--gamma 0.9] [--workers 2] [--gpu]
 anomap train --data DIR [--gamma 0.9] [--detrend-axis auto|x|y|xy]     # DIR in the method.md §7 layout
+anomap train <the same options> --resume VERSION     # after the command that trained VERSION died
 anomap eval --data DIR [--model VERSION] [--json PATH] [--report DIR]
 
 Training runs on Ray Train (`trainer.pipeline`), so it needs Redis, the object store and Ray; eval scores in
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -19,6 +21,7 @@ import typer
 
 from cluster.cli_common import console, err, fail, resolved_settings
 from schemas import StreamNames
+from schemas.ids import MODEL_VERSION_PATTERN
 
 if TYPE_CHECKING:
     from schemas import Settings
@@ -118,6 +121,13 @@ def train(
             "flattening), x (along rows), y, or xy (an isotropic blur)."
         ),
     ] = "auto",
+    gan_steps: Annotated[int | None, typer.Option(help="GAN steps (default: the schedule's).")] = None,
+    encoder_steps: Annotated[
+        int | None, typer.Option(help="Encoder steps after the GAN (default: the schedule's).")
+    ] = None,
+    steps_per_epoch: Annotated[
+        int | None, typer.Option(help="Steps between checkpoints (default: the schedule's).")
+    ] = None,
     seed: Annotated[int, typer.Option()] = 0,
     live: Annotated[bool, typer.Option(help="Make the new version live.")] = True,
     storage_path: Annotated[
@@ -127,11 +137,20 @@ def train(
             "object store's s3://<bucket>/train-runs/."
         ),
     ] = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            metavar="VERSION",
+            help="Continue the run of this model version from its last checkpoints, after the command that "
+            "started it died. Give the same data and options (checked).",
+        ),
+    ] = None,
 ) -> None:
     """Train a Noisy-AnoGAN model version on Ray Train and store it in the registry.
 
     Ray Train checkpoints every epoch (weights, Adam states, RNG seed) to s3://<bucket>/train-runs/<run>/
-    (or --storage-path DIR) and resumes from the last one when a worker dies.
+    (or --storage-path DIR) and resumes from the last one when a worker dies. When this command dies, run it
+    again with --resume VERSION (the version it logged first) to continue from there.
 
     Data: --synthetic (the default; --size, --n-train, --contamination, --abnormal-k apply) or
     --data DIR, a folder in the MVTec-like layout (train/good, optional train/abnormal with masks
@@ -172,6 +191,10 @@ def train(
     overrides |= map_finish_overrides(line_length, smoothing_sigma, short_segment_weight, blob_radius)
     if detrend_axis != "auto":
         overrides["detrend_axis"] = detrend_axis
+    steps = {"gan_steps": gan_steps, "encoder_steps": encoder_steps, "steps_per_epoch": steps_per_epoch}
+    overrides |= {key: value for key, value in steps.items() if value is not None}
+    if resume is not None and not re.fullmatch(MODEL_VERSION_PATTERN, resume):
+        fail(f"--resume {resume!r} is not a model version (letters, digits, '-', '_'; at most 64)")
     try:
         config = schedules[schedule](gamma=gamma, seed=seed, **overrides)
     except ValueError as exc:
@@ -186,7 +209,7 @@ def train(
         fail(f"--gamma {gamma} < 1 needs confirmed abnormal images: give --abnormal-k >= 1, or use --gamma 1")
     elif size < config.patch_size:
         fail(f"--size {size} is smaller than one {config.patch_size} px patch; give --size >= {config.patch_size}")
-    settings = resolved_settings(redis=True, s3=True, ray=True)
+    settings = resolved_settings(redis=live, s3=True, ray=True)  # Redis only to make it live
     if live:  # the model is made live through Redis after training: find out now whether that can work
         import redis
 
@@ -199,7 +222,7 @@ def train(
     from cluster.connections import connect_ray, object_store
     from trainer.grain import with_grain
     from trainer.pipeline import train_model_version
-    from trainer.registry import ModelRegistry
+    from trainer.registry import ModelRegistry, new_version_id
     from trainer.store import CheckpointStorage
     from trainer.synthetic import make_dataset
 
@@ -233,6 +256,9 @@ def train(
     connect_ray(settings)
     registry = ModelRegistry(object_store(settings), settings.model_name)
     storage = CheckpointStorage.local(storage_path) if storage_path else CheckpointStorage.object_store(settings)
+    version = resume or new_version_id()
+    if resume is None:
+        console.log(f"model version {version}: if this command dies, run it again with --resume {version}")
     try:
         card = train_model_version(
             config,
@@ -245,9 +271,13 @@ def train(
             data_digest=digest,
             storage=storage,
             progress=console.log,
+            version=version,
+            resume=resume is not None,
         )
-    except ValueError as exc:  # data or settings the run cannot use (the pipeline names what)
+    except ValueError as exc:  # data or settings the run cannot use, or a run that cannot be resumed (named)
         fail(f"training failed: {exc}")
+    except OSError as exc:  # the run's manifest could not be written or read
+        fail(f"training failed: cannot reach the checkpoint storage {storage}: {exc}")
     console.print_json(card.model_dump_json())  # first: the version is registered, whatever follows
     if live:
         _make_live(settings, registry, card.version)

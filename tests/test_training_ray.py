@@ -1,13 +1,17 @@
 """Training under Ray Train (2 CPU workers, gloo): a worker killed mid-run, the run resumes from its
 checkpoints in the S3 store and ends where an uninterrupted run (checkpointing to a local folder) ends,
-with un-DDP'd weights. (A whole model version trained, calibrated and registered: `anomap train` in
-tests/test_evaluation.py and the retraining tests.)"""
+with un-DDP'd weights; an `anomap train` whose process was killed is finished by `anomap train --resume`.
+(A whole model version trained, calibrated and registered: `anomap train` in tests/test_evaluation.py and
+the retraining tests.)"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -20,12 +24,16 @@ import pytest
 import ray
 import ray._private.state as ray_state
 import torch
+from helpers import point_cli_at
+from typer.testing import CliRunner
 
+from cluster.cli import app
 from schemas import Settings
 from trainer.config import TrainConfig
 from trainer.distributed import CHECKPOINT_FILE, checkpoint_metadata, load_checkpoint_dir, run_training
 from trainer.networks import build_networks
 from trainer.progress import ProgressWatch
+from trainer.registry import ModelRegistry
 from trainer.store import TRAIN_RUNS_PREFIX, CheckpointStorage, ObjectStore
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -169,3 +177,62 @@ def test_killed_worker_resumes_from_the_last_checkpoint_in_the_object_store(
     assert local and max(load_checkpoint_dir(f.parent)[1] for f in local) == cfg.total_steps
     differs = {key: float((state[key].float() - reference[key].float()).abs().max()) for key in state}
     assert max(differs.values()) < 1e-4, sorted(differs.items(), key=lambda item: -item[1])[:5]
+
+
+def test_a_killed_anomap_train_is_finished_by_resume_from_its_last_checkpoint(
+    ray_cluster: str,
+    stack_settings: Settings,
+    object_store: ObjectStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SIGKILL the `anomap train` process mid-run (its Ray Train run dies with it): the same command with
+    ``--resume VERSION`` refuses other options, then continues from the run's last checkpoint in the S3 store
+    and registers that version; resuming it again is refused."""
+    point_cli_at(monkeypatch, stack_settings, object_store.bucket, tmp_path, redis=False)
+    monkeypatch.setenv("RAY_ADDRESS", ray_cluster)
+    options = ["train", "--synthetic", "--size", "64", "--n-train", "2", "--abnormal-k", "0", "--gamma", "1"]
+    options += ["--schedule", "tiny", "--workers", "1", "--gan-steps", "48", "--encoder-steps", "6"]
+    options += ["--steps-per-epoch", "3", "--no-live", "--detrend-axis", "x", "--seed", "3"]
+    log = tmp_path / "train.log"
+    command = [sys.executable, "-c", "from cluster.cli import main; main()", *options]
+    with log.open("w") as out:
+        proc = subprocess.Popen(command, env=os.environ | {"COLUMNS": "300"}, stdout=out, stderr=out)
+        try:
+            step = _wait_for(
+                lambda: (
+                    [int(s) for s in re.findall(r"training step (\d+)/54", log.read_text()) if int(s) >= 9]
+                    or proc.poll() is not None
+                ),
+                time.monotonic() + 120,
+                "training step 9 in the log",
+            )
+            assert proc.poll() is None, f"anomap train ended before the kill:\n{log.read_text()}"
+            proc.kill()
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    text = log.read_text()
+    assert max(step) < 54, text
+    found = re.search(r"model version (v[0-9-]+): if this command dies, run it again with --resume \1", text)
+    assert found, text
+    version = found.group(1)
+    assert version not in ModelRegistry(object_store, "metal").versions()
+
+    runner = CliRunner()
+    other = runner.invoke(app, [*options[:-1], "4", "--resume", version])  # another seed
+    assert other.exit_code == 2, other.output
+    assert "train_config.seed: 3 when the run started, 4 now" in other.output and "Traceback" not in other.output
+
+    resumed = runner.invoke(app, [*options, "--resume", version])
+    assert resumed.exit_code == 0, resumed.output
+    found = re.search(r"training resumed from its checkpoint at step (\d+)", resumed.output)
+    assert found and 3 <= int(found.group(1)) <= max(step), resumed.output
+    assert "if this command dies" not in resumed.output  # the version is the one it resumes
+    card = ModelRegistry(object_store, "metal").load_card(version)
+    assert card.train_config["gan_steps"] == 48 and card.train_config["seed"] == 3
+
+    again = runner.invoke(app, [*options, "--resume", version])
+    assert again.exit_code == 2 and "already trained and registered" in again.output, again.output

@@ -33,6 +33,7 @@ from trainer.model_io import weights_to_bytes
 from trainer.patches import abnormal_patch_bank, mask_patch_selection
 from trainer.progress import ProgressWatch
 from trainer.registry import ModelRegistry, new_version_id
+from trainer.run_manifest import MANIFEST_FILE, RunManifest, read_run_manifest, write_run_manifest
 from trainer.scoring import DISCRIMINATOR_MAP_MODES, PatchModel, anomaly_map
 from trainer.store import CheckpointStorage
 
@@ -135,8 +136,14 @@ def train_model_version(
     parent_version: str | None = None,
     progress: Progress | None = None,
     init_weights: dict[str, torch.Tensor] | None = None,
+    version: str | None = None,
+    resume: bool = False,
 ) -> ModelCard:
     """Train a model version on Ray Train, calibrate it, save it to ``registry`` and return its card.
+
+    A run writes a `RunManifest` beside its checkpoints. ``resume=True`` continues the run of ``version``
+    whose driver died (its Ray Train runs pick up their last checkpoints) and refuses, naming the
+    difference, unless it is given the same data, config and parent as that run had.
 
     Args:
         normal_images: (H, W) uint8 or uint16 training images (may hold unlabelled defects: the noisy set).
@@ -150,6 +157,8 @@ def train_model_version(
         parent_version: the version this one was fine-tuned from (``init_weights``), for the card.
         progress: called with one-line status messages.
         init_weights: G/D/E weights to start from (fine-tuning the live version), or None.
+        version: the version id to register (default: a new one); with ``resume``, the run to continue.
+        resume: continue the unfinished run of ``version`` from its checkpoints in ``storage``.
     """
     say = progress or (lambda message: None)
     if registry.name != name:
@@ -169,7 +178,25 @@ def train_model_version(
             (height, width), (mask_height, mask_width) = image.shape, mask.shape
             msg = f"abnormal image {i} is {width}×{height} but its mask is {mask_width}×{mask_height}"
             raise ValueError(msg)
-    version = new_version_id()
+    if resume and version is None:
+        msg = "resuming a training run needs the version it was training"
+        raise ValueError(msg)
+    version = version or new_version_id()
+    storage = CheckpointStorage(storage, None, storage) if isinstance(storage, str) else storage
+    manifest = RunManifest(
+        name=name,
+        version=version,
+        data_digest=data_digest,
+        n_train_images=len(normal_images),
+        n_abnormal_images=len(abnormal_images) if cfg.gamma < 1.0 else 0,
+        parent_version=parent_version,
+        train_config=cfg.to_card_dict(),
+    )
+    if resume:
+        _check_resumable(registry, storage, manifest)
+        say(f"resuming {name}/{version} from its last checkpoints in {storage}/{name}-{version}")
+    else:
+        write_run_manifest(storage, f"{name}-{version}", manifest)
     started = time.monotonic()
     extra: dict[str, float | int | str | bool | None] = {}
 
@@ -257,6 +284,26 @@ def train_model_version(
     registry.save(card, weights_to_bytes(state))
     say(f"saved {name}/{version} (pixel threshold {thresholds.pixel:.4f}, image threshold {thresholds.image:.4f})")
     return card
+
+
+def _check_resumable(registry: ModelRegistry, storage: CheckpointStorage, manifest: RunManifest) -> None:
+    """Raise ValueError, saying why, unless ``manifest``'s run can be resumed: it is not registered yet, its
+    manifest is in ``storage``, and that manifest matches ``manifest`` (same data, config and parent)."""
+    label = f"{manifest.name}/{manifest.version}"
+    if manifest.version in registry.versions():
+        msg = f"model version {label} is already trained and registered: there is nothing to resume"
+        raise ValueError(msg)
+    run_name = f"{manifest.name}-{manifest.version}"
+    earlier = read_run_manifest(storage, run_name)
+    if earlier is None:
+        msg = f"no training run of {label} in {storage} (no {storage}/{run_name}/{MANIFEST_FILE}): nothing to resume"
+        raise ValueError(msg)
+    differences = earlier.differences(manifest)
+    if differences:
+        msg = f"the run of {label} started with other data or options; resume it with the same ones: " + "; ".join(
+            differences
+        )
+        raise ValueError(msg)
 
 
 def untrained_model(

@@ -90,11 +90,13 @@ class ProgressWatch:
                 continue
             if latest.get("attempts", 0) > attempts:
                 attempts = latest["attempts"]
+                resumed = latest.get("resumed_from")
                 if attempts > 1:  # a worker failed: say so, and report steps again from the checkpoint on
-                    resumed = latest.get("resumed_from")
                     where = f"its checkpoint at step {resumed}" if resumed is not None else "the start"
                     self.progress(f"training worker group restarted after a failure (start {attempts}): from {where}")
                     last_step = resumed if resumed is not None else -1
+                elif resumed is not None:  # the run's first group found checkpoints: a resumed run
+                    self.progress(f"training resumed from its checkpoint at step {resumed}")
             step = int(latest.get("step", -1))
             if step <= last_step:
                 continue
