@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
-import signal
 import sys
 import time
 import uuid
@@ -29,8 +27,10 @@ from typing import Annotated, Any
 import typer
 
 from cluster.cli_common import checked_line, console, env_settings, err, fail, first_line, resolved_settings
+from cluster.cli_failures import unreachable_message
+from cluster.cli_serve import serve
 from cluster.cli_train import check_output_paths, eval_cmd, train
-from schemas import InspectionJob, Settings, StreamNames
+from schemas import InspectionJob, StreamNames
 
 app = typer.Typer(
     help="anomap: pixel-level anomaly maps for factory camera images, at fleet scale.",
@@ -43,6 +43,7 @@ stack_app = typer.Typer(
 app.add_typer(stack_app, name="stack")
 app.command()(train)  # training and evaluation live in cluster.cli_train
 app.command("eval")(eval_cmd)
+app.command()(serve)  # the Serve app and consumers: cluster.cli_serve
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
@@ -86,118 +87,6 @@ def stack_status_cmd() -> None:
     except ValueError as exc:  # an unreadable state file
         fail(str(exc))
     console.print_json(json.dumps(status, default=str))
-
-
-@app.command()
-def serve(
-    version: Annotated[
-        str | None,
-        typer.Option(
-            help="Pin one model version for every line (default: each line's live version, "
-            "re-read every few seconds, so `anomap models promote` swaps models without a restart)."
-        ),
-    ] = None,
-    lines: Annotated[str, typer.Option(help="Comma-separated production lines to consume.")] = "default",
-    consumers: Annotated[int, typer.Option(min=1, max=64)] = 2,
-    replicas: Annotated[
-        int | None,
-        typer.Option(
-            min=1,
-            max=256,
-            help="A fixed number of PatchScorer replicas (default: ANOMAP_SCORER_REPLICAS, or autoscaling "
-            "with ANOMAP_SCORER_MIN_REPLICAS/ANOMAP_SCORER_MAX_REPLICAS; queue limits: see README).",
-        ),
-    ] = None,
-    http_port: Annotated[
-        int | None, typer.Option(min=1, max=65535, help="Also answer POST /v1/inspect on 127.0.0.1:PORT.")
-    ] = None,
-) -> None:
-    """Run the Serve app and stream consumers until interrupted (SIGINT/SIGTERM drain gracefully)."""
-    line_ids = _serve_lines(lines)  # before anything starts: a bad value is one line, not a deployed app
-    if version is not None:
-        _check_version(version)
-    settings = resolved_settings(redis=True, s3=True, ray=True)
-    from cluster.connections import connect_ray
-    from cluster.serving import ConsumerDied, InspectionServer
-    from workers.logs import configure_logging
-
-    live = _check_models(settings, version, line_ids)
-    _check_redis(settings)
-    try:
-        configure_logging(logging.INFO)  # ANOMAP_LOG_FORMAT=json: one JSON object per line
-    except ValueError as exc:
-        fail(str(exc))
-    connect_ray(settings)
-    from workers.serve_app import ServeHttpConflict
-
-    server = InspectionServer(
-        settings, version, consumers=consumers, lines=line_ids, scorer_replicas=replicas, http_port=http_port
-    )
-    for sig in (signal.SIGINT, signal.SIGTERM):  # before the deploy: a signal during it drains once it is up
-        signal.signal(sig, lambda *_: server.request_stop())
-    try:
-        with server:
-            pointers = ", ".join(f"{line}: {v}" for line, v in live.items())
-            models = f"model {version} (pinned)" if version else f"live models {pointers}"
-            console.log(f"serving lines {', '.join(line_ids)} with {models}; Ctrl-C drains and stops")
-            server.wait()
-    except ServeHttpConflict as exc:  # raised by deploy, before anything runs
-        fail(str(exc))
-    except ConsumerDied as exc:  # the rest drained; exit non-zero so that a supervisor starts a fresh process
-        fail(f"{exc}; the others drained and stopped, and its pending jobs are reclaimed at the next start")
-    console.log("drained and stopped")
-
-
-def _serve_lines(lines: str) -> tuple[str, ...]:
-    """The line ids of ``--lines``, each checked; exit 2 when one is not a line id or there are none."""
-    line_ids = tuple(checked_line(line.strip(), "--lines") for line in lines.split(",") if line.strip())
-    if not line_ids:
-        fail(f"--lines {lines!r} names no line; give comma-separated line ids, e.g. --lines default,line2")
-    return line_ids
-
-
-def _check_version(version: str) -> None:
-    """Exit 2 unless ``version`` is a model version name (``../x`` would read other keys)."""
-    import re
-
-    from schemas.ids import MODEL_VERSION_PATTERN
-
-    if not re.fullmatch(MODEL_VERSION_PATTERN, version):
-        fail(f"--version {version!r} is not a model version (letters, digits, '-', '_'; at most 64)")
-
-
-def _check_models(settings: Settings, version: str | None, line_ids: tuple[str, ...]) -> dict[str, str]:
-    """The pinned version's card must be found, else each line's live one: exit 2 if not. Returns the live
-    version per line (none when pinned)."""
-    from cluster.connections import object_store
-    from trainer.registry import ModelNotFound, ModelRegistry
-
-    registry = ModelRegistry(object_store(settings), settings.model_name)
-    try:
-        if version is not None:
-            registry.load_card(version)
-            return {}
-        live = {line: registry.live_version(line) for line in line_ids}
-        for live_version in set(live.values()):
-            registry.load_card(live_version)
-    except (ModelNotFound, ValueError) as exc:  # ValueError: a card that names another version
-        fail(str(exc))
-    return live
-
-
-def _check_redis(settings: Settings) -> None:
-    """Exit 2 unless Redis answers PING: the consumers would fail only after the app is deployed."""
-    import redis
-
-    from cluster.connections import redis_client
-
-    client = redis_client(settings, socket_timeout=5.0)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        fail(f"cannot reach Redis ({first_line(exc)}); is the stack up (`anomap stack status`) and REDIS_URL right?")
-    finally:
-        client.close()
 
 
 def _image_files(paths: list[Path]) -> list[Path]:
@@ -460,61 +349,6 @@ from cluster.cli_dead import dead_app  # noqa: E402  (listing and re-driving dea
 app.add_typer(dead_app, name="dead")
 
 
-S3_CREDENTIAL_CODES = {"SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "InvalidToken"}
-"""S3 error codes that mean the keys are wrong (or lack a permission)."""
-
-
-def _configured_s3_endpoint() -> str:
-    """The object store's endpoint as the commands resolve it (for messages; never its keys)."""
-    from cluster.connections import resolve_settings
-
-    try:
-        endpoint = resolve_settings().s3_endpoint
-    except Exception:  # a message about another failure must not fail itself
-        endpoint = None
-    return endpoint or "(S3_ENDPOINT not set)"
-
-
-def _s3_message(exc: BaseException) -> str | None:
-    """One line for an error the object store answered with, naming its code and endpoint, else None."""
-    from minio.error import InvalidResponseError, S3Error, ServerError
-
-    from trainer.store import ObjectForbidden
-
-    endpoint = _configured_s3_endpoint
-    if isinstance(exc, ObjectForbidden) and isinstance(exc.__cause__, S3Error):  # the store's refusal, kept typed
-        exc = exc.__cause__
-    if isinstance(exc, S3Error):
-        hint = "; check S3_ACCESS_KEY and S3_SECRET_KEY" if exc.code in S3_CREDENTIAL_CODES else ""
-        return f"the object store at {endpoint()} refused the request: {exc.code}: {exc.message}{hint}"
-    if isinstance(exc, ServerError):
-        return f"the object store at {endpoint()} failed (HTTP {exc.status_code}): {first_line(exc)}"
-    if isinstance(exc, InvalidResponseError):
-        return f"the object store at {endpoint()} gave an answer that is not S3's: {first_line(exc)[:200]}"
-    return None
-
-
-def _unreachable(exc: BaseException) -> str | None:
-    """A one-line message when ``exc`` means a service could not be reached or refused us, else None."""
-    import redis
-    import urllib3.exceptions
-
-    from cluster.connections import RayUnreachable
-
-    if isinstance(exc, redis.exceptions.AuthenticationError):  # a wrong password, or none where one is needed
-        return f"Redis refused the credentials ({first_line(exc)}); check the password in REDIS_URL"
-    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
-        return f"cannot reach Redis ({first_line(exc)}); is the stack up (`anomap stack status`) and REDIS_URL right?"
-    if isinstance(exc, urllib3.exceptions.MaxRetryError | urllib3.exceptions.NewConnectionError):
-        return (
-            f"cannot reach the object store at {_configured_s3_endpoint()} ({exc.__class__.__name__}); "
-            "check S3_ENDPOINT and `anomap stack status`"
-        )
-    if isinstance(exc, RayUnreachable):
-        return first_line(exc)
-    return _s3_message(exc)
-
-
 def main() -> None:
     """Console-script entry point: a service that cannot be reached, or refuses us, is a one-line error.
 
@@ -526,7 +360,7 @@ def main() -> None:
     try:
         command(standalone_mode=True)  # exits by itself
     except Exception as exc:
-        message = _unreachable(exc)
+        message = unreachable_message(exc)
         if message is None:
             raise
         err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)

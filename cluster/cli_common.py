@@ -1,4 +1,4 @@
-"""What the command modules beside `cluster.cli` share: failing with a message, settings, line ids."""
+"""What the command modules beside `cluster.cli` share: failing with a message, settings, line and version ids."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from schemas import LINE_PATTERN, Settings
+from schemas.ids import MODEL_VERSION_PATTERN
 
 console = Console()
 err = Console(stderr=True)
@@ -64,6 +65,13 @@ def checked_line(line: str, option: str = "--line") -> str:
     if not re.fullmatch(LINE_PATTERN, line):
         fail(f"{option} {line!r} is not a line id: lower-case letters, digits, '_' and '-', at most 32")
     return line
+
+
+def checked_version(version: str, option: str = "--version") -> str:
+    """``version`` if it is a model version name (``../x`` would read other keys), else exit 2 saying so."""
+    if not re.fullmatch(MODEL_VERSION_PATTERN, version):
+        fail(f"{option} {version!r} is not a model version (letters, digits, '-', '_'; at most 64)")
+    return version
 
 
 def first_line(exc: BaseException) -> str:

@@ -47,17 +47,11 @@ from workers.inspection import (
     ScoredImage,
     ScoringBusy,
 )
+from workers.patch_scorer import MAX_BATCH_PATCHES
 from workers.publisher import publish_job
 from workers.results import read_dead_letters, read_results
 from workers.retry import Backoff, IntakeLimit
-from workers.serve_app import (
-    APP_NAME,
-    MAX_BATCH_PATCHES,
-    ServeInspector,
-    app_builder,
-    build_app,
-    deploy,
-)
+from workers.serve_app import APP_NAME, ServeInspector, app_builder, build_app, deploy
 
 SERVE_YAML = Path(__file__).parents[1] / "deploy" / "serve.yaml"
 

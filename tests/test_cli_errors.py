@@ -81,11 +81,11 @@ def test_an_object_the_store_refuses_is_one_line_naming_the_code() -> None:
     """`ObjectStore.get_bytes` raises `ObjectForbidden` for ``AccessDenied``; the CLI names the store's code."""
     from minio.error import S3Error
 
-    from cluster.cli import _s3_message
+    from cluster.cli_failures import s3_message
     from trainer.store import ObjectForbidden
 
     refused = ObjectForbidden("the store refuses to read s3://b/k: AccessDenied")
     refused.__cause__ = S3Error(None, "AccessDenied", "Access Denied.", "/b/k", "req", "host")  # type: ignore[arg-type]
-    message = _s3_message(refused)
+    message = s3_message(refused)
     assert message is not None and "refused the request: AccessDenied: Access Denied." in message
-    assert _s3_message(ObjectForbidden("s3://x/k is in bucket 'x'; references may name only ...")) is None
+    assert s3_message(ObjectForbidden("s3://x/k is in bucket 'x'; references may name only ...")) is None

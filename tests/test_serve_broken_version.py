@@ -24,7 +24,8 @@ from trainer.registry import ModelRegistry
 from trainer.store import ObjectStore
 from trainer.synthetic import synth_image
 from workers.inspection import ScoredImage
-from workers.serve_app import APP_NAME, LOAD_FAILURE_TTL_S, deploy
+from workers.patch_scorer import LOAD_FAILURE_TTL_S
+from workers.serve_app import APP_NAME, deploy
 
 pytestmark = pytest.mark.ray
 

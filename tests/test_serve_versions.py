@@ -18,14 +18,9 @@ from schemas import Settings
 from trainer.registry import ModelNotFound, ModelRegistry
 from trainer.store import ObjectStore
 from trainer.tiling import MapBand
-from workers.serve_app import (
-    BoundedCache,
-    LoadFailures,
-    VersionUnavailable,
-    app_builder,
-    score_per_version,
-    version_groups,
-)
+from workers.bounded_cache import BoundedCache
+from workers.patch_scorer import LoadFailures, VersionUnavailable, score_per_version, version_groups
+from workers.serve_app import app_builder
 
 
 def _band(i: int) -> MapBand:
