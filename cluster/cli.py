@@ -27,9 +27,10 @@ from typing import Annotated, Any
 import typer
 
 from cluster.cli_common import checked_line, console, env_settings, err, fail, first_line, resolved_settings
+from cluster.cli_eval import check_output_paths, eval_cmd
 from cluster.cli_failures import unreachable_message
 from cluster.cli_serve import serve
-from cluster.cli_train import check_output_paths, eval_cmd, train
+from cluster.cli_train import train
 from schemas import InspectionJob, StreamNames
 
 app = typer.Typer(
@@ -41,7 +42,7 @@ stack_app = typer.Typer(
     help="The embedded stack: Valkey, SeaweedFS (S3) and a Ray head on 127.0.0.1.", no_args_is_help=True
 )
 app.add_typer(stack_app, name="stack")
-app.command()(train)  # training and evaluation live in cluster.cli_train
+app.command()(train)  # training: cluster.cli_train; evaluation: cluster.cli_eval
 app.command("eval")(eval_cmd)
 app.command()(serve)  # the Serve app and consumers: cluster.cli_serve
 

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import re
-from typing import NoReturn
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
 from rich.console import Console
 
 from schemas import LINE_PATTERN, Settings
 from schemas.ids import MODEL_VERSION_PATTERN
+
+if TYPE_CHECKING:
+    from trainer.folder_dataset import FolderDataset
 
 console = Console()
 err = Console(stderr=True)
@@ -78,3 +83,18 @@ def first_line(exc: BaseException) -> str:
     """The first line of ``exc``'s message, without a trailing colon (a log tail often follows it)."""
     lines = str(exc).strip().splitlines()
     return (lines[0] if lines else type(exc).__name__).rstrip(":").rstrip()
+
+
+def load_folder(data: Path, part: str) -> FolderDataset:
+    """Load a dataset folder, printing its warnings; a bad folder is a clear message and exit 2."""
+    from trainer.folder_dataset import DatasetError, DatasetPart, load_dataset
+
+    try:
+        with console.status(f"loading {data}…"):
+            dataset = load_dataset(data, DatasetPart(part))
+    except DatasetError as exc:
+        fail(str(exc))
+    for warning in dataset.warnings:
+        err.print(f"[yellow]warning:[/yellow] {warning}")
+    console.log(f"loaded {data}: {json.dumps(dataset.summary())}")
+    return dataset
