@@ -3,6 +3,7 @@
 anomap models list [--line L] [--json]          # versions, created, parent, γ, metrics; which is live where
 anomap models promote VERSION [--line L]        # make a version live (and announce it on anomap:models)
 anomap models rollback [--line L]               # back to the version live before the current one
+anomap models runs [--storage-path DIR] [--json] # training runs not (yet) registered: what to --resume
 
 A line without a pointer of its own follows the default line's model; `rollback` on such a line,
 after its first promotion, makes it follow the default again.
@@ -11,6 +12,7 @@ after its first promotion, makes it follow the default again.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -22,7 +24,9 @@ from schemas import ModelEvent, Settings, StreamNames
 if TYPE_CHECKING:
     from trainer.registry import ModelRegistry
 
-models_app = typer.Typer(help="Model versions: list them, promote one, roll back.", no_args_is_help=True)
+models_app = typer.Typer(
+    help="Model versions: list them, promote one, roll back; training runs to resume.", no_args_is_help=True
+)
 
 LineOption = Annotated[str, typer.Option(help="Production line (its own pointer; else the default's).")]
 ReasonOption = Annotated[str, typer.Option(help="Why, for the history and the anomap:models event.")]
@@ -164,3 +168,58 @@ def promote_cmd(
 def rollback_cmd(line: LineOption = "default", reason: ReasonOption = "rolled back by hand") -> None:
     """Point a line back at the version that was live before the current one (exit 2 if there is none)."""
     _move(line, None, reason)
+
+
+@models_app.command("runs")
+def runs_cmd(
+    storage_path: Annotated[
+        Path | None, typer.Option(help="The --storage-path the runs were started with (default: the object store).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+) -> None:
+    """Training runs whose checkpoints are still kept: running, dead (resume them with `anomap train <the same
+    options> --resume VERSION`), or kept with --keep-checkpoints. A registered version's run is deleted."""
+    from trainer.run_manifest import list_runs
+    from trainer.store import CheckpointStorage
+
+    settings = resolved_settings(s3=True)
+    storage = CheckpointStorage.local(storage_path) if storage_path else CheckpointStorage.object_store(settings)
+    try:
+        runs = list_runs(storage, settings.model_name)
+    except OSError as exc:
+        fail(f"cannot list the training runs in {storage}: {exc}")
+    registered = set(_registry(settings).versions())
+    rows = [
+        {
+            "version": run.version,
+            "registered": run.version in registered,
+            "parent_version": run.parent_version,
+            "gamma": run.train_config.get("gamma"),
+            "seed": run.train_config.get("seed"),
+            "n_train_images": run.n_train_images,
+            "n_abnormal_images": run.n_abnormal_images,
+            "data_digest": run.data_digest,
+        }
+        for run in runs
+    ]
+    if as_json:
+        print(json.dumps({"model": settings.model_name, "storage": str(storage), "runs": rows}), flush=True)
+        return
+    if not rows:
+        console.print(f"no training runs of model {settings.model_name} in {storage}")
+        return
+    table = Table(title=f"training runs of model {settings.model_name} in {storage}")
+    for column in ("version", "registered", "parent", "γ", "seed", "images", "abnormal", "data"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            row["version"],
+            "yes" if row["registered"] else "no: resume with --resume " + row["version"],
+            row["parent_version"] or "-",
+            f"{row['gamma']:g}" if isinstance(row["gamma"], int | float) else "-",
+            str(row["seed"]),
+            str(row["n_train_images"]),
+            str(row["n_abnormal_images"]),
+            row["data_digest"][:12],
+        )
+    console.print(table)

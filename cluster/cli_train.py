@@ -116,6 +116,12 @@ def train(
             "object store's s3://<bucket>/train-runs/."
         ),
     ] = None,
+    keep_checkpoints: Annotated[
+        bool,
+        typer.Option(
+            "--keep-checkpoints", help="Keep the run's checkpoints once the version is registered (default: deleted)."
+        ),
+    ] = False,
     resume: Annotated[
         str | None,
         typer.Option(
@@ -129,7 +135,8 @@ def train(
 
     Ray Train checkpoints every epoch (weights, Adam states, RNG seed) to s3://<bucket>/train-runs/<run>/
     (or --storage-path DIR) and resumes from the last one when a worker dies. When this command dies, run it
-    again with --resume VERSION (the version it logged first) to continue from there.
+    again with --resume VERSION (the version it logged first) to continue from there. Once the version is
+    registered the run's checkpoints are deleted (--keep-checkpoints keeps them).
 
     Data: --synthetic (the default; --size, --n-train, --contamination, --abnormal-k apply) or
     --data DIR, a folder in the MVTec-like layout (train/good, optional train/abnormal with masks
@@ -252,6 +259,7 @@ def train(
             progress=console.log,
             version=version,
             resume=resume is not None,
+            keep_checkpoints=keep_checkpoints,
         )
     except ValueError as exc:  # data or settings the run cannot use, or a run that cannot be resumed (named)
         fail(f"training failed: {exc}")

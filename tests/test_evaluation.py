@@ -26,7 +26,7 @@ from trainer.pipeline import untrained_model
 from trainer.postprocess import image_score
 from trainer.registry import ModelRegistry
 from trainer.scoring import PatchModel, anomaly_map
-from trainer.store import ObjectStore
+from trainer.store import TRAIN_RUNS_PREFIX, ObjectStore
 from trainer.synthetic import DefectKind, make_dataset, write_dataset_folder
 from workers.model_events import read_model_events
 
@@ -274,6 +274,9 @@ def test_train_on_a_folder_then_eval_the_live_version(
     assert "grain along x" in trained.output, "the measured grain is reported"
     version = ModelRegistry(s3_env, "metal").live_version()
     card = ModelRegistry(s3_env, "metal").load_card(version)
+    assert not list(s3_env.list_keys(f"{TRAIN_RUNS_PREFIX}/metal-{version}")), (
+        "registered: its run's checkpoints are deleted"
+    )
     client = redis_from_url(stack_settings.redis_url.get_secret_value())
     events = [event for _, event in read_model_events(client, StreamNames(stack_settings.stream_prefix))]
     assert (events[-1].event, events[-1].version) == (ModelEventKind.PROMOTE, version), "promotions are announced"

@@ -20,7 +20,7 @@ from schemas import AbnormalPatchSource, ModelCard
 from trainer.config import TrainConfig
 from trainer.gan import NoisyAnoGAN
 from trainer.pipeline import split_gan_budget, train_model_version
-from trainer.run_manifest import MANIFEST_FILE, read_run_manifest
+from trainer.run_manifest import MANIFEST_FILE, list_runs, read_run_manifest
 from trainer.store import CheckpointStorage
 
 
@@ -174,7 +174,7 @@ def test_a_run_resumes_under_its_own_version_and_run_names(runs: list[_Run], sto
     """A run whose driver died (here: one that never registered) is resumed under its version: the same Ray Train
     run names, so each run picks up its last checkpoint, and the version registered is the one it was training."""
     cfg = TrainConfig.tiny(gamma=0.9, mask_min_overlap=2, gan_steps=4, mined_patches_per_image=3)
-    _train(cfg, [_scratch()], storage, version="v20261202-090000-000001")
+    _train(cfg, [_scratch()], storage, version="v20261202-090000-000001", keep_checkpoints=True)
     manifest = read_run_manifest(storage, "metal-v20261202-090000-000001")
     assert manifest is not None and manifest.train_config["gamma"] == 0.9 and manifest.n_abnormal_images == 1
     first = [run.run_name for run in runs]
@@ -189,7 +189,7 @@ def test_a_resume_with_other_options_or_no_run_is_refused_before_any_run(
 ) -> None:
     cfg = TrainConfig.tiny(gamma=0.9, mask_min_overlap=1, gan_steps=4)
     registry = _Registry()
-    card = _train(cfg, [_scratch()], storage, registry=registry)
+    card = _train(cfg, [_scratch()], storage, registry=registry, keep_checkpoints=True)
     assert (Path(storage.run_path(f"metal-{card.version}")) / MANIFEST_FILE).is_file()
     runs.clear()
     with pytest.raises(ValueError, match="already trained and registered"):
@@ -205,6 +205,17 @@ def test_a_resume_with_other_options_or_no_run_is_refused_before_any_run(
     assert runs == []
 
 
+def test_a_registered_versions_runs_are_deleted_unless_kept(runs: list[_Run], storage: CheckpointStorage) -> None:
+    cfg = TrainConfig.tiny(gamma=0.9, mask_min_overlap=2, gan_steps=4, mined_patches_per_image=3)  # with a warm-up
+    for run_name in ("metal-v1", "metal-v1-warmup", "metal-v2"):  # what Ray Train would have left
+        (Path(storage.run_path(run_name)) / "checkpoint_000").mkdir(parents=True)
+    _train(cfg, [_scratch()], storage, version="v1")
+    assert [run.run_name for run in runs] == ["metal-v1-warmup", "metal-v1"]
+    assert sorted(p.name for p in Path(storage.path).iterdir()) == ["metal-v2"], "only this version's runs go"
+    _train(cfg, [_scratch()], storage, version="v3", keep_checkpoints=True)
+    assert (Path(storage.run_path("metal-v3")) / MANIFEST_FILE).is_file()
+
+
 def test_a_file_in_a_manifests_place_that_is_not_one_is_named(storage: CheckpointStorage) -> None:
     folder = Path(storage.run_path("metal-v1"))
     folder.mkdir(parents=True)
@@ -212,3 +223,16 @@ def test_a_file_in_a_manifests_place_that_is_not_one_is_named(storage: Checkpoin
     with pytest.raises(ValueError, match=r"metal-v1/anomap-run\.json is not an anomap run manifest: Field required"):
         read_run_manifest(storage, "metal-v1")
     assert read_run_manifest(storage, "metal-v2") is None
+
+
+def test_the_runs_listed_are_this_models_with_a_manifest(runs: list[_Run], storage: CheckpointStorage) -> None:
+    assert list_runs(storage, "metal") == []  # no folder yet
+    cfg = TrainConfig.tiny(gamma=0.9, mask_min_overlap=2, gan_steps=4, mined_patches_per_image=3)
+    _train(cfg, [_scratch()], storage, version="v2", keep_checkpoints=True)  # with a warm-up folder
+    _train(cfg, [_scratch()], storage, version="v1", keep_checkpoints=True)
+    _train(cfg, [_scratch()], storage, version="v3")  # registered: deleted
+    for stray in ("other-v9", "metal-v8"):  # another model's run; a folder without a manifest
+        Path(storage.run_path(stray)).mkdir(parents=True)
+    (Path(storage.run_path("metal-v7")) / MANIFEST_FILE).parent.mkdir(parents=True)
+    (Path(storage.run_path("metal-v7")) / MANIFEST_FILE).write_text("not json")
+    assert [run.version for run in list_runs(storage, "metal")] == ["v1", "v2"]

@@ -7,6 +7,7 @@ the retraining tests.)"""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -220,8 +221,13 @@ def test_a_killed_anomap_train_is_finished_by_resume_from_its_last_checkpoint(
     assert found, text
     version = found.group(1)
     assert version not in ModelRegistry(object_store, "metal").versions()
+    left = list(object_store.list_keys(f"{TRAIN_RUNS_PREFIX}/metal-{version}/"))
+    assert any(key.endswith("/anomap-run.json") for key in left) and any("/checkpoint_" in key for key in left), left
 
     runner = CliRunner()
+    listed = runner.invoke(app, ["models", "runs", "--json"])
+    assert listed.exit_code == 0, listed.output
+    assert [(run["version"], run["registered"]) for run in json.loads(listed.stdout)["runs"]] == [(version, False)]
     other = runner.invoke(app, [*options[:-1], "4", "--resume", version])  # another seed
     assert other.exit_code == 2, other.output
     assert "train_config.seed: 3 when the run started, 4 now" in other.output and "Traceback" not in other.output
@@ -233,6 +239,8 @@ def test_a_killed_anomap_train_is_finished_by_resume_from_its_last_checkpoint(
     assert "if this command dies" not in resumed.output  # the version is the one it resumes
     card = ModelRegistry(object_store, "metal").load_card(version)
     assert card.train_config["gan_steps"] == 48 and card.train_config["seed"] == 3
+    assert not list(object_store.list_keys(f"{TRAIN_RUNS_PREFIX}/metal-{version}")), "registered: its run is deleted"
+    assert "no training runs of model metal" in runner.invoke(app, ["models", "runs"]).output
 
     again = runner.invoke(app, [*options, "--resume", version])
     assert again.exit_code == 2 and "already trained and registered" in again.output, again.output

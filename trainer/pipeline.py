@@ -138,6 +138,7 @@ def train_model_version(
     init_weights: dict[str, torch.Tensor] | None = None,
     version: str | None = None,
     resume: bool = False,
+    keep_checkpoints: bool = False,
 ) -> ModelCard:
     """Train a model version on Ray Train, calibrate it, save it to ``registry`` and return its card.
 
@@ -159,6 +160,8 @@ def train_model_version(
         init_weights: G/D/E weights to start from (fine-tuning the live version), or None.
         version: the version id to register (default: a new one); with ``resume``, the run to continue.
         resume: continue the unfinished run of ``version`` from its checkpoints in ``storage``.
+        keep_checkpoints: keep the runs' checkpoints once the version is registered (by default they are
+            deleted then: the registry holds the weights, and a finished run is never resumed).
     """
     say = progress or (lambda message: None)
     if registry.name != name:
@@ -283,7 +286,18 @@ def train_model_version(
     )
     registry.save(card, weights_to_bytes(state))
     say(f"saved {name}/{version} (pixel threshold {thresholds.pixel:.4f}, image threshold {thresholds.image:.4f})")
+    if not keep_checkpoints:
+        _delete_runs(storage, [f"{name}-{version}-warmup", f"{name}-{version}"], say)
     return card
+
+
+def _delete_runs(storage: CheckpointStorage, run_names: Sequence[str], say: Progress) -> None:
+    """Delete the folders of ``run_names`` in ``storage``; a failure is said, not raised (the version is saved)."""
+    for run_name in run_names:
+        try:
+            storage.delete_run(run_name)
+        except OSError as exc:
+            say(f"could not delete the checkpoints of run {run_name} in {storage} (delete them by hand): {exc}")
 
 
 def _check_resumable(registry: ModelRegistry, storage: CheckpointStorage, manifest: RunManifest) -> None:

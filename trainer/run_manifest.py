@@ -7,6 +7,9 @@ resumed (`anomap train --resume VERSION`) only on the same data, with the same o
 
     >>> earlier.differences(now)
     ['train_config.gamma: 0.9 when the run started, 1.0 now', 'data_digest: 3f2a… when the run started, 9c1e… now']
+
+A registered version's run folders are deleted (`trainer.pipeline`), so `list_runs` shows the runs still
+training, the ones whose driver died, and the ones kept on purpose.
 """
 
 from __future__ import annotations
@@ -52,12 +55,6 @@ class RunManifest(BaseModel):
         return lines
 
 
-def _filesystem(storage: CheckpointStorage) -> Any:
-    import pyarrow.fs
-
-    return storage.filesystem or pyarrow.fs.LocalFileSystem()
-
-
 def manifest_path(storage: CheckpointStorage, run_name: str) -> str:
     """Where run ``run_name``'s manifest is, as a path on ``storage``'s filesystem."""
     return f"{storage.run_path(run_name)}/{MANIFEST_FILE}"
@@ -65,7 +62,7 @@ def manifest_path(storage: CheckpointStorage, run_name: str) -> str:
 
 def write_run_manifest(storage: CheckpointStorage, run_name: str, manifest: RunManifest) -> None:
     """Write ``manifest`` into run ``run_name``'s folder (created when local). Raises OSError on failure."""
-    filesystem = _filesystem(storage)
+    filesystem = storage.files()
     if storage.filesystem is None:
         filesystem.create_dir(storage.run_path(run_name), recursive=True)
     with filesystem.open_output_stream(manifest_path(storage, run_name)) as out:
@@ -76,7 +73,7 @@ def read_run_manifest(storage: CheckpointStorage, run_name: str) -> RunManifest 
     """The manifest of run ``run_name``, None when it has none. Raises ValueError when it is not a manifest."""
     import pyarrow.fs
 
-    filesystem = _filesystem(storage)
+    filesystem = storage.files()
     path = manifest_path(storage, run_name)
     if filesystem.get_file_info(path).type != pyarrow.fs.FileType.File:
         return None
@@ -87,3 +84,27 @@ def read_run_manifest(storage: CheckpointStorage, run_name: str) -> RunManifest 
     except ValidationError as exc:
         msg = f"{storage}/{run_name}/{MANIFEST_FILE} is not an anomap run manifest: {exc.errors()[0]['msg']}"
         raise ValueError(msg) from exc
+
+
+def list_runs(storage: CheckpointStorage, name: str) -> list[RunManifest]:
+    """The manifests of model ``name``'s runs in ``storage``, oldest version first: after registration a run's
+    folder is deleted, so these are the runs that are still training, died, or were kept (``--keep-checkpoints``).
+    Folders without a readable manifest (a warm-up's, another model's, one from before manifests) are left out."""
+    import pyarrow.fs
+
+    files = storage.files()
+    try:
+        entries = files.get_file_info(pyarrow.fs.FileSelector(storage.path.rstrip("/"), allow_not_found=True))
+    except FileNotFoundError:
+        return []
+    runs = []
+    for entry in entries:
+        if entry.type != pyarrow.fs.FileType.Directory or not entry.base_name.startswith(f"{name}-"):
+            continue
+        try:
+            manifest = read_run_manifest(storage, entry.base_name)
+        except ValueError:
+            continue
+        if manifest is not None and manifest.name == name and entry.base_name == f"{name}-{manifest.version}":
+            runs.append(manifest)
+    return sorted(runs, key=lambda manifest: manifest.version)

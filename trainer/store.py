@@ -238,5 +238,22 @@ class CheckpointStorage:
         """The folder of run ``run_name``, as a path on ``filesystem``."""
         return f"{self.path.rstrip('/')}/{run_name}"
 
+    def files(self) -> pyarrow.fs.FileSystem:
+        """The filesystem the paths are on: ``filesystem``, or the local one."""
+        import pyarrow.fs
+
+        return self.filesystem or pyarrow.fs.LocalFileSystem()
+
+    def delete_run(self, run_name: str) -> bool:
+        """Delete run ``run_name``'s folder (its checkpoints and manifest); False when there was none.
+        Raises OSError when the storage fails."""
+        import pyarrow.fs
+
+        files, path = self.files(), self.run_path(run_name)
+        if files.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+            return False
+        files.delete_dir(path)
+        return True
+
     def __str__(self) -> str:
         return self.uri or self.path
