@@ -209,12 +209,13 @@ def runs_cmd(
         console.print(f"no training runs of model {settings.model_name} in {storage}")
         return
     table = Table(title=f"training runs of model {settings.model_name} in {storage}")
-    for column in ("version", "registered", "parent", "γ", "seed", "images", "abnormal", "data"):
+    table.add_column("version", no_wrap=True, min_width=max(len(row["version"]) for row in rows))  # never cut
+    for column in ("registered", "parent", "γ", "seed", "images", "abnormal", "data"):
         table.add_column(column)
     for row in rows:
         table.add_row(
             row["version"],
-            "yes" if row["registered"] else "no: resume with --resume " + row["version"],
+            "yes" if row["registered"] else "no",
             row["parent_version"] or "-",
             f"{row['gamma']:g}" if isinstance(row["gamma"], int | float) else "-",
             str(row["seed"]),
@@ -223,3 +224,7 @@ def runs_cmd(
             row["data_digest"][:12],
         )
     console.print(table)
+    if not all(row["registered"] for row in rows):
+        console.print(
+            "resume a run that is not registered: anomap train <the options it started with> --resume VERSION"
+        )

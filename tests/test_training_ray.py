@@ -228,6 +228,8 @@ def test_a_killed_anomap_train_is_finished_by_resume_from_its_last_checkpoint(
     listed = runner.invoke(app, ["models", "runs", "--json"])
     assert listed.exit_code == 0, listed.output
     assert [(run["version"], run["registered"]) for run in json.loads(listed.stdout)["runs"]] == [(version, False)]
+    table = runner.invoke(app, ["models", "runs"])  # 80 columns: the version is still shown whole
+    assert table.exit_code == 0 and version in table.output and "--resume VERSION" in table.output, table.output
     other = runner.invoke(app, [*options[:-1], "4", "--resume", version])  # another seed
     assert other.exit_code == 2, other.output
     assert "train_config.seed: 3 when the run started, 4 now" in other.output and "Traceback" not in other.output
