@@ -205,7 +205,10 @@ def train(
             redis_client(settings).ping()
         except redis.RedisError as exc:
             fail(f"cannot reach Redis to make the model live after training ({exc}); fix it, or pass --no-live")
+    from ray.train import TrainingFailedError
+
     from cluster.connections import connect_ray, object_store
+    from trainer.distributed import describe_training_failure
     from trainer.grain import with_grain
     from trainer.pipeline import train_model_version
     from trainer.registry import ModelRegistry, new_version_id
@@ -265,6 +268,11 @@ def train(
         fail(f"training failed: {exc}")
     except OSError as exc:  # the run's manifest could not be written or read
         fail(f"training failed: cannot reach the checkpoint storage {storage}: {exc}")
+    except TrainingFailedError as exc:  # the run gave up: a worker group failed more than max_failures times
+        fail(
+            f"training of {settings.model_name}/{version} failed: {describe_training_failure(exc)}; its "
+            f"checkpoints stay in {storage}: fix the cause, then run the same command with --resume {version}"
+        )
     console.print_json(card.model_dump_json())  # first: the version is registered, whatever follows
     if live:
         _make_live(settings, registry, card.version)

@@ -87,6 +87,53 @@ def test_a_training_run_that_refuses_its_data_is_one_line_not_a_traceback(
     assert "Traceback" not in result.output
 
 
+def test_a_training_run_that_fails_for_good_names_each_ranks_reason_and_how_to_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray Train gave up (every restart failed): one line with the workers' reasons and the resume command."""
+    from ray.train import WorkerGroupError
+
+    import cluster.cli_train as cli_train
+    import cluster.connections as connections
+    import trainer.pipeline as pipeline
+    from schemas import Settings
+
+    def give_up(*args: object, **kwargs: object) -> None:
+        failures = {0: OSError("No space left on device"), 1: OSError("No space left on device")}
+        raise WorkerGroupError("Training failed due to worker errors: …", failures)
+
+    monkeypatch.setattr(cli_train, "resolved_settings", lambda **wanted: Settings())  # no stack needed
+    monkeypatch.setattr(connections, "connect_ray", lambda *args, **kwargs: "")
+    monkeypatch.setattr(connections, "object_store", lambda *args, **kwargs: None)
+    monkeypatch.setattr(pipeline, "train_model_version", give_up)
+    args = ["train", "--schedule", "tiny", "--size", "64", "--n-train", "2", "--abnormal-k", "1", "--no-live"]
+    result = runner.invoke(app, [*args, "--storage-path", str(tmp_path), "--resume", "v20261202-100000-000001"])
+    assert result.exit_code == 2, result.output
+    assert "training of metal/v20261202-100000-000001 failed: rank 0, 1: OSError: No space left on device" in (
+        result.output
+    )
+    assert "run the same command with --resume v20261202-100000-000001" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_describing_a_failure_names_distinct_reasons_by_rank() -> None:
+    from ray.train import ControllerError, WorkerGroupError
+
+    from trainer.distributed import describe_training_failure
+
+    failures = {1: ValueError("bad\ndetail"), 0: KeyError("k"), 2: ValueError("bad")}
+    assert (
+        describe_training_failure(WorkerGroupError("…", failures))
+        == "rank 0: KeyError: 'k'; rank 1, 2: ValueError: bad"
+    )
+    controller = ControllerError(RuntimeError("placement group timed out"))
+    assert (
+        describe_training_failure(controller)
+        == "the Ray Train controller failed: RuntimeError: placement group timed out"
+    )
+    assert describe_training_failure(RuntimeError("first\nsecond")) == "RuntimeError: first"
+
+
 NO_SHAPES = {"short_segment_weight": 0.0, "blob_radius": 0}
 
 

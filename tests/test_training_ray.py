@@ -26,12 +26,19 @@ import ray
 import ray._private.state as ray_state
 import torch
 from helpers import point_cli_at
+from ray.train import TrainingFailedError
 from typer.testing import CliRunner
 
 from cluster.cli import app
 from schemas import Settings
 from trainer.config import TrainConfig
-from trainer.distributed import CHECKPOINT_FILE, checkpoint_metadata, load_checkpoint_dir, run_training
+from trainer.distributed import (
+    CHECKPOINT_FILE,
+    checkpoint_metadata,
+    describe_training_failure,
+    load_checkpoint_dir,
+    run_training,
+)
 from trainer.networks import build_networks
 from trainer.progress import ProgressWatch
 from trainer.registry import ModelRegistry
@@ -178,6 +185,15 @@ def test_killed_worker_resumes_from_the_last_checkpoint_in_the_object_store(
     assert local and max(load_checkpoint_dir(f.parent)[1] for f in local) == cfg.total_steps
     differs = {key: float((state[key].float() - reference[key].float()).abs().max()) for key in state}
     assert max(differs.values()) < 1e-4, sorted(differs.items(), key=lambda item: -item[1])[:5]
+
+    # The same run name with another seed and world size cannot resume from these checkpoints: the worker
+    # refuses, and the run fails for good with the rank's reason in one line.
+    other = cfg.replace(seed=cfg.seed + 1, num_workers=1, max_failures=0)
+    with pytest.raises(TrainingFailedError) as failed:
+        run_training(other, _images(2), None, storage, run_name)
+    reason = describe_training_failure(failed.value)
+    refused = f"rank 0: ValueError: checkpoint at step {cfg.total_steps} was taken with seed 0 on 2 workers"
+    assert reason.startswith(refused), reason
 
 
 def test_a_killed_anomap_train_is_finished_by_resume_from_its_last_checkpoint(

@@ -166,6 +166,29 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     run_schedule(model, sampler, start_step, report)
 
 
+def describe_training_failure(exc: BaseException) -> str:
+    """One line on why a Ray Train run failed for good: each failed rank's error (a `WorkerGroupError`; ranks
+    that failed alike are named together), the controller's (a `ControllerError`), else ``exc``'s first line.
+
+        >>> describe_training_failure(WorkerGroupError("…", {0: ValueError("bad"), 1: ValueError("bad")}))
+        'rank 0, 1: ValueError: bad'
+    """
+    failures = getattr(exc, "worker_failures", None)
+    if isinstance(failures, dict) and failures:
+        ranks_by_error: dict[str, list[str]] = {}
+        for rank, error in sorted(failures.items()):
+            text = str(error).strip().splitlines()
+            ranks_by_error.setdefault(f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": "), []).append(
+                str(rank)
+            )
+        return "; ".join(f"rank {', '.join(ranks)}: {error}" for error, ranks in ranks_by_error.items())
+    cause = getattr(exc, "controller_failure", None)
+    if isinstance(cause, BaseException):
+        return f"the Ray Train controller failed: {type(cause).__name__}: {cause}"
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
 def _network_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {key: value for key, value in state.items() if key.split(".", 1)[0] in NETWORK_PREFIXES}
 
