@@ -184,7 +184,10 @@ def retrain(
     settings = resolved_settings(redis=True, s3=True)
     if settings.ray_address is None:
         fail("RAY_ADDRESS not set and no embedded stack is up: run `anomap stack up` first")
+    from ray.train import TrainingFailedError
+
     from cluster.connections import connect_ray, object_store, redis_client
+    from trainer.distributed import describe_training_failure
     from trainer.registry import ModelRegistry
     from trainer.store import CheckpointStorage
     from workers.retrain import RetrainStatus, retrain_once, watch_retraining
@@ -218,7 +221,8 @@ def retrain(
         except Exception as exc:
             failed = True
             message = f"line {name}: retraining failed, {_live_after_failure(registry, name, before)}: "
-            message += f"{exc.__class__.__name__}: {exc}"
+            failed_for_good = isinstance(exc, TrainingFailedError)  # its text is every rank's traceback
+            message += describe_training_failure(exc) if failed_for_good else f"{exc.__class__.__name__}: {exc}"
             if as_json:
                 print(json.dumps({"status": "failed", "line": name, "error": message}), flush=True)
             err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
