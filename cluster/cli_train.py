@@ -212,6 +212,7 @@ def train(
     from trainer.grain import with_grain
     from trainer.pipeline import train_model_version
     from trainer.registry import ModelRegistry, new_version_id
+    from trainer.run_claim import RunTaken
     from trainer.store import CheckpointStorage
     from trainer.synthetic import make_dataset
 
@@ -268,6 +269,8 @@ def train(
         fail(f"training failed: {exc}")
     except OSError as exc:  # the run's manifest could not be written or read
         fail(f"training failed: cannot reach the checkpoint storage {storage}: {exc}")
+    except RunTaken as exc:  # --resume while the process that trains the version still runs
+        fail(str(exc))
     except TrainingFailedError as exc:  # the run gave up: a worker group failed more than max_failures times
         fail(
             f"training of {settings.model_name}/{version} failed: {describe_training_failure(exc)}; its "

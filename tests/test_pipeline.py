@@ -67,6 +67,7 @@ def runs(monkeypatch: pytest.MonkeyPatch) -> list[_Run]:
         yield None
 
     monkeypatch.setattr(pipeline, "run_training", fake_run_training)
+    monkeypatch.setattr(pipeline, "claim_training_run", lambda run_name: contextlib.nullcontext())  # needs Ray
     monkeypatch.setattr(pipeline, "ProgressWatch", no_board)
     return recorded
 

@@ -42,6 +42,7 @@ from trainer.distributed import (
 from trainer.networks import build_networks
 from trainer.progress import ProgressWatch
 from trainer.registry import ModelRegistry
+from trainer.run_claim import RunTaken, claim_training_run
 from trainer.store import TRAIN_RUNS_PREFIX, CheckpointStorage, ObjectStore
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -225,6 +226,8 @@ def test_a_killed_anomap_train_is_finished_by_resume_from_its_last_checkpoint(
                 "training step 9 in the log",
             )
             assert proc.poll() is None, f"anomap train ended before the kill:\n{log.read_text()}"
+            version = re.findall(r"model version (v[0-9-]+)", log.read_text())[0]
+            twice = CliRunner().invoke(app, [*options, "--resume", version])  # while that process still trains it
             proc.kill()
             proc.wait(timeout=30)
         finally:
@@ -235,7 +238,10 @@ def test_a_killed_anomap_train_is_finished_by_resume_from_its_last_checkpoint(
     assert max(step) < 54, text
     found = re.search(r"model version (v[0-9-]+): if this command dies, run it again with --resume \1", text)
     assert found, text
-    version = found.group(1)
+    assert found.group(1) == version
+    assert twice.exit_code == 2 and f"training run metal-{version} is being trained by another process" in (
+        twice.output
+    ), twice.output
     assert version not in ModelRegistry(object_store, "metal").versions()
     left = list(object_store.list_keys(f"{TRAIN_RUNS_PREFIX}/metal-{version}/"))
     assert any(key.endswith("/anomap-run.json") for key in left) and any("/checkpoint_" in key for key in left), left
@@ -262,3 +268,12 @@ def test_a_killed_anomap_train_is_finished_by_resume_from_its_last_checkpoint(
 
     again = runner.invoke(app, [*options, "--resume", version])
     assert again.exit_code == 2 and "already trained and registered" in again.output, again.output
+
+
+def test_a_run_is_claimed_by_one_driver_at_a_time(ray_cluster: str) -> None:
+    run_name = f"metal-test-claim-{uuid.uuid4().hex[:8]}"
+    taken = f"training run {run_name} is being trained by another process"
+    with claim_training_run(run_name), pytest.raises(RunTaken, match=taken), claim_training_run(run_name, wait_s=0.5):
+        pass
+    with claim_training_run(run_name):  # released: the run can be taken again
+        pass

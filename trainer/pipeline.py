@@ -33,6 +33,7 @@ from trainer.model_io import weights_to_bytes
 from trainer.patches import abnormal_patch_bank, mask_patch_selection
 from trainer.progress import ProgressWatch
 from trainer.registry import ModelRegistry, new_version_id
+from trainer.run_claim import claim_training_run
 from trainer.run_manifest import MANIFEST_FILE, RunManifest, read_run_manifest, write_run_manifest
 from trainer.scoring import DISCRIMINATOR_MAP_MODES, PatchModel, anomaly_map
 from trainer.store import CheckpointStorage
@@ -195,99 +196,108 @@ def train_model_version(
         parent_version=parent_version,
         train_config=cfg.to_card_dict(),
     )
-    if resume:
-        _check_resumable(registry, storage, manifest)
-        say(f"resuming {name}/{version} from its last checkpoints in {storage}/{name}-{version}")
-    else:
-        write_run_manifest(storage, f"{name}-{version}", manifest)
-    started = time.monotonic()
-    extra: dict[str, float | int | str | bool | None] = {}
+    with claim_training_run(f"{name}-{version}"):  # one driver per run: a resume refuses a live one
+        if resume:
+            _check_resumable(registry, storage, manifest)
+            say(f"resuming {name}/{version} from its last checkpoints in {storage}/{name}-{version}")
+        else:
+            write_run_manifest(storage, f"{name}-{version}", manifest)
+        started = time.monotonic()
+        extra: dict[str, float | int | str | bool | None] = {}
 
-    bank: np.ndarray | None = None
-    source = AbnormalPatchSource.NONE
-    n_abnormal = 0
-    main_cfg = cfg
-    if cfg.gamma < 1.0:
-        needs_mining = any(
-            mask_patch_selection(mask, cfg.patch_size, cfg.stride, cfg.mask_min_overlap) is None
-            for mask in abnormal_masks
-        )
-        score_fn = None
-        warm_gan, main_gan = split_gan_budget(cfg.gan_steps, cfg.warmup_fraction)
-        if needs_mining and warm_gan:
-            warm_cfg = cfg.replace(
-                gamma=1.0,
-                map_mode=str(mining_map_mode(cfg.map_mode)),
-                gan_steps=warm_gan,
-                encoder_steps=max(1, round(cfg.encoder_steps * cfg.warmup_fraction)),
+        bank: np.ndarray | None = None
+        source = AbnormalPatchSource.NONE
+        n_abnormal = 0
+        main_cfg = cfg
+        if cfg.gamma < 1.0:
+            needs_mining = any(
+                mask_patch_selection(mask, cfg.patch_size, cfg.stride, cfg.mask_min_overlap) is None
+                for mask in abnormal_masks
             )
-            say(f"warm-up (γ = 1, {warm_cfg.total_steps} steps) to mine abnormal patches from unmasked images")
-            init_weights = run_training(
-                warm_cfg, normal_images, None, storage, f"{name}-{version}-warmup", init_weights
+            score_fn = None
+            warm_gan, main_gan = split_gan_budget(cfg.gan_steps, cfg.warmup_fraction)
+            if needs_mining and warm_gan:
+                warm_cfg = cfg.replace(
+                    gamma=1.0,
+                    map_mode=str(mining_map_mode(cfg.map_mode)),
+                    gan_steps=warm_gan,
+                    encoder_steps=max(1, round(cfg.encoder_steps * cfg.warmup_fraction)),
+                )
+                say(f"warm-up (γ = 1, {warm_cfg.total_steps} steps) to mine abnormal patches from unmasked images")
+                init_weights = run_training(
+                    warm_cfg, normal_images, None, storage, f"{name}-{version}-warmup", init_weights
+                )
+                score_fn = _mining_scorer(warm_cfg, init_weights, name, version, data_digest, len(normal_images))
+                main_cfg = cfg.replace(gan_steps=main_gan)  # warm-up + main = cfg.gan_steps: the same GAN budget
+                extra["warmup_gan_steps"] = warm_gan
+            elif needs_mining and init_weights is not None:
+                say(f"no warm-up in {cfg.gan_steps} GAN steps: mining the unmasked images with the starting model")
+                score_fn = _mining_scorer(cfg, init_weights, name, version, data_digest, len(normal_images))
+            elif needs_mining:
+                say(f"no warm-up in {cfg.gan_steps} GAN steps and no starting model: all patches of unmasked images")
+            bank, source = abnormal_patch_bank(
+                abnormal_images,
+                abnormal_masks,
+                cfg.patch_size,
+                cfg.stride,
+                score_fn=score_fn,
+                top_k=cfg.mined_patches_per_image,
+                min_overlap=cfg.mask_min_overlap,
+                with_masks=True,  # (M, 2, P, P): a dense discriminator calls only the masked cells fake
+                detrend=cfg.detrend,
             )
-            score_fn = _mining_scorer(warm_cfg, init_weights, name, version, data_digest, len(normal_images))
-            main_cfg = cfg.replace(gan_steps=main_gan)  # warm-up + main = cfg.gan_steps: the same GAN budget
-            extra["warmup_gan_steps"] = warm_gan
-        elif needs_mining and init_weights is not None:
-            say(f"no warm-up in {cfg.gan_steps} GAN steps: mining the unmasked images with the starting model")
-            score_fn = _mining_scorer(cfg, init_weights, name, version, data_digest, len(normal_images))
-        elif needs_mining:
-            say(f"no warm-up in {cfg.gan_steps} GAN steps and no starting model: all patches of unmasked images")
-        bank, source = abnormal_patch_bank(
-            abnormal_images,
-            abnormal_masks,
-            cfg.patch_size,
-            cfg.stride,
-            score_fn=score_fn,
-            top_k=cfg.mined_patches_per_image,
-            min_overlap=cfg.mask_min_overlap,
-            with_masks=True,  # (M, 2, P, P): a dense discriminator calls only the masked cells fake
-            detrend=cfg.detrend,
-        )
-        n_abnormal = len(abnormal_images)
-        say(f"abnormal-patch bank: {len(bank)} patches from {n_abnormal} images (source: {source})")
-    elif abnormal_images:
-        say(f"gamma = 1: the {len(abnormal_images)} abnormal images are not used (plain AnoGAN)")
+            n_abnormal = len(abnormal_images)
+            say(f"abnormal-patch bank: {len(bank)} patches from {n_abnormal} images (source: {source})")
+        elif abnormal_images:
+            say(f"gamma = 1: the {len(abnormal_images)} abnormal images are not used (plain AnoGAN)")
 
-    say(
-        f"training {main_cfg.total_steps} steps on {main_cfg.num_workers} Ray Train workers, "
-        f"checkpoints every {main_cfg.steps_per_epoch} steps to {storage}/{name}-{version}"
-    )
-    with ProgressWatch(say, main_cfg.total_steps) as board:
-        state = run_training(
-            main_cfg, normal_images, bank, storage, f"{name}-{version}", init_weights, progress_board=board
+        say(
+            f"training {main_cfg.total_steps} steps on {main_cfg.num_workers} Ray Train workers, "
+            f"checkpoints every {main_cfg.steps_per_epoch} steps to {storage}/{name}-{version}"
         )
-    train_seconds = time.monotonic() - started
+        with ProgressWatch(say, main_cfg.total_steps) as board:
+            state = run_training(
+                main_cfg, normal_images, bank, storage, f"{name}-{version}", init_weights, progress_board=board
+            )
+        train_seconds = time.monotonic() - started
 
-    say(f"calibrating on {len(calibration_images)} held-out normal images")
-    draft = build_card(
-        cfg, name, version, source, PROVISIONAL_THRESHOLDS, data_digest, len(normal_images), n_abnormal, parent_version
-    )
-    model = PatchModel.from_state(draft, state)
-    maps = [anomaly_map(image, model) for image in calibration_images]
-    thresholds = calibrate(maps, pixel_quantile=cfg.pixel_quantile, image_quantile=cfg.image_quantile)
-    metrics = {
-        "train_seconds": round(train_seconds, 2),
-        "calibration_pixel_mean": float(np.mean([m.mean() for m in maps])),
-        "calibration_image_score_mean": float(np.mean([m.max() for m in maps])),
-    }
-    card = build_card(
-        cfg,
-        name,
-        version,
-        source,
-        thresholds,
-        data_digest,
-        len(normal_images),
-        n_abnormal,
-        parent_version,
-        extra,
-        metrics,
-    )
-    registry.save(card, weights_to_bytes(state))
-    say(f"saved {name}/{version} (pixel threshold {thresholds.pixel:.4f}, image threshold {thresholds.image:.4f})")
-    if not keep_checkpoints:
-        _delete_runs(storage, [f"{name}-{version}-warmup", f"{name}-{version}"], say)
+        say(f"calibrating on {len(calibration_images)} held-out normal images")
+        draft = build_card(
+            cfg,
+            name,
+            version,
+            source,
+            PROVISIONAL_THRESHOLDS,
+            data_digest,
+            len(normal_images),
+            n_abnormal,
+            parent_version,
+        )
+        model = PatchModel.from_state(draft, state)
+        maps = [anomaly_map(image, model) for image in calibration_images]
+        thresholds = calibrate(maps, pixel_quantile=cfg.pixel_quantile, image_quantile=cfg.image_quantile)
+        metrics = {
+            "train_seconds": round(train_seconds, 2),
+            "calibration_pixel_mean": float(np.mean([m.mean() for m in maps])),
+            "calibration_image_score_mean": float(np.mean([m.max() for m in maps])),
+        }
+        card = build_card(
+            cfg,
+            name,
+            version,
+            source,
+            thresholds,
+            data_digest,
+            len(normal_images),
+            n_abnormal,
+            parent_version,
+            extra,
+            metrics,
+        )
+        registry.save(card, weights_to_bytes(state))
+        say(f"saved {name}/{version} (pixel threshold {thresholds.pixel:.4f}, image threshold {thresholds.image:.4f})")
+        if not keep_checkpoints:
+            _delete_runs(storage, [f"{name}-{version}-warmup", f"{name}-{version}"], say)
     return card
 
 
