@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -203,61 +204,23 @@ def train_model_version(
         else:
             write_run_manifest(storage, f"{name}-{version}", manifest)
         started = time.monotonic()
-        extra: dict[str, float | int | str | bool | None] = {}
-
-        bank: np.ndarray | None = None
-        source = AbnormalPatchSource.NONE
-        n_abnormal = 0
-        main_cfg = cfg
-        if cfg.gamma < 1.0:
-            needs_mining = any(
-                mask_patch_selection(mask, cfg.patch_size, cfg.stride, cfg.mask_min_overlap) is None
-                for mask in abnormal_masks
-            )
-            score_fn = None
-            warm_gan, main_gan = split_gan_budget(cfg.gan_steps, cfg.warmup_fraction)
-            if needs_mining and warm_gan:
-                warm_cfg = cfg.replace(
-                    gamma=1.0,
-                    map_mode=str(mining_map_mode(cfg.map_mode)),
-                    gan_steps=warm_gan,
-                    encoder_steps=max(1, round(cfg.encoder_steps * cfg.warmup_fraction)),
-                )
-                say(f"warm-up (γ = 1, {warm_cfg.total_steps} steps) to mine abnormal patches from unmasked images")
-                init_weights = run_training(
-                    warm_cfg, normal_images, None, storage, f"{name}-{version}-warmup", init_weights
-                )
-                score_fn = _mining_scorer(warm_cfg, init_weights, name, version, data_digest, len(normal_images))
-                main_cfg = cfg.replace(gan_steps=main_gan)  # warm-up + main = cfg.gan_steps: the same GAN budget
-                extra["warmup_gan_steps"] = warm_gan
-            elif needs_mining and init_weights is not None:
-                say(f"no warm-up in {cfg.gan_steps} GAN steps: mining the unmasked images with the starting model")
-                score_fn = _mining_scorer(cfg, init_weights, name, version, data_digest, len(normal_images))
-            elif needs_mining:
-                say(f"no warm-up in {cfg.gan_steps} GAN steps and no starting model: all patches of unmasked images")
-            bank, source = abnormal_patch_bank(
-                abnormal_images,
-                abnormal_masks,
-                cfg.patch_size,
-                cfg.stride,
-                score_fn=score_fn,
-                top_k=cfg.mined_patches_per_image,
-                min_overlap=cfg.mask_min_overlap,
-                with_masks=True,  # (M, 2, P, P): a dense discriminator calls only the masked cells fake
-                detrend=cfg.detrend,
-            )
-            n_abnormal = len(abnormal_images)
-            say(f"abnormal-patch bank: {len(bank)} patches from {n_abnormal} images (source: {source})")
-        elif abnormal_images:
-            say(f"gamma = 1: the {len(abnormal_images)} abnormal images are not used (plain AnoGAN)")
-
+        bank = _abnormal_bank(
+            cfg, normal_images, abnormal_images, abnormal_masks, storage, name, version, data_digest, init_weights, say
+        )
+        main_cfg, source, n_abnormal, extra = bank.main_cfg, bank.source, bank.n_images, bank.extra
         say(
             f"training {main_cfg.total_steps} steps on {main_cfg.num_workers} Ray Train workers, "
             f"checkpoints every {main_cfg.steps_per_epoch} steps to {storage}/{name}-{version}"
         )
         with ProgressWatch(say, main_cfg.total_steps) as board:
             state = run_training(
-                main_cfg, normal_images, bank, storage, f"{name}-{version}", init_weights, progress_board=board
+                main_cfg,
+                normal_images,
+                bank.patches,
+                storage,
+                f"{name}-{version}",
+                bank.init_weights,
+                progress_board=board,
             )
         train_seconds = time.monotonic() - started
 
@@ -308,6 +271,80 @@ def _delete_runs(storage: CheckpointStorage, run_names: Sequence[str], say: Prog
             storage.delete_run(run_name)
         except OSError as exc:
             say(f"could not delete the checkpoints of run {run_name} in {storage} (delete them by hand): {exc}")
+
+
+@dataclass(frozen=True)
+class _Bank:
+    """The discriminator's abnormal patches (method.md §3), and what getting them did to the run."""
+
+    patches: np.ndarray | None
+    """(M, 2, P, P) float32: each patch and its mask; None for plain AnoGAN (γ = 1)."""
+    source: AbnormalPatchSource
+    n_images: int
+    """The abnormal images the patches came from (0 when γ = 1)."""
+    main_cfg: TrainConfig
+    """The main run's config: a warm-up takes its GAN steps out of ``cfg``'s budget."""
+    init_weights: dict[str, torch.Tensor] | None
+    """What the main run starts from: the warm-up's weights after one, else the caller's."""
+    extra: dict[str, float | int | str | bool | None]
+    """For the card's ``train_config`` (``warmup_gan_steps``)."""
+
+
+def _abnormal_bank(
+    cfg: TrainConfig,
+    normal_images: Sequence[np.ndarray],
+    abnormal_images: Sequence[np.ndarray],
+    abnormal_masks: Sequence[np.ndarray | None],
+    storage: CheckpointStorage,
+    name: str,
+    version: str,
+    data_digest: str,
+    init_weights: dict[str, torch.Tensor] | None,
+    say: Progress,
+) -> _Bank:
+    """The abnormal-patch bank of a γ < 1 run: mask patches, or patches mined after a γ = 1 warm-up run
+    (``<name>-<version>-warmup``) or with the starting model, or all patches as the last resort."""
+    if cfg.gamma >= 1.0:
+        if abnormal_images:
+            say(f"gamma = 1: the {len(abnormal_images)} abnormal images are not used (plain AnoGAN)")
+        return _Bank(None, AbnormalPatchSource.NONE, 0, cfg, init_weights, {})
+    needs_mining = any(
+        mask_patch_selection(mask, cfg.patch_size, cfg.stride, cfg.mask_min_overlap) is None for mask in abnormal_masks
+    )
+    score_fn = None
+    main_cfg = cfg
+    extra: dict[str, float | int | str | bool | None] = {}
+    warm_gan, main_gan = split_gan_budget(cfg.gan_steps, cfg.warmup_fraction)
+    if needs_mining and warm_gan:
+        warm_cfg = cfg.replace(
+            gamma=1.0,
+            map_mode=str(mining_map_mode(cfg.map_mode)),
+            gan_steps=warm_gan,
+            encoder_steps=max(1, round(cfg.encoder_steps * cfg.warmup_fraction)),
+        )
+        say(f"warm-up (γ = 1, {warm_cfg.total_steps} steps) to mine abnormal patches from unmasked images")
+        init_weights = run_training(warm_cfg, normal_images, None, storage, f"{name}-{version}-warmup", init_weights)
+        score_fn = _mining_scorer(warm_cfg, init_weights, name, version, data_digest, len(normal_images))
+        main_cfg = cfg.replace(gan_steps=main_gan)  # warm-up + main = cfg.gan_steps: the same GAN budget
+        extra["warmup_gan_steps"] = warm_gan
+    elif needs_mining and init_weights is not None:
+        say(f"no warm-up in {cfg.gan_steps} GAN steps: mining the unmasked images with the starting model")
+        score_fn = _mining_scorer(cfg, init_weights, name, version, data_digest, len(normal_images))
+    elif needs_mining:
+        say(f"no warm-up in {cfg.gan_steps} GAN steps and no starting model: all patches of unmasked images")
+    patches, source = abnormal_patch_bank(
+        abnormal_images,
+        abnormal_masks,
+        cfg.patch_size,
+        cfg.stride,
+        score_fn=score_fn,
+        top_k=cfg.mined_patches_per_image,
+        min_overlap=cfg.mask_min_overlap,
+        with_masks=True,  # (M, 2, P, P): a dense discriminator calls only the masked cells fake
+        detrend=cfg.detrend,
+    )
+    say(f"abnormal-patch bank: {len(patches)} patches from {len(abnormal_images)} images (source: {source})")
+    return _Bank(patches, source, len(abnormal_images), main_cfg, init_weights, extra)
 
 
 def _check_resumable(registry: ModelRegistry, storage: CheckpointStorage, manifest: RunManifest) -> None:
