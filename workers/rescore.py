@@ -18,8 +18,9 @@ actors' rows back (``iter_batches``), shows progress, and writes them to Parquet
 so an interrupted run keeps what it finished. A bad image is a manifest row, never an aborted run.
 
 An image whose actor dies while scoring it (a crash in a decoder, memory) is tried
-``1 + ACTOR_TASK_RETRIES`` times, each on a restarted actor, then comes back as an ``error`` row
-naming what happened (not recorded: the next run tries it again, as often); the run goes on. A
+``1 + ACTOR_TASK_RETRIES`` times, each on a restarted actor, then once more alone on its actor (images
+queued behind a killer die with it: alone, each fails only for itself), then comes back as an ``error``
+row naming what happened (not recorded: the next run tries it again, as often); the run goes on. A
 manifest part that cannot be read, or written past its retries, ends the run with `ManifestError` /
 `ManifestWriteError` naming the object key and what was recorded.
 """
@@ -320,8 +321,8 @@ def lost_rows(items: Sequence[dict[str, Any]], returned: set[str], version: str,
     """Error rows for the items whose image came back from no actor (their actor died on every try)."""
     now = datetime.now(UTC)
     detail = (
-        f"no result came back: its scoring actor died (or raised) on each of {1 + ACTOR_TASK_RETRIES} tries "
-        "(a crash in a decoder, memory?); see the Ray logs"
+        f"no result came back: its scoring actor died (or raised) on each of {2 + ACTOR_TASK_RETRIES} tries, "
+        "the last alone on its actor (a crash in a decoder, memory?); see the Ray logs"
     )
     return [
         bad_row(
@@ -345,35 +346,58 @@ def scored_batches(
     `MANIFEST_SCHEMA` tables as they come, then one of error rows for the items no actor answered.
 
     A batch whose actor died is tried ``1 + ACTOR_TASK_RETRIES`` times (the actor restarted each time), then
-    dropped (``max_errored_blocks``, on this dataset only) rather than ending or stalling the run.
+    dropped (``max_errored_blocks``, on this dataset only) rather than ending or stalling the run. The batches
+    queued on an actor die with it too, so an image that killed its actor can take others down with it:
+    the images that no try answered get one more try each, alone on their actor (one batch in flight), and
+    only those that fail that one too become error rows.
     """
+    returned: set[str] = set()
+    for table in _mapped(items, rescorer, constructor_args, options, concurrency, alone=False):
+        returned.update(table.column("image").to_pylist())
+        yield table
+    unanswered = [item for item in items if item["image"] not in returned]
+    if unanswered:
+        log.warning("%d image(s) got no result; trying each once more, alone on its actor", len(unanswered))
+        for table in _mapped(unanswered, rescorer, constructor_args, options, concurrency, alone=True):
+            returned.update(table.column("image").to_pylist())
+            yield table
+    lost = lost_rows(items, returned, version, run_id)
+    if lost:
+        yield rows_table(lost)
+
+
+def _mapped(
+    items: list[dict[str, Any]],
+    rescorer: type,
+    constructor_args: tuple[Any, ...],
+    options: RescoreOptions,
+    concurrency: int,
+    alone: bool,
+) -> Iterator[pa.Table]:
+    """``rescorer`` over ``items`` on a Ray Data actor pool, its tables as they come. ``alone``: one batch in
+    flight per actor and no retry (an actor's death then fails only the batch that caused it)."""
     import ray.data
 
     dataset = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_BLOCKS))
     context = dataset.context  # this dataset's own copy of the DataContext
     context.enable_progress_bars = False  # ours (``progress``) says the same in one line
     context.print_on_execution_start = False
-    context.max_errored_blocks = -1  # a batch that failed every try: its images become error rows below
+    context.max_errored_blocks = -1  # a batch that failed every try: its images become error rows
+    pool = ray.data.ActorPoolStrategy(size=concurrency, max_tasks_in_flight_per_actor=1 if alone else None)
     with warnings.catch_warnings():  # Ray 2.60 has no named parameter for these two yet
         warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
         mapped = dataset.map_batches(
             rescorer,
             fn_constructor_args=constructor_args,
-            batch_size=options.batch_images,
+            batch_size=1 if alone else options.batch_images,
             batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=concurrency),
+            compute=pool,
             num_cpus=options.cpus_per_actor,
             num_gpus=options.gpus_per_actor or None,
             max_restarts=-1,  # a dead actor is replaced (bounded by the task retries: each death costs one)
-            max_task_retries=ACTOR_TASK_RETRIES,
+            max_task_retries=0 if alone else ACTOR_TASK_RETRIES,
         )
-    returned: set[str] = set()
-    for table in mapped.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-        returned.update(table.column("image").to_pylist())
-        yield table
-    lost = lost_rows(items, returned, version, run_id)
-    if lost:
-        yield rows_table(lost)
+    yield from mapped.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)
 
 
 def rescore(
