@@ -197,20 +197,19 @@ def train_model_version(
         parent_version=parent_version,
         train_config=cfg.to_card_dict(),
     )
-    with claim_training_run(f"{name}-{version}"):  # one driver per run: a resume refuses a live one
+    run = manifest.run_name
+    with claim_training_run(run):  # one driver per run: a resume refuses a live one
         if resume:
             _check_resumable(registry, storage, manifest)
-            say(f"resuming {name}/{version} from its last checkpoints in {storage}/{name}-{version}")
+            say(f"resuming {name}/{version} from its last checkpoints in {storage}/{run}")
         else:
-            write_run_manifest(storage, f"{name}-{version}", manifest)
+            write_run_manifest(storage, run, manifest)
         started = time.monotonic()
-        bank = _abnormal_bank(
-            cfg, normal_images, abnormal_images, abnormal_masks, storage, name, version, data_digest, init_weights, say
-        )
+        bank = _abnormal_bank(cfg, normal_images, abnormal_images, abnormal_masks, storage, manifest, init_weights, say)
         main_cfg, source, n_abnormal, extra = bank.main_cfg, bank.source, bank.n_images, bank.extra
         say(
             f"training {main_cfg.total_steps} steps on {main_cfg.num_workers} Ray Train workers, "
-            f"checkpoints every {main_cfg.steps_per_epoch} steps to {storage}/{name}-{version}"
+            f"checkpoints every {main_cfg.steps_per_epoch} steps to {storage}/{run}"
         )
         with ProgressWatch(say, main_cfg.total_steps) as board:
             state = run_training(
@@ -218,7 +217,7 @@ def train_model_version(
                 normal_images,
                 bank.patches,
                 storage,
-                f"{name}-{version}",
+                run,
                 bank.init_weights,
                 progress_board=board,
             )
@@ -260,7 +259,7 @@ def train_model_version(
         registry.save(card, weights_to_bytes(state))
         say(f"saved {name}/{version} (pixel threshold {thresholds.pixel:.4f}, image threshold {thresholds.image:.4f})")
         if not keep_checkpoints:
-            _delete_runs(storage, [f"{name}-{version}-warmup", f"{name}-{version}"], say)
+            _delete_runs(storage, [manifest.warmup_run_name, run], say)
     return card
 
 
@@ -296,14 +295,13 @@ def _abnormal_bank(
     abnormal_images: Sequence[np.ndarray],
     abnormal_masks: Sequence[np.ndarray | None],
     storage: CheckpointStorage,
-    name: str,
-    version: str,
-    data_digest: str,
+    manifest: RunManifest,
     init_weights: dict[str, torch.Tensor] | None,
     say: Progress,
 ) -> _Bank:
-    """The abnormal-patch bank of a γ < 1 run: mask patches, or patches mined after a γ = 1 warm-up run
-    (``<name>-<version>-warmup``) or with the starting model, or all patches as the last resort."""
+    """The abnormal-patch bank of the γ < 1 run ``manifest`` names: mask patches, or patches mined after a γ = 1
+    warm-up run (``manifest.warmup_run_name``) or with the starting model, or all patches as the last resort."""
+    name, version, data_digest = manifest.name, manifest.version, manifest.data_digest
     if cfg.gamma >= 1.0:
         if abnormal_images:
             say(f"gamma = 1: the {len(abnormal_images)} abnormal images are not used (plain AnoGAN)")
@@ -323,7 +321,7 @@ def _abnormal_bank(
             encoder_steps=max(1, round(cfg.encoder_steps * cfg.warmup_fraction)),
         )
         say(f"warm-up (γ = 1, {warm_cfg.total_steps} steps) to mine abnormal patches from unmasked images")
-        init_weights = run_training(warm_cfg, normal_images, None, storage, f"{name}-{version}-warmup", init_weights)
+        init_weights = run_training(warm_cfg, normal_images, None, storage, manifest.warmup_run_name, init_weights)
         score_fn = _mining_scorer(warm_cfg, init_weights, name, version, data_digest, len(normal_images))
         main_cfg = cfg.replace(gan_steps=main_gan)  # warm-up + main = cfg.gan_steps: the same GAN budget
         extra["warmup_gan_steps"] = warm_gan
@@ -354,7 +352,7 @@ def _check_resumable(registry: ModelRegistry, storage: CheckpointStorage, manife
     if manifest.version in registry.versions():
         msg = f"model version {label} is already trained and registered: there is nothing to resume"
         raise ValueError(msg)
-    run_name = f"{manifest.name}-{manifest.version}"
+    run_name = manifest.run_name
     earlier = read_run_manifest(storage, run_name)
     if earlier is None:
         msg = f"no training run of {label} in {storage} (no {storage}/{run_name}/{MANIFEST_FILE}): nothing to resume"

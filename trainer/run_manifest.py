@@ -38,6 +38,16 @@ class RunManifest(BaseModel):
     train_config: dict[str, Any]
     """`TrainConfig.to_card_dict()`: the schedule, architecture, γ, seed and worker count."""
 
+    @property
+    def run_name(self) -> str:
+        """The Ray Train run's name, its folder in the checkpoint storage: ``<name>-<version>``."""
+        return f"{self.name}-{self.version}"
+
+    @property
+    def warmup_run_name(self) -> str:
+        """The name of its γ = 1 warm-up run, when it has one."""
+        return f"{self.run_name}-warmup"
+
     def differences(self, now: RunManifest) -> list[str]:
         """What differs between this run's start and ``now``, one ``"field: then, now"`` line each (``[]``: none).
         ``train_config`` is compared key by key."""
@@ -105,6 +115,6 @@ def list_runs(storage: CheckpointStorage, name: str) -> list[RunManifest]:
             manifest = read_run_manifest(storage, entry.base_name)
         except ValueError:
             continue
-        if manifest is not None and manifest.name == name and entry.base_name == f"{name}-{manifest.version}":
+        if manifest is not None and manifest.name == name and entry.base_name == manifest.run_name:
             runs.append(manifest)
     return sorted(runs, key=lambda manifest: manifest.version)
