@@ -133,7 +133,7 @@ def _move(line: str, version: str | None, reason: str) -> None:
     checked_line(line)
     from cluster.connections import redis_client
     from trainer.registry import ModelNotFound, NothingToRollBack
-    from workers.model_events import ModelEventNotAnnounced, promote_model, rollback_model
+    from workers.model_events import ModelEventNotAnnounced, PointersBusy, promote_model, rollback_model
 
     registry = _registry(settings)
     client = redis_client(settings)
@@ -145,6 +145,8 @@ def _move(line: str, version: str | None, reason: str) -> None:
             event = rollback_model(registry, client, names, line, reason)
     except (ModelNotFound, NothingToRollBack, ValueError) as exc:  # ValueError: not a version name
         fail(str(exc))
+    except PointersBusy as exc:
+        fail(f"{exc}; run the command again")
     except ModelEventNotAnnounced as exc:
         _print_event(exc.event, registry.own_version("default"))
         fail(str(exc))

@@ -287,13 +287,18 @@ def _make_live(settings: Settings, registry: ModelRegistry, version: str) -> Non
     import redis
 
     from cluster.connections import redis_client
-    from workers.model_events import ModelEventNotAnnounced, promote_model
+    from workers.model_events import ModelEventNotAnnounced, PointersBusy, promote_model
 
     names = StreamNames(settings.stream_prefix)
     try:
         promote_model(registry, redis_client(settings), names, version, None, "trained by `anomap train`")
     except ModelEventNotAnnounced as exc:  # live, but serving hears of it only from the pointer
         fail(f"model version {version} was trained, registered and made live, but: {exc}")
+    except PointersBusy as exc:
+        fail(
+            f"model version {version} was trained and registered but not made live: {exc}; make it live with "
+            f"`anomap models promote {version}`"
+        )
     except redis.RedisError as exc:  # Redis went away during training: nothing moved
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         fail(

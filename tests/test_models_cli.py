@@ -21,7 +21,15 @@ from trainer.gan import NoisyAnoGAN
 from trainer.model_io import weights_to_bytes
 from trainer.registry import ModelRegistry, NothingToRollBack
 from trainer.store import ObjectStore
-from workers.model_events import ModelEventNotAnnounced, promote_model, read_model_events, rollback_model
+from workers import model_events
+from workers.model_events import (
+    ModelEventNotAnnounced,
+    pointer_lock_key,
+    promote_model,
+    read_model_events,
+    rollback_model,
+)
+from workers.redis_lock import RenewedLock
 
 NAMES = StreamNames()
 runner = CliRunner()
@@ -186,6 +194,27 @@ def test_models_commands_promote_list_and_roll_back(cli_env: ModelRegistry, redi
     assert "model 'metal' has no version 'v9'" in outcome.output
     outcome = runner.invoke(app, ["models", "promote", "latest/"])
     assert outcome.exit_code == 2 and "is not a version name" in outcome.output, outcome.output
+
+
+def test_a_promotion_that_finds_the_pointer_lock_taken_moves_nothing_and_says_so(
+    cli_env: ModelRegistry, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another move (a retraining run's check-and-promote, say) holds the model's pointer lock for longer
+    than the wait: the command fails in one line, and neither the pointer nor the stream moved."""
+    assert runner.invoke(app, ["models", "promote", "v1"]).exit_code == 0
+    events = len(list(read_model_events(redis_client, NAMES)))
+    monkeypatch.setattr(model_events, "POINTER_LOCK_WAIT_S", 0.3)
+    holder = RenewedLock(redis_client, pointer_lock_key(NAMES, "metal"), 30_000)
+    assert holder.acquire()
+    try:
+        for args in (["promote", "v2"], ["rollback"]):
+            outcome = runner.invoke(app, ["models", *args])
+            assert outcome.exit_code == 2, outcome.output
+            assert f"held its pointer lock ({holder.key})" in outcome.output, outcome.output
+            assert "nothing was moved; run the command again" in " ".join(outcome.output.split())
+    finally:
+        holder.release()
+    assert cli_env.live_version() == "v1" and len(list(read_model_events(redis_client, NAMES))) == events
 
 
 def test_a_version_folder_copied_under_another_name_is_listed_as_unreadable(

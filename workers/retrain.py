@@ -55,7 +55,7 @@ from trainer.registry import ModelRegistry
 from trainer.scoring import PatchModel, anomaly_map
 from trainer.store import CheckpointStorage
 from workers.confirmations import IngestConfig, ingest_confirmations
-from workers.model_events import publish_model_event
+from workers.model_events import PointersBusy, moving_pointers, publish_model_event
 from workers.retrain_data import (
     ConfirmedListing,
     RetrainData,
@@ -232,8 +232,26 @@ class _Run:
         )
         return verdict.overruled(moved)
 
+    def settle_under_lock(
+        self, card: ModelCard, record: RetrainRecord, on_merit: Verdict
+    ) -> tuple[Verdict, ModelEvent]:
+        """Check the promotion against the live version and settle it, holding the model's pointer lock from the
+        check to the move (`workers.model_events.moving_pointers`): an operator's promotion cannot slip in
+        between. A rejection on merit moves nothing and takes no lock; a lock that stays busy overrules."""
+        if not on_merit.promote:
+            return on_merit, self.settle(card, record, on_merit)
+        try:
+            with moving_pointers(self.client, self.names, self.registry.name):
+                verdict = self._against_live(on_merit)
+                return verdict, self.settle(card, record, verdict)
+        except PointersBusy as exc:
+            verdict = on_merit.overruled(f"{exc}: the candidate is not promoted")
+            return verdict, self.settle(card, record, verdict)
+
     def settle(self, card: ModelCard, record: RetrainRecord, verdict: Verdict) -> ModelEvent:
-        """Write the judged card, then move the pointer (promoted) or build the ``rejected`` event."""
+        """Write the card judged by ``verdict``, then move the pointer (promoted) or build the ``rejected`` event."""
+        decision = RetrainDecision.PROMOTED if verdict.promote else RetrainDecision.REJECTED
+        record = record.model_copy(update={"decision": decision, "reasons": verdict.reasons})
         self.registry.update_card(card.model_copy(update={"retraining": record}))
         reason = f"retrain ({self.trigger}): {verdict.summary}"[:500]
         if verdict.promote:
@@ -268,22 +286,19 @@ class _Run:
         try:
             metrics, scores = self.measure(card, data, validation, parent_weights)
             on_merit = judge(self.policy, metrics["candidate"], metrics["parent"], scores["candidate"])
-            verdict = self._against_live(on_merit)
-            decision = RetrainDecision.PROMOTED if verdict.promote else RetrainDecision.REJECTED
-            judged = record.model_copy(
+            card = card.model_copy(update={"metrics": card.metrics | _flat_metrics(metrics, scores)})
+            record = record.model_copy(
                 update={
-                    "decision": decision,
-                    "reasons": verdict.reasons,
                     "validation": metrics,
                     "confirmed_scores": scores["candidate"],
                     "parent_confirmed_scores": scores["parent"],
                 }
             )
-            card = card.model_copy(update={"metrics": card.metrics | _flat_metrics(metrics, scores)})
-            event = self.settle(card, judged, verdict)
+            verdict, event = self.settle_under_lock(card, record, on_merit)
         except BaseException as exc:
             self._mark_failed(card, record, exc)
             raise
+        decision = RetrainDecision.PROMOTED if verdict.promote else RetrainDecision.REJECTED
         if event.changed or event.event is ModelEventKind.REJECTED:
             publish_model_event(self.client, self.names, event)
         if verdict.promote == on_merit.promote:  # a rejection only because the pointer moved does not count as
