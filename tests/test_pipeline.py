@@ -64,6 +64,7 @@ def runs(monkeypatch: pytest.MonkeyPatch) -> list[_Run]:
 
     @contextlib.contextmanager
     def no_board(progress: Any, total_steps: int) -> Iterator[None]:
+        progress(f"a board of {total_steps} steps")  # what the watch would say, through the run's own channel
         yield None
 
     monkeypatch.setattr(pipeline, "run_training", fake_run_training)
@@ -215,6 +216,17 @@ def test_a_registered_versions_runs_are_deleted_unless_kept(runs: list[_Run], st
     assert sorted(p.name for p in Path(storage.path).iterdir()) == ["metal-v2"], "only this version's runs go"
     _train(cfg, [_scratch()], storage, version="v3", keep_checkpoints=True)
     assert (Path(storage.run_path("metal-v3")) / MANIFEST_FILE).is_file()
+
+
+def test_the_warm_ups_progress_is_reported_and_named_as_the_warm_ups(
+    runs: list[_Run], storage: CheckpointStorage
+) -> None:
+    cfg = TrainConfig.tiny(gamma=0.9, mask_min_overlap=2, gan_steps=4, mined_patches_per_image=3)  # with a warm-up
+    said: list[str] = []
+    _train(cfg, [_scratch()], storage, version="v1", progress=said.append)
+    warm, main = runs[0].cfg.total_steps, runs[1].cfg.total_steps
+    boards = [line for line in said if "a board of" in line]
+    assert boards == [f"warm-up: a board of {warm} steps", f"a board of {main} steps"]
 
 
 def test_a_file_in_a_manifests_place_that_is_not_one_is_named(storage: CheckpointStorage) -> None:

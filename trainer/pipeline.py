@@ -321,7 +321,10 @@ def _abnormal_bank(
             encoder_steps=max(1, round(cfg.encoder_steps * cfg.warmup_fraction)),
         )
         say(f"warm-up (γ = 1, {warm_cfg.total_steps} steps) to mine abnormal patches from unmasked images")
-        init_weights = run_training(warm_cfg, normal_images, None, storage, manifest.warmup_run_name, init_weights)
+        with ProgressWatch(lambda line: say(f"warm-up: {line}"), warm_cfg.total_steps) as board:
+            init_weights = run_training(
+                warm_cfg, normal_images, None, storage, manifest.warmup_run_name, init_weights, progress_board=board
+            )
         score_fn = _mining_scorer(warm_cfg, init_weights, name, version, data_digest, len(normal_images))
         main_cfg = cfg.replace(gan_steps=main_gan)  # warm-up + main = cfg.gan_steps: the same GAN budget
         extra["warmup_gan_steps"] = warm_gan
