@@ -8,11 +8,13 @@ with small_service(stack_settings, "e2e", scorer_replicas=2) as (settings, card)
     ...
 settings, card = live_small_model(stack_settings, "rescore")   # a bucket of its own with a small live model
 with running(consumer): ...                    # a StreamConsumer in a thread, drained and stopped on exit
+keys = add_s3_identity(s3_server, "reader", ["Read:b1", "List:b1"])   # a real identity on weed mini
 """
 
 from __future__ import annotations
 
 import contextlib
+import subprocess
 import threading
 import uuid
 from collections.abc import Iterator
@@ -22,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cluster.processes import ManagedServer
+from cluster.servers import S3Keys, weed_binary
 from schemas import InspectionResult, ModelCard, Settings
 from trainer.config import TrainConfig
 from trainer.imaging import encode_png
@@ -137,3 +141,21 @@ def running(consumer: StreamConsumer) -> Iterator[None]:
         stop.set()
         thread.join(timeout=60)
     assert not thread.is_alive(), "the consumer did not stop"
+
+
+def add_s3_identity(server: ManagedServer, user: str, actions: list[str]) -> S3Keys:
+    """Give ``server`` (a `start_seaweed` weed mini) an identity ``user`` with new random keys allowed only
+    ``actions`` (SeaweedFS's ``Read``, ``Write``, ``List``, ``Admin``, each optionally ``:bucket``), through
+    ``weed shell``'s ``s3.configure``. The S3 gateway learns of it a moment later: callers poll."""
+    keys = S3Keys.random()
+    command = (
+        f"s3.configure -user={user} -access_key={keys.access_key} -secret_key={keys.secret_key} "
+        f"-actions={','.join(actions)} -apply"
+    )
+    argv = [str(weed_binary()), "shell", f"-master=127.0.0.1:{server.ports['master']}"]
+    argv.append(f"-filer=127.0.0.1:{server.ports['filer']}")
+    done = subprocess.run(argv, input=command, capture_output=True, text=True, timeout=60, check=False)
+    if done.returncode != 0 or keys.access_key not in done.stdout:
+        msg = f"weed shell s3.configure failed ({done.returncode}): {done.stderr[-500:]}"
+        raise RuntimeError(msg)
+    return keys

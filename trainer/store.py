@@ -44,6 +44,17 @@ _READ_CHUNK = 1 << 20
 """Bytes per read of a bounded `ObjectStore.get_bytes`."""
 
 
+def describe_store_error(exc: BaseException) -> str:
+    """One line for a failed store call: what the store answered and for which object
+    (``the store answered AccessDenied (Access Denied.) for s3://b/k``), or the error's repr when it did not
+    answer (a refused connection, a timeout)."""
+    if not isinstance(exc, S3Error):
+        return repr(exc)
+    target = f"s3://{exc.bucket_name}/{exc.object_name}" if exc.object_name else f"bucket {exc.bucket_name}"
+    where = f" for {target}" if exc.bucket_name else ""
+    return f"the store answered {exc.code} ({exc.message}){where}"
+
+
 class ObjectMissing(KeyError):
     """The object (or its bucket) does not exist."""
 

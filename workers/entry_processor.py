@@ -39,7 +39,7 @@ from schemas.envelope import peek_raw_ids, printable
 from schemas.ids import parse_s3_ref
 from schemas.stream import JOB_FIELD, decode_job_entry, entry_marker, parse_entry_marker
 from trainer.imaging import ImageRejected, decode_image
-from trainer.store import ObjectForbidden, ObjectMissing, ObjectStore, ObjectTooLarge
+from trainer.store import ObjectForbidden, ObjectMissing, ObjectStore, ObjectTooLarge, describe_store_error
 from workers import telemetry
 from workers.consumer_config import REDIS_TRANSIENT, ConsumerConfig, ConsumerStats, Outcome
 from workers.inspection import Inspector, ScoredImage, ScoringBusy
@@ -325,7 +325,7 @@ class EntryProcessor:
         try:
             map_ref, overlay_ref = self._store_map(job, image, payload, scored, jlog)
         except Exception as exc:  # the store stayed away past store_retry_s
-            jlog.warning("job %s: storing the map failed, left pending: %r", job.job_id, exc)
+            jlog.warning("job %s: storing the map failed, left pending: %s", job.job_id, describe_store_error(exc))
             self.note_failure(stream, entry_id, "storing the map", exc)
             return Outcome.RETRY
         stored = time.perf_counter()
@@ -391,7 +391,7 @@ class EntryProcessor:
     def note_failure(self, stream: str, entry_id: str, stage: str, exc: BaseException) -> None:
         """Keep why this try failed, for the dead letter if every try does; best effort (Redis may be why)."""
         try:
-            text = f"{stage}: {printable(repr(exc), FAILURE_CHARS)}"
+            text = f"{stage}: {printable(describe_store_error(exc), FAILURE_CHARS)}"
             self.redis.set(self.names.failure_marker(stream, entry_id), text, ex=self.config.progress_ttl_s)
         except redis.RedisError:
             pass
