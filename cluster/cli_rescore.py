@@ -57,10 +57,11 @@ def rescore(
     from trainer.registry import ModelNotFound, ModelRegistry
     from trainer.store import ObjectStore
     from workers.archive import ArchiveSource, SourceError
-    from workers.rescore import ManifestError, ManifestWriteError, RescoreOptions, RescoreProgress
+    from workers.rescore import RescoreOptions, RescoreProgress
     from workers.rescore import rescore as run_rescore
     from workers.rescore_lock import RescoreBusy
     from workers.rescore_manifest import OverlayPolicy, check_version
+    from workers.rescore_parts import ManifestError, ManifestWriteError
 
     try:
         overlay_policy = OverlayPolicy(overlays)

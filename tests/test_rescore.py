@@ -30,7 +30,7 @@ from trainer.synthetic import DefectKind, synth_image
 from workers.archive import ArchiveImage, ArchiveSource
 from workers.inspection import CPU_FORWARD_PATCHES, GPU_FORWARD_PATCHES, LocalInspector
 from workers.maps import decode_map, encode_map
-from workers.rescore import ManifestWriter, RescoreOptions, RescoreSummary, plan_items, rescore, scored_images
+from workers.rescore import RescoreOptions, RescoreSummary, plan_items, rescore
 from workers.rescore_manifest import (
     OverlayPolicy,
     RowStatus,
@@ -43,6 +43,7 @@ from workers.rescore_manifest import (
     safe_relative,
     source_tag,
 )
+from workers.rescore_parts import ManifestWriter, scored_images
 
 SIZE = 64
 N_GOOD = 50

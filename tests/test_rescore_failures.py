@@ -34,20 +34,10 @@ from workers.archive import (
     is_transient_error,
     permanent_read_detail,
 )
-from workers.rescore import (
-    ACTOR_TASK_RETRIES,
-    ManifestError,
-    ManifestWriteError,
-    ManifestWriter,
-    RescoreOptions,
-    plan_items,
-    read_manifest,
-    rescore,
-    scored_batches,
-    scored_images,
-)
+from workers.rescore import ACTOR_TASK_RETRIES, RescoreOptions, plan_items, rescore, scored_batches
 from workers.rescore_actor import ImageRescorer
 from workers.rescore_manifest import RowStatus, bad_row, part_key, rows_table
+from workers.rescore_parts import ManifestError, ManifestWriteError, ManifestWriter, read_manifest, scored_images
 
 OPTIONS = RescoreOptions(concurrency=1, cpus_per_actor=0.5, torch_threads=1)
 

@@ -21,13 +21,7 @@ from cluster.cli import app
 from schemas import DeadReason, ModelCard, Settings
 from trainer.store import ObjectStore
 from workers.archive import ArchiveSource
-from workers.rescore import (
-    ManifestWriter,
-    RescoreOptions,
-    read_manifest,
-    rescore,
-    scored_images,
-)
+from workers.rescore import RescoreOptions, rescore
 from workers.rescore_lock import RescoreBusy, RunLock
 from workers.rescore_manifest import (
     LockState,
@@ -40,6 +34,7 @@ from workers.rescore_manifest import (
     rows_table,
     source_tag,
 )
+from workers.rescore_parts import ManifestWriter, read_manifest, scored_images
 
 NOW = datetime(2026, 11, 30, 10, 15, tzinfo=UTC)
 
