@@ -8,6 +8,8 @@
   in a tmp dir, no Ray address.
 - ``redis_client`` (function): ``redis.Redis`` (bytes) on ``valkey_server`` after ``FLUSHALL``; closed after.
 - ``object_store`` (function): `ObjectStore` on a fresh bucket of its own, removed after.
+- ``line_registry`` (function): the retraining tests' line (`retrain_helpers`): its data uploaded to
+  ``object_store`` and an untrained parent live on it.
 - ``local_ray`` (session): the `LocalRay` behind ``ray_cluster``: in-process (``num_cpus=4``,
   loopback, no dashboard, own temp dir), its metrics on ``.metrics_url``, reported every 2 s;
   Serve and Ray are shut down after.
@@ -21,16 +23,19 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
 from pydantic import SecretStr
+from retrain_helpers import a_line_with_a_live_parent
 
 from cluster.connections import LocalRay, minio_client, redis_from_url
 from cluster.connections import object_store as open_object_store
 from cluster.processes import ManagedServer
 from cluster.servers import S3Keys, start_seaweed, start_valkey, valkey_url
 from schemas.settings import Settings
+from trainer.registry import ModelRegistry
 from trainer.store import ObjectStore
 
 
@@ -97,6 +102,11 @@ def object_store(stack_settings: Settings) -> Iterator[ObjectStore]:
             for obj in client.list_objects(bucket, recursive=True):
                 client.remove_object(bucket, obj.object_name)
             client.remove_bucket(bucket)
+
+
+@pytest.fixture
+def line_registry(object_store: ObjectStore, tmp_path: Path) -> ModelRegistry:
+    return a_line_with_a_live_parent(object_store, tmp_path)
 
 
 RAY_METRICS_REPORT_INTERVAL_MS = 2000

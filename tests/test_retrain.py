@@ -20,102 +20,38 @@ import pytest
 import redis
 from helpers import point_cli_at
 from pydantic import ValidationError
+from retrain_helpers import (
+    FINE_TUNE,
+    LINE,
+    NAMES,
+    PARENT_CONFIG,
+    SIDE,
+    confirm_squares,
+    metal,
+    model_events_of,
+    retrain_run,
+    write_line_folder,
+)
 from typer.testing import CliRunner
 
 from cluster.cli import app
-from schemas import Box, Confirmation, ModelCard, ModelEvent, ModelEventKind, Settings, StreamNames
-from schemas.model_card import AbnormalPatchSource, MapMode, RetrainDecision, RetrainRecord
+from schemas import ModelCard, ModelEvent, ModelEventKind, Settings
+from schemas.model_card import AbnormalPatchSource, MapMode, RetrainDecision
 from trainer.config import TrainConfig
 from trainer.folder_dataset import DatasetError
 from trainer.imaging import encode_png
 from trainer.pipeline import PROVISIONAL_THRESHOLDS, build_card, initial_model_version
 from trainer.registry import ModelRegistry, new_version_id
 from trainer.store import ObjectMissing, ObjectStore
-from trainer.synthetic import synth_image
 from workers import retrain as retrain_module
-from workers.confirmations import publish_confirmation
 from workers.dataset_upload import upload_dataset_folder
-from workers.model_events import PointersBusy, moving_pointers, pointer_lock_key, promote_model, read_model_events
-from workers.redis_lock import RenewedLock
 from workers.retrain import RetrainOutcome, RetrainStatus, retrain_once, watch_retraining
 from workers.retrain_data import ConfirmedListing, list_confirmed, load_validation_set
-from workers.retrain_policy import RetrainPolicy, Verdict, decide_trigger, finetune_config, judge
-from workers.retrain_state import LineLock, RetrainAttempt, RetrainState, load_state, record_attempt
-from workers.scored_images import scored_image_key
+from workers.retrain_policy import RetrainPolicy, decide_trigger, finetune_config, judge
+from workers.retrain_state import RetrainAttempt, RetrainState, load_state
 
-NAMES = StreamNames()
-LINE = "press-2"
-SIZE = 64
-SIDE = 8
-PARENT_CONFIG = TrainConfig.tiny(gan_steps=8, encoder_steps=4)
-FINE_TUNE = {"gan_steps": 4, "encoder_steps": 2, "num_workers": 1}  # one worker starts ~4 s sooner on 2 cores
 runner = CliRunner()
-
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
-
-
-def _metal(seed: int) -> np.ndarray:
-    return synth_image(seed, SIZE)[0]
-
-
-def _squared(seed: int) -> tuple[np.ndarray, np.ndarray, Box]:
-    """A metal image with a dark SIDE×SIDE square (an obvious defect), its mask and its box."""
-    image = _metal(seed).copy()
-    x, y = 8 + seed % 40, 8 + (seed * 7) % 40
-    image[y : y + SIDE, x : x + SIDE] = 12
-    mask = np.zeros(image.shape, dtype=bool)
-    mask[y : y + SIDE, x : x + SIDE] = True
-    return image, mask, Box(x=x, y=y, width=SIDE, height=SIDE)
-
-
-def _write_folder(root: Path) -> Path:
-    """A method.md §7 folder: 4 train/good, 3 test/good, 3 test/square with masks."""
-    for i in range(4):
-        (root / "train/good").mkdir(parents=True, exist_ok=True)
-        (root / f"train/good/{i:03d}.png").write_bytes(encode_png(_metal(i)))
-    for i in range(3):
-        (root / "test/good").mkdir(parents=True, exist_ok=True)
-        (root / "test/square").mkdir(parents=True, exist_ok=True)
-        (root / "ground_truth/square").mkdir(parents=True, exist_ok=True)
-        (root / f"test/good/{i:03d}.png").write_bytes(encode_png(_metal(10 + i)))
-        image, mask, _ = _squared(20 + i)
-        (root / f"test/square/{i:03d}.png").write_bytes(encode_png(image))
-        (root / f"ground_truth/square/{i:03d}_mask.png").write_bytes(encode_png(mask))
-    return root
-
-
-@pytest.fixture
-def line_registry(object_store: ObjectStore, tmp_path: Path) -> ModelRegistry:
-    """The line's data uploaded, and an untrained (calibrated) parent live on the line."""
-    upload_dataset_folder(object_store, _write_folder(tmp_path / "metal"), LINE)
-    registry = ModelRegistry(object_store, "metal")
-    good = load_validation_set(object_store, LINE).good
-    parent = initial_model_version(registry, PARENT_CONFIG, good, data_digest="parent")
-    registry.promote(parent.version, LINE, reason="first")
-    return registry
-
-
-def _confirm(client: redis.Redis, store: ObjectStore, seeds: range, *, clean: bool = False) -> list[str]:
-    """Keep each job's image as the consumer would and publish an abnormal confirmation with its box."""
-    jobs = []
-    for seed in seeds:
-        image, _, box = _squared(seed)
-        if clean:
-            image = _metal(seed)
-        job = f"cam01-{seed}"
-        store.put_bytes(scored_image_key(LINE, job), encode_png(image), "image/png")
-        publish_confirmation(client, NAMES, Confirmation(job_id=job, line=LINE, label="abnormal", boxes=[box]))
-        jobs.append(job)
-    return jobs
-
-
-def _events(client: redis.Redis) -> list[ModelEvent]:
-    return [event for _, event in read_model_events(client, NAMES)]
-
-
-def _run(client: redis.Redis, registry: ModelRegistry, tmp_path: Path, **policy: Any) -> RetrainOutcome:
-    return retrain_once(client, registry, NAMES, str(tmp_path / "runs"), LINE, RetrainPolicy(**(FINE_TUNE | policy)))
-
 
 # (a) the rules, pure
 
@@ -157,7 +93,7 @@ def test_policy_is_validated_and_the_fine_tune_keeps_the_parents_architecture(ob
     with pytest.raises(ValidationError, match="extra"):
         RetrainPolicy(tolerence=0.1)  # type: ignore[call-arg]
     registry = ModelRegistry(object_store, "metal")
-    parent = initial_model_version(registry, PARENT_CONFIG.replace(gan_steps=100, encoder_steps=40), [_metal(1)])
+    parent = initial_model_version(registry, PARENT_CONFIG.replace(gan_steps=100, encoder_steps=40), [metal(1)])
     cfg = finetune_config(parent, RetrainPolicy(), has_abnormal=True)
     assert (cfg.patch_size, cfg.latent_dim, cfg.base_channels) == (32, 8, 4)
     assert (cfg.gan_steps, cfg.encoder_steps, cfg.gamma, cfg.seed) == (25, 10, 0.8, 1)
@@ -232,7 +168,7 @@ def test_watch_goes_on_after_a_failing_round(monkeypatch: pytest.MonkeyPatch) ->
 def test_upload_puts_train_good_and_a_frozen_validation_set_and_refuses_to_overwrite(
     object_store: ObjectStore, tmp_path: Path
 ) -> None:
-    root = _write_folder(tmp_path / "metal")
+    root = write_line_folder(tmp_path / "metal")
     summary = upload_dataset_folder(object_store, root, LINE)
     assert (summary.train_good, summary.validation, summary.masks) == (4, {"good": 3, "square": 3}, 3)
     validation = load_validation_set(object_store, LINE)
@@ -247,13 +183,13 @@ def test_upload_puts_train_good_and_a_frozen_validation_set_and_refuses_to_overw
         upload_dataset_folder(object_store, root, "other", replace=True)
     bare = tmp_path / "bare"
     (bare / "train/good").mkdir(parents=True)
-    (bare / "train/good/a.png").write_bytes(encode_png(_metal(1)))
+    (bare / "train/good/a.png").write_bytes(encode_png(metal(1)))
     with pytest.raises(DatasetError, match="test/good holds no readable image"):
         upload_dataset_folder(object_store, bare, "other")
 
 
 def test_datasets_upload_command(tmp_path: Path, cli_env: None) -> None:
-    root = _write_folder(tmp_path / "metal")
+    root = write_line_folder(tmp_path / "metal")
     outcome = runner.invoke(app, ["datasets", "upload", str(root), "--line", LINE, "--json"])
     assert outcome.exit_code == 0, outcome.output
     assert json.loads(outcome.stdout)["validation"] == {"good": 3, "square": 3}
@@ -280,53 +216,18 @@ def cli_env(
     point_cli_at(monkeypatch, stack_settings, object_store.bucket, tmp_path)
 
 
-def test_a_run_that_finished_while_this_one_waited_for_the_lock_is_not_repeated(
-    line_registry: ModelRegistry, redis_client: redis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Another controller finishes the same parent and data between this run's decision and its lock: the
-    decision is taken again under the lock, and the run skips instead of fine-tuning the same data twice."""
-    parent = line_registry.live_version(LINE)
-    _confirm(redis_client, line_registry.store, range(30, 33))
-    take = LineLock.acquire
-
-    def the_other_run_finished_first(lock: LineLock) -> bool:
-        digest = list_confirmed(line_registry.store, LINE).digest()
-        attempt = RetrainAttempt(parent=parent, confirmations_digest=digest, candidate="v-other", decision="rejected")
-        record_attempt(line_registry, LINE, attempt)
-        return take(lock)
-
-    monkeypatch.setattr(LineLock, "acquire", the_other_run_finished_first)
-    outcome = _run(redis_client, line_registry, tmp_path, min_confirmations=3)
-    assert outcome.status is RetrainStatus.SKIPPED, outcome.lines()
-    assert "v-other was rejected" in outcome.reason
-    assert line_registry.versions() == [parent]
-    assert not redis_client.exists(f"{NAMES.prefix}:retrain:lock:{LINE}")
-
-
-def test_a_held_line_lock_is_renewed_past_its_ttl_and_released_by_its_holder(redis_client: redis.Redis) -> None:
-    lock = LineLock(redis_client, NAMES, "renewed", ttl_s=1)
-    assert lock.acquire()
-    try:
-        time.sleep(2.5)  # more than twice its ttl
-        assert redis_client.get(lock.key) == lock.token.encode()
-        assert not LineLock(redis_client, NAMES, "renewed").acquire()
-    finally:
-        lock.release()
-    assert not redis_client.exists(lock.key)
-
-
 def test_fewer_than_k_confirmations_skip_and_leave_the_live_version(
     line_registry: ModelRegistry, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
     live = line_registry.live_version(LINE)
-    _confirm(redis_client, line_registry.store, range(30, 32))
-    outcome = _run(redis_client, line_registry, tmp_path, min_confirmations=5)
+    confirm_squares(redis_client, line_registry.store, range(30, 32))
+    outcome = retrain_run(redis_client, line_registry, tmp_path, min_confirmations=5)
     assert outcome.status is RetrainStatus.SKIPPED
     assert outcome.reason.startswith("2 new confirmations, fewer than 5")
     assert outcome.new_confirmations == ["abnormal/cam01-30", "abnormal/cam01-31"]
     assert len(list_confirmed(line_registry.store, LINE).abnormal) == 2  # filed by the run
     assert line_registry.live_version(LINE) == live and line_registry.versions() == [live]
-    assert _events(redis_client) == []
+    assert model_events_of(redis_client) == []
 
 
 @pytest.mark.ray
@@ -336,8 +237,8 @@ def test_clean_images_confirmed_as_defects_are_not_flagged_so_the_candidate_is_r
     """A genuinely bad fine-tune under the default checks: the operators' "defects" are clean metal, so the
     candidate does not score them above threshold. (The tolerance check is `judge`'s, tested pure above.)"""
     parent = line_registry.live_version(LINE)
-    _confirm(redis_client, line_registry.store, range(40, 43), clean=True)
-    outcome = _run(redis_client, line_registry, tmp_path, min_confirmations=3)
+    confirm_squares(redis_client, line_registry.store, range(40, 43), clean=True)
+    outcome = retrain_run(redis_client, line_registry, tmp_path, min_confirmations=3)
     assert outcome.status is RetrainStatus.REJECTED, outcome.lines()
     assert "confirmed abnormal images score >= 1" in outcome.reason
     assert line_registry.live_version(LINE) == parent
@@ -345,16 +246,16 @@ def test_clean_images_confirmed_as_defects_are_not_flagged_so_the_candidate_is_r
     card = line_registry.load_card(outcome.candidate_version or "")
     assert card.retraining is not None and card.retraining.decision is RetrainDecision.REJECTED
     assert any("confirmed abnormal images score >= 1" in reason for reason in card.retraining.reasons)
-    (event,) = _events(redis_client)
+    (event,) = model_events_of(redis_client)
     assert (event.event, event.version, event.previous, event.line) == (
         ModelEventKind.REJECTED,
         card.version,
         parent,
         LINE,
     )
-    again = _run(redis_client, line_registry, tmp_path, min_confirmations=3)
+    again = retrain_run(redis_client, line_registry, tmp_path, min_confirmations=3)
     assert again.status is RetrainStatus.SKIPPED and f"{card.version} was rejected" in again.reason
-    assert line_registry.live_version(LINE) == parent and len(_events(redis_client)) == 1
+    assert line_registry.live_version(LINE) == parent and len(model_events_of(redis_client)) == 1
 
 
 @pytest.mark.ray
@@ -362,8 +263,8 @@ def test_a_promoted_candidate_is_live_recorded_and_announced_and_a_second_run_do
     ray_cluster: str, line_registry: ModelRegistry, redis_client: redis.Redis, tmp_path: Path, cli_env: None
 ) -> None:
     parent = line_registry.live_version(LINE)
-    jobs = _confirm(redis_client, line_registry.store, range(30, 33))
-    outcome = _run(redis_client, line_registry, tmp_path, min_confirmations=3)
+    jobs = confirm_squares(redis_client, line_registry.store, range(30, 33))
+    outcome = retrain_run(redis_client, line_registry, tmp_path, min_confirmations=3)
     assert outcome.status is RetrainStatus.PROMOTED, outcome.lines()
     candidate = outcome.candidate_version
     assert candidate is not None and line_registry.live_version(LINE) == candidate
@@ -377,7 +278,7 @@ def test_a_promoted_candidate_is_live_recorded_and_announced_and_a_second_run_do
     assert record.confirmations == [f"abnormal/{job}" for job in jobs] == record.new_confirmations
     assert set(record.validation) == {"candidate", "parent"} and len(record.confirmed_scores) == 3
     assert all(score >= 1.0 for score in record.confirmed_scores)
-    (event,) = _events(redis_client)
+    (event,) = model_events_of(redis_client)
     assert (event.event, event.version, event.previous, event.line) == (ModelEventKind.PROMOTE, candidate, parent, LINE)
     assert event.reason.startswith("retrain (3 new confirmations")
     assert load_state(line_registry, LINE).attempts[-1].decision is RetrainDecision.PROMOTED
@@ -392,7 +293,7 @@ def test_a_promoted_candidate_is_live_recorded_and_announced_and_a_second_run_do
     again = json.loads(result.stdout)
     assert (again["status"], again["parent_version"]) == ("skipped", candidate)
     assert again["reason"] == "no new confirmations since the live version was trained"
-    assert line_registry.versions() == versions and len(_events(redis_client)) == 1
+    assert line_registry.versions() == versions and len(model_events_of(redis_client)) == 1
     listed = runner.invoke(app, ["models", "list", "--json"])
     assert listed.exit_code == 0, listed.output
     rows = {row["version"]: row for row in json.loads(listed.stdout)["versions"]}
@@ -406,7 +307,7 @@ def test_an_operators_promotion_during_the_run_wins_and_the_candidate_is_rejecte
     """The operator promotes another version while the run fine-tunes the old one: the candidate, judged
     against a version that is no longer live, must not undo the operator's choice."""
     parent = line_registry.live_version(LINE)
-    _confirm(redis_client, line_registry.store, range(30, 33))  # the promotable run of the test above
+    confirm_squares(redis_client, line_registry.store, range(30, 33))  # the promotable run of the test above
     good = load_validation_set(line_registry.store, LINE).good
     chosen: list[str] = []
 
@@ -425,7 +326,7 @@ def test_an_operators_promotion_during_the_run_wins_and_the_candidate_is_rejecte
     assert line_registry.live_version(LINE) == chosen[0]
     card = line_registry.load_card(outcome.candidate_version or "")
     assert card.retraining is not None and card.retraining.decision is RetrainDecision.REJECTED
-    assert [event.event for event in _events(redis_client)] == [ModelEventKind.REJECTED]
+    assert [event.event for event in model_events_of(redis_client)] == [ModelEventKind.REJECTED]
     digest = list_confirmed(line_registry.store, LINE).digest()
     assert load_state(line_registry, LINE).tried(parent, digest) is None, "not judged on merit: not tried"
 
@@ -434,7 +335,7 @@ def test_a_run_whose_data_vanishes_after_listing_fails_and_leaves_the_live_versi
     line_registry: ModelRegistry, redis_client: redis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     parent = line_registry.live_version(LINE)
-    jobs = _confirm(redis_client, line_registry.store, range(30, 33))
+    jobs = confirm_squares(redis_client, line_registry.store, range(30, 33))
     real_listing = retrain_module.list_confirmed
     listings: list[ConfirmedListing] = []
 
@@ -447,9 +348,9 @@ def test_a_run_whose_data_vanishes_after_listing_fails_and_leaves_the_live_versi
 
     monkeypatch.setattr(retrain_module, "list_confirmed", listing_then_delete)
     with pytest.raises(ObjectMissing, match=jobs[1]):
-        _run(redis_client, line_registry, tmp_path, min_confirmations=3)
+        retrain_run(redis_client, line_registry, tmp_path, min_confirmations=3)
     assert line_registry.live_version(LINE) == parent and line_registry.versions() == [parent]
-    assert _events(redis_client) == [] and redis_client.keys("anomap:retrain:lock:*") == []
+    assert model_events_of(redis_client) == [] and redis_client.keys("anomap:retrain:lock:*") == []
 
 
 def test_a_run_that_breaks_after_the_candidate_is_saved_marks_it_failed_and_promotes_nothing(
@@ -457,7 +358,7 @@ def test_a_run_that_breaks_after_the_candidate_is_saved_marks_it_failed_and_prom
 ) -> None:
     """Training replaced by a copy of the parent (no Ray); the evaluation then raises."""
     parent = line_registry.live_version(LINE)
-    _confirm(redis_client, line_registry.store, range(30, 33))
+    confirm_squares(redis_client, line_registry.store, range(30, 33))
 
     def copy_parent(cfg: TrainConfig, *args: Any, parent_version: str, **kwargs: Any) -> ModelCard:
         card, weights = line_registry.load(parent_version)
@@ -471,8 +372,8 @@ def test_a_run_that_breaks_after_the_candidate_is_saved_marks_it_failed_and_prom
     monkeypatch.setattr(retrain_module, "train_model_version", copy_parent)
     monkeypatch.setattr(retrain_module, "evaluate", broken_evaluate)
     with pytest.raises(RuntimeError, match="out of memory"):
-        _run(redis_client, line_registry, tmp_path, min_confirmations=3)
-    assert line_registry.live_version(LINE) == parent and _events(redis_client) == []
+        retrain_run(redis_client, line_registry, tmp_path, min_confirmations=3)
+    assert line_registry.live_version(LINE) == parent and model_events_of(redis_client) == []
     (candidate,) = [v for v in line_registry.versions() if v != parent]
     record = line_registry.load_card(candidate).retraining
     assert record is not None and record.decision is RetrainDecision.FAILED and "out of memory" in record.reasons[0]
@@ -483,8 +384,8 @@ def test_a_run_that_breaks_after_the_candidate_is_saved_marks_it_failed_and_prom
 
     monkeypatch.setattr(retrain_module, "train_model_version", failing_training)
     with pytest.raises(RuntimeError, match="failed for good"):  # a failed attempt does not block a retry
-        _run(redis_client, line_registry, tmp_path, min_confirmations=3)
-    assert line_registry.live_version(LINE) == parent and _events(redis_client) == []
+        retrain_run(redis_client, line_registry, tmp_path, min_confirmations=3)
+    assert line_registry.live_version(LINE) == parent and model_events_of(redis_client) == []
 
 
 @pytest.mark.ray
@@ -511,110 +412,3 @@ def test_watch_logs_failing_rounds_goes_on_and_stops_cleanly_on_sigterm(
                 proc.wait()
     text = log.read_text()
     assert "has no live version yet" in text and "SIGTERM: stopping" in text
-
-
-def test_a_run_that_lost_the_lines_lock_does_not_promote_its_candidate(
-    line_registry: ModelRegistry, redis_client: redis.Redis, tmp_path: Path
-) -> None:
-    """The lock expired while Redis was away and another run took it: this run's candidate, however good, must
-    not go live (the other run may promote its own). Judged at the promotion, not at the next renewal."""
-    parent = line_registry.load_card(line_registry.live_version(LINE))
-    lock = LineLock(redis_client, NAMES, LINE)
-    assert lock.acquire()
-    run = retrain_module._Run(
-        redis_client, line_registry, NAMES, str(tmp_path), LINE, RetrainPolicy(), print, parent,
-        list_confirmed(line_registry.store, LINE), [], "test", lock,
-    )  # fmt: skip
-    good = Verdict(promote=True, passed=["every check"], failures=[])
-    try:
-        assert run._against_live(good) is good
-        redis_client.set(lock.key, "another-run's-token")  # expired meanwhile, and taken
-        verdict = run._against_live(good)
-    finally:
-        lock.release()
-    assert not verdict.promote and verdict.passed == ["every check"]
-    assert f"retraining lock of line {LINE!r} ({lock.key}) was lost during the run" in verdict.summary
-    assert redis_client.get(lock.key) == b"another-run's-token", "release leaves the other holder's lock"
-
-
-def test_an_operators_promotion_waits_for_the_runs_check_and_move_and_the_run_sees_it_when_first(
-    line_registry: ModelRegistry, redis_client: redis.Redis, tmp_path: Path
-) -> None:
-    """The pointers live in the object store, which cannot compare-and-set: the run checks "is my parent still
-    live?" and moves the pointer under the model's pointer lock, so an operator's promotion that holds the lock
-    first is seen by the run's check (the candidate is rejected), and one that comes second waits for the move."""
-    parent = line_registry.load_card(line_registry.live_version(LINE))
-    good_images = load_validation_set(line_registry.store, LINE).good
-    candidate = initial_model_version(line_registry, PARENT_CONFIG, good_images, data_digest="candidate")
-    chosen = initial_model_version(line_registry, PARENT_CONFIG, good_images, data_digest="operator")
-    lock = LineLock(redis_client, NAMES, LINE)
-    assert lock.acquire()
-    run = retrain_module._Run(
-        redis_client, line_registry, NAMES, str(tmp_path), LINE, RetrainPolicy(), print, parent,
-        list_confirmed(line_registry.store, LINE), [], "test", lock,
-    )  # fmt: skip
-    record = RetrainRecord(line=LINE, decision=RetrainDecision.FAILED)
-    good = Verdict(promote=True, passed=["every check"], failures=[])
-    operator = RenewedLock(redis_client, pointer_lock_key(NAMES, line_registry.name), 30_000)
-    settled: list[tuple[Verdict, ModelEvent]] = []
-    try:
-        assert operator.acquire()  # the operator's promotion is under way
-        worker = threading.Thread(target=lambda: settled.append(run.settle_under_lock(candidate, record, good)))
-        worker.start()
-        time.sleep(0.5)
-        assert not settled, "the run waits for the operator's move"
-        line_registry.promote(chosen.version, LINE, reason="operator's choice")
-        operator.release()
-        worker.join(timeout=60)
-    finally:
-        operator.release()
-        lock.release()
-    verdict, event = settled[0]
-    assert not verdict.promote and f"moved from {parent.version} to {chosen.version}" in verdict.summary
-    assert event.event is ModelEventKind.REJECTED and line_registry.live_version(LINE) == chosen.version
-    judged = line_registry.load_card(candidate.version).retraining
-    assert judged is not None and judged.decision is RetrainDecision.REJECTED
-
-    # second: the operator's move waits for the run's check and move, then moves the pointer on top of it
-    assert lock.acquire()
-    run = retrain_module._Run(
-        redis_client, line_registry, NAMES, str(tmp_path), LINE, RetrainPolicy(), print,
-        line_registry.load_card(chosen.version), list_confirmed(line_registry.store, LINE), [], "test", lock,
-    )  # fmt: skip
-    mover = RenewedLock(redis_client, pointer_lock_key(NAMES, line_registry.name), 30_000)
-    try:
-        assert mover.acquire()  # the run holds it, from its check to its move
-        waiting = threading.Thread(
-            target=lambda: promote_model(line_registry, redis_client, NAMES, parent.version, LINE, "operator, later")
-        )
-        waiting.start()
-        time.sleep(0.5)
-        assert line_registry.live_version(LINE) == chosen.version, "the operator's promotion waits for the lock"
-        verdict = run._against_live(good)
-        line_registry.promote(candidate.version, LINE, reason="the run's move")
-        mover.release()
-        waiting.join(timeout=60)
-    finally:
-        mover.release()
-        lock.release()
-    assert verdict.promote
-    history = [(e.previous, e.version) for e in line_registry.history(LINE)][-2:]
-    assert history == [(chosen.version, candidate.version), (candidate.version, parent.version)]
-
-
-def test_a_pointer_lock_that_stays_taken_runs_nothing_and_says_who_holds_it(
-    line_registry: ModelRegistry, redis_client: redis.Redis
-) -> None:
-    live = line_registry.live_version(LINE)
-    holder = RenewedLock(redis_client, pointer_lock_key(NAMES, line_registry.name), 30_000)
-    assert holder.acquire()
-    try:
-        busy = pytest.raises(PointersBusy, match=rf"model metal held its pointer lock \({holder.key}\)")
-        with busy, moving_pointers(redis_client, NAMES, line_registry.name, wait_s=0.2):
-            pytest.fail("the block runs only with the lock")
-        assert line_registry.live_version(LINE) == live
-    finally:
-        holder.release()
-    with moving_pointers(redis_client, NAMES, line_registry.name, wait_s=0.2):
-        assert redis_client.exists(holder.key)
-    assert not redis_client.exists(holder.key), "released after the block"
