@@ -40,6 +40,7 @@ from trainer.store import CheckpointStorage
 from trainer.synthetic import SyntheticDataset, make_dataset
 from workers.fleet import CameraFleet, CameraJob, FleetOutcome
 from workers.maps import decode_map
+from workers.model_events import promote_model
 
 DEMO_LINE = "demo"
 
@@ -196,16 +197,15 @@ def _run(
         storage=CheckpointStorage.object_store(settings),
         progress=console.log,
     )
-    if default_live:  # its own store: the demo model is the live one, for commands run after it
-        registry.set_live(card.version)
-    else:  # a store it shares: only the demo line's pointer moves
-        registry.promote(card.version, DEMO_LINE, reason="anomap demo")
+    client = redis_client(settings)
+    names = StreamNames(settings.stream_prefix)
+    # its own store: the demo model is the live one, for commands run after it; a store it shares: only the
+    # demo line's pointer moves. Either way under the model's pointer lock, announced on anomap:models.
+    promote_model(registry, client, names, card.version, None if default_live else DEMO_LINE, "anomap demo")
     train_s = time.monotonic() - train_started
     console.log(f"trained and registered model version {card.version} in {train_s:.0f} s (γ = {card.gamma})")
 
     jobs = _camera_jobs(dataset, options, run_tag)
-    client = redis_client(settings)
-    names = StreamNames(settings.stream_prefix)
     with InspectionServer(settings, card.version, consumers=2, lines=(DEMO_LINE,), claim_idle_ms=30_000):
         console.log("Serve app and 2 stream consumers are up; cameras start publishing")
         fleet = CameraFleet(client, names, store, DEMO_LINE)
