@@ -268,6 +268,7 @@ def start_ray_head(
     num_cpus: int | None = None,
     *,
     object_store_memory: int | None = None,
+    dashboard: bool = True,
     die_with_parent: bool = False,
     ready_timeout: float = 90.0,
 ) -> ManagedServer:
@@ -276,16 +277,22 @@ def start_ray_head(
     Runs in its own session: stopping it (SIGTERM to ``ray start``, which drains and stops raylet,
     GCS, workers and the rest in ~2-5 s; then SIGKILL to whatever is left) leaves no Ray process.
     Ray's temp dir is a short ``/tmp/anomap-ray-<uid>-*`` (unix socket paths must stay short),
-    removed after stop; the ``ray start`` output goes to ``data_dir/ray.log``. No dashboard. Metrics
-    (Ray's and `workers.telemetry`'s) are served for Prometheus at
-    ``http://127.0.0.1:<server.ports["metrics"]>/metrics``.
+    removed after stop; the ``ray start`` output goes to ``data_dir/ray.log``. Metrics (Ray's and
+    `workers.telemetry`'s) are served for Prometheus at ``http://127.0.0.1:<server.ports["metrics"]>/metrics``.
+
+    With ``dashboard`` (the default) Ray's dashboard serves its web UI and State API at
+    ``http://127.0.0.1:<server.ports["dashboard"]>``: ~1.2 GB more memory (a process per dashboard module)
+    and ~1 CPU-s a minute when idle, on machine A. Ray Train needs the State API: without it, every
+    training driver that dies (a killed ``anomap train``) leaves Ray Train's detached
+    ``PlacementGroupCleaner`` (~200 MB) running, and logging a warning every second, for as long as the
+    head runs. ``dashboard=False`` starts only Ray's minimal dashboard (no UI, no State API).
     """
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     binary = ray_binary()
 
     def start() -> ManagedServer:
-        gcs, raylet, objects, client, dashboard, agent, metrics = free_ports(7, HOST)
+        gcs, raylet, objects, client, dashboard_port, agent, metrics = free_ports(7, HOST)
         temp_dir = Path(tempfile.mkdtemp(prefix=f"anomap-ray-{os.getuid()}-", dir="/tmp"))
         argv = [
             str(binary),
@@ -297,9 +304,9 @@ def start_ray_head(
             f"--node-manager-port={raylet}",
             f"--object-manager-port={objects}",
             f"--ray-client-server-port={client}",
-            "--include-dashboard=false",
+            f"--include-dashboard={'true' if dashboard else 'false'}",
             f"--dashboard-host={HOST}",
-            f"--dashboard-port={dashboard}",
+            f"--dashboard-port={dashboard_port}",
             f"--dashboard-agent-listen-port={agent}",
             f"--metrics-export-port={metrics}",
             "--disable-usage-stats",
@@ -316,10 +323,9 @@ def start_ray_head(
             "raylet": raylet,
             "objects": objects,
             "client": client,
-            "dashboard": dashboard,
             "agent": agent,
             "metrics": metrics,
-        }
+        } | ({"dashboard": dashboard_port} if dashboard else {})
         try:
             server = launch(
                 "ray",

@@ -107,7 +107,9 @@ def _clean_up_dead(recorded: StackState, say: ProgressFn) -> None:
             raise StackError(msg) from exc
 
 
-def _bring_up(settings: Settings, say: ProgressFn, *, with_ray: bool, die_with_parent: bool) -> StackState:
+def _bring_up(
+    settings: Settings, say: ProgressFn, *, with_ray: bool, die_with_parent: bool, dashboard: bool = True
+) -> StackState:
     """Start the embedded servers for whatever ``settings`` leaves unset; roll back on failure."""
     data_dir = settings.state_dir.resolve() / "data"
     started: list[ManagedServer] = []
@@ -163,12 +165,13 @@ def _bring_up(settings: Settings, say: ProgressFn, *, with_ray: bool, die_with_p
             components[Component.RAY] = ComponentState(origin=Origin.EXTERNAL, endpoint=ray_address)
         elif with_ray:
             t0 = begin("ray head")
-            server = start_ray_head(data_dir / "ray", die_with_parent=die_with_parent)
+            server = start_ray_head(data_dir / "ray", dashboard=dashboard, die_with_parent=die_with_parent)
             started.append(server)
             ray_address = server.endpoint
             components[Component.RAY] = ComponentState(origin=Origin.EMBEDDED, endpoint=ray_address, server=server)
             metrics = server.ports.get("metrics")
-            say(f"ray head ready at {ray_address}, metrics on port {metrics} ({time.monotonic() - t0:.1f} s)")
+            where = f", dashboard on port {server.ports['dashboard']}" if "dashboard" in server.ports else ""
+            say(f"ray head ready at {ray_address}, metrics on port {metrics}{where} ({time.monotonic() - t0:.1f} s)")
     except (ServerStartError, OSError, RuntimeError) as exc:  # a server that did not start, no binary, no ports
         _roll_back(started, say)
         raise StackStartError(f"stack not started: {_first_line(exc)}") from exc
@@ -187,13 +190,16 @@ def _bring_up(settings: Settings, say: ProgressFn, *, with_ray: bool, die_with_p
     )
 
 
-def stack_up(settings: Settings, progress: ProgressFn | None = None, *, with_ray: bool = True) -> StackState:
+def stack_up(
+    settings: Settings, progress: ProgressFn | None = None, *, with_ray: bool = True, dashboard: bool = True
+) -> StackState:
     """Bring the stack up (servers outlive this process) and write the state file.
 
     If the state file records a stack whose servers all still run, it is returned as is (even if
     it was brought up without Ray). If only some of them run, `StackError` asks for
     ``anomap stack down`` first. A state file whose servers are all gone is replaced.
-    ``with_ray=False`` starts no Ray head (and records no Ray address unless ``RAY_ADDRESS`` is set).
+    ``with_ray=False`` starts no Ray head (and records no Ray address unless ``RAY_ADDRESS`` is set);
+    ``dashboard=False`` starts it without Ray's dashboard (see `start_ray_head`).
     """
     say = progress or _quiet
     path = state_path(settings.state_dir)
@@ -207,7 +213,7 @@ def stack_up(settings: Settings, progress: ProgressFn | None = None, *, with_ray
             _clean_up_dead(existing, say)
             say(f"replacing stale state file {path} (its servers are gone)")
             remove_state(settings.state_dir)
-        state = _bring_up(settings, say, with_ray=with_ray, die_with_parent=False)
+        state = _bring_up(settings, say, with_ray=with_ray, die_with_parent=False, dashboard=dashboard)
         try:
             write_state(settings.state_dir, state)
         except BaseException:
@@ -362,6 +368,8 @@ def stack_status(settings: Settings) -> dict[str, Any]:
         entry["reachable"] = reachable[kind]
         if kind == Component.RAY and state.ray_metrics_url is not None:
             entry["metrics"] = state.ray_metrics_url  # where Prometheus scrapes Ray's and anomap's metrics
+        if kind == Component.RAY and state.ray_dashboard_url is not None:
+            entry["dashboard"] = state.ray_dashboard_url
         report[kind.value] = entry
     dead = state.dead_servers()
     overall = "up" if not dead else ("down" if len(dead) == len(state.servers()) else "partly up")

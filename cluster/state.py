@@ -117,6 +117,16 @@ class StackState(BaseModel):
         host = ray.server.endpoint.rpartition(":")[0] or "127.0.0.1"
         return f"http://{host}:{ray.server.ports['metrics']}/metrics"
 
+    @property
+    def ray_dashboard_url(self) -> str | None:
+        """The embedded Ray head's dashboard (web UI and State API); None when Ray is external, was not
+        started, or was started without it (`cluster.servers.start_ray_head`)."""
+        ray = self.components.get(Component.RAY)
+        if ray is None or ray.server is None or "dashboard" not in ray.server.ports:
+            return None
+        host = ray.server.endpoint.rpartition(":")[0] or "127.0.0.1"
+        return f"http://{host}:{ray.server.ports['dashboard']}"
+
     def servers(self) -> list[ManagedServer]:
         """The servers this stack started, in start order."""
         return [c.server for c in self.components.values() if c.server is not None]

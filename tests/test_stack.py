@@ -203,9 +203,14 @@ def test_stack_up_serves_all_three_and_stack_down_leaves_no_process(tmp_path: Pa
         run = subprocess.run([sys.executable, "-c", driver], env=env, capture_output=True, text=True, timeout=120)
         assert run.returncode == 0, run.stderr[-2000:]
         assert run.stdout.strip() == state.ray_address
-        deadline = time.monotonic() + 30  # Ray's metrics agent starts a little after the raylet
-        while not _answers(metrics_url):
-            assert time.monotonic() < deadline, f"nothing serves metrics at {metrics_url}"
+        # the dashboard's State API: what Ray Train's PlacementGroupCleaner asks whether a run's driver lives
+        actors_api = f"{status['components']['ray']['dashboard']}/api/v0/actors"
+        assert actors_api.startswith(f"{state.ray_dashboard_url}/") and state.ray_dashboard_url.startswith(
+            "http://127."
+        )
+        deadline = time.monotonic() + 30  # Ray's metrics agent and dashboard start a little after the raylet
+        while not (_answers(metrics_url) and _answers(actors_api)):
+            assert time.monotonic() < deadline, f"nothing serves {metrics_url} or {actors_api}"
             time.sleep(0.5)
         family = {pid: ticks for server in state.servers() for pid, ticks in _descendants(server.pid).items()}
         assert len(family) > 5  # raylet, gcs_server, agents, workers...

@@ -39,7 +39,7 @@ def _sample(sampler: subprocess.Popen[str], timeout_s: float = 120.0) -> dict[st
 
 
 def test_serve_samples_leave_no_driver_and_say_when_ray_is_unreachable(tmp_path: Path) -> None:
-    head = start_ray_head(tmp_path / "ray", num_cpus=1, die_with_parent=True)
+    head = start_ray_head(tmp_path / "ray", num_cpus=1, dashboard=False, die_with_parent=True)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     args = [sys.executable, "-c", SAMPLER, head.endpoint, str(tmp_path / "state")]
     sampler = subprocess.Popen(args, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
