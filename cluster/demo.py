@@ -153,11 +153,11 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
                 raise DemoRefused(msg)
             return _run(options, settings, console, began, default_live=own_store)
         finally:
-            if own_ray:  # a cluster it joined is left as it was (and the driver goes with this process)
-                try:
-                    serve.shutdown()
-                finally:
-                    ray.shutdown()
+            # A cluster it joined is left as it was (the driver goes with this process). Its own head is stopped
+            # with the stack, Serve and all: shutting Serve down first only made the driver's pending calls to the
+            # killed controller print warnings.
+            if own_ray:
+                ray.shutdown()
 
 
 def _run(
