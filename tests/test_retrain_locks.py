@@ -4,8 +4,10 @@ a run's "is my parent still live?" check and its promotion one step against an o
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ from retrain_helpers import (
     retrain_run,
 )
 
-from schemas import ModelEvent, ModelEventKind
+from schemas import ModelCard, ModelEvent, ModelEventKind
 from schemas.model_card import RetrainDecision, RetrainRecord
 from trainer.pipeline import initial_model_version
 from trainer.registry import ModelRegistry
@@ -29,6 +31,36 @@ from workers.retrain import RetrainStatus
 from workers.retrain_data import list_confirmed, load_validation_set
 from workers.retrain_policy import RetrainPolicy, Verdict
 from workers.retrain_state import LineLock, RetrainAttempt, record_attempt
+
+
+def _run_holding_the_line(
+    client: redis.Redis, registry: ModelRegistry, tmp_path: Path, parent: ModelCard
+) -> tuple[retrain_module._Run, LineLock]:
+    """A run of the line's retraining at its judging step (``parent`` its parent), holding the line's lock."""
+    lock = LineLock(client, NAMES, LINE)
+    assert lock.acquire()
+    listing = list_confirmed(registry.store, LINE)
+    run = retrain_module._Run(
+        client, registry, NAMES, str(tmp_path), LINE, RetrainPolicy(), print, parent, listing, [], "test", lock
+    )
+    return run, lock
+
+
+@contextlib.contextmanager
+def _pointer_lock_held_while(client: redis.Redis, model: str, waiter: Callable[[], object]) -> Iterator[None]:
+    """Hold ``model``'s pointer lock, start ``waiter`` in a thread and give it 0.5 s to reach the lock; on
+    leaving the block, let go of the lock and wait for the thread to finish."""
+    holder = RenewedLock(client, pointer_lock_key(NAMES, model), 30_000)
+    assert holder.acquire()
+    thread = threading.Thread(target=waiter)
+    try:
+        thread.start()
+        time.sleep(0.5)
+        yield
+    finally:
+        holder.release()
+        if thread.ident is not None:
+            thread.join(timeout=60)
 
 
 def test_a_run_that_finished_while_this_one_waited_for_the_lock_is_not_repeated(
@@ -72,12 +104,7 @@ def test_a_run_that_lost_the_lines_lock_does_not_promote_its_candidate(
     """The lock expired while Redis was away and another run took it: this run's candidate, however good, must
     not go live (the other run may promote its own). Judged at the promotion, not at the next renewal."""
     parent = line_registry.load_card(line_registry.live_version(LINE))
-    lock = LineLock(redis_client, NAMES, LINE)
-    assert lock.acquire()
-    run = retrain_module._Run(
-        redis_client, line_registry, NAMES, str(tmp_path), LINE, RetrainPolicy(), print, parent,
-        list_confirmed(line_registry.store, LINE), [], "test", lock,
-    )  # fmt: skip
+    run, lock = _run_holding_the_line(redis_client, line_registry, tmp_path, parent)
     good = Verdict(promote=True, passed=["every check"], failures=[])
     try:
         assert run._against_live(good) is good
@@ -100,27 +127,17 @@ def test_an_operators_promotion_waits_for_the_runs_check_and_move_and_the_run_se
     good_images = load_validation_set(line_registry.store, LINE).good
     candidate = initial_model_version(line_registry, PARENT_CONFIG, good_images, data_digest="candidate")
     chosen = initial_model_version(line_registry, PARENT_CONFIG, good_images, data_digest="operator")
-    lock = LineLock(redis_client, NAMES, LINE)
-    assert lock.acquire()
-    run = retrain_module._Run(
-        redis_client, line_registry, NAMES, str(tmp_path), LINE, RetrainPolicy(), print, parent,
-        list_confirmed(line_registry.store, LINE), [], "test", lock,
-    )  # fmt: skip
+    run, lock = _run_holding_the_line(redis_client, line_registry, tmp_path, parent)
     record = RetrainRecord(line=LINE, decision=RetrainDecision.FAILED)
     good = Verdict(promote=True, passed=["every check"], failures=[])
-    operator = RenewedLock(redis_client, pointer_lock_key(NAMES, line_registry.name), 30_000)
     settled: list[tuple[Verdict, ModelEvent]] = []
-    try:
-        assert operator.acquire()  # the operator's promotion is under way
-        worker = threading.Thread(target=lambda: settled.append(run.settle_under_lock(candidate, record, good)))
-        worker.start()
-        time.sleep(0.5)
-        assert not settled, "the run waits for the operator's move"
-        line_registry.promote(chosen.version, LINE, reason="operator's choice")
-        operator.release()
-        worker.join(timeout=60)
+    try:  # the operator's promotion is under way when the run settles
+        with _pointer_lock_held_while(redis_client, line_registry.name, lambda: settled.append(
+            run.settle_under_lock(candidate, record, good)
+        )):  # fmt: skip
+            assert not settled, "the run waits for the operator's move"
+            line_registry.promote(chosen.version, LINE, reason="operator's choice")
     finally:
-        operator.release()
         lock.release()
     verdict, event = settled[0]
     assert not verdict.promote and f"moved from {parent.version} to {chosen.version}" in verdict.summary
@@ -129,26 +146,15 @@ def test_an_operators_promotion_waits_for_the_runs_check_and_move_and_the_run_se
     assert judged is not None and judged.decision is RetrainDecision.REJECTED
 
     # second: the operator's move waits for the run's check and move, then moves the pointer on top of it
-    assert lock.acquire()
-    run = retrain_module._Run(
-        redis_client, line_registry, NAMES, str(tmp_path), LINE, RetrainPolicy(), print,
-        line_registry.load_card(chosen.version), list_confirmed(line_registry.store, LINE), [], "test", lock,
-    )  # fmt: skip
-    mover = RenewedLock(redis_client, pointer_lock_key(NAMES, line_registry.name), 30_000)
-    try:
-        assert mover.acquire()  # the run holds it, from its check to its move
-        waiting = threading.Thread(
-            target=lambda: promote_model(line_registry, redis_client, NAMES, parent.version, LINE, "operator, later")
-        )
-        waiting.start()
-        time.sleep(0.5)
-        assert line_registry.live_version(LINE) == chosen.version, "the operator's promotion waits for the lock"
-        verdict = run._against_live(good)
-        line_registry.promote(candidate.version, LINE, reason="the run's move")
-        mover.release()
-        waiting.join(timeout=60)
+    run, lock = _run_holding_the_line(redis_client, line_registry, tmp_path, line_registry.load_card(chosen.version))
+    try:  # the run holds the pointer lock from its check to its move
+        with _pointer_lock_held_while(redis_client, line_registry.name, lambda: promote_model(
+            line_registry, redis_client, NAMES, parent.version, LINE, "operator, later"
+        )):  # fmt: skip
+            assert line_registry.live_version(LINE) == chosen.version, "the operator's promotion waits for the lock"
+            verdict = run._against_live(good)
+            line_registry.promote(candidate.version, LINE, reason="the run's move")
     finally:
-        mover.release()
         lock.release()
     assert verdict.promote
     history = [(e.previous, e.version) for e in line_registry.history(LINE)][-2:]
