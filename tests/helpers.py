@@ -9,6 +9,7 @@ with small_service(stack_settings, "e2e", scorer_replicas=2) as (settings, card)
 settings, card = live_small_model(stack_settings, "rescore")   # a bucket of its own with a small live model
 with running(consumer): ...                    # a StreamConsumer in a thread, drained and stopped on exit
 keys = add_s3_identity(s3_server, "reader", ["Read:b1", "List:b1"])   # a real identity on weed mini
+wait_until(lambda: client.xlen("anomap:dead") >= 3, 60, "three dead letters")  # polls; Redis away = not yet
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 
 from cluster.processes import ManagedServer
 from cluster.servers import S3Keys, weed_binary
@@ -159,3 +162,15 @@ def add_s3_identity(server: ManagedServer, user: str, actions: list[str]) -> S3K
         msg = f"weed shell s3.configure failed ({done.returncode}): {done.stderr[-500:]}"
         raise RuntimeError(msg)
     return keys
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``check`` every 0.1 s until it is true; fail the test naming ``what`` after ``timeout`` seconds.
+    A check that cannot reach Redis (restarting, say) counts as not yet."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(redis.ConnectionError):
+            if check():
+                return
+        time.sleep(0.1)
+    pytest.fail(f"timed out after {timeout:g} s waiting for {what}")

@@ -22,14 +22,14 @@ import time
 import uuid
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import ray
 import redis
-from helpers import register_small_model, small_png
+from helpers import register_small_model, small_png, wait_until
 from PIL import Image
 from ray import serve
 
@@ -94,16 +94,6 @@ def publish_many(client: redis.Redis, images: list[bytes], n: int, prefix: str) 
     for i, job_id in enumerate(job_ids):
         publish_job(client, NAMES, InspectionJob(job_id=job_id, camera_id="cam01"), image=images[i % len(images)])
     return job_ids
-
-
-def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(redis.ConnectionError):
-            if check():
-                return
-        time.sleep(0.1)
-    pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
 
 
 def n_answers(client: redis.Redis) -> int:

@@ -12,7 +12,6 @@ permissions with ``s3.configure`` (`helpers.add_s3_identity`), not a fake client
 from __future__ import annotations
 
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-from helpers import SMALL_CONFIG, add_s3_identity, point_cli_at, running, small_png
+from helpers import SMALL_CONFIG, add_s3_identity, point_cli_at, running, small_png, wait_until
 from minio.error import S3Error
 from pydantic import SecretStr
 
@@ -47,14 +46,6 @@ def _with_keys(settings: Settings, keys: S3Keys, **update: object) -> Settings:
     return settings.model_copy(
         update={"s3_access_key": SecretStr(keys.access_key), "s3_secret_key": SecretStr(keys.secret_key), **update}
     )
-
-
-def _until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.1)
 
 
 def _refused(op: Callable[[], object]) -> bool:
@@ -108,7 +99,7 @@ def test_a_reference_to_a_bucket_the_keys_may_not_read_is_one_forbidden_object_d
     scorer_store = ObjectStore(minio_client(settings), own, settings.reference_buckets)
     ObjectStore(minio_client(stack_settings), cameras_bucket).put_bytes("cam01/1.png", small_png(1), "image/png")
     object_store.put_bytes("images/cam01/2.png", small_png(2), "image/png")
-    _until(lambda: _refused(lambda: scorer_store.client.stat_object(cameras_bucket, "cam01/1.png")), PROPAGATION_S,
+    wait_until(lambda: _refused(lambda: scorer_store.client.stat_object(cameras_bucket, "cam01/1.png")), PROPAGATION_S,
            "the gateway to refuse the scorer's keys the cameras' bucket")  # fmt: skip
 
     refs = {"locked": f"s3://{cameras_bucket}/cam01/1.png", "own": f"s3://{own}/images/cam01/2.png"}
@@ -118,7 +109,7 @@ def test_a_reference_to_a_bucket_the_keys_may_not_read_is_one_forbidden_object_d
         redis_client, scorer_store, _inspector(), names, ConsumerConfig(consumer="c", block_ms=100)
     )
     with running(consumer):
-        _until(lambda: redis_client.xlen(names.results()) + redis_client.xlen(names.dead) >= 2, 60, "two answers")
+        wait_until(lambda: redis_client.xlen(names.results()) + redis_client.xlen(names.dead) >= 2, 60, "two answers")
     (letter,) = [letter for _, letter in read_dead_letters(redis_client, names)]
     assert (letter.job_id, letter.reason, letter.delivery_count) == ("locked", DeadReason.FORBIDDEN_OBJECT, 1)
     assert letter.detail == f"the store refuses to read {refs['locked']}: AccessDenied"
@@ -140,7 +131,7 @@ def test_maps_the_store_will_not_take_lose_no_job_and_a_redrive_scores_them_once
     own = object_store.bucket
     reader = add_s3_identity(s3_server, f"reader-{own}", [f"Read:{own}", f"List:{own}"])
     read_only = ObjectStore(minio_client(_with_keys(stack_settings, reader)), own)
-    _until(lambda: _refused(lambda: read_only.put_bytes("probe", b"1")), PROPAGATION_S, "a refused write")
+    wait_until(lambda: _refused(lambda: read_only.put_bytes("probe", b"1")), PROPAGATION_S, "a refused write")
 
     jobs = [f"cam01-{i}" for i in range(3)]
     for i, job_id in enumerate(jobs):
@@ -150,7 +141,7 @@ def test_maps_the_store_will_not_take_lose_no_job_and_a_redrive_scores_them_once
     )
     inspector = _inspector()
     with running(StreamConsumer(redis_client, read_only, inspector, names, config)):
-        _until(lambda: redis_client.xlen(names.dead) >= len(jobs), 90, "every job to be dead-lettered")
+        wait_until(lambda: redis_client.xlen(names.dead) >= len(jobs), 90, "every job to be dead-lettered")
     letters = dict(read_dead_letters(redis_client, names))
     assert sorted(letter.job_id or "" for letter in letters.values()) == jobs
     for letter in letters.values():
@@ -163,7 +154,7 @@ def test_maps_the_store_will_not_take_lose_no_job_and_a_redrive_scores_them_once
     for dead_id, letter in letters.items():  # the operator fixed the keys: send the jobs again
         assert redrive(redis_client, names, dead_id, letter)[0] is Redrive.REDRIVEN
     with running(StreamConsumer(redis_client, object_store, inspector, names, ConsumerConfig(consumer="rw"))):
-        _until(lambda: redis_client.xlen(names.results()) >= len(jobs), 60, "every re-driven job's result")
+        wait_until(lambda: redis_client.xlen(names.results()) >= len(jobs), 60, "every re-driven job's result")
     results = [result for _, result in read_results(redis_client, names)]
     assert sorted(result.job_id for result in results) == jobs and redis_client.xlen(names.dead) == 0
     maps = {key.rsplit("/", 1)[-1] for key in object_store.list_keys("maps/")}
@@ -183,7 +174,7 @@ def test_a_command_whose_keys_may_not_read_the_bucket_says_so_in_one_line(
     outsider = add_s3_identity(s3_server, f"outsider-{object_store.bucket}", ["Read:someone-else"])
     settings = _with_keys(stack_settings, outsider)
     probe = ObjectStore(minio_client(settings), object_store.bucket)
-    _until(lambda: _refused(lambda: list(probe.list_keys("models/"))), PROPAGATION_S, "a refused listing")
+    wait_until(lambda: _refused(lambda: list(probe.list_keys("models/"))), PROPAGATION_S, "a refused listing")
     point_cli_at(monkeypatch, settings, object_store.bucket, tmp_path)
     monkeypatch.setattr(sys, "argv", ["anomap", "models", "list"])
     with pytest.raises(SystemExit) as exited:

@@ -250,8 +250,7 @@ class _Run:
 
     def settle(self, card: ModelCard, record: RetrainRecord, verdict: Verdict) -> ModelEvent:
         """Write the card judged by ``verdict``, then move the pointer (promoted) or build the ``rejected`` event."""
-        decision = RetrainDecision.PROMOTED if verdict.promote else RetrainDecision.REJECTED
-        record = record.model_copy(update={"decision": decision, "reasons": verdict.reasons})
+        record = record.model_copy(update={"decision": verdict.decision, "reasons": verdict.reasons})
         self.registry.update_card(card.model_copy(update={"retraining": record}))
         reason = f"retrain ({self.trigger}): {verdict.summary}"[:500]
         if verdict.promote:
@@ -298,12 +297,14 @@ class _Run:
         except BaseException as exc:
             self._mark_failed(card, record, exc)
             raise
-        decision = RetrainDecision.PROMOTED if verdict.promote else RetrainDecision.REJECTED
         if event.changed or event.event is ModelEventKind.REJECTED:
             publish_model_event(self.client, self.names, event)
         if verdict.promote == on_merit.promote:  # a rejection only because the pointer moved does not count as
             attempt = RetrainAttempt(  # tried: a rollback to this parent may retrain on the same data
-                parent=self.parent.version, confirmations_digest=digest, candidate=card.version, decision=decision
+                parent=self.parent.version,
+                confirmations_digest=digest,
+                candidate=card.version,
+                decision=verdict.decision,
             )
             record_attempt(self.registry, self.line, attempt)
         outcome.status = RetrainStatus.PROMOTED if verdict.promote else RetrainStatus.REJECTED

@@ -30,7 +30,7 @@ from datetime import datetime
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas import ModelCard
-from schemas.model_card import MapMode
+from schemas.model_card import MapMode, RetrainDecision
 from trainer.config import TrainConfig
 from trainer.scoring import line_finish_sigma
 
@@ -191,6 +191,11 @@ class Verdict:
     def reasons(self) -> list[str]:
         """Failures first, then what passed."""
         return [*self.failures, *self.passed]
+
+    @property
+    def decision(self) -> RetrainDecision:
+        """What a candidate's card records of this verdict: promoted or rejected."""
+        return RetrainDecision.PROMOTED if self.promote else RetrainDecision.REJECTED
 
     def overruled(self, why: str) -> Verdict:
         """Not promoted, for ``why`` alone (a reason outside the checks); what passed is kept."""
